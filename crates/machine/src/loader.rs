@@ -1,0 +1,96 @@
+//! Loading guest programs into RAM.
+
+use crate::ram::Ram;
+use object::elf;
+use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
+use object::{Endianness, Object, ObjectSymbol};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read '{path}': {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("'{path}' is not a 64-bit ELF file: {reason}")]
+    NotElf64 { path: String, reason: String },
+    #[error("'{path}' is an ELF for machine {machine}, not RISC-V")]
+    NotRiscv { path: String, machine: u16 },
+    #[error("'{path}': segment at {start:#x}..{end:#x} lies outside RAM {ram_start:#x}..{ram_end:#x}")]
+    OutsideRam { path: String, start: u64, end: u64, ram_start: u64, ram_end: u64 },
+    #[error("'{path}': segment at {start:#x} claims bytes beyond the end of the file")]
+    Truncated { path: String, start: u64 },
+}
+
+/// What a loaded ELF tells the runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedElf {
+    pub entry: u64,
+    /// Address of the `tohost` symbol, if the program has one.
+    pub tohost: Option<u64>,
+}
+
+/// Load every PT_LOAD segment of a RISC-V ELF64 at its physical address.
+pub fn load_elf(path: &Path, ram: &mut Ram) -> Result<LoadedElf, LoadError> {
+    let p = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| LoadError::Read { path: p.clone(), source })?;
+    load_elf_bytes(&p, &data, ram)
+}
+
+pub fn load_elf_bytes(p: &str, data: &[u8], ram: &mut Ram) -> Result<LoadedElf, LoadError> {
+    let file = ElfFile64::<Endianness>::parse(data)
+        .map_err(|e| LoadError::NotElf64 { path: p.to_string(), reason: e.to_string() })?;
+    let header = file.elf_header();
+    let endian = file.endian();
+    let machine = header.e_machine(endian);
+    if machine != elf::EM_RISCV {
+        return Err(LoadError::NotRiscv { path: p.to_string(), machine });
+    }
+    // Check every segment before writing any, so a bad file loads nothing.
+    let mut segments = Vec::new();
+    for ph in header
+        .program_headers(endian, data)
+        .map_err(|e| LoadError::NotElf64 { path: p.to_string(), reason: e.to_string() })?
+    {
+        if ph.p_type(endian) != elf::PT_LOAD {
+            continue;
+        }
+        let start = ph.p_paddr(endian);
+        let memsz = ph.p_memsz(endian);
+        let bytes = ph.data(endian, data).map_err(|_| LoadError::Truncated { path: p.to_string(), start })?;
+        let end = start.checked_add(memsz).unwrap_or(u64::MAX);
+        if !ram.contains(start, memsz) || (bytes.len() as u64) > memsz {
+            return Err(LoadError::OutsideRam {
+                path: p.to_string(),
+                start,
+                end,
+                ram_start: ram.base(),
+                ram_end: ram.base() + ram.len(),
+            });
+        }
+        segments.push((start, memsz, bytes));
+    }
+    for (start, memsz, bytes) in segments {
+        ram.write(start, bytes);
+        ram.fill(start + bytes.len() as u64, memsz - bytes.len() as u64, 0);
+    }
+    let tohost = file.symbols().find(|s| s.name() == Ok("tohost")).map(|s| s.address());
+    Ok(LoadedElf { entry: header.e_entry(endian), tohost })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_not_an_elf() {
+        let mut ram = Ram::new(0x8000_0000, 4096);
+        let e = load_elf_bytes("x", b"hello world, definitely not elf", &mut ram).unwrap_err();
+        assert!(matches!(e, LoadError::NotElf64 { .. }), "{e}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let mut ram = Ram::new(0x8000_0000, 4096);
+        let e = load_elf(Path::new("/nonexistent/prog.elf"), &mut ram).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/prog.elf"), "{e}");
+    }
+}

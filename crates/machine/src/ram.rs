@@ -1,0 +1,66 @@
+//! Guest RAM: one contiguous region at a fixed physical base.
+
+/// Guest RAM. The hart reaches it directly through `Bus::ram`; loaders and
+/// devices use the checked helpers here.
+#[derive(Clone)]
+pub struct Ram {
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl Ram {
+    pub fn new(base: u64, size: u64) -> Ram {
+        Ram { base, bytes: vec![0; size as usize] }
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Is `[addr, addr + len)` inside RAM?
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.base && addr.checked_add(len).is_some_and(|end| end <= self.base + self.len())
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+
+    /// Write `data` at physical `addr`. Panics if out of range: callers
+    /// check with `contains` first (loaders report the error to the user).
+    pub fn write(&mut self, addr: u64, data: &[u8]) {
+        let off = (addr - self.base) as usize;
+        self.bytes[off..off + data.len()].copy_from_slice(data);
+    }
+
+    pub fn fill(&mut self, addr: u64, len: u64, byte: u8) {
+        let off = (addr - self.base) as usize;
+        self.bytes[off..off + len as usize].fill(byte);
+    }
+
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        if !self.contains(addr, out.len() as u64) {
+            return false;
+        }
+        let off = (addr - self.base) as usize;
+        out.copy_from_slice(&self.bytes[off..off + out.len()]);
+        true
+    }
+
+    pub fn read_u64(&self, addr: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b).then(|| u64::from_le_bytes(b))
+    }
+}

@@ -1,0 +1,157 @@
+//! The decoded-block cache.
+//!
+//! A block is a run of decoded [`Op`]s starting at one physical address and
+//! ending at a control transfer, a system instruction, [`MAX_BLOCK_OPS`], or
+//! the end of the page: blocks never cross a page, so dropping one page's
+//! blocks on a store to it is exact.
+//!
+//! Lookup goes through a direct-mapped "jump cache" keyed by the virtual pc
+//! and the fetch context (QEMU's tb-jmp-cache), then through a map keyed by
+//! the physical address. The jump cache is flushed with the paged TLB
+//! contexts (satp writes, `sfence.vma`) and whenever a page's blocks drop.
+//!
+//! Nothing here is guest-visible: the map is only ever looked up, never
+//! iterated, and a cold cache decodes the same ops a warm one holds, because
+//! every store to a code page drops that page's blocks before the next block
+//! is fetched.
+
+use crate::decode::Op;
+use std::collections::HashMap;
+
+/// Upper bound on ops per block.
+pub const MAX_BLOCK_OPS: usize = 64;
+const JUMP_ENTRIES: usize = 4096;
+/// Flush everything when the op arena grows past this (dead blocks are only
+/// reclaimed by a full flush).
+const MAX_OPS: usize = 1 << 21;
+/// Block 0 is a scratch block for an instruction that straddles two pages;
+/// it is rebuilt each time and never entered in the maps.
+pub const SCRATCH_BLOCK: u32 = 0;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Block {
+    /// Index of the first op in the arena.
+    pub start: u32,
+    pub count: u32,
+    pub paddr: u64,
+}
+
+#[derive(Clone, Copy)]
+struct JumpEntry {
+    pc: u64,
+    ctx: u32,
+    block: u32,
+}
+
+const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, ctx: u32::MAX, block: 0 };
+
+#[derive(Clone)]
+pub struct BlockCache {
+    pub ops: Vec<Op>,
+    pub blocks: Vec<Block>,
+    by_paddr: HashMap<u64, u32>,
+    /// RAM page number -> blocks decoded from it.
+    by_page: HashMap<u64, Vec<u32>>,
+    jump: Vec<JumpEntry>,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlockCache {
+    pub fn new() -> Self {
+        let mut c = BlockCache {
+            ops: Vec::new(),
+            blocks: Vec::new(),
+            by_paddr: HashMap::new(),
+            by_page: HashMap::new(),
+            jump: vec![EMPTY_JUMP; JUMP_ENTRIES],
+        };
+        c.reset_arena();
+        c
+    }
+
+    fn reset_arena(&mut self) {
+        self.ops.clear();
+        self.blocks.clear();
+        self.ops.push(Op::illegal(0, 2));
+        self.blocks.push(Block { start: 0, count: 1, paddr: u64::MAX });
+    }
+
+    #[inline(always)]
+    fn jump_index(pc: u64) -> usize {
+        ((pc >> 1) ^ (pc >> 13)) as usize & (JUMP_ENTRIES - 1)
+    }
+
+    #[inline(always)]
+    pub fn lookup(&self, pc: u64, ctx: usize) -> Option<u32> {
+        let e = &self.jump[Self::jump_index(pc)];
+        if e.pc == pc && e.ctx == ctx as u32 {
+            Some(e.block)
+        } else {
+            None
+        }
+    }
+
+    pub fn remember(&mut self, pc: u64, ctx: usize, block: u32) {
+        self.jump[Self::jump_index(pc)] = JumpEntry { pc, ctx: ctx as u32, block };
+    }
+
+    pub fn find_paddr(&self, paddr: u64) -> Option<u32> {
+        self.by_paddr.get(&paddr).copied()
+    }
+
+    /// Enter a new block decoded at `paddr` from RAM page `page`. Returns
+    /// `None` when the arena is full: the caller flushes and retries.
+    pub fn insert(&mut self, paddr: u64, page: u64, ops: &[Op]) -> Option<u32> {
+        if self.ops.len() + ops.len() > MAX_OPS {
+            return None;
+        }
+        let idx = self.blocks.len() as u32;
+        self.blocks.push(Block { start: self.ops.len() as u32, count: ops.len() as u32, paddr });
+        self.ops.extend_from_slice(ops);
+        self.by_paddr.insert(paddr, idx);
+        self.by_page.entry(page).or_default().push(idx);
+        Some(idx)
+    }
+
+    /// Put one op in the scratch block.
+    pub fn set_scratch(&mut self, op: Op) -> u32 {
+        self.ops[0] = op;
+        SCRATCH_BLOCK
+    }
+
+    /// Drop every block decoded from RAM page `page`. Returns whether any
+    /// existed.
+    pub fn drop_page(&mut self, page: u64) -> bool {
+        let Some(blocks) = self.by_page.remove(&page) else {
+            return false;
+        };
+        for b in blocks {
+            let paddr = self.blocks[b as usize].paddr;
+            self.by_paddr.remove(&paddr);
+        }
+        self.flush_jumps();
+        true
+    }
+
+    pub fn flush_jumps(&mut self) {
+        self.jump.iter_mut().for_each(|e| *e = EMPTY_JUMP);
+    }
+
+    /// Drop every block.
+    pub fn flush_all(&mut self) {
+        self.by_paddr.clear();
+        self.by_page.clear();
+        self.reset_arena();
+        self.flush_jumps();
+    }
+
+    pub fn ops_of(&self, block: u32) -> &[Op] {
+        let b = self.blocks[block as usize];
+        &self.ops[b.start as usize..(b.start + b.count) as usize]
+    }
+}

@@ -1,0 +1,1432 @@
+//! The hart: architectural state, the run loop, and instruction semantics.
+//!
+//! # Position
+//!
+//! `position` counts retired instructions plus synchronous exceptions taken
+//! (each trap entry is one step, so a guest stuck in a trap loop still moves
+//! forward and stops at its limit). It is exact and identical across runs:
+//! every asynchronous event is injected at a position, and guest time is a
+//! function of it. `minstret` is the position less the exceptions and the
+//! idle steps the board added while the hart waited in `wfi`.
+//!
+//! # Run loop
+//!
+//! `run` repeats: stop if the target is reached; raise Sstc's STIP if its
+//! deadline passed; take a pending interrupt; fetch the block at `pc`
+//! (decoding it on a miss); execute at most `target - position` of its ops.
+//! Interrupts are therefore checked at block boundaries, and every operation
+//! that can enable one (CSR writes, xRET, WFI, MMIO stores) ends its block.
+
+use crate::block::{BlockCache, MAX_BLOCK_OPS};
+use crate::bus::Bus;
+use crate::csr::*;
+use crate::decode::{decode, Kind, Op};
+use crate::fp::{self, BinOp, Cmp, FmaOp, IntTy, Rm};
+use crate::mmu::{self, Access, PteMemory, Tlb, WalkCtx, CTX_BARE, CTX_S, CTX_U, PAGE_SIZE};
+use crate::trap::{self, Trap, INTERRUPT_BIT};
+
+/// A point in a hart's execution: see the module documentation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position(pub u64);
+
+/// Fixed facts about a hart and its board.
+#[derive(Clone, Copy, Debug)]
+pub struct HartConfig {
+    pub hartid: u64,
+    /// Physical address of the first byte of `Bus::ram()`.
+    pub ram_base: u64,
+    pub ram_size: u64,
+    /// Guest time: `time = position / insns_per_tick`.
+    pub insns_per_tick: u64,
+}
+
+/// Why `run` returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The position reached the target.
+    Reached,
+    /// The hart executed `wfi` with no interrupt pending; `pc` is past it.
+    /// The board may advance time (`idle`) or wait for an event.
+    Wfi,
+    /// An MMIO store happened; the board may need to act on it.
+    Device,
+}
+
+/// tval placeholder: "the raw bits of the instruction at pc".
+const TVAL_INSN_BITS: u64 = u64::MAX;
+
+/// What a block's execution asks of the dispatcher.
+enum End {
+    Continue,
+    Trap(Trap),
+    Wfi,
+    Device,
+}
+
+/// Cache maintenance an instruction requested (the cache lives beside the
+/// core, so the executor cannot reach it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flush {
+    None,
+    Jumps,
+    Page(u64),
+}
+
+/// Everything the executor touches.
+pub struct Core {
+    /// x0..x31, then the sink slot for writes to x0 (see `decode::X_SINK`).
+    pub x: [u64; 64],
+    pub f: [u64; 32],
+    pub pc: u64,
+    pub prv: u8,
+    pub csr: Csrs,
+    /// Device-driven interrupt lines (MSIP, MTIP, MEIP, SEIP) and Sstc's STIP.
+    mip_ext: u64,
+    position: u64,
+    exceptions: u64,
+    idle: u64,
+    /// Offsets so that M-mode writes to mcycle/minstret stick.
+    cycle_offset: u64,
+    instret_offset: u64,
+    /// Values frozen by mcountinhibit.
+    cycle_frozen: Option<u64>,
+    instret_frozen: Option<u64>,
+    /// Physical address of the LR reservation, or `u64::MAX`.
+    reservation: u64,
+    data_ctx: usize,
+    fetch_ctx: usize,
+    /// Position at which Sstc's STIP next becomes pending.
+    stimer_pos: u64,
+    tlb: Tlb,
+    flush: Flush,
+    cfg: HartConfig,
+}
+
+/// One RISC-V hart.
+pub struct Hart {
+    core: Core,
+    cache: BlockCache,
+}
+
+struct RamPtes<'a> {
+    ram: &'a mut [u8],
+    base: u64,
+}
+
+impl PteMemory for RamPtes<'_> {
+    fn read_pte(&mut self, paddr: u64) -> Option<u64> {
+        let off = paddr.checked_sub(self.base)? as usize;
+        let b = self.ram.get(off..off.checked_add(8)?)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+    fn write_pte(&mut self, paddr: u64, val: u64) -> bool {
+        let Some(off) = paddr.checked_sub(self.base) else { return false };
+        match self.ram.get_mut(off as usize..off as usize + 8) {
+            Some(b) => {
+                b.copy_from_slice(&val.to_le_bytes());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+macro_rules! x {
+    ($c:ident, $r:expr) => {
+        $c.x[($r as usize) & 63]
+    };
+}
+
+impl Core {
+    fn new(cfg: HartConfig) -> Core {
+        let mut c = Core {
+            x: [0; 64],
+            f: [0; 32],
+            pc: 0,
+            prv: PRV_M,
+            csr: Csrs::default(),
+            mip_ext: 0,
+            position: 0,
+            exceptions: 0,
+            idle: 0,
+            cycle_offset: 0,
+            instret_offset: 0,
+            cycle_frozen: None,
+            instret_frozen: None,
+            reservation: u64::MAX,
+            data_ctx: CTX_BARE,
+            fetch_ctx: CTX_BARE,
+            stimer_pos: u64::MAX,
+            tlb: Tlb::new((cfg.ram_size / PAGE_SIZE) as usize),
+            flush: Flush::None,
+            cfg,
+        };
+        c.csr.mstatus = (2 << 32) | (2 << 34); // UXL = SXL = 64
+        c
+    }
+
+    // ----- contexts and counters -----
+
+    fn update_ctx(&mut self) {
+        let paged = self.csr.satp >> SATP_MODE_SHIFT != SATP_MODE_BARE;
+        let ctx_of = |prv: u8| match prv {
+            _ if !paged => CTX_BARE,
+            PRV_U => CTX_U,
+            PRV_S => CTX_S,
+            _ => CTX_BARE,
+        };
+        self.fetch_ctx = ctx_of(self.prv);
+        self.data_ctx = ctx_of(self.data_prv());
+    }
+
+    /// Effective privilege of loads and stores (MPRV, 3.1.6.3).
+    fn data_prv(&self) -> u8 {
+        if self.prv == PRV_M && self.csr.mstatus & MSTATUS_MPRV != 0 {
+            ((self.csr.mstatus & MSTATUS_MPP) >> MSTATUS_MPP_SHIFT) as u8
+        } else {
+            self.prv
+        }
+    }
+
+    fn time(&self) -> u64 {
+        self.position / self.cfg.insns_per_tick
+    }
+
+    fn cycles(&self) -> u64 {
+        self.cycle_frozen.unwrap_or(self.position.wrapping_add(self.cycle_offset))
+    }
+
+    fn instret(&self) -> u64 {
+        self.instret_frozen
+            .unwrap_or((self.position - self.exceptions - self.idle).wrapping_add(self.instret_offset))
+    }
+
+    fn mip(&self) -> u64 {
+        self.csr.mip | self.mip_ext
+    }
+
+    /// Recompute Sstc's STIP and the position of its next change.
+    fn update_stimer(&mut self) {
+        if self.csr.menvcfg & MENVCFG_STCE == 0 {
+            self.mip_ext &= !IRQ_STI;
+            self.stimer_pos = u64::MAX;
+            return;
+        }
+        if self.time() >= self.csr.stimecmp {
+            self.mip_ext |= IRQ_STI;
+            self.stimer_pos = u64::MAX;
+        } else {
+            self.mip_ext &= !IRQ_STI;
+            self.stimer_pos = self.csr.stimecmp.saturating_mul(self.cfg.insns_per_tick);
+        }
+    }
+
+    // ----- traps -----
+
+    /// The highest-priority interrupt that is pending and enabled (3.1.9).
+    fn pending_interrupt(&self) -> Option<u64> {
+        let pending = self.mip() & self.csr.mie;
+        if pending == 0 {
+            return None;
+        }
+        const ORDER: [u64; 6] = [11, 3, 7, 9, 1, 5];
+        let m_enabled = self.prv < PRV_M || self.csr.mstatus & MSTATUS_MIE != 0;
+        let m = pending & !self.csr.mideleg;
+        if m_enabled && m != 0 {
+            return ORDER.iter().copied().find(|&c| m & (1 << c) != 0);
+        }
+        let s_enabled = self.prv < PRV_S || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_SIE != 0);
+        let s = pending & self.csr.mideleg;
+        if s_enabled && s != 0 {
+            return ORDER.iter().copied().find(|&c| s & (1 << c) != 0);
+        }
+        None
+    }
+
+    /// Enter the trap handler (3.1.6.1, 3.1.7, 4.1.2).
+    fn take_trap(&mut self, cause: u64, tval: u64) {
+        let interrupt = cause & INTERRUPT_BIT != 0;
+        let code = cause & !INTERRUPT_BIT;
+        let deleg = if interrupt { self.csr.mideleg } else { self.csr.medeleg };
+        let to_s = self.prv <= PRV_S && (deleg >> code) & 1 != 0;
+        let s = &mut self.csr;
+        let (tvec, status) = if to_s {
+            s.scause = cause;
+            s.sepc = self.pc;
+            s.stval = tval;
+            let mut st = s.mstatus & !(MSTATUS_SPP | MSTATUS_SPIE | MSTATUS_SIE);
+            if s.mstatus & MSTATUS_SIE != 0 {
+                st |= MSTATUS_SPIE;
+            }
+            if self.prv == PRV_S {
+                st |= MSTATUS_SPP;
+            }
+            self.prv = PRV_S;
+            (s.stvec, st)
+        } else {
+            s.mcause = cause;
+            s.mepc = self.pc;
+            s.mtval = tval;
+            let mut st = s.mstatus & !(MSTATUS_MPP | MSTATUS_MPIE | MSTATUS_MIE);
+            if s.mstatus & MSTATUS_MIE != 0 {
+                st |= MSTATUS_MPIE;
+            }
+            st |= (self.prv as u64) << MSTATUS_MPP_SHIFT;
+            self.prv = PRV_M;
+            (s.mtvec, st)
+        };
+        s.mstatus = status;
+        let base = tvec & !3;
+        self.pc = if interrupt && tvec & 1 == 1 { base + 4 * code } else { base };
+        self.reservation = u64::MAX;
+        self.update_ctx();
+    }
+
+    // ----- memory -----
+
+    fn ram_off(&self, paddr: u64) -> Option<u64> {
+        let off = paddr.wrapping_sub(self.cfg.ram_base);
+        (off < self.cfg.ram_size).then_some(off)
+    }
+
+    /// Translate and, for RAM, fill the TLB.
+    fn translate<B: Bus>(&mut self, bus: &mut B, vaddr: u64, access: Access) -> Result<u64, Trap> {
+        let ctx = if access == Access::Fetch { self.fetch_ctx } else { self.data_ctx };
+        let paddr = if ctx == CTX_BARE {
+            vaddr
+        } else {
+            let wctx = WalkCtx {
+                satp: self.csr.satp,
+                prv: if access == Access::Fetch { self.prv } else { self.data_prv() },
+                sum: self.csr.mstatus & MSTATUS_SUM != 0,
+                mxr: self.csr.mstatus & MSTATUS_MXR != 0,
+            };
+            let mut mem = RamPtes { ram: bus.ram(), base: self.cfg.ram_base };
+            mmu::walk(&mut mem, wctx, vaddr, access)?.paddr
+        };
+        if let Some(off) = self.ram_off(paddr) {
+            if access != Access::Write || !self.tlb.is_code_page(off >> 12) {
+                self.tlb.insert(ctx, access, vaddr, off);
+            }
+        }
+        Ok(paddr)
+    }
+
+    fn phys_load<B: Bus>(&mut self, bus: &mut B, paddr: u64, size: u32, pos: u64) -> Option<u64> {
+        match self.ram_off(paddr) {
+            Some(off) if off + size as u64 <= self.cfg.ram_size => {
+                let ram = bus.ram();
+                let mut b = [0u8; 8];
+                b[..size as usize].copy_from_slice(&ram[off as usize..off as usize + size as usize]);
+                Some(u64::from_le_bytes(b))
+            }
+            Some(_) => None,
+            None => bus.mmio_load(paddr, size, pos),
+        }
+    }
+
+    /// Returns `Some(true)` when the store must end the block (MMIO, or a
+    /// write into a page holding decoded code).
+    fn phys_store<B: Bus>(&mut self, bus: &mut B, paddr: u64, size: u32, val: u64, pos: u64) -> Option<bool> {
+        match self.ram_off(paddr) {
+            Some(off) if off + size as u64 <= self.cfg.ram_size => {
+                let ram = bus.ram();
+                ram[off as usize..off as usize + size as usize].copy_from_slice(&val.to_le_bytes()[..size as usize]);
+                let page = off >> 12;
+                if self.tlb.is_code_page(page) {
+                    self.flush = Flush::Page(page);
+                    return Some(true);
+                }
+                Some(false)
+            }
+            Some(_) => None,
+            None => bus.mmio_store(paddr, size, val, pos).then_some(true),
+        }
+    }
+
+    #[inline(always)]
+    fn load<B: Bus, const N: usize>(&mut self, bus: &mut B, vaddr: u64, pos: u64) -> Result<u64, Trap> {
+        let e = self.tlb.sets[self.data_ctx].read[mmu::tlb_index(vaddr)];
+        if e.tag == vaddr & (!0xfff | (N as u64 - 1)) {
+            let off = (e.ram_off | (vaddr & 0xfff)) as usize;
+            let ram = bus.ram();
+            let mut b = [0u8; 8];
+            b[..N].copy_from_slice(&ram[off..off + N]);
+            return Ok(u64::from_le_bytes(b));
+        }
+        self.load_slow(bus, vaddr, N as u32, pos)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn load_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, pos: u64) -> Result<u64, Trap> {
+        if vaddr & (size as u64 - 1) != 0 {
+            // Misaligned: emulated byte by byte, both pages checked first.
+            let last = vaddr.wrapping_add(size as u64 - 1);
+            let p0 = self.translate(bus, vaddr, Access::Read)?;
+            let p1 = self.translate(bus, last, Access::Read)?;
+            let mut v = 0u64;
+            for i in 0..size as u64 {
+                let va = vaddr.wrapping_add(i);
+                let pa = if (va ^ vaddr) >> 12 == 0 { p0 + i } else { p1 - (size as u64 - 1 - i) };
+                let b = self.phys_load(bus, pa, 1, pos).ok_or(Access::Read.access_fault(vaddr))?;
+                v |= b << (8 * i);
+            }
+            return Ok(v);
+        }
+        let paddr = self.translate(bus, vaddr, Access::Read)?;
+        self.phys_load(bus, paddr, size, pos).ok_or(Access::Read.access_fault(vaddr))
+    }
+
+    /// Returns whether the block must end after this store.
+    #[inline(always)]
+    fn store<B: Bus, const N: usize>(&mut self, bus: &mut B, vaddr: u64, val: u64, pos: u64) -> Result<bool, Trap> {
+        let e = self.tlb.sets[self.data_ctx].write[mmu::tlb_index(vaddr)];
+        if e.tag == vaddr & (!0xfff | (N as u64 - 1)) {
+            let off = (e.ram_off | (vaddr & 0xfff)) as usize;
+            let ram = bus.ram();
+            ram[off..off + N].copy_from_slice(&val.to_le_bytes()[..N]);
+            return Ok(false);
+        }
+        self.store_slow(bus, vaddr, N as u32, val, pos)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn store_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, val: u64, pos: u64) -> Result<bool, Trap> {
+        if vaddr & (size as u64 - 1) != 0 {
+            let last = vaddr.wrapping_add(size as u64 - 1);
+            let p0 = self.translate(bus, vaddr, Access::Write)?;
+            let p1 = self.translate(bus, last, Access::Write)?;
+            let mut end = false;
+            for i in 0..size as u64 {
+                let va = vaddr.wrapping_add(i);
+                let pa = if (va ^ vaddr) >> 12 == 0 { p0 + i } else { p1 - (size as u64 - 1 - i) };
+                end |= self.phys_store(bus, pa, 1, val >> (8 * i), pos).ok_or(Access::Write.access_fault(vaddr))?;
+            }
+            return Ok(end);
+        }
+        let paddr = self.translate(bus, vaddr, Access::Write)?;
+        self.phys_store(bus, paddr, size, val, pos).ok_or(Access::Write.access_fault(vaddr))
+    }
+
+    /// LR, SC and AMOs: aligned, translated for writing (AMO faults are
+    /// store/AMO faults, 8.4), never split.
+    fn amo_addr<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, lr: bool) -> Result<u64, Trap> {
+        if vaddr & (size as u64 - 1) != 0 {
+            let cause = if lr { trap::LOAD_MISALIGNED } else { trap::STORE_MISALIGNED };
+            return Err(Trap::new(cause, vaddr));
+        }
+        self.translate(bus, vaddr, if lr { Access::Read } else { Access::Write })
+    }
+
+    // ----- CSRs -----
+
+    fn counter_allowed(&self, csr: u16) -> bool {
+        let bit = 1u64 << (csr & 31);
+        match self.prv {
+            PRV_M => true,
+            PRV_S => self.csr.mcounteren & bit != 0,
+            _ => self.csr.mcounteren & bit != 0 && self.csr.scounteren & bit != 0,
+        }
+    }
+
+    fn fs_on(&self) -> bool {
+        self.csr.mstatus & MSTATUS_FS != 0
+    }
+
+    fn mark_fs_dirty(&mut self) {
+        self.csr.mstatus |= MSTATUS_FS_DIRTY;
+    }
+
+    fn read_csr(&self, csr: u16) -> Option<u64> {
+        let s = &self.csr;
+        let sd = |st: u64| if st & MSTATUS_FS == MSTATUS_FS || st & MSTATUS_XS == MSTATUS_XS { st | MSTATUS_SD } else { st };
+        Some(match csr {
+            FFLAGS if self.fs_on() => s.fflags as u64,
+            FRM if self.fs_on() => s.frm as u64,
+            FCSR if self.fs_on() => ((s.frm as u64) << 5) | s.fflags as u64,
+            CYCLE if self.counter_allowed(csr) => self.cycles(),
+            TIME if self.counter_allowed(csr) => self.time(),
+            INSTRET if self.counter_allowed(csr) => self.instret(),
+            HPMCOUNTER3..=HPMCOUNTER31 if self.counter_allowed(csr) => 0,
+            SSTATUS => sd(s.mstatus & SSTATUS_VISIBLE),
+            SIE => s.mie & s.mideleg,
+            STVEC => s.stvec,
+            SCOUNTEREN => s.scounteren,
+            SENVCFG => s.senvcfg,
+            SSCRATCH => s.sscratch,
+            SEPC => s.sepc,
+            SCAUSE => s.scause,
+            STVAL => s.stval,
+            SIP => self.mip() & s.mideleg,
+            STIMECMP if self.stimecmp_allowed() => s.stimecmp,
+            SATP if !(self.prv == PRV_S && s.mstatus & MSTATUS_TVM != 0) => s.satp,
+            MVENDORID | MARCHID | MIMPID | MCONFIGPTR => 0,
+            MHARTID => self.cfg.hartid,
+            MSTATUS => sd(s.mstatus),
+            MISA => MISA_VALUE,
+            MEDELEG => s.medeleg,
+            MIDELEG => s.mideleg,
+            MIE => s.mie,
+            MTVEC => s.mtvec,
+            MCOUNTEREN => s.mcounteren,
+            MENVCFG => s.menvcfg,
+            MCOUNTINHIBIT => s.mcountinhibit,
+            MHPMEVENT3..=MHPMEVENT31 => 0,
+            MSCRATCH => s.mscratch,
+            MEPC => s.mepc,
+            MCAUSE => s.mcause,
+            MTVAL => s.mtval,
+            MIP => self.mip(),
+            PMPCFG0..=PMPCFG15 if csr & 1 == 0 => s.pmpcfg[((csr - PMPCFG0) / 2) as usize],
+            PMPADDR0..=PMPADDR63 => {
+                let i = (csr - PMPADDR0) as usize;
+                s.pmpaddr[i / 32][i % 32]
+            }
+            MCYCLE => self.cycles(),
+            MINSTRET => self.instret(),
+            MHPMCOUNTER3..=MHPMCOUNTER31 => 0,
+            _ => return None,
+        })
+    }
+
+    fn stimecmp_allowed(&self) -> bool {
+        match self.prv {
+            PRV_M => true,
+            _ => self.csr.menvcfg & MENVCFG_STCE != 0 && self.csr.mcounteren & 2 != 0,
+        }
+    }
+
+    /// Write a CSR whose access was already checked. `false`: no such CSR.
+    fn write_csr(&mut self, csr: u16, val: u64) -> bool {
+        let fs_on = self.fs_on();
+        let stimecmp_ok = self.stimecmp_allowed();
+        let s = &mut self.csr;
+        match csr {
+            FFLAGS if fs_on => {
+                s.fflags = (val & 0x1f) as u8;
+                self.mark_fs_dirty();
+            }
+            FRM if fs_on => {
+                s.frm = (val & 7) as u8;
+                self.mark_fs_dirty();
+            }
+            FCSR if fs_on => {
+                s.fflags = (val & 0x1f) as u8;
+                s.frm = ((val >> 5) & 7) as u8;
+                self.mark_fs_dirty();
+            }
+            SSTATUS => {
+                let v = (s.mstatus & !SSTATUS_WRITABLE) | (val & SSTATUS_WRITABLE);
+                self.set_mstatus(v);
+            }
+            MSTATUS => {
+                let mut v = (s.mstatus & !MSTATUS_WRITABLE) | (val & MSTATUS_WRITABLE);
+                // MPP is WARL: the reserved encoding 2 reads as U.
+                if (v & MSTATUS_MPP) >> MSTATUS_MPP_SHIFT == 2 {
+                    v &= !MSTATUS_MPP;
+                }
+                self.set_mstatus(v);
+            }
+            SIE => s.mie = (s.mie & !s.mideleg) | (val & s.mideleg),
+            STVEC => s.stvec = val & !2,
+            SCOUNTEREN => s.scounteren = val & 0xffff_ffff,
+            SENVCFG => s.senvcfg = val & ENVCFG_FIOM,
+            SSCRATCH => s.sscratch = val,
+            SEPC => s.sepc = val & !1,
+            SCAUSE => s.scause = val,
+            STVAL => s.stval = val,
+            SIP => {
+                let m = IRQ_SSI & s.mideleg;
+                s.mip = (s.mip & !m) | (val & m);
+            }
+            STIMECMP if stimecmp_ok => {
+                s.stimecmp = val;
+                self.update_stimer();
+            }
+            SATP if !(self.prv == PRV_S && s.mstatus & MSTATUS_TVM != 0) => {
+                let mode = val >> SATP_MODE_SHIFT;
+                // Unsupported modes leave satp unchanged (4.1.11); no ASID bits.
+                if matches!(mode, SATP_MODE_BARE | SATP_MODE_SV39 | SATP_MODE_SV48) {
+                    s.satp = val & !SATP_ASID_MASK;
+                    self.tlb.flush_paged();
+                    self.flush = Flush::Jumps;
+                    self.update_ctx();
+                }
+            }
+            MEDELEG => s.medeleg = val & MEDELEG_WRITABLE,
+            MIDELEG => s.mideleg = val & S_INTERRUPTS,
+            MIE => s.mie = val & ALL_INTERRUPTS,
+            MTVEC => s.mtvec = val & !2,
+            MCOUNTEREN => s.mcounteren = val & 0xffff_ffff,
+            MENVCFG => {
+                s.menvcfg = val & (ENVCFG_FIOM | MENVCFG_STCE);
+                self.update_stimer();
+            }
+            MCOUNTINHIBIT => {
+                let (cy, ir) = (self.cycles(), self.instret());
+                self.csr.mcountinhibit = val & 0b101;
+                self.cycle_frozen = (val & 1 != 0).then_some(cy);
+                self.instret_frozen = (val & 4 != 0).then_some(ir);
+                self.set_cycles(cy);
+                self.set_instret(ir);
+            }
+            MHPMEVENT3..=MHPMEVENT31 | MHPMCOUNTER3..=MHPMCOUNTER31 => {}
+            MSCRATCH => s.mscratch = val,
+            MEPC => s.mepc = val & !1,
+            MCAUSE => s.mcause = val,
+            MTVAL => s.mtval = val,
+            MIP => {
+                let mut w = MIP_WRITABLE;
+                if s.menvcfg & MENVCFG_STCE != 0 {
+                    w &= !IRQ_STI;
+                }
+                s.mip = (s.mip & !w) | (val & w);
+            }
+            PMPCFG0..=PMPCFG15 if csr & 1 == 0 => s.pmpcfg[((csr - PMPCFG0) / 2) as usize] = val,
+            PMPADDR0..=PMPADDR63 => {
+                let i = (csr - PMPADDR0) as usize;
+                s.pmpaddr[i / 32][i % 32] = val & ((1 << 54) - 1);
+            }
+            MCYCLE => self.set_cycles(val),
+            MINSTRET => self.set_instret(val),
+            MVENDORID | MARCHID | MIMPID | MHARTID | MCONFIGPTR | MISA => {}
+            _ => return false,
+        }
+        true
+    }
+
+    fn set_cycles(&mut self, v: u64) {
+        if self.cycle_frozen.is_some() {
+            self.cycle_frozen = Some(v);
+        }
+        self.cycle_offset = v.wrapping_sub(self.position);
+    }
+
+    fn set_instret(&mut self, v: u64) {
+        if self.instret_frozen.is_some() {
+            self.instret_frozen = Some(v);
+        }
+        self.instret_offset = v.wrapping_sub(self.position - self.exceptions - self.idle);
+    }
+
+    fn set_mstatus(&mut self, v: u64) {
+        let changed = self.csr.mstatus ^ v;
+        self.csr.mstatus = v;
+        if changed & (MSTATUS_SUM | MSTATUS_MXR) != 0 {
+            self.tlb.flush_paged_data();
+        }
+        if changed & (MSTATUS_MPRV | MSTATUS_MPP) != 0 {
+            self.update_ctx();
+        }
+    }
+
+    /// Zicsr (chapter 9): access checks, then read and/or write.
+    fn csr_op(&mut self, op: &Op) -> Result<(), Trap> {
+        let csr = op.imm as u16;
+        let rd_arch = op.rs2;
+        let src = match op.kind {
+            Kind::Csrrw | Kind::Csrrs | Kind::Csrrc => x!(self, op.rs1),
+            _ => op.rs1 as u64,
+        };
+        let writes = match op.kind {
+            Kind::Csrrw | Kind::Csrrwi => true,
+            _ => op.rs1 != 0,
+        };
+        let reads = !(matches!(op.kind, Kind::Csrrw | Kind::Csrrwi) && rd_arch == 0);
+        let ill = Trap::new(trap::ILLEGAL_INSTRUCTION, TVAL_INSN_BITS);
+        if (csr >> 8) & 3 > self.prv as u16 || (writes && csr >> 10 == 3) {
+            return Err(ill);
+        }
+        // Reading decides existence even when the value is not needed.
+        let old = self.read_csr(csr).ok_or(ill)?;
+        if writes {
+            let new = match op.kind {
+                Kind::Csrrw | Kind::Csrrwi => src,
+                Kind::Csrrs | Kind::Csrrsi => old | src,
+                _ => old & !src,
+            };
+            if !self.write_csr(csr, new) {
+                return Err(ill);
+            }
+        }
+        if reads {
+            x!(self, op.rd) = old;
+        }
+        Ok(())
+    }
+
+    // ----- FP helpers -----
+
+    #[inline]
+    fn rm(&self, op: &Op) -> Result<Rm, Trap> {
+        let rm = if op.rm == 7 { self.csr.frm } else { op.rm };
+        Rm::from_bits(rm).ok_or(Trap::new(trap::ILLEGAL_INSTRUCTION, TVAL_INSN_BITS))
+    }
+
+    /// Single-precision operand: an improperly NaN-boxed value reads as the
+    /// canonical NaN (11.2).
+    #[inline]
+    fn fs(&self, r: u8) -> u64 {
+        let v = self.f[r as usize & 31];
+        if v >> 32 == 0xffff_ffff {
+            v & 0xffff_ffff
+        } else {
+            fp::CANON_NAN_S
+        }
+    }
+
+    #[inline]
+    fn fd(&self, r: u8) -> u64 {
+        self.f[r as usize & 31]
+    }
+
+    #[inline]
+    fn set_fs(&mut self, r: u8, v: u64) {
+        self.f[r as usize & 31] = 0xffff_ffff_0000_0000 | v;
+        self.mark_fs_dirty();
+    }
+
+    #[inline]
+    fn set_fd(&mut self, r: u8, v: u64) {
+        self.f[r as usize & 31] = v;
+        self.mark_fs_dirty();
+    }
+
+    #[inline]
+    fn raise(&mut self, flags: u8) {
+        if flags != 0 {
+            self.csr.fflags |= flags;
+            self.mark_fs_dirty();
+        }
+    }
+
+    /// Execute one F/D op (out of line: FP is rare in kernels).
+    #[inline(never)]
+    fn exec_fp<B: Bus>(&mut self, bus: &mut B, op: &Op, pos: u64) -> Result<bool, Trap> {
+        use Kind::*;
+        if !self.fs_on() {
+            return Err(Trap::new(trap::ILLEGAL_INSTRUCTION, TVAL_INSN_BITS));
+        }
+        let (a_s, b_s, c_s) = (self.fs(op.rs1), self.fs(op.rs2), self.fs(op.rs3));
+        let (a_d, b_d, c_d) = (self.fd(op.rs1), self.fd(op.rs2), self.fd(op.rs3));
+        match op.kind {
+            Flw => {
+                let v = self.load::<B, 4>(bus, x!(self, op.rs1).wrapping_add(op.imm as i64 as u64), pos)?;
+                self.set_fs(op.rd, v);
+            }
+            Fld => {
+                let v = self.load::<B, 8>(bus, x!(self, op.rs1).wrapping_add(op.imm as i64 as u64), pos)?;
+                self.set_fd(op.rd, v);
+            }
+            Fsw => {
+                let raw = self.f[op.rs2 as usize & 31];
+                return self.store::<B, 4>(bus, x!(self, op.rs1).wrapping_add(op.imm as i64 as u64), raw, pos);
+            }
+            Fsd => {
+                let raw = self.f[op.rs2 as usize & 31];
+                return self.store::<B, 8>(bus, x!(self, op.rs1).wrapping_add(op.imm as i64 as u64), raw, pos);
+            }
+            FmaddS | FmsubS | FnmsubS | FnmaddS => {
+                let f = [FmaOp::Madd, FmaOp::Msub, FmaOp::Nmsub, FmaOp::Nmadd][(op.kind as u8 - FmaddS as u8) as usize];
+                let (r, fl) = fp::fma_s(f, a_s, b_s, c_s, self.rm(op)?);
+                self.raise(fl);
+                self.set_fs(op.rd, r);
+            }
+            FmaddD | FmsubD | FnmsubD | FnmaddD => {
+                let f = [FmaOp::Madd, FmaOp::Msub, FmaOp::Nmsub, FmaOp::Nmadd][(op.kind as u8 - FmaddD as u8) as usize];
+                let (r, fl) = fp::fma_d(f, a_d, b_d, c_d, self.rm(op)?);
+                self.raise(fl);
+                self.set_fd(op.rd, r);
+            }
+            FaddS | FsubS | FmulS | FdivS => {
+                let b = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div][(op.kind as u8 - FaddS as u8) as usize];
+                let (r, fl) = fp::binop_s(b, a_s, b_s, self.rm(op)?);
+                self.raise(fl);
+                self.set_fs(op.rd, r);
+            }
+            FaddD | FsubD | FmulD | FdivD => {
+                let b = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div][(op.kind as u8 - FaddD as u8) as usize];
+                let (r, fl) = fp::binop_d(b, a_d, b_d, self.rm(op)?);
+                self.raise(fl);
+                self.set_fd(op.rd, r);
+            }
+            FsqrtS => {
+                let (r, fl) = fp::sqrt_s(a_s, self.rm(op)?);
+                self.raise(fl);
+                self.set_fs(op.rd, r);
+            }
+            FsqrtD => {
+                let (r, fl) = fp::sqrt_d(a_d, self.rm(op)?);
+                self.raise(fl);
+                self.set_fd(op.rd, r);
+            }
+            FsgnjS => self.set_fs(op.rd, (a_s & !fp::S.sign) | (b_s & fp::S.sign)),
+            FsgnjnS => self.set_fs(op.rd, (a_s & !fp::S.sign) | (!b_s & fp::S.sign)),
+            FsgnjxS => self.set_fs(op.rd, a_s ^ (b_s & fp::S.sign)),
+            FsgnjD => self.set_fd(op.rd, (a_d & !fp::D.sign) | (b_d & fp::D.sign)),
+            FsgnjnD => self.set_fd(op.rd, (a_d & !fp::D.sign) | (!b_d & fp::D.sign)),
+            FsgnjxD => self.set_fd(op.rd, a_d ^ (b_d & fp::D.sign)),
+            FminS | FmaxS => {
+                let (r, fl) = fp::minmax(&fp::S, a_s, b_s, op.kind == FmaxS);
+                self.raise(fl);
+                self.set_fs(op.rd, r);
+            }
+            FminD | FmaxD => {
+                let (r, fl) = fp::minmax(&fp::D, a_d, b_d, op.kind == FmaxD);
+                self.raise(fl);
+                self.set_fd(op.rd, r);
+            }
+            FcvtSD => {
+                let (r, fl) = fp::narrow_d_to_s(a_d, self.rm(op)?);
+                self.raise(fl);
+                self.set_fs(op.rd, r);
+            }
+            FcvtDS => {
+                self.rm(op)?;
+                let (r, fl) = fp::widen_s_to_d(a_s);
+                self.raise(fl);
+                self.set_fd(op.rd, r);
+            }
+            FeqS | FltS | FleS | FeqD | FltD | FleD => {
+                let cmp = match op.kind {
+                    FeqS | FeqD => Cmp::Eq,
+                    FltS | FltD => Cmp::Lt,
+                    _ => Cmp::Le,
+                };
+                let (r, fl) = if matches!(op.kind, FeqS | FltS | FleS) {
+                    fp::compare(&fp::S, cmp, a_s, b_s)
+                } else {
+                    fp::compare(&fp::D, cmp, a_d, b_d)
+                };
+                self.raise(fl);
+                x!(self, op.rd) = r;
+            }
+            FcvtWS | FcvtWuS | FcvtLS | FcvtLuS => {
+                let ty = [IntTy::W, IntTy::Wu, IntTy::L, IntTy::Lu][(op.kind as u8 - FcvtWS as u8) as usize];
+                let (r, fl) = fp::to_int(&fp::S, a_s, ty, self.rm(op)?);
+                self.raise(fl);
+                x!(self, op.rd) = r;
+            }
+            FcvtWD | FcvtWuD | FcvtLD | FcvtLuD => {
+                let ty = [IntTy::W, IntTy::Wu, IntTy::L, IntTy::Lu][(op.kind as u8 - FcvtWD as u8) as usize];
+                let (r, fl) = fp::to_int(&fp::D, a_d, ty, self.rm(op)?);
+                self.raise(fl);
+                x!(self, op.rd) = r;
+            }
+            FcvtSW | FcvtSWu | FcvtSL | FcvtSLu | FcvtDW | FcvtDWu | FcvtDL | FcvtDLu => {
+                let v = x!(self, op.rs1);
+                let (neg, mag) = match op.kind {
+                    FcvtSW | FcvtDW => ((v as i32) < 0, (v as i32 as i64).unsigned_abs()),
+                    FcvtSWu | FcvtDWu => (false, v & 0xffff_ffff),
+                    FcvtSL | FcvtDL => ((v as i64) < 0, (v as i64).unsigned_abs()),
+                    _ => (false, v),
+                };
+                let rm = self.rm(op)?;
+                if matches!(op.kind, FcvtSW | FcvtSWu | FcvtSL | FcvtSLu) {
+                    let (r, fl) = fp::from_int(&fp::S, neg, mag, rm);
+                    self.raise(fl);
+                    self.set_fs(op.rd, r);
+                } else {
+                    let (r, fl) = fp::from_int(&fp::D, neg, mag, rm);
+                    self.raise(fl);
+                    self.set_fd(op.rd, r);
+                }
+            }
+            FmvXW => x!(self, op.rd) = self.f[op.rs1 as usize & 31] as u32 as i32 as i64 as u64,
+            FmvXD => x!(self, op.rd) = self.f[op.rs1 as usize & 31],
+            FclassS => x!(self, op.rd) = fp::classify(&fp::S, a_s),
+            FclassD => x!(self, op.rd) = fp::classify(&fp::D, a_d),
+            FmvWX => self.set_fs(op.rd, x!(self, op.rs1) & 0xffff_ffff),
+            FmvDX => self.set_fd(op.rd, x!(self, op.rs1)),
+            _ => unreachable!("exec_fp called on {:?}", op.kind),
+        }
+        Ok(false)
+    }
+
+    /// A-extension ops (chapter 8). Returns whether the block must end.
+    #[inline(never)]
+    fn exec_amo<B: Bus>(&mut self, bus: &mut B, op: &Op, pos: u64) -> Result<bool, Trap> {
+        use Kind::*;
+        let vaddr = x!(self, op.rs1);
+        let word = matches!(
+            op.kind,
+            LrW | ScW | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW | AmominW | AmomaxW | AmominuW | AmomaxuW
+        );
+        let size = if word { 4 } else { 8 };
+        let ext = |v: u64| if word { v as u32 as i32 as i64 as u64 } else { v };
+        match op.kind {
+            LrW | LrD => {
+                let pa = self.amo_addr(bus, vaddr, size, true)?;
+                let v = self.phys_load(bus, pa, size, pos).ok_or(Access::Read.access_fault(vaddr))?;
+                self.reservation = pa;
+                x!(self, op.rd) = ext(v);
+                Ok(false)
+            }
+            ScW | ScD => {
+                let pa = self.amo_addr(bus, vaddr, size, false)?;
+                let ok = self.reservation == pa;
+                self.reservation = u64::MAX;
+                let mut end = false;
+                if ok {
+                    end = self.phys_store(bus, pa, size, x!(self, op.rs2), pos).ok_or(Access::Write.access_fault(vaddr))?;
+                }
+                x!(self, op.rd) = (!ok) as u64;
+                Ok(end)
+            }
+            _ => {
+                let pa = self.amo_addr(bus, vaddr, size, false)?;
+                let old = ext(self.phys_load(bus, pa, size, pos).ok_or(Access::Write.access_fault(vaddr))?);
+                let src = ext(x!(self, op.rs2));
+                let new = match op.kind {
+                    AmoswapW | AmoswapD => src,
+                    AmoaddW | AmoaddD => old.wrapping_add(src),
+                    AmoxorW | AmoxorD => old ^ src,
+                    AmoandW | AmoandD => old & src,
+                    AmoorW | AmoorD => old | src,
+                    AmominW | AmominD => (old as i64).min(src as i64) as u64,
+                    AmomaxW | AmomaxD => (old as i64).max(src as i64) as u64,
+                    AmominuW | AmominuD => old.min(src),
+                    _ => old.max(src),
+                };
+                let end = self.phys_store(bus, pa, size, new, pos).ok_or(Access::Write.access_fault(vaddr))?;
+                x!(self, op.rd) = old;
+                Ok(end)
+            }
+        }
+    }
+
+    /// System instructions other than Zicsr. `Ok(true)`: the hart waits (WFI).
+    fn exec_system(&mut self, op: &Op) -> Result<bool, Trap> {
+        let ill = Trap::new(trap::ILLEGAL_INSTRUCTION, TVAL_INSN_BITS);
+        match op.kind {
+            Kind::Ecall => Err(Trap::new(trap::ECALL_FROM_U + self.prv as u64, 0)),
+            Kind::Ebreak => Err(Trap::new(trap::BREAKPOINT, self.pc)),
+            Kind::Mret => {
+                if self.prv != PRV_M {
+                    return Err(ill);
+                }
+                let st = self.csr.mstatus;
+                let mpp = ((st & MSTATUS_MPP) >> MSTATUS_MPP_SHIFT) as u8;
+                let mut n = st & !(MSTATUS_MIE | MSTATUS_MPP);
+                if st & MSTATUS_MPIE != 0 {
+                    n |= MSTATUS_MIE;
+                }
+                n |= MSTATUS_MPIE;
+                if mpp != PRV_M {
+                    n &= !MSTATUS_MPRV;
+                }
+                self.csr.mstatus = n;
+                self.prv = mpp;
+                self.pc = self.csr.mepc;
+                self.reservation = u64::MAX;
+                self.update_ctx();
+                Ok(false)
+            }
+            Kind::Sret => {
+                if self.prv < PRV_S || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_TSR != 0) {
+                    return Err(ill);
+                }
+                let st = self.csr.mstatus;
+                let spp = if st & MSTATUS_SPP != 0 { PRV_S } else { PRV_U };
+                let mut n = st & !(MSTATUS_SIE | MSTATUS_SPP | MSTATUS_MPRV);
+                if st & MSTATUS_SPIE != 0 {
+                    n |= MSTATUS_SIE;
+                }
+                n |= MSTATUS_SPIE;
+                self.csr.mstatus = n;
+                self.prv = spp;
+                self.pc = self.csr.sepc;
+                self.reservation = u64::MAX;
+                self.update_ctx();
+                Ok(false)
+            }
+            Kind::Wfi => {
+                // 3.3.3: TW traps WFI below M; in U-mode WFI is always illegal here.
+                if self.prv == PRV_U || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_TW != 0) {
+                    return Err(ill);
+                }
+                Ok(self.mip() & self.csr.mie == 0)
+            }
+            Kind::SfenceVma => {
+                if self.prv == PRV_U || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_TVM != 0) {
+                    return Err(ill);
+                }
+                self.tlb.flush_paged();
+                self.flush = Flush::Jumps;
+                Ok(false)
+            }
+            Kind::FenceI => {
+                // Stores to code pages already dropped their blocks; fence.i
+                // only has to end the block (ENGINE-NOTES §4).
+                Ok(false)
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// Execute the first `n` ops of a block that starts at `self.pc`.
+    #[inline(always)]
+    fn exec_block<B: Bus>(&mut self, bus: &mut B, ops: &[Op]) -> End {
+        use Kind::*;
+        let base = self.pc;
+        let start = self.position;
+        for (i, op) in ops.iter().enumerate() {
+            let pos = start + i as u64;
+            macro_rules! next_pc {
+                () => {
+                    base.wrapping_add(op.off as u64 + op.len as u64)
+                };
+            }
+            macro_rules! fault {
+                ($t:expr) => {{
+                    self.position = pos;
+                    self.pc = base.wrapping_add(op.off as u64);
+                    return End::Trap($t);
+                }};
+            }
+            macro_rules! retire_jump {
+                ($target:expr) => {{
+                    self.pc = $target;
+                    self.position = pos + 1;
+                    return End::Continue;
+                }};
+            }
+            macro_rules! branch {
+                ($cond:expr) => {{
+                    let t = if $cond { base.wrapping_add(op.off as u64).wrapping_add(op.imm as i64 as u64) } else { next_pc!() };
+                    retire_jump!(t)
+                }};
+            }
+            macro_rules! addr {
+                () => {
+                    x!(self, op.rs1).wrapping_add(op.imm as i64 as u64)
+                };
+            }
+            macro_rules! ld {
+                ($n:literal, $conv:expr) => {{
+                    match self.load::<B, $n>(bus, addr!(), pos) {
+                        Ok(v) => x!(self, op.rd) = $conv(v),
+                        Err(t) => fault!(t),
+                    }
+                }};
+            }
+            macro_rules! st {
+                ($n:literal) => {{
+                    match self.store::<B, $n>(bus, addr!(), x!(self, op.rs2), pos) {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            self.pc = next_pc!();
+                            self.position = pos + 1;
+                            return End::Device;
+                        }
+                        Err(t) => fault!(t),
+                    }
+                }};
+            }
+            let r1 = x!(self, op.rs1);
+            let r2 = x!(self, op.rs2);
+            let imm = op.imm as i64 as u64;
+            let sh = (op.imm & 63) as u32;
+            match op.kind {
+                Nop | Fence => {}
+                Lui => x!(self, op.rd) = imm,
+                Auipc => x!(self, op.rd) = base.wrapping_add(op.off as u64).wrapping_add(imm),
+                Jal => {
+                    x!(self, op.rd) = next_pc!();
+                    retire_jump!(base.wrapping_add(op.off as u64).wrapping_add(imm))
+                }
+                Jalr => {
+                    let t = r1.wrapping_add(imm) & !1;
+                    x!(self, op.rd) = next_pc!();
+                    retire_jump!(t)
+                }
+                Beq => branch!(r1 == r2),
+                Bne => branch!(r1 != r2),
+                Blt => branch!((r1 as i64) < (r2 as i64)),
+                Bge => branch!((r1 as i64) >= (r2 as i64)),
+                Bltu => branch!(r1 < r2),
+                Bgeu => branch!(r1 >= r2),
+                Lb => ld!(1, |v: u64| v as i8 as i64 as u64),
+                Lh => ld!(2, |v: u64| v as i16 as i64 as u64),
+                Lw => ld!(4, |v: u64| v as i32 as i64 as u64),
+                Ld => ld!(8, |v: u64| v),
+                Lbu => ld!(1, |v: u64| v),
+                Lhu => ld!(2, |v: u64| v),
+                Lwu => ld!(4, |v: u64| v),
+                Sb => st!(1),
+                Sh => st!(2),
+                Sw => st!(4),
+                Sd => st!(8),
+                Addi => x!(self, op.rd) = r1.wrapping_add(imm),
+                Slti => x!(self, op.rd) = ((r1 as i64) < (imm as i64)) as u64,
+                Sltiu => x!(self, op.rd) = (r1 < imm) as u64,
+                Xori => x!(self, op.rd) = r1 ^ imm,
+                Ori => x!(self, op.rd) = r1 | imm,
+                Andi => x!(self, op.rd) = r1 & imm,
+                Slli => x!(self, op.rd) = r1 << sh,
+                Srli => x!(self, op.rd) = r1 >> sh,
+                Srai => x!(self, op.rd) = ((r1 as i64) >> sh) as u64,
+                Add => x!(self, op.rd) = r1.wrapping_add(r2),
+                Sub => x!(self, op.rd) = r1.wrapping_sub(r2),
+                Sll => x!(self, op.rd) = r1 << (r2 & 63),
+                Slt => x!(self, op.rd) = ((r1 as i64) < (r2 as i64)) as u64,
+                Sltu => x!(self, op.rd) = (r1 < r2) as u64,
+                Xor => x!(self, op.rd) = r1 ^ r2,
+                Srl => x!(self, op.rd) = r1 >> (r2 & 63),
+                Sra => x!(self, op.rd) = ((r1 as i64) >> (r2 & 63)) as u64,
+                Or => x!(self, op.rd) = r1 | r2,
+                And => x!(self, op.rd) = r1 & r2,
+                Addiw => x!(self, op.rd) = r1.wrapping_add(imm) as i32 as i64 as u64,
+                Slliw => x!(self, op.rd) = ((r1 as u32) << (sh & 31)) as i32 as i64 as u64,
+                Srliw => x!(self, op.rd) = ((r1 as u32) >> (sh & 31)) as i32 as i64 as u64,
+                Sraiw => x!(self, op.rd) = ((r1 as i32) >> (sh & 31)) as i64 as u64,
+                Addw => x!(self, op.rd) = r1.wrapping_add(r2) as i32 as i64 as u64,
+                Subw => x!(self, op.rd) = r1.wrapping_sub(r2) as i32 as i64 as u64,
+                Sllw => x!(self, op.rd) = ((r1 as u32) << (r2 & 31)) as i32 as i64 as u64,
+                Srlw => x!(self, op.rd) = ((r1 as u32) >> (r2 & 31)) as i32 as i64 as u64,
+                Sraw => x!(self, op.rd) = ((r1 as i32) >> (r2 & 31)) as i64 as u64,
+                Mul => x!(self, op.rd) = r1.wrapping_mul(r2),
+                Mulh => x!(self, op.rd) = ((r1 as i64 as i128 * r2 as i64 as i128) >> 64) as u64,
+                Mulhsu => x!(self, op.rd) = ((r1 as i64 as i128).wrapping_mul(r2 as i128) >> 64) as u64,
+                Mulhu => x!(self, op.rd) = ((r1 as u128 * r2 as u128) >> 64) as u64,
+                Div => {
+                    x!(self, op.rd) = match (r1 as i64, r2 as i64) {
+                        (_, 0) => u64::MAX,
+                        (i64::MIN, -1) => r1,
+                        (a, b) => (a / b) as u64,
+                    }
+                }
+                Divu => x!(self, op.rd) = r1.checked_div(r2).unwrap_or(u64::MAX),
+                Rem => {
+                    x!(self, op.rd) = match (r1 as i64, r2 as i64) {
+                        (_, 0) => r1,
+                        (i64::MIN, -1) => 0,
+                        (a, b) => (a % b) as u64,
+                    }
+                }
+                Remu => x!(self, op.rd) = r1.checked_rem(r2).unwrap_or(r1),
+                Mulw => x!(self, op.rd) = (r1 as i32).wrapping_mul(r2 as i32) as i64 as u64,
+                Divw => {
+                    x!(self, op.rd) = match (r1 as i32, r2 as i32) {
+                        (_, 0) => u64::MAX,
+                        (i32::MIN, -1) => i32::MIN as i64 as u64,
+                        (a, b) => (a / b) as i64 as u64,
+                    }
+                }
+                Divuw => {
+                    x!(self, op.rd) = match (r1 as u32).checked_div(r2 as u32) {
+                        Some(q) => q as i32 as i64 as u64,
+                        None => u64::MAX,
+                    }
+                }
+                Remw => {
+                    x!(self, op.rd) = match (r1 as i32, r2 as i32) {
+                        (a, 0) => a as i64 as u64,
+                        (i32::MIN, -1) => 0,
+                        (a, b) => (a % b) as i64 as u64,
+                    }
+                }
+                Remuw => x!(self, op.rd) = (r1 as u32).checked_rem(r2 as u32).unwrap_or(r1 as u32) as i32 as i64 as u64,
+                LrW | ScW | LrD | ScD | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW | AmominW | AmomaxW
+                | AmominuW | AmomaxuW | AmoswapD | AmoaddD | AmoxorD | AmoandD | AmoorD | AmominD | AmomaxD
+                | AmominuD | AmomaxuD => match self.exec_amo(bus, op, pos) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        self.pc = next_pc!();
+                        self.position = pos + 1;
+                        return End::Device;
+                    }
+                    Err(t) => fault!(t),
+                },
+                Csrrw | Csrrs | Csrrc | Csrrwi | Csrrsi | Csrrci => {
+                    self.position = pos;
+                    self.pc = base.wrapping_add(op.off as u64);
+                    if let Err(t) = self.csr_op(op) {
+                        return End::Trap(t);
+                    }
+                    retire_jump!(next_pc!())
+                }
+                Ecall | Ebreak | Mret | Sret | Wfi | SfenceVma | FenceI => {
+                    self.position = pos;
+                    self.pc = base.wrapping_add(op.off as u64);
+                    match self.exec_system(op) {
+                        Err(t) => return End::Trap(t),
+                        Ok(wait) => {
+                            if !matches!(op.kind, Mret | Sret) {
+                                self.pc = next_pc!();
+                            }
+                            self.position = pos + 1;
+                            return if wait { End::Wfi } else { End::Continue };
+                        }
+                    }
+                }
+                Illegal => fault!(Trap::illegal(op.imm as u32)),
+                _ => match self.exec_fp(bus, op, pos) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        self.pc = next_pc!();
+                        self.position = pos + 1;
+                        return End::Device;
+                    }
+                    Err(t) => fault!(t),
+                },
+            }
+        }
+        // Fell off the end: the block was cut short or ended without a jump.
+        let last = ops[ops.len() - 1];
+        self.pc = base.wrapping_add(last.off as u64 + last.len as u64);
+        self.position = start + ops.len() as u64;
+        End::Continue
+    }
+}
+
+impl Hart {
+    /// A hart in M-mode at `pc = 0` with everything zero, as after reset.
+    pub fn new(cfg: HartConfig) -> Hart {
+        assert!(cfg.insns_per_tick > 0, "insns_per_tick must be positive");
+        Hart { core: Core::new(cfg), cache: BlockCache::new() }
+    }
+
+    pub fn position(&self) -> Position {
+        Position(self.core.position)
+    }
+
+    pub fn pc(&self) -> u64 {
+        self.core.pc
+    }
+
+    pub fn set_pc(&mut self, pc: u64) {
+        self.core.pc = pc;
+    }
+
+    pub fn prv(&self) -> u8 {
+        self.core.prv
+    }
+
+    /// Integer register `i` (0..32).
+    pub fn x(&self, i: usize) -> u64 {
+        if i == 0 {
+            0
+        } else {
+            self.core.x[i]
+        }
+    }
+
+    pub fn set_x(&mut self, i: usize, v: u64) {
+        if i != 0 && i < 32 {
+            self.core.x[i] = v;
+        }
+    }
+
+    pub fn f(&self, i: usize) -> u64 {
+        self.core.f[i]
+    }
+
+    pub fn csrs(&self) -> &Csrs {
+        &self.core.csr
+    }
+
+    /// Read a CSR as M-mode software would (for tests and debugging).
+    pub fn read_csr(&self, csr: u16) -> Option<u64> {
+        self.core.read_csr(csr)
+    }
+
+    /// Guest time, in ticks of the board's timebase.
+    pub fn time(&self) -> u64 {
+        self.core.time()
+    }
+
+    pub fn config(&self) -> HartConfig {
+        self.core.cfg
+    }
+
+    /// Drive a device interrupt line (`IRQ_MSI`, `IRQ_MTI`, `IRQ_MEI`,
+    /// `IRQ_SEI`).
+    pub fn set_irq(&mut self, bit: u64, level: bool) {
+        if level {
+            self.core.mip_ext |= bit;
+        } else {
+            self.core.mip_ext &= !bit;
+        }
+    }
+
+    /// Would an interrupt wake the hart from `wfi` (pending and enabled in
+    /// `mie`, whatever the global enables)?
+    pub fn wakeup_pending(&self) -> bool {
+        self.core.mip() & self.core.csr.mie != 0
+    }
+
+    /// Position at which the hart's own timer (Sstc) fires, if armed.
+    pub fn next_internal_deadline(&self) -> Option<Position> {
+        (self.core.stimer_pos != u64::MAX).then_some(Position(self.core.stimer_pos))
+    }
+
+    /// Advance the position by `steps` while the hart idles in `wfi`.
+    pub fn idle(&mut self, steps: u64) {
+        self.core.position += steps;
+        self.core.idle += steps;
+    }
+
+    /// Device (DMA) writes into RAM: drop decoded code in those pages.
+    pub fn invalidate_ram(&mut self, ram_off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for page in (ram_off >> 12)..=((ram_off + len - 1) >> 12) {
+            if self.core.tlb.is_code_page(page) {
+                self.cache.drop_page(page);
+                self.core.tlb.clear_code_page(page);
+            }
+        }
+    }
+
+    fn exception<B: Bus>(&mut self, bus: &mut B, mut t: Trap) {
+        if t.cause == trap::ILLEGAL_INSTRUCTION && t.tval == TVAL_INSN_BITS {
+            t.tval = self.raw_insn_at_pc(bus).unwrap_or(0);
+        }
+        self.core.position += 1;
+        self.core.exceptions += 1;
+        self.core.take_trap(t.cause, t.tval);
+    }
+
+    /// Re-read the instruction bits at pc, for `xtval` of an instruction
+    /// found illegal only at execution time (e.g. FP with FS = Off). The
+    /// fetch already succeeded, so the translation does too.
+    fn raw_insn_at_pc<B: Bus>(&mut self, bus: &mut B) -> Option<u64> {
+        let pc = self.core.pc;
+        let mut half = |core: &mut Core, va: u64| -> Option<u64> {
+            let pa = core.translate(bus, va, Access::Fetch).ok()?;
+            core.phys_load(bus, pa, 2, 0)
+        };
+        let lo = half(&mut self.core, pc)?;
+        if lo & 3 != 3 {
+            return Some(lo);
+        }
+        Some(lo | half(&mut self.core, pc.wrapping_add(2))? << 16)
+    }
+
+    fn apply_flush(&mut self) {
+        match std::mem::replace(&mut self.core.flush, Flush::None) {
+            Flush::None => {}
+            Flush::Jumps => self.cache.flush_jumps(),
+            Flush::Page(p) => {
+                self.cache.drop_page(p);
+                self.core.tlb.clear_code_page(p);
+            }
+        }
+    }
+
+    /// Find or decode the block at pc.
+    fn fetch_block<B: Bus>(&mut self, bus: &mut B) -> Result<u32, Trap> {
+        let pc = self.core.pc;
+        let ctx = self.core.fetch_ctx;
+        if let Some(b) = self.cache.lookup(pc, ctx) {
+            return Ok(b);
+        }
+        let paddr = self.core.translate(bus, pc, Access::Fetch)?;
+        let ram_off = self.core.ram_off(paddr).ok_or(Access::Fetch.access_fault(pc))?;
+        if let Some(b) = self.cache.find_paddr(paddr) {
+            self.cache.remember(pc, ctx, b);
+            return Ok(b);
+        }
+        let page_end = (ram_off | 0xfff) + 1;
+        let mut ops: [Op; MAX_BLOCK_OPS] = [Op::illegal(0, 2); MAX_BLOCK_OPS];
+        let mut n = 0;
+        let mut off = ram_off;
+        let ram_size = self.core.cfg.ram_size;
+        let ram = bus.ram();
+        let half = |ram: &[u8], o: u64| u16::from_le_bytes([ram[o as usize], ram[o as usize + 1]]);
+        while n < MAX_BLOCK_OPS && off < page_end && off + 2 <= ram_size {
+            let lo = half(ram, off);
+            let raw = if lo & 3 == 3 {
+                if off + 4 > page_end || off + 4 > ram_size {
+                    if n == 0 {
+                        return self.straddling_block(bus, lo);
+                    }
+                    break;
+                }
+                lo as u32 | (half(ram, off + 2) as u32) << 16
+            } else {
+                lo as u32
+            };
+            let mut op = decode(raw);
+            op.off = (off - ram_off) as u16;
+            ops[n] = op;
+            n += 1;
+            off += op.len as u64;
+            if op.ends_block() {
+                break;
+            }
+        }
+        let page = ram_off >> 12;
+        if !self.core.tlb.is_code_page(page) {
+            self.core.tlb.mark_code_page(page);
+        }
+        let idx = match self.cache.insert(paddr, page, &ops[..n]) {
+            Some(i) => i,
+            None => {
+                self.cache.flush_all();
+                self.core.tlb.clear_all_code_pages();
+                self.core.tlb.mark_code_page(page);
+                self.cache.insert(paddr, page, &ops[..n]).expect("an empty cache holds one block")
+            }
+        };
+        self.cache.remember(pc, ctx, idx);
+        Ok(idx)
+    }
+
+    /// A 32-bit instruction whose upper half is on the next page: decoded
+    /// each time into the scratch block, never cached.
+    #[cold]
+    fn straddling_block<B: Bus>(&mut self, bus: &mut B, lo: u16) -> Result<u32, Trap> {
+        let pc2 = self.core.pc.wrapping_add(2);
+        let paddr2 = self.core.translate(bus, pc2, Access::Fetch)?;
+        let off2 = self.core.ram_off(paddr2).ok_or(Access::Fetch.access_fault(pc2))? as usize;
+        let ram = bus.ram();
+        let hi = u16::from_le_bytes([ram[off2], ram[off2 + 1]]);
+        let op = decode(lo as u32 | (hi as u32) << 16);
+        Ok(self.cache.set_scratch(op))
+    }
+
+    /// Run until the position reaches `target`, the hart waits in `wfi`, or
+    /// an MMIO store happens.
+    pub fn run<B: Bus>(&mut self, bus: &mut B, target: Position) -> Exit {
+        loop {
+            let stop = target.0.min(self.core.stimer_pos);
+            if self.core.position >= stop {
+                if self.core.position >= target.0 {
+                    return Exit::Reached;
+                }
+                self.core.update_stimer();
+                continue;
+            }
+            if self.core.mip() & self.core.csr.mie != 0 {
+                if let Some(code) = self.core.pending_interrupt() {
+                    self.core.take_trap(code | INTERRUPT_BIT, 0);
+                }
+            }
+            let block = match self.fetch_block(bus) {
+                Ok(b) => b,
+                Err(t) => {
+                    self.exception(bus, t);
+                    continue;
+                }
+            };
+            let budget = (stop - self.core.position) as usize;
+            let ops = self.cache.ops_of(block);
+            let ops = &ops[..ops.len().min(budget)];
+            let end = self.core.exec_block(bus, ops);
+            if self.core.flush != Flush::None {
+                self.apply_flush();
+            }
+            match end {
+                End::Continue => {}
+                End::Trap(t) => self.exception(bus, t),
+                End::Wfi => return Exit::Wfi,
+                End::Device => return Exit::Device,
+            }
+        }
+    }
+}
