@@ -1,1 +1,177 @@
-fn main() {}
+//! `lockstep`: the command-line tool.
+//!
+//! Exit codes (the runner's contract in DESIGN.md): 0 the guest passed or
+//! powered off; 1 a guest test failed; 2 usage error, instruction limit, or
+//! host error.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use machine::layout::RAM_BASE;
+use machine::{loader, BareOutcome, Machine};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Fault-tolerant virtual machines by instruction-level lockstep"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest. Today: a bare-metal RISC-V ELF (`--elf`).
+    Run(RunArgs),
+    /// Print guest MIPS for the built-in integer loops (M-mode, and U-mode
+    /// under Sv39 paging).
+    Bench(bench::BenchArgs),
+    /// Run the built-in demo: M-mode firmware maps a page table, drops to
+    /// U-mode, runs a loop, and returns with ecall.
+    Demo,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Bare-metal ELF: hart 0 starts in M-mode at its entry; the run ends
+    /// when the program writes its `tohost` symbol.
+    #[arg(long, value_name = "FILE")]
+    elf: Option<PathBuf>,
+    /// Stop with an error after this many instructions.
+    #[arg(long, value_name = "N")]
+    max_insns: Option<u64>,
+    /// Guest RAM size, e.g. 512M or 1G.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    mem: u64,
+}
+
+/// Parse a memory size: a number with an optional K, M or G suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 512M, 1G)"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes < 1 << 20 || bytes % 4096 != 0 || bytes > 64 << 30 {
+        return Err(format!(
+            "'{s}': memory must be a multiple of 4K between 1M and 64G"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// What a finished run means for the process.
+enum Outcome {
+    Success,
+    GuestFailure,
+}
+
+fn run(args: RunArgs) -> Result<Outcome> {
+    let Some(elf) = args.elf else {
+        bail!("nothing to run: give --elf FILE (booting a Linux kernel is not implemented yet)");
+    };
+    let mut m = Machine::new(args.mem);
+    let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
+    let tohost = loaded.tohost.with_context(|| {
+        format!(
+            "'{}' has no 'tohost' symbol: the runner cannot tell when it ends",
+            elf.display()
+        )
+    })?;
+    if !m.board.ram.contains(tohost, 8) {
+        bail!(
+            "'{}': tohost at {tohost:#x} is outside RAM (starts at {RAM_BASE:#x})",
+            elf.display()
+        );
+    }
+    m.hart.set_pc(loaded.entry);
+    let limit = args.max_insns.unwrap_or(u64::MAX);
+    match m.run_bare(tohost, limit)? {
+        BareOutcome::Pass => Ok(Outcome::Success),
+        BareOutcome::Fail(n) => {
+            println!("FAIL: test {n}");
+            Ok(Outcome::GuestFailure)
+        }
+        BareOutcome::Limit => bail!(
+            "instruction limit of {limit} reached before '{}' wrote tohost (pc {:#x})",
+            elf.display(),
+            m.hart.pc()
+        ),
+    }
+}
+
+fn demo() -> Result<Outcome> {
+    let iters = 10_000_000;
+    let p = machine::programs::int_loop_u_sv39(iters);
+    let mut m = Machine::new(16 << 20);
+    p.load(&mut m.board.ram);
+    m.hart.set_pc(p.entry);
+    let t = std::time::Instant::now();
+    let outcome = m.run_bare(p.tohost, u64::MAX)?;
+    let secs = t.elapsed().as_secs_f64();
+    if outcome != BareOutcome::Pass {
+        bail!("the demo program did not pass: {outcome:?}");
+    }
+    let pos = m.hart.position().0;
+    println!("demo: M-mode firmware set up Sv39 paging and entered U-mode at 0x1000");
+    println!(
+        "demo: U-mode ran {iters} loop iterations and returned with ecall (mcause {})",
+        m.hart.csrs().mcause
+    );
+    println!(
+        "demo: a0 = {} (iterations counted by the guest), a2 = {:#x}",
+        m.hart.x(10),
+        m.hart.x(12)
+    );
+    println!(
+        "demo: {pos} instructions in {secs:.3} s = {:.0} guest MIPS",
+        pos as f64 / secs / 1e6
+    );
+    Ok(Outcome::Success)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
+        Command::Demo => demo(),
+    };
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::GuestFailure) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("lockstep: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2097152"), Ok(2 << 20));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("1K").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -31,7 +31,10 @@ impl Bus for Board {
 
     fn mmio_load(&mut self, paddr: u64, size: u32, pos: u64) -> Option<u64> {
         match paddr {
-            CLINT_BASE..=0x0200_ffff => self.clint.load(paddr - CLINT_BASE, size, pos / INSNS_PER_TICK),
+            CLINT_BASE..=0x0200_ffff => {
+                self.clint
+                    .load(paddr - CLINT_BASE, size, pos / INSNS_PER_TICK)
+            }
             _ => None,
         }
     }
@@ -73,8 +76,19 @@ const TOHOST_POLL: u64 = 1 << 16;
 
 impl Machine {
     pub fn new(mem_bytes: u64) -> Machine {
-        let cfg = HartConfig { hartid: 0, ram_base: RAM_BASE, ram_size: mem_bytes, insns_per_tick: INSNS_PER_TICK };
-        Machine { hart: Hart::new(cfg), board: Board { ram: Ram::new(RAM_BASE, mem_bytes), clint: Clint::default() } }
+        let cfg = HartConfig {
+            hartid: 0,
+            ram_base: RAM_BASE,
+            ram_size: mem_bytes,
+            insns_per_tick: INSNS_PER_TICK,
+        };
+        Machine {
+            hart: Hart::new(cfg),
+            board: Board {
+                ram: Ram::new(RAM_BASE, mem_bytes),
+                clint: Clint::default(),
+            },
+        }
     }
 
     /// Position at which the CLINT timer fires, if it has not yet.
@@ -92,7 +106,11 @@ impl Machine {
 
     /// Run until the hart reaches `target`, handling timers and `wfi`.
     /// Returns early (with `Ok(false)`) when `stop` says so after an exit.
-    pub fn run_until(&mut self, target: Position, mut stop: impl FnMut(&Machine) -> bool) -> Result<bool, RunError> {
+    pub fn run_until(
+        &mut self,
+        target: Position,
+        mut stop: impl FnMut(&Machine) -> bool,
+    ) -> Result<bool, RunError> {
         loop {
             self.sync_irqs();
             let now = self.hart.position().0;
@@ -108,10 +126,13 @@ impl Machine {
                     if !self.hart.wakeup_pending() {
                         // Idle until the next timer deadline: time is the
                         // position, so waiting is a jump forward.
-                        let next = [self.clint_deadline(), self.hart.next_internal_deadline().map(|p| p.0)]
-                            .into_iter()
-                            .flatten()
-                            .min();
+                        let next = [
+                            self.clint_deadline(),
+                            self.hart.next_internal_deadline().map(|p| p.0),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .min();
                         match next {
                             Some(p) => {
                                 let p = p.min(target.0);

@@ -1,0 +1,84 @@
+//! Shared helpers for tests that build RISC-V programs with the host's cross
+//! toolchain (installed by `scripts/test-deps.sh`).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const CROSS_GCC: &str = "riscv64-linux-gnu-gcc";
+
+/// Linker script for bare-metal programs: code at the start of RAM, the
+/// differential-test body and data at fixed addresses so that both engines
+/// see one layout.
+pub const LINKER_SCRIPT: &str = r#"
+OUTPUT_ARCH(riscv)
+ENTRY(_start)
+SECTIONS
+{
+  . = 0x80000000;
+  .text.init : { *(.text.init) }
+  . = 0x80010000;
+  .text : { *(.text) *(.text.*) }
+  . = 0x80100000;
+  .data : { *(.data) *(.data.*) *(.sdata) *(.sdata.*) *(.rodata) *(.rodata.*) *(.bss) *(.sbss) }
+  . = ALIGN(0x1000);
+  .tohost : { *(.tohost) }
+  /DISCARD/ : { *(.note.*) *(.comment) *(.eh_frame) }
+}
+"#;
+
+pub fn tmp_dir(sub: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(sub);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Fail loudly (never skip) when a test tool is missing.
+pub fn require(tool: &str) {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "`{tool}` is missing: run `bash scripts/test-deps.sh` (the README's test command does)"
+    );
+}
+
+/// Assemble and link `src` (assembly, run through the C preprocessor) into
+/// a static RV64GC ELF in `dir`. `extra` are further gcc arguments.
+pub fn build_elf(dir: &Path, name: &str, src: &str, extra: &[&str]) -> PathBuf {
+    require(CROSS_GCC);
+    let s = dir.join(format!("{name}.S"));
+    let ld = dir.join(format!("{name}.ld"));
+    let elf = dir.join(format!("{name}.elf"));
+    std::fs::write(&s, src).unwrap();
+    std::fs::write(&ld, LINKER_SCRIPT).unwrap();
+    let out = Command::new(CROSS_GCC)
+        .args([
+            "-march=rv64gc",
+            "-mabi=lp64d",
+            "-static",
+            "-nostdlib",
+            "-nostartfiles",
+            "-mcmodel=medany",
+        ])
+        .arg("-I")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bare"))
+        .arg("-T")
+        .arg(&ld)
+        .args(extra)
+        .arg("-o")
+        .arg(&elf)
+        .arg(&s)
+        .output()
+        .expect("run the cross compiler");
+    assert!(
+        out.status.success(),
+        "{name}: assembling failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    elf
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs, idempotently: the riscv64 cross
+# toolchain (to build test programs) and QEMU user mode (the differential
+# oracle). Neither is a runtime dependency of lockstep.
+set -euo pipefail
+
+need=()
+command -v riscv64-linux-gnu-gcc >/dev/null || need+=(gcc-riscv64-linux-gnu)
+command -v qemu-riscv64 >/dev/null || need+=(qemu-user)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO=sudo
+else
+  SUDO=
+fi
+echo "test-deps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq || echo "test-deps: warning: apt-get update failed; trying the existing lists" >&2
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
