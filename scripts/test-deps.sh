@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, idempotently: the riscv64 cross
-# toolchain (to build test programs) and QEMU user mode (the differential
-# oracle). Neither is a runtime dependency of lockstep.
+# toolchain (to build test programs) and QEMU, user mode and system mode
+# (the differential oracles). Neither is a runtime dependency of lockstep.
 set -euo pipefail
 
 need=()
 command -v riscv64-linux-gnu-gcc >/dev/null || need+=(gcc-riscv64-linux-gnu)
 command -v qemu-riscv64 >/dev/null || need+=(qemu-user)
+command -v qemu-system-riscv64 >/dev/null || need+=(qemu-system-misc)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

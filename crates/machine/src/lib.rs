@@ -14,7 +14,7 @@ pub mod ram;
 use clint::Clint;
 use layout::*;
 use ram::Ram;
-use rv::csr::{IRQ_MSI, IRQ_MTI};
+use rv::csr::{IRQ_MSI, IRQ_MTI, IRQ_STI};
 use rv::{Bus, Exit, Hart, HartConfig, Position};
 
 /// Everything on the bus except the hart.
@@ -91,10 +91,26 @@ impl Machine {
         }
     }
 
-    /// Position at which the CLINT timer fires, if it has not yet.
+    /// Position at which the CLINT timer fires, if it has not yet and ever
+    /// can.
     fn clint_deadline(&self) -> Option<u64> {
         let cmp = self.board.clint.mtimecmp;
-        (cmp > self.hart.time()).then(|| cmp.saturating_mul(INSNS_PER_TICK))
+        (cmp > self.hart.time())
+            .then(|| cmp.checked_mul(INSNS_PER_TICK))
+            .flatten()
+    }
+
+    /// The earliest position at which a timer raises an interrupt that is
+    /// enabled in `mie` and so could end a `wfi`.
+    fn next_wakeup(&self) -> Option<u64> {
+        let mie = self.hart.csrs().mie;
+        let clint = self.clint_deadline().filter(|_| mie & IRQ_MTI != 0);
+        let sstc = self
+            .hart
+            .next_internal_deadline()
+            .map(|p| p.0)
+            .filter(|_| mie & IRQ_STI != 0);
+        [clint, sstc].into_iter().flatten().min()
     }
 
     /// Bring the hart's interrupt lines in line with the devices.

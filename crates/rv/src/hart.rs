@@ -652,12 +652,15 @@ impl Core {
                 self.update_stimer();
             }
             MCOUNTINHIBIT => {
-                let (cy, ir) = (self.cycles(), self.instret());
+                // Counter values as the next instruction would see them.
+                let (cy, ir) = (self.cycles() + 1, self.instret() + 1);
                 self.csr.mcountinhibit = val & 0b101;
-                self.cycle_frozen = (val & 1 != 0).then_some(cy);
-                self.instret_frozen = (val & 4 != 0).then_some(ir);
+                self.cycle_frozen = None;
+                self.instret_frozen = None;
                 self.set_cycles(cy);
                 self.set_instret(ir);
+                self.cycle_frozen = (val & 1 != 0).then_some(cy);
+                self.instret_frozen = (val & 4 != 0).then_some(ir);
             }
             MHPMEVENT3..=MHPMEVENT31 | MHPMCOUNTER3..=MHPMCOUNTER31 => {}
             MSCRATCH => s.mscratch = val,
@@ -684,18 +687,21 @@ impl Core {
         true
     }
 
+    /// A write to mcycle takes effect after the writing instruction
+    /// completes: the next instruction reads `v` (3.3.1 "any CSR write takes
+    /// effect after the writing instruction has otherwise completed").
     fn set_cycles(&mut self, v: u64) {
         if self.cycle_frozen.is_some() {
             self.cycle_frozen = Some(v);
         }
-        self.cycle_offset = v.wrapping_sub(self.position);
+        self.cycle_offset = v.wrapping_sub(self.position + 1);
     }
 
     fn set_instret(&mut self, v: u64) {
         if self.instret_frozen.is_some() {
             self.instret_frozen = Some(v);
         }
-        self.instret_offset = v.wrapping_sub(self.position - self.exceptions - self.idle);
+        self.instret_offset = v.wrapping_sub(self.position + 1 - self.exceptions - self.idle);
     }
 
     fn set_mstatus(&mut self, v: u64) {
