@@ -142,14 +142,7 @@ impl Machine {
                     if !self.hart.wakeup_pending() {
                         // Idle until the next timer deadline: time is the
                         // position, so waiting is a jump forward.
-                        let next = [
-                            self.clint_deadline(),
-                            self.hart.next_internal_deadline().map(|p| p.0),
-                        ]
-                        .into_iter()
-                        .flatten()
-                        .min();
-                        match next {
+                        match self.next_wakeup() {
                             Some(p) => {
                                 let p = p.min(target.0);
                                 let now = self.hart.position().0;
