@@ -16,13 +16,16 @@ pub const A3: u32 = 13;
 pub const A4: u32 = 14;
 pub const A5: u32 = 15;
 
-fn r(op: u32, f3: u32, f7: u32, rd: u32, rs1: u32, rs2: u32) -> u32 {
+/// Any R-type instruction.
+pub fn r(op: u32, f3: u32, f7: u32, rd: u32, rs1: u32, rs2: u32) -> u32 {
     (f7 << 25) | (rs2 << 20) | (rs1 << 15) | (f3 << 12) | (rd << 7) | op
 }
-fn i(op: u32, f3: u32, rd: u32, rs1: u32, imm: i32) -> u32 {
+/// Any I-type instruction.
+pub fn i(op: u32, f3: u32, rd: u32, rs1: u32, imm: i32) -> u32 {
     ((imm as u32 & 0xfff) << 20) | (rs1 << 15) | (f3 << 12) | (rd << 7) | op
 }
-fn s(op: u32, f3: u32, rs1: u32, rs2: u32, imm: i32) -> u32 {
+/// Any S-type instruction.
+pub fn s(op: u32, f3: u32, rs1: u32, rs2: u32, imm: i32) -> u32 {
     let imm = imm as u32;
     (((imm >> 5) & 0x7f) << 25) | (rs2 << 20) | (rs1 << 15) | (f3 << 12) | ((imm & 0x1f) << 7) | op
 }

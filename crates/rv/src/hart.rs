@@ -1170,8 +1170,16 @@ impl Core {
                     }
                 }};
             }
-            let r1 = x!(self, op.rs1);
-            let r2 = x!(self, op.rs2);
+            macro_rules! r1 {
+                () => {
+                    x!(self, op.rs1)
+                };
+            }
+            macro_rules! r2 {
+                () => {
+                    x!(self, op.rs2)
+                };
+            }
             let imm = op.imm as i64 as u64;
             let sh = (op.imm & 63) as u32;
             match op.kind {
@@ -1183,16 +1191,16 @@ impl Core {
                     retire_jump!(base.wrapping_add(op.off as u64).wrapping_add(imm))
                 }
                 Jalr => {
-                    let t = r1.wrapping_add(imm) & !1;
+                    let t = r1!().wrapping_add(imm) & !1;
                     x!(self, op.rd) = next_pc!();
                     retire_jump!(t)
                 }
-                Beq => branch!(r1 == r2),
-                Bne => branch!(r1 != r2),
-                Blt => branch!((r1 as i64) < (r2 as i64)),
-                Bge => branch!((r1 as i64) >= (r2 as i64)),
-                Bltu => branch!(r1 < r2),
-                Bgeu => branch!(r1 >= r2),
+                Beq => branch!(r1!() == r2!()),
+                Bne => branch!(r1!() != r2!()),
+                Blt => branch!((r1!() as i64) < (r2!() as i64)),
+                Bge => branch!((r1!() as i64) >= (r2!() as i64)),
+                Bltu => branch!(r1!() < r2!()),
+                Bgeu => branch!(r1!() >= r2!()),
                 Lb => ld!(1, |v: u64| v as i8 as i64 as u64),
                 Lh => ld!(2, |v: u64| v as i16 as i64 as u64),
                 Lw => ld!(4, |v: u64| v as i32 as i64 as u64),
@@ -1204,80 +1212,85 @@ impl Core {
                 Sh => st!(2),
                 Sw => st!(4),
                 Sd => st!(8),
-                Addi => x!(self, op.rd) = r1.wrapping_add(imm),
-                Slti => x!(self, op.rd) = ((r1 as i64) < (imm as i64)) as u64,
-                Sltiu => x!(self, op.rd) = (r1 < imm) as u64,
-                Xori => x!(self, op.rd) = r1 ^ imm,
-                Ori => x!(self, op.rd) = r1 | imm,
-                Andi => x!(self, op.rd) = r1 & imm,
-                Slli => x!(self, op.rd) = r1 << sh,
-                Srli => x!(self, op.rd) = r1 >> sh,
-                Srai => x!(self, op.rd) = ((r1 as i64) >> sh) as u64,
-                Add => x!(self, op.rd) = r1.wrapping_add(r2),
-                Sub => x!(self, op.rd) = r1.wrapping_sub(r2),
-                Sll => x!(self, op.rd) = r1 << (r2 & 63),
-                Slt => x!(self, op.rd) = ((r1 as i64) < (r2 as i64)) as u64,
-                Sltu => x!(self, op.rd) = (r1 < r2) as u64,
-                Xor => x!(self, op.rd) = r1 ^ r2,
-                Srl => x!(self, op.rd) = r1 >> (r2 & 63),
-                Sra => x!(self, op.rd) = ((r1 as i64) >> (r2 & 63)) as u64,
-                Or => x!(self, op.rd) = r1 | r2,
-                And => x!(self, op.rd) = r1 & r2,
-                Addiw => x!(self, op.rd) = r1.wrapping_add(imm) as i32 as i64 as u64,
-                Slliw => x!(self, op.rd) = ((r1 as u32) << (sh & 31)) as i32 as i64 as u64,
-                Srliw => x!(self, op.rd) = ((r1 as u32) >> (sh & 31)) as i32 as i64 as u64,
-                Sraiw => x!(self, op.rd) = ((r1 as i32) >> (sh & 31)) as i64 as u64,
-                Addw => x!(self, op.rd) = r1.wrapping_add(r2) as i32 as i64 as u64,
-                Subw => x!(self, op.rd) = r1.wrapping_sub(r2) as i32 as i64 as u64,
-                Sllw => x!(self, op.rd) = ((r1 as u32) << (r2 & 31)) as i32 as i64 as u64,
-                Srlw => x!(self, op.rd) = ((r1 as u32) >> (r2 & 31)) as i32 as i64 as u64,
-                Sraw => x!(self, op.rd) = ((r1 as i32) >> (r2 & 31)) as i64 as u64,
-                Mul => x!(self, op.rd) = r1.wrapping_mul(r2),
-                Mulh => x!(self, op.rd) = ((r1 as i64 as i128 * r2 as i64 as i128) >> 64) as u64,
-                Mulhsu => {
-                    x!(self, op.rd) = ((r1 as i64 as i128).wrapping_mul(r2 as i128) >> 64) as u64
+                Addi => x!(self, op.rd) = r1!().wrapping_add(imm),
+                Slti => x!(self, op.rd) = ((r1!() as i64) < (imm as i64)) as u64,
+                Sltiu => x!(self, op.rd) = (r1!() < imm) as u64,
+                Xori => x!(self, op.rd) = r1!() ^ imm,
+                Ori => x!(self, op.rd) = r1!() | imm,
+                Andi => x!(self, op.rd) = r1!() & imm,
+                Slli => x!(self, op.rd) = r1!() << sh,
+                Srli => x!(self, op.rd) = r1!() >> sh,
+                Srai => x!(self, op.rd) = ((r1!() as i64) >> sh) as u64,
+                Add => x!(self, op.rd) = r1!().wrapping_add(r2!()),
+                Sub => x!(self, op.rd) = r1!().wrapping_sub(r2!()),
+                Sll => x!(self, op.rd) = r1!() << (r2!() & 63),
+                Slt => x!(self, op.rd) = ((r1!() as i64) < (r2!() as i64)) as u64,
+                Sltu => x!(self, op.rd) = (r1!() < r2!()) as u64,
+                Xor => x!(self, op.rd) = r1!() ^ r2!(),
+                Srl => x!(self, op.rd) = r1!() >> (r2!() & 63),
+                Sra => x!(self, op.rd) = ((r1!() as i64) >> (r2!() & 63)) as u64,
+                Or => x!(self, op.rd) = r1!() | r2!(),
+                And => x!(self, op.rd) = r1!() & r2!(),
+                Addiw => x!(self, op.rd) = r1!().wrapping_add(imm) as i32 as i64 as u64,
+                Slliw => x!(self, op.rd) = ((r1!() as u32) << (sh & 31)) as i32 as i64 as u64,
+                Srliw => x!(self, op.rd) = ((r1!() as u32) >> (sh & 31)) as i32 as i64 as u64,
+                Sraiw => x!(self, op.rd) = ((r1!() as i32) >> (sh & 31)) as i64 as u64,
+                Addw => x!(self, op.rd) = r1!().wrapping_add(r2!()) as i32 as i64 as u64,
+                Subw => x!(self, op.rd) = r1!().wrapping_sub(r2!()) as i32 as i64 as u64,
+                Sllw => x!(self, op.rd) = ((r1!() as u32) << (r2!() & 31)) as i32 as i64 as u64,
+                Srlw => x!(self, op.rd) = ((r1!() as u32) >> (r2!() & 31)) as i32 as i64 as u64,
+                Sraw => x!(self, op.rd) = ((r1!() as i32) >> (r2!() & 31)) as i64 as u64,
+                Mul => x!(self, op.rd) = r1!().wrapping_mul(r2!()),
+                Mulh => {
+                    x!(self, op.rd) = ((r1!() as i64 as i128 * r2!() as i64 as i128) >> 64) as u64
                 }
-                Mulhu => x!(self, op.rd) = ((r1 as u128 * r2 as u128) >> 64) as u64,
+                Mulhsu => {
+                    x!(self, op.rd) =
+                        ((r1!() as i64 as i128).wrapping_mul(r2!() as i128) >> 64) as u64
+                }
+                Mulhu => x!(self, op.rd) = ((r1!() as u128 * r2!() as u128) >> 64) as u64,
                 Div => {
-                    x!(self, op.rd) = match (r1 as i64, r2 as i64) {
+                    x!(self, op.rd) = match (r1!() as i64, r2!() as i64) {
                         (_, 0) => u64::MAX,
-                        (i64::MIN, -1) => r1,
+                        (i64::MIN, -1) => r1!(),
                         (a, b) => (a / b) as u64,
                     }
                 }
-                Divu => x!(self, op.rd) = r1.checked_div(r2).unwrap_or(u64::MAX),
+                Divu => x!(self, op.rd) = r1!().checked_div(r2!()).unwrap_or(u64::MAX),
                 Rem => {
-                    x!(self, op.rd) = match (r1 as i64, r2 as i64) {
-                        (_, 0) => r1,
+                    x!(self, op.rd) = match (r1!() as i64, r2!() as i64) {
+                        (_, 0) => r1!(),
                         (i64::MIN, -1) => 0,
                         (a, b) => (a % b) as u64,
                     }
                 }
-                Remu => x!(self, op.rd) = r1.checked_rem(r2).unwrap_or(r1),
-                Mulw => x!(self, op.rd) = (r1 as i32).wrapping_mul(r2 as i32) as i64 as u64,
+                Remu => x!(self, op.rd) = r1!().checked_rem(r2!()).unwrap_or(r1!()),
+                Mulw => x!(self, op.rd) = (r1!() as i32).wrapping_mul(r2!() as i32) as i64 as u64,
                 Divw => {
-                    x!(self, op.rd) = match (r1 as i32, r2 as i32) {
+                    x!(self, op.rd) = match (r1!() as i32, r2!() as i32) {
                         (_, 0) => u64::MAX,
                         (i32::MIN, -1) => i32::MIN as i64 as u64,
                         (a, b) => (a / b) as i64 as u64,
                     }
                 }
                 Divuw => {
-                    x!(self, op.rd) = match (r1 as u32).checked_div(r2 as u32) {
+                    x!(self, op.rd) = match (r1!() as u32).checked_div(r2!() as u32) {
                         Some(q) => q as i32 as i64 as u64,
                         None => u64::MAX,
                     }
                 }
                 Remw => {
-                    x!(self, op.rd) = match (r1 as i32, r2 as i32) {
+                    x!(self, op.rd) = match (r1!() as i32, r2!() as i32) {
                         (a, 0) => a as i64 as u64,
                         (i32::MIN, -1) => 0,
                         (a, b) => (a % b) as i64 as u64,
                     }
                 }
                 Remuw => {
-                    x!(self, op.rd) =
-                        (r1 as u32).checked_rem(r2 as u32).unwrap_or(r1 as u32) as i32 as i64 as u64
+                    x!(self, op.rd) = (r1!() as u32)
+                        .checked_rem(r2!() as u32)
+                        .unwrap_or(r1!() as u32) as i32 as i64
+                        as u64
                 }
                 LrW | ScW | LrD | ScD | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW
                 | AmominW | AmomaxW | AmominuW | AmomaxuW | AmoswapD | AmoaddD | AmoxorD
@@ -1591,5 +1604,254 @@ impl Hart {
                 End::Device => return Exit::Device,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::asm::*;
+
+    const BASE: u64 = 0x8000_0000;
+
+    /// RAM only; no devices.
+    struct TestBus(Vec<u8>);
+
+    impl Bus for TestBus {
+        fn ram(&mut self) -> &mut [u8] {
+            &mut self.0
+        }
+        fn mmio_load(&mut self, _: u64, _: u32, _: u64) -> Option<u64> {
+            None
+        }
+        fn mmio_store(&mut self, _: u64, _: u32, _: u64, _: u64) -> bool {
+            false
+        }
+    }
+
+    /// A hart with `words` at the start of 64 KiB of RAM; traps go to a
+    /// `j .` at BASE + 0x8000.
+    fn setup(words: &[u32]) -> (Hart, TestBus) {
+        let mut bus = TestBus(vec![0; 64 << 10]);
+        bus.0[..words.len() * 4].copy_from_slice(&to_bytes(words));
+        bus.0[0x8000..0x8004].copy_from_slice(&jal(ZERO, 0).to_le_bytes());
+        let cfg = HartConfig {
+            hartid: 0,
+            ram_base: BASE,
+            ram_size: 64 << 10,
+            insns_per_tick: 10,
+        };
+        let mut h = Hart::new(cfg);
+        h.set_pc(BASE);
+        h.core.csr.mtvec = BASE + 0x8000;
+        h.core.csr.mstatus |= 1 << 13; // FS = Initial
+        (h, bus)
+    }
+
+    /// Run `words` to their end (the first instruction past them).
+    fn run(words: &[u32]) -> Hart {
+        let (mut h, mut bus) = setup(words);
+        let end = BASE + 4 * words.len() as u64;
+        for _ in 0..10_000 {
+            if h.pc() == end {
+                return h;
+            }
+            let p = h.position().0;
+            h.run(&mut bus, Position(p + 1));
+        }
+        panic!(
+            "did not reach the end; pc {:#x}, mcause {}",
+            h.pc(),
+            h.csrs().mcause
+        );
+    }
+
+    fn with_regs(regs: &[(u32, u64)], body: &[u32]) -> Vec<u32> {
+        let mut w = Vec::new();
+        for &(r, v) in regs {
+            w.extend(li64(r, v));
+        }
+        w.extend_from_slice(body);
+        w
+    }
+
+    const DIV: (u32, u32) = (4, 1);
+    const DIVU: (u32, u32) = (5, 1);
+    const REM: (u32, u32) = (6, 1);
+    const REMU: (u32, u32) = (7, 1);
+
+    fn m_op(op: u32, (f3, f7): (u32, u32), rd: u32, rs1: u32, rs2: u32) -> u32 {
+        r(op, f3, f7, rd, rs1, rs2)
+    }
+
+    #[test]
+    fn division_by_zero_and_overflow() {
+        // 7.2: x/0 = -1 (all ones), x%0 = x; MIN/-1 = MIN, MIN%-1 = 0.
+        let h = run(&with_regs(
+            &[(A0, 7), (A1, 0), (A2, i64::MIN as u64), (A3, u64::MAX)],
+            &[
+                m_op(0x33, DIV, T0, A0, A1),
+                m_op(0x33, DIVU, T1, A0, A1),
+                m_op(0x33, REM, T2, A0, A1),
+                m_op(0x33, REMU, A4, A0, A1),
+                m_op(0x33, DIV, A5, A2, A3),
+                m_op(0x33, REM, 16, A2, A3),
+                // W forms: 0x8000_0000 / -1 and / 0, results sign-extended.
+                m_op(0x3b, DIV, 17, A2, A3),
+            ],
+        ));
+        assert_eq!(h.x(5), u64::MAX);
+        assert_eq!(h.x(6), u64::MAX);
+        assert_eq!(h.x(7), 7);
+        assert_eq!(h.x(14), 7);
+        assert_eq!(h.x(15), i64::MIN as u64);
+        assert_eq!(h.x(16), 0);
+        // low word of i64::MIN is 0: 0 / -1 = 0
+        assert_eq!(h.x(17), 0);
+        let h = run(&with_regs(
+            &[(A0, 0x8000_0000), (A1, u64::MAX), (A2, 0)],
+            &[
+                m_op(0x3b, DIV, T0, A0, A1),
+                m_op(0x3b, REM, T1, A0, A1),
+                m_op(0x3b, DIVU, T2, A0, A2),
+            ],
+        ));
+        assert_eq!(h.x(5), 0xffff_ffff_8000_0000);
+        assert_eq!(h.x(6), 0);
+        assert_eq!(h.x(7), u64::MAX);
+    }
+
+    #[test]
+    fn shifts_use_only_the_low_bits_of_the_amount() {
+        let sll = |rd, a, b| r(0x33, 1, 0, rd, a, b);
+        let sllw = |rd, a, b| r(0x3b, 1, 0, rd, a, b);
+        let sraw = |rd, a, b| r(0x3b, 5, 0x20, rd, a, b);
+        let h = run(&with_regs(
+            &[(A0, 1), (A1, 63), (A2, 64), (A3, 32), (A4, 0x8000_0000)],
+            &[
+                sll(T0, A0, A1),
+                sll(T1, A0, A2),
+                sllw(T2, A0, A3),
+                sraw(A5, A4, A1),
+                slli(16, A0, 63),
+            ],
+        ));
+        assert_eq!(h.x(5), 1 << 63);
+        assert_eq!(h.x(6), 1); // shift by 64 is shift by 0
+        assert_eq!(h.x(7), 1); // sllw by 32 is by 0
+        assert_eq!(h.x(15), u64::MAX); // 0x8000_0000 >> 31 arithmetic, sign-extended
+        assert_eq!(h.x(16), 1 << 63);
+    }
+
+    #[test]
+    fn w_forms_sign_extend() {
+        let addw = |rd, a, b| r(0x3b, 0, 0, rd, a, b);
+        let mulw = |rd, a, b| r(0x3b, 0, 1, rd, a, b);
+        let h = run(&with_regs(
+            &[(A0, 0x7fff_ffff), (A1, 1), (A2, 0x1_0000_0000)],
+            &[addw(T0, A0, A1), mulw(T1, A0, A0), i(0x1b, 0, T2, A2, -1)],
+        ));
+        assert_eq!(h.x(5), 0xffff_ffff_8000_0000);
+        assert_eq!(h.x(6), 1); // 0x3fff_ffff_0000_0001 truncated
+        assert_eq!(h.x(7), u64::MAX); // addiw of 0x1_0000_0000 - 1 = 0xffff_ffff -> -1
+    }
+
+    #[test]
+    fn misaligned_access_across_a_page_is_emulated() {
+        let h = run(&with_regs(
+            &[(A0, BASE + 0x1ffd), (A1, 0x0102_0304_0506_0708)],
+            &[sd(A1, A0, 0), ld(A2, A0, 0), lw(A3, A0, 1)],
+        ));
+        assert_eq!(h.x(12), 0x0102_0304_0506_0708);
+        assert_eq!(h.x(13), 0x0405_0607);
+        assert_eq!(h.csrs().mcause, 0, "no trap");
+    }
+
+    #[test]
+    fn lr_sc_reservation_is_single_use_and_cleared_by_traps() {
+        let lr_d = |rd, rs1| r(0x2f, 3, 0x02 << 2, rd, rs1, 0);
+        let sc_d = |rd, rs1, rs2| r(0x2f, 3, 0x03 << 2, rd, rs1, rs2);
+        let (mut h, mut bus) = setup(&with_regs(
+            &[(A0, BASE + 0x4000), (A1, 9)],
+            &[
+                lr_d(A2, A0),
+                sc_d(A3, A0, A1),
+                sc_d(A4, A0, A1),
+                lr_d(A2, A0),
+                ECALL,
+            ],
+        ));
+        h.run(&mut bus, Position(200));
+        assert_eq!(h.x(13), 0, "first sc succeeds");
+        assert_eq!(h.x(14), 1, "second sc fails");
+        assert_eq!(h.csrs().mcause, trap::ECALL_FROM_M);
+        assert_eq!(
+            h.core.reservation,
+            u64::MAX,
+            "the trap cleared the reservation"
+        );
+    }
+
+    #[test]
+    fn run_stops_exactly_at_the_target_inside_a_block() {
+        let body: Vec<u32> = (0..40).map(|_| addi(A0, A0, 1)).collect();
+        let (mut h, mut bus) = setup(&body);
+        assert_eq!(h.run(&mut bus, Position(17)), Exit::Reached);
+        assert_eq!(h.position(), Position(17));
+        assert_eq!(h.x(10), 17);
+        assert_eq!(h.pc(), BASE + 17 * 4);
+        assert_eq!(h.run(&mut bus, Position(30)), Exit::Reached);
+        assert_eq!(h.x(10), 30);
+    }
+
+    #[test]
+    fn a_faulting_instruction_does_not_retire_but_moves_the_position() {
+        let (mut h, mut bus) = setup(&with_regs(&[(A0, 0x10)], &[ld(A1, A0, 0)]));
+        let before = h.read_csr(crate::csr::MINSTRET).unwrap();
+        h.run(&mut bus, Position(13));
+        assert_eq!(h.csrs().mcause, trap::LOAD_ACCESS_FAULT);
+        assert_eq!(h.csrs().mtval, 0x10);
+        assert_eq!(h.position(), Position(13)); // 12 retired + 1 exception
+        assert_eq!(h.read_csr(crate::csr::MINSTRET).unwrap() - before, 12);
+    }
+
+    #[test]
+    fn store_into_decoded_code_is_seen_by_the_next_fetch() {
+        // Overwrite the instruction after the store with `addi a0, a0, 100`.
+        let patch = addi(A0, A0, 100);
+        let mut w = with_regs(&[(A1, patch as u64)], &[]);
+        let target_idx = w.len() + 2; // after auipc + sw
+        w.push(auipc(A2, 0));
+        w.push(sw(A1, A2, 8));
+        w.push(addi(A0, A0, 1));
+        assert_eq!(w.len(), target_idx + 1);
+        let h = run(&w);
+        assert_eq!(h.x(10), 100);
+    }
+
+    #[test]
+    fn interrupts_wait_for_the_enable_and_follow_priority() {
+        let (mut h, mut bus) = setup(&[addi(A0, A0, 1); 100]);
+        h.set_irq(IRQ_MTI, true);
+        h.set_irq(IRQ_MSI, true);
+        h.run(&mut bus, Position(5));
+        assert_eq!(h.prv(), PRV_M);
+        assert_eq!(h.pc(), BASE + 20, "MIE is off: nothing taken");
+        h.core.csr.mie = IRQ_MTI | IRQ_MSI;
+        h.core.csr.mstatus |= MSTATUS_MIE;
+        h.run(&mut bus, Position(6));
+        assert_eq!(h.csrs().mcause, INTERRUPT_BIT | 3, "MSI before MTI");
+        assert_eq!(h.csrs().mepc, BASE + 20);
+        assert_eq!(h.csrs().mstatus & MSTATUS_MIE, 0);
+    }
+
+    #[test]
+    fn csr_write_to_counter_from_user_mode_is_illegal() {
+        let (mut h, mut bus) = setup(&[csrrs(A0, crate::csr::CYCLE, ZERO)]);
+        h.core.prv = PRV_U;
+        h.core.update_ctx();
+        h.run(&mut bus, Position(1));
+        assert_eq!(h.csrs().mcause, trap::ILLEGAL_INSTRUCTION);
+        assert_eq!(h.csrs().mtval, csrrs(A0, crate::csr::CYCLE, ZERO) as u64);
     }
 }
