@@ -7,11 +7,12 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod console;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use machine::layout::RAM_BASE;
-use machine::{loader, BareOutcome, Machine};
+use machine::{loader, BareOutcome, Machine, Stop};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a guest. Today: a bare-metal RISC-V ELF (`--elf`).
+    /// Run a guest: a Linux kernel (`--kernel`) or a bare-metal ELF (`--elf`).
     Run(RunArgs),
     /// Print guest MIPS for the built-in integer loops (M-mode, and U-mode
     /// under Sv39 paging).
@@ -42,8 +43,17 @@ enum Command {
 struct RunArgs {
     /// Bare-metal ELF: hart 0 starts in M-mode at its entry; the run ends
     /// when the program writes its `tohost` symbol.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "append"])]
     elf: Option<PathBuf>,
+    /// Linux kernel: a flat RISC-V `Image` (as Debian ships it) or an ELF.
+    #[arg(long, value_name = "IMAGE")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "ARGS", default_value = "console=ttyS0")]
+    append: String,
     /// Stop with an error after this many instructions.
     #[arg(long, value_name = "N")]
     max_insns: Option<u64>,
@@ -81,8 +91,17 @@ enum Outcome {
 }
 
 fn run(args: RunArgs) -> Result<Outcome> {
+    if let Some(kernel) = &args.kernel {
+        return run_linux(
+            kernel,
+            args.initrd.as_deref(),
+            &args.append,
+            args.mem,
+            args.max_insns,
+        );
+    }
     let Some(elf) = args.elf else {
-        bail!("nothing to run: give --elf FILE (booting a Linux kernel is not implemented yet)");
+        bail!("nothing to run: give --kernel IMAGE or --elf FILE");
     };
     let mut m = Machine::new(args.mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
@@ -111,6 +130,26 @@ fn run(args: RunArgs) -> Result<Outcome> {
             elf.display(),
             m.hart.pc()
         ),
+    }
+}
+
+fn run_linux(
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    append: &str,
+    mem: u64,
+    max_insns: Option<u64>,
+) -> Result<Outcome> {
+    let mut console = console::StdioConsole::new();
+    loop {
+        let mut m = Machine::new_firmware(mem);
+        m.boot_linux(kernel, initrd, append)?;
+        match m.run_linux(&mut console, max_insns)? {
+            Stop::PowerOff | Stop::Quit => return Ok(Outcome::Success),
+            Stop::Reboot => continue,
+            Stop::Panic => bail!("the guest kernel panicked (its message is above)"),
+            Stop::Limit => bail!("instruction limit of {} reached", max_insns.unwrap_or(0)),
+        }
     }
 }
 

@@ -1,26 +1,48 @@
 //! `machine`: the board around the hart.
 //!
-//! Owns guest RAM, the bus, the CLINT, loaders, and the run loop that turns
-//! the hart's exits into device and timer work. (The PLIC, UART, virtio
-//! devices, device tree and SBI arrive with the Linux board.) It must not
-//! know about the network protocol between hosts.
+//! Owns guest RAM, the bus, the CLINT, PLIC and 16550A UART, the device
+//! tree, the kernel/ELF loaders, the SBI (implemented in Rust in place of
+//! M-mode firmware), and the run loop that turns the hart's exits into
+//! device, timer and idle work. It must not know about the network protocol
+//! between hosts.
+//!
+//! Devices are state machines with no thread, fd or clock of their own.
+//! Host input (console bytes) enters through the [`Console`] trait at run-loop
+//! boundaries; host time enters in exactly one place, [`Machine::idle`],
+//! which decides how far the guest clock jumps while the hart waits in
+//! `wfi` (replay will log that decision).
 
+pub mod boot;
 pub mod clint;
+pub mod fdt;
 pub mod layout;
 pub mod loader;
+pub mod plic;
 pub mod programs;
 pub mod ram;
+pub mod sbi;
+pub mod uart;
 
 use clint::Clint;
 use layout::*;
+use plic::Plic;
 use ram::Ram;
-use rv::csr::{IRQ_MSI, IRQ_MTI, IRQ_STI};
+use rv::csr::{IRQ_MEI, IRQ_MSI, IRQ_MTI, IRQ_SEI, IRQ_STI};
 use rv::{Bus, Exit, Hart, HartConfig, Position};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use uart::Uart;
 
 /// Everything on the bus except the hart.
 pub struct Board {
     pub ram: Ram,
     pub clint: Clint,
+    pub plic: Plic,
+    pub uart: Uart,
+    /// Console bytes from the guest (UART and SBI), not yet written out.
+    pub console_out: Vec<u8>,
+    /// Console bytes for the guest, not yet accepted by the UART.
+    pub console_in: VecDeque<u8>,
 }
 
 impl Bus for Board {
@@ -31,9 +53,14 @@ impl Bus for Board {
 
     fn mmio_load(&mut self, paddr: u64, size: u32, pos: u64) -> Option<u64> {
         match paddr {
-            CLINT_BASE..=0x0200_ffff => {
-                self.clint
-                    .load(paddr - CLINT_BASE, size, pos / INSNS_PER_TICK)
+            a if (CLINT_BASE..CLINT_BASE + CLINT_SIZE).contains(&a) => {
+                self.clint.load(a - CLINT_BASE, size, pos / INSNS_PER_TICK)
+            }
+            a if (PLIC_BASE..PLIC_BASE + PLIC_SIZE).contains(&a) && size == 4 => {
+                self.plic.load(a - PLIC_BASE).map(u64::from)
+            }
+            a if (UART0_BASE..UART0_BASE + UART0_SIZE).contains(&a) && size == 1 => {
+                Some(self.uart.load(a - UART0_BASE) as u64)
             }
             _ => None,
         }
@@ -41,7 +68,17 @@ impl Bus for Board {
 
     fn mmio_store(&mut self, paddr: u64, size: u32, val: u64, _pos: u64) -> bool {
         match paddr {
-            CLINT_BASE..=0x0200_ffff => self.clint.store(paddr - CLINT_BASE, size, val),
+            a if (CLINT_BASE..CLINT_BASE + CLINT_SIZE).contains(&a) => {
+                self.clint.store(a - CLINT_BASE, size, val)
+            }
+            a if (PLIC_BASE..PLIC_BASE + PLIC_SIZE).contains(&a) && size == 4 => {
+                self.plic.store(a - PLIC_BASE, val as u32)
+            }
+            a if (UART0_BASE..UART0_BASE + UART0_SIZE).contains(&a) && size == 1 => {
+                self.uart.store(a - UART0_BASE, val as u8);
+                self.console_out.append(&mut self.uart.output);
+                true
+            }
             _ => false,
         }
     }
@@ -59,36 +96,132 @@ pub enum BareOutcome {
     Limit,
 }
 
+/// How a Linux run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SBI system reset: shutdown.
+    PowerOff,
+    /// SBI system reset: cold or warm reboot.
+    Reboot,
+    /// The kernel panicked (its text is on the console).
+    Panic,
+    /// The console asked to quit (Ctrl-A x).
+    Quit,
+    /// The instruction limit was reached.
+    Limit,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("the guest waits for an interrupt (wfi at pc {pc:#x}) but no timer is armed and no device can wake it")]
     Stuck { pc: u64 },
+    #[error("unexpected trap into M-mode (mcause {cause:#x}, mepc {epc:#x}, mtval {tval:#x}): the guest ran into firmware territory")]
+    MachineTrap { cause: u64, epc: u64, tval: u64 },
+}
+
+/// What the console gives the run loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleInput {
+    Bytes(Vec<u8>),
+    Nothing,
+    /// The user asked to quit.
+    Quit,
+}
+
+/// The host side of the guest console.
+pub trait Console {
+    /// Guest output.
+    fn write(&mut self, bytes: &[u8]);
+    /// Wait up to `timeout` for input (zero: just poll).
+    fn read(&mut self, timeout: Duration) -> ConsoleInput;
 }
 
 /// A hart on a board.
 pub struct Machine {
     pub hart: Hart,
     pub board: Board,
+    /// Host time at boot and the guest time then (see `idle`).
+    epoch: Option<(Instant, u64)>,
+    /// Tail of the console output, to spot a kernel panic.
+    panic_scan: Vec<u8>,
+    panicked_at: Option<u64>,
+    /// The hart stopped in `wfi` with nothing pending to wake it.
+    waiting: bool,
 }
 
 /// Positions between two checks of `tohost`.
 const TOHOST_POLL: u64 = 1 << 16;
+/// Positions between two polls of the console while the guest runs (about
+/// 2 ms at 400 MIPS).
+const CONSOLE_POLL: u64 = 1 << 20;
+/// After a panic message, let the kernel print this much more.
+const PANIC_GRACE: u64 = 200_000_000;
+const PANIC_TEXT: &[u8] = b"Kernel panic - not syncing";
 
 impl Machine {
-    pub fn new(mem_bytes: u64) -> Machine {
+    fn with_config(mem_bytes: u64, m_mode_exits: bool) -> Machine {
         let cfg = HartConfig {
             hartid: 0,
             ram_base: RAM_BASE,
             ram_size: mem_bytes,
             insns_per_tick: INSNS_PER_TICK,
+            m_mode_exits,
         };
         Machine {
             hart: Hart::new(cfg),
             board: Board {
                 ram: Ram::new(RAM_BASE, mem_bytes),
                 clint: Clint::default(),
+                plic: Plic::default(),
+                uart: Uart::default(),
+                console_out: Vec::new(),
+                console_in: VecDeque::new(),
             },
+            epoch: None,
+            panic_scan: Vec::new(),
+            panicked_at: None,
+            waiting: false,
         }
+    }
+
+    /// A bare-metal machine: the program runs its own M-mode code.
+    pub fn new(mem_bytes: u64) -> Machine {
+        Machine::with_config(mem_bytes, false)
+    }
+
+    /// A machine for an S-mode kernel: M-mode is the board's SBI.
+    pub fn new_firmware(mem_bytes: u64) -> Machine {
+        Machine::with_config(mem_bytes, true)
+    }
+
+    /// Load a kernel and start the hart as the boot protocol says, with the
+    /// delegation and counter access an SBI firmware would set up.
+    pub fn boot_linux(
+        &mut self,
+        kernel: &std::path::Path,
+        initrd: Option<&std::path::Path>,
+        bootargs: &str,
+    ) -> Result<boot::BootInfo, boot::BootError> {
+        use rv::csr::*;
+        let info = boot::load(&mut self.board.ram, kernel, initrd, bootargs)?;
+        let h = &mut self.hart;
+        // Delegate to S what S handles (as OpenSBI does): misaligned fetch,
+        // illegal instruction, breakpoint, U ecall, page faults, S interrupts.
+        h.write_csr_m(
+            MEDELEG,
+            (1 << 0) | (1 << 2) | (1 << 3) | (1 << 8) | (1 << 12) | (1 << 13) | (1 << 15),
+        );
+        h.write_csr_m(MIDELEG, S_INTERRUPTS);
+        h.write_csr_m(MCOUNTEREN, 0xffff_ffff);
+        h.write_csr_m(SCOUNTEREN, 0);
+        h.write_csr_m(MENVCFG, MENVCFG_STCE);
+        h.write_csr_m(STIMECMP, u64::MAX);
+        h.write_csr_m(MIE, IRQ_MEI);
+        h.set_x(10, 0);
+        h.set_x(11, info.dtb);
+        h.set_pc(info.entry);
+        h.set_prv(PRV_S);
+        Ok(info)
     }
 
     /// Position at which the CLINT timer fires, if it has not yet and ever
@@ -116,43 +249,190 @@ impl Machine {
     /// Bring the hart's interrupt lines in line with the devices.
     fn sync_irqs(&mut self) {
         let time = self.hart.time();
-        self.hart.set_irq(IRQ_MTI, self.board.clint.mtip(time));
-        self.hart.set_irq(IRQ_MSI, self.board.clint.msip);
+        let b = &mut self.board;
+        if !b.console_in.is_empty() && b.uart.rx_room() > 0 {
+            let n = b.uart.rx_room().min(b.console_in.len());
+            let bytes: Vec<u8> = b.console_in.drain(..n).collect();
+            b.uart.receive(&bytes);
+        }
+        b.plic.set_line(UART0_IRQ, b.uart.irq());
+        self.hart.set_irq(IRQ_MTI, b.clint.mtip(time));
+        self.hart.set_irq(IRQ_MSI, b.clint.msip);
+        self.hart.set_irq(IRQ_MEI, b.plic.output(0));
+        self.hart.set_irq(IRQ_SEI, b.plic.output(1));
     }
 
-    /// Run until the hart reaches `target`, handling timers and `wfi`.
-    /// Returns early (with `Ok(false)`) when `stop` says so after an exit.
+    /// One stretch of execution up to `target`. `Ok(None)`: keep going.
+    fn step(&mut self, target: u64) -> Result<Option<Stop>, RunError> {
+        self.sync_irqs();
+        let now = self.hart.position().0;
+        let deadline = self.clint_deadline().unwrap_or(u64::MAX);
+        let slice_end = target.min(deadline.max(now + 1));
+        let exit = self.hart.run(&mut self.board, Position(slice_end));
+        self.waiting = false;
+        match exit {
+            Exit::Reached | Exit::Device => Ok(None),
+            Exit::Wfi => {
+                self.sync_irqs();
+                self.waiting = !self.hart.wakeup_pending();
+                Ok(None)
+            }
+            Exit::MachineTrap => {
+                let c = self.hart.csrs();
+                let (cause, epc, tval) = (c.mcause, c.mepc, c.mtval);
+                if cause != rv::trap::ECALL_FROM_S {
+                    return Err(RunError::MachineTrap { cause, epc, tval });
+                }
+                let outcome = sbi::handle(self);
+                self.hart.mret_to(epc + 4);
+                Ok(match outcome {
+                    sbi::SbiOutcome::Continue => None,
+                    sbi::SbiOutcome::Shutdown => Some(Stop::PowerOff),
+                    sbi::SbiOutcome::Reboot => Some(Stop::Reboot),
+                })
+            }
+        }
+    }
+
+    /// The hart waits in `wfi` with nothing pending: let guest time jump to
+    /// the next timer deadline, but never ahead of host time since boot
+    /// (sleeping until then or until console input arrives). This is the one
+    /// place where host time reaches the guest.
+    fn idle(&mut self, console: &mut dyn Console, limit: u64) -> Result<Option<Stop>, RunError> {
+        let now = self.hart.position().0;
+        let Some(next) = self.next_wakeup() else {
+            // Only the console can wake the guest now.
+            return match console.read(Duration::from_millis(100)) {
+                ConsoleInput::Bytes(b) => {
+                    self.board.console_in.extend(b);
+                    self.sync_irqs();
+                    if self.hart.wakeup_pending() {
+                        Ok(None)
+                    } else {
+                        Err(RunError::Stuck { pc: self.hart.pc() })
+                    }
+                }
+                ConsoleInput::Quit => Ok(Some(Stop::Quit)),
+                ConsoleInput::Nothing if self.board.uart_rx_enabled() => Ok(None),
+                ConsoleInput::Nothing => Err(RunError::Stuck { pc: self.hart.pc() }),
+            };
+        };
+        let next = next.min(limit);
+        let (t0, g0) = *self.epoch.get_or_insert((Instant::now(), now));
+        let guest_ns = (next - g0).saturating_mul(NS_PER_INSN);
+        let host_ns = t0.elapsed().as_nanos() as u64;
+        let mut wake = next;
+        if guest_ns > host_ns {
+            match console.read(Duration::from_nanos(guest_ns - host_ns)) {
+                ConsoleInput::Bytes(b) => {
+                    self.board.console_in.extend(b);
+                    // Wake at the guest time matching now.
+                    let host_now = t0.elapsed().as_nanos() as u64;
+                    wake = (g0 + host_now / NS_PER_INSN).clamp(now, next);
+                }
+                ConsoleInput::Quit => return Ok(Some(Stop::Quit)),
+                ConsoleInput::Nothing => {}
+            }
+        }
+        if wake > now {
+            self.hart.idle(wake - now);
+        }
+        Ok(None)
+    }
+
+    /// Hand guest output to the console and watch it for a kernel panic.
+    fn flush_console(&mut self, console: &mut dyn Console) {
+        if self.board.console_out.is_empty() {
+            return;
+        }
+        let out = std::mem::take(&mut self.board.console_out);
+        console.write(&out);
+        if self.panicked_at.is_none() {
+            self.panic_scan.extend_from_slice(&out);
+            if self
+                .panic_scan
+                .windows(PANIC_TEXT.len())
+                .any(|w| w == PANIC_TEXT)
+            {
+                self.panicked_at = Some(self.hart.position().0);
+            }
+            let keep = self.panic_scan.len().saturating_sub(PANIC_TEXT.len());
+            self.panic_scan.drain(..keep);
+        }
+    }
+
+    /// Run a booted kernel until it powers off, reboots, panics, the console
+    /// quits, or `max_insns` positions pass.
+    pub fn run_linux(
+        &mut self,
+        console: &mut dyn Console,
+        max_insns: Option<u64>,
+    ) -> Result<Stop, RunError> {
+        let limit = max_insns.unwrap_or(u64::MAX);
+        self.epoch
+            .get_or_insert((Instant::now(), self.hart.position().0));
+        loop {
+            let now = self.hart.position().0;
+            if now >= limit {
+                self.flush_console(console);
+                return Ok(Stop::Limit);
+            }
+            if let Some(p) = self.panicked_at {
+                if now >= p + PANIC_GRACE {
+                    return Ok(Stop::Panic);
+                }
+            }
+            let stop = self.step(limit.min(now + CONSOLE_POLL))?;
+            self.flush_console(console);
+            if let Some(stop) = stop {
+                return Ok(stop);
+            }
+            if self.waiting {
+                if let Some(stop) = self.idle(console, limit)? {
+                    return Ok(stop);
+                }
+            } else if self.hart.position().0 >= now + CONSOLE_POLL
+                || self.board.console_in.is_empty()
+            {
+                match console.read(Duration::ZERO) {
+                    ConsoleInput::Bytes(b) => self.board.console_in.extend(b),
+                    ConsoleInput::Quit => return Ok(Stop::Quit),
+                    ConsoleInput::Nothing => {}
+                }
+            }
+        }
+    }
+
+    /// Run until the hart reaches `target`, handling timers and `wfi`, for
+    /// bare-metal programs (no console, no host time: `wfi` jumps straight
+    /// to the next deadline). Returns early (with `Ok(false)`) when `stop`
+    /// says so after an exit.
     pub fn run_until(
         &mut self,
         target: Position,
         mut stop: impl FnMut(&Machine) -> bool,
     ) -> Result<bool, RunError> {
         loop {
-            self.sync_irqs();
             let now = self.hart.position().0;
             if now >= target.0 {
                 return Ok(true);
             }
-            let deadline = self.clint_deadline().unwrap_or(u64::MAX);
-            let slice_end = target.0.min(deadline.max(now + 1));
-            match self.hart.run(&mut self.board, Position(slice_end)) {
-                Exit::Reached | Exit::Device => {}
-                Exit::Wfi => {
-                    self.sync_irqs();
-                    if !self.hart.wakeup_pending() {
-                        // Idle until the next timer deadline: time is the
-                        // position, so waiting is a jump forward.
-                        match self.next_wakeup() {
-                            Some(p) => {
-                                let p = p.min(target.0);
-                                let now = self.hart.position().0;
-                                if p > now {
-                                    self.hart.idle(p - now);
-                                }
-                            }
-                            None => return Err(RunError::Stuck { pc: self.hart.pc() }),
+            if let Some(s) = self.step(target.0)? {
+                // A bare-metal program has no SBI; treat a reset as the end.
+                let _ = s;
+                return Ok(false);
+            }
+            if self.waiting {
+                self.sync_irqs();
+                match self.next_wakeup() {
+                    Some(p) => {
+                        let p = p.min(target.0);
+                        let now = self.hart.position().0;
+                        if p > now {
+                            self.hart.idle(p - now);
                         }
                     }
+                    None => return Err(RunError::Stuck { pc: self.hart.pc() }),
                 }
             }
             if stop(self) {
@@ -178,5 +458,12 @@ impl Machine {
                 v => return Ok(BareOutcome::Fail(v >> 1)),
             }
         }
+    }
+}
+
+impl Board {
+    /// Could console input wake the guest (UART receive interrupt on)?
+    fn uart_rx_enabled(&self) -> bool {
+        self.uart.ier() & 1 != 0
     }
 }

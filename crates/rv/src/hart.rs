@@ -38,6 +38,9 @@ pub struct HartConfig {
     pub ram_size: u64,
     /// Guest time: `time = position / insns_per_tick`.
     pub insns_per_tick: u64,
+    /// Return `Exit::MachineTrap` instead of running M-mode code when a
+    /// trap enters M-mode.
+    pub m_mode_exits: bool,
 }
 
 /// Why `run` returned.
@@ -48,12 +51,19 @@ pub enum Exit {
     /// The hart executed `wfi` with no interrupt pending; `pc` is past it.
     /// The board may advance time (`idle`) or wait for an event.
     Wfi,
-    /// An MMIO store happened; the board may need to act on it.
+    /// An MMIO access happened; the board may need to act on it.
     Device,
+    /// A trap entered M-mode while `HartConfig::m_mode_exits` is set: the
+    /// board implements the M-mode firmware (SBI) itself. The trap CSRs
+    /// (`mcause`, `mepc`, `mtval`) are set; resume with `Hart::mret`.
+    MachineTrap,
 }
 
 /// tval placeholder: "the raw bits of the instruction at pc".
 const TVAL_INSN_BITS: u64 = u64::MAX;
+/// Pseudo-cause of a load served by a device: not a trap; `tval` is the
+/// value loaded, and the block ends so the board can act on the access.
+const CAUSE_MMIO_LOAD: u64 = u64::MAX;
 
 /// What a block's execution asks of the dispatcher.
 enum End {
@@ -425,8 +435,13 @@ impl Core {
             return Ok(v);
         }
         let paddr = self.translate(bus, vaddr, Access::Read)?;
-        self.phys_load(bus, paddr, size, pos)
-            .ok_or(Access::Read.access_fault(vaddr))
+        let v = self
+            .phys_load(bus, paddr, size, pos)
+            .ok_or(Access::Read.access_fault(vaddr))?;
+        if self.ram_off(paddr).is_none() {
+            return Err(Trap::new(CAUSE_MMIO_LOAD, v));
+        }
+        Ok(v)
     }
 
     /// Returns whether the block must end after this store.
@@ -805,21 +820,24 @@ impl Core {
         let (a_s, b_s, c_s) = (self.fs(op.rs1), self.fs(op.rs2), self.fs(op.rs3));
         let (a_d, b_d, c_d) = (self.fd(op.rs1), self.fd(op.rs2), self.fd(op.rs3));
         match op.kind {
-            Flw => {
-                let v = self.load::<B, 4>(
-                    bus,
-                    x!(self, op.rs1).wrapping_add(op.imm as i64 as u64),
-                    pos,
-                )?;
-                self.set_fs(op.rd, v);
-            }
-            Fld => {
-                let v = self.load::<B, 8>(
-                    bus,
-                    x!(self, op.rs1).wrapping_add(op.imm as i64 as u64),
-                    pos,
-                )?;
-                self.set_fd(op.rd, v);
+            Flw | Fld => {
+                let vaddr = x!(self, op.rs1).wrapping_add(op.imm as i64 as u64);
+                let loaded = if op.kind == Flw {
+                    self.load::<B, 4>(bus, vaddr, pos)
+                } else {
+                    self.load::<B, 8>(bus, vaddr, pos)
+                };
+                let (v, device) = match loaded {
+                    Ok(v) => (v, false),
+                    Err(t) if t.cause == CAUSE_MMIO_LOAD => (t.tval, true),
+                    Err(t) => return Err(t),
+                };
+                if op.kind == Flw {
+                    self.set_fs(op.rd, v);
+                } else {
+                    self.set_fd(op.rd, v);
+                }
+                return Ok(device);
             }
             Fsw => {
                 let raw = self.f[op.rs2 as usize & 31];
@@ -1153,6 +1171,12 @@ impl Core {
                 ($n:literal, $conv:expr) => {{
                     match self.load::<B, $n>(bus, addr!(), pos) {
                         Ok(v) => x!(self, op.rd) = $conv(v),
+                        Err(t) if t.cause == CAUSE_MMIO_LOAD => {
+                            x!(self, op.rd) = $conv(t.tval);
+                            self.pc = next_pc!();
+                            self.position = pos + 1;
+                            return End::Device;
+                        }
                         Err(t) => fault!(t),
                     }
                 }};
@@ -1566,8 +1590,53 @@ impl Hart {
         Ok(self.cache.set_scratch(op))
     }
 
-    /// Run until the position reaches `target`, the hart waits in `wfi`, or
-    /// an MMIO store happens.
+    /// Did a trap just enter M-mode that the board must handle?
+    fn in_firmware(&self) -> bool {
+        self.core.cfg.m_mode_exits && self.core.prv == PRV_M
+    }
+
+    /// Leave M-mode as `mret` would, at `pc` (the board's firmware path:
+    /// after an SBI call, `mepc + 4`).
+    pub fn mret_to(&mut self, pc: u64) {
+        let op = Op {
+            kind: Kind::Mret,
+            ..Op::illegal(0, 4)
+        };
+        let prv = self.core.prv;
+        self.core.prv = PRV_M;
+        if self.core.exec_system(&op).is_err() {
+            self.core.prv = prv;
+        }
+        self.core.pc = pc;
+    }
+
+    /// Write a CSR with M-mode privilege (board firmware and boot setup).
+    /// `false` if there is no such CSR.
+    pub fn write_csr_m(&mut self, csr: u16, val: u64) -> bool {
+        let prv = self.core.prv;
+        self.core.prv = PRV_M;
+        let ok = self.core.write_csr(csr, val);
+        self.core.prv = prv;
+        if self.core.flush != Flush::None {
+            self.apply_flush();
+        }
+        ok
+    }
+
+    /// Enter privilege `prv` directly (boot: the kernel starts in S-mode).
+    pub fn set_prv(&mut self, prv: u8) {
+        self.core.prv = prv;
+        self.core.update_ctx();
+    }
+
+    /// Flush every translation and cached block (SBI remote fences).
+    pub fn flush_translations(&mut self) {
+        self.core.tlb.flush_paged();
+        self.cache.flush_jumps();
+    }
+
+    /// Run until the position reaches `target`, the hart waits in `wfi`,
+    /// a device is accessed, or (with `m_mode_exits`) a trap enters M-mode.
     pub fn run<B: Bus>(&mut self, bus: &mut B, target: Position) -> Exit {
         loop {
             let stop = target.0.min(self.core.stimer_pos);
@@ -1581,12 +1650,18 @@ impl Hart {
             if self.core.mip() & self.core.csr.mie != 0 {
                 if let Some(code) = self.core.pending_interrupt() {
                     self.core.take_trap(code | INTERRUPT_BIT, 0);
+                    if self.in_firmware() {
+                        return Exit::MachineTrap;
+                    }
                 }
             }
             let block = match self.fetch_block(bus) {
                 Ok(b) => b,
                 Err(t) => {
                     self.exception(bus, t);
+                    if self.in_firmware() {
+                        return Exit::MachineTrap;
+                    }
                     continue;
                 }
             };
@@ -1599,7 +1674,12 @@ impl Hart {
             }
             match end {
                 End::Continue => {}
-                End::Trap(t) => self.exception(bus, t),
+                End::Trap(t) => {
+                    self.exception(bus, t);
+                    if self.in_firmware() {
+                        return Exit::MachineTrap;
+                    }
+                }
                 End::Wfi => return Exit::Wfi,
                 End::Device => return Exit::Device,
             }
@@ -1640,6 +1720,7 @@ mod tests {
             ram_base: BASE,
             ram_size: 64 << 10,
             insns_per_tick: 10,
+            m_mode_exits: false,
         };
         let mut h = Hart::new(cfg);
         h.set_pc(BASE);
