@@ -42,10 +42,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--reps and --minsns must be positive");
     }
     let iters = args.minsns * 1_000_000 / machine::programs::LOOP_BODY;
-    let cases: [(&str, Program); 2] = [
-        ("(a) integer loop, M-mode", int_loop_m(iters)),
-        ("(b) integer loop, U-mode, Sv39", int_loop_u_sv39(iters)),
-    ];
+    let cases: [(&str, Program); 2] =
+        [("(a) integer loop, M-mode", int_loop_m(iters)), ("(b) integer loop, U-mode, Sv39", int_loop_u_sv39(iters))];
     let mut mips: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..args.reps {
         for (i, (_, p)) in cases.iter().enumerate() {
@@ -53,15 +51,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             mips[i].push(insns as f64 / secs / 1e6);
         }
     }
-    println!(
-        "guest MIPS, {} M instructions per run, {} runs each (median [min .. max])",
-        args.minsns, args.reps
-    );
+    println!("guest MIPS, {} M instructions per run, {} runs each (median [min .. max])", args.minsns, args.reps);
     for ((name, _), v) in cases.iter().zip(mips.iter_mut()) {
-        let (lo, hi) = (
-            v.iter().copied().fold(f64::MAX, f64::min),
-            v.iter().copied().fold(0.0, f64::max),
-        );
+        let (lo, hi) = (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
         println!("{name:34} {:8.1}   [{lo:.1} .. {hi:.1}]", median(v));
     }
     Ok(())

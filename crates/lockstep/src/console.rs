@@ -72,12 +72,7 @@ impl StdioConsole {
                 }
             }
         });
-        StdioConsole {
-            rx,
-            eof: false,
-            escape: false,
-            raw,
-        }
+        StdioConsole { rx, eof: false, escape: false, raw }
     }
 
     /// Strip the Ctrl-A escapes; `None` means quit.

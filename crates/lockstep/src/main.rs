@@ -8,6 +8,8 @@
 
 mod bench;
 mod console;
+mod cpio;
+mod guest;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -17,11 +19,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "lockstep",
-    version,
-    about = "Fault-tolerant virtual machines by instruction-level lockstep"
-)]
+#[command(name = "lockstep", version, about = "Fault-tolerant virtual machines by instruction-level lockstep")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +35,23 @@ enum Command {
     /// Run the built-in demo: M-mode firmware maps a page table, drops to
     /// U-mode, runs a loop, and returns with ecall.
     Demo,
+    /// The default guest (Debian trixie riscv64 kernel + busybox initramfs).
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuestCommand {
+    /// Fetch the packages and build the guest (reused if already built).
+    Build {
+        /// Build again even if a guest exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the paths of the built guest.
+    Path,
 }
 
 #[derive(clap::Args)]
@@ -51,9 +66,10 @@ struct RunArgs {
     /// Initial ramdisk.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "ARGS", default_value = "console=ttyS0")]
-    append: String,
+    /// Kernel command line (default: `console=ttyS0`, and for the default
+    /// guest `console=ttyS0 quiet`).
+    #[arg(long, value_name = "ARGS")]
+    append: Option<String>,
     /// Stop with an error after this many instructions.
     #[arg(long, value_name = "N")]
     max_insns: Option<u64>,
@@ -70,16 +86,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 512M, 1G)"))?;
-    let bytes = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 512M, 1G)"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))?;
     if bytes < 1 << 20 || bytes % 4096 != 0 || bytes > 64 << 30 {
-        return Err(format!(
-            "'{s}': memory must be a multiple of 4K between 1M and 64G"
-        ));
+        return Err(format!("'{s}': memory must be a multiple of 4K between 1M and 64G"));
     }
     Ok(bytes)
 }
@@ -92,30 +102,23 @@ enum Outcome {
 
 fn run(args: RunArgs) -> Result<Outcome> {
     if let Some(kernel) = &args.kernel {
-        return run_linux(
-            kernel,
-            args.initrd.as_deref(),
-            &args.append,
-            args.mem,
-            args.max_insns,
-        );
+        let append = args.append.as_deref().unwrap_or("console=ttyS0");
+        return run_linux(kernel, args.initrd.as_deref(), append, args.mem, args.max_insns);
     }
     let Some(elf) = args.elf else {
-        bail!("nothing to run: give --kernel IMAGE or --elf FILE");
+        // No kernel: the default guest, built on first use.
+        let g = guest::build(false)?;
+        let append = args.append.as_deref().unwrap_or(guest::DEFAULT_APPEND);
+        let initrd = args.initrd.as_deref().unwrap_or(&g.initrd);
+        return run_linux(&g.kernel, Some(initrd), append, args.mem, args.max_insns);
     };
     let mut m = Machine::new(args.mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
-    let tohost = loaded.tohost.with_context(|| {
-        format!(
-            "'{}' has no 'tohost' symbol: the runner cannot tell when it ends",
-            elf.display()
-        )
-    })?;
+    let tohost = loaded
+        .tohost
+        .with_context(|| format!("'{}' has no 'tohost' symbol: the runner cannot tell when it ends", elf.display()))?;
     if !m.board.ram.contains(tohost, 8) {
-        bail!(
-            "'{}': tohost at {tohost:#x} is outside RAM (starts at {RAM_BASE:#x})",
-            elf.display()
-        );
+        bail!("'{}': tohost at {tohost:#x} is outside RAM (starts at {RAM_BASE:#x})", elf.display());
     }
     m.hart.set_pc(loaded.entry);
     let limit = args.max_insns.unwrap_or(u64::MAX);
@@ -147,7 +150,10 @@ fn run_linux(
         match m.run_linux(&mut console, max_insns)? {
             Stop::PowerOff | Stop::Quit => return Ok(Outcome::Success),
             Stop::Reboot => continue,
-            Stop::Panic => bail!("the guest kernel panicked (its message is above)"),
+            Stop::Panic => {
+                eprintln!("lockstep: the guest kernel panicked (its message is above)");
+                return Ok(Outcome::GuestFailure);
+            }
             Stop::Limit => bail!("instruction limit of {} reached", max_insns.unwrap_or(0)),
         }
     }
@@ -167,19 +173,9 @@ fn demo() -> Result<Outcome> {
     }
     let pos = m.hart.position().0;
     println!("demo: M-mode firmware set up Sv39 paging and entered U-mode at 0x1000");
-    println!(
-        "demo: U-mode ran {iters} loop iterations and returned with ecall (mcause {})",
-        m.hart.csrs().mcause
-    );
-    println!(
-        "demo: a0 = {} (iterations counted by the guest), a2 = {:#x}",
-        m.hart.x(10),
-        m.hart.x(12)
-    );
-    println!(
-        "demo: {pos} instructions in {secs:.3} s = {:.0} guest MIPS",
-        pos as f64 / secs / 1e6
-    );
+    println!("demo: U-mode ran {iters} loop iterations and returned with ecall (mcause {})", m.hart.csrs().mcause);
+    println!("demo: a0 = {} (iterations counted by the guest), a2 = {:#x}", m.hart.x(10), m.hart.x(12));
+    println!("demo: {pos} instructions in {secs:.3} s = {:.0} guest MIPS", pos as f64 / secs / 1e6);
     Ok(Outcome::Success)
 }
 
@@ -189,6 +185,18 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
         Command::Demo => demo(),
+        Command::Guest { command: GuestCommand::Build { force } } => guest::build(force).map(|g| {
+            println!("{}\n{}", g.kernel.display(), g.initrd.display());
+            Outcome::Success
+        }),
+        Command::Guest { command: GuestCommand::Path } => match guest::existing() {
+            Ok(Some(g)) => {
+                println!("{}\n{}", g.kernel.display(), g.initrd.display());
+                Ok(Outcome::Success)
+            }
+            Ok(None) => Err(anyhow::anyhow!("the default guest is not built: run `lockstep guest build`")),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -12,21 +12,13 @@ fn lockstep() -> Command {
 }
 
 fn build(name: &str) -> PathBuf {
-    let src_path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/bare")
-        .join(format!("{name}.S"));
+    let src_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bare").join(format!("{name}.S"));
     let src = std::fs::read_to_string(&src_path).unwrap();
     common::build_elf(&common::tmp_dir("bare"), name, &src, &[])
 }
 
 fn run_elf(elf: &Path, extra: &[&str]) -> Output {
-    lockstep()
-        .arg("run")
-        .arg("--elf")
-        .arg(elf)
-        .args(extra)
-        .output()
-        .unwrap()
+    lockstep().arg("run").arg("--elf").arg(elf).args(extra).output().unwrap()
 }
 
 fn assert_passes(name: &str) {
@@ -77,30 +69,12 @@ fn atomics_and_self_modifying_code() {
 fn hand_written_programs_also_pass_on_qemu() {
     common::require("qemu-system-riscv64");
     let dir = common::tmp_dir("bare-qemu");
-    for name in [
-        "traps",
-        "interrupts",
-        "delegation",
-        "mmu",
-        "csrs",
-        "atomics",
-    ] {
-        let src_path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/bare")
-            .join(format!("{name}.S"));
+    for name in ["traps", "interrupts", "delegation", "mmu", "csrs", "atomics"] {
+        let src_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bare").join(format!("{name}.S"));
         let src = std::fs::read_to_string(&src_path).unwrap();
         let elf = common::build_elf(&dir, name, &src, &["-DQEMU"]);
         let out = Command::new("timeout")
-            .args([
-                "30",
-                "qemu-system-riscv64",
-                "-M",
-                "spike",
-                "-bios",
-                "none",
-                "-nographic",
-                "-kernel",
-            ])
+            .args(["30", "qemu-system-riscv64", "-M", "spike", "-bios", "none", "-nographic", "-kernel"])
             .arg(&elf)
             .output()
             .unwrap();
@@ -132,10 +106,7 @@ fn instruction_limit_exits_2_with_one_line() {
     let out = run_elf(&elf, &["--max-insns", "100000"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.starts_with("lockstep: error: instruction limit of 100000 reached"),
-        "{err}"
-    );
+    assert!(err.starts_with("lockstep: error: instruction limit of 100000 reached"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
@@ -154,10 +125,7 @@ fn bad_inputs_get_one_line_errors() {
     let out = run_elf(Path::new("/nonexistent/x.elf"), &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("/nonexistent/x.elf") && err.lines().count() == 1,
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent/x.elf") && err.lines().count() == 1, "{err}");
     // Not an ELF.
     let junk = dir.join("junk.elf");
     std::fs::write(&junk, b"this is not an ELF file at all").unwrap();
@@ -170,12 +138,8 @@ fn bad_inputs_get_one_line_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not RISC-V"));
     // A segment outside RAM: link at address 0.
     let src = "    .text\n    .globl _start\n_start: j _start\n    .data\n    .globl tohost\ntohost: .quad 0\n";
-    let elf = common::build_elf(
-        &dir,
-        "low",
-        src,
-        &["-Wl,--section-start=.text.init=0x1000,--section-start=.text=0x1000"],
-    );
+    let elf =
+        common::build_elf(&dir, "low", src, &["-Wl,--section-start=.text.init=0x1000,--section-start=.text=0x1000"]);
     let out = run_elf(&elf, &["--mem", "16M"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

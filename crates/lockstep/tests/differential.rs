@@ -192,15 +192,15 @@ fn gen_insn(r: &mut Rng, mix: Mix, label: &mut usize, pending: &mut Vec<(usize, 
     match roll {
         0..=17 => {
             let op = r.pick(&[
-                "add", "sub", "sll", "slt", "sltu", "xor", "srl", "sra", "or", "and", "addw",
-                "subw", "sllw", "srlw", "sraw",
+                "add", "sub", "sll", "slt", "sltu", "xor", "srl", "sra", "or", "and", "addw", "subw", "sllw", "srlw",
+                "sraw",
             ]);
             format!("  {op} {rd}, {rs1}, {rs2}\n")
         }
         18..=27 => {
             let op = r.pick(&[
-                "mul", "mulh", "mulhsu", "mulhu", "div", "divu", "rem", "remu", "mulw", "divw",
-                "divuw", "remw", "remuw",
+                "mul", "mulh", "mulhsu", "mulhu", "div", "divu", "rem", "remu", "mulw", "divw", "divuw", "remw",
+                "remuw",
             ]);
             format!("  {op} {rd}, {rs1}, {rs2}\n")
         }
@@ -228,15 +228,7 @@ fn gen_insn(r: &mut Rng, mix: Mix, label: &mut usize, pending: &mut Vec<(usize, 
             format!("  {op} {rd}, {rd}, {small}\n  mv {rs1}, {rs2}\n")
         }
         42..=51 => {
-            let (op, size) = *r.pick(&[
-                ("lb", 1),
-                ("lh", 2),
-                ("lw", 4),
-                ("ld", 8),
-                ("lbu", 1),
-                ("lhu", 2),
-                ("lwu", 4),
-            ]);
+            let (op, size) = *r.pick(&[("lb", 1), ("lh", 2), ("lw", 4), ("ld", 8), ("lbu", 1), ("lhu", 2), ("lwu", 4)]);
             let off = r.below((SCRATCH_BYTES / size) as u64) * size as u64;
             format!("  {op} {rd}, {off}(x31)\n")
         }
@@ -272,8 +264,7 @@ fn gen_insn(r: &mut Rng, mix: Mix, label: &mut usize, pending: &mut Vec<(usize, 
                 let _ = writeln!(s, "  sc.{sfx} {rd}, {rs2}, (x30)");
             } else {
                 let op = r.pick(&[
-                    "amoswap", "amoadd", "amoxor", "amoand", "amoor", "amomin", "amomax",
-                    "amominu", "amomaxu",
+                    "amoswap", "amoadd", "amoxor", "amoand", "amoor", "amomin", "amomax", "amominu", "amomaxu",
                 ]);
                 let _ = writeln!(s, "  {op}.{sfx} {rd}, {rs2}, (x30)");
             }
@@ -420,32 +411,16 @@ fn lockstep_dump(elf: &std::path::Path) -> Vec<u8> {
     let mut m = Machine::new(8 << 20);
     let l = loader::load_elf(elf, &mut m.board.ram).expect("load");
     m.hart.set_pc(l.entry);
-    let outcome = m
-        .run_bare(l.tohost.expect("tohost"), 10_000_000)
-        .expect("run");
-    assert_eq!(
-        outcome,
-        BareOutcome::Pass,
-        "{}: did not finish",
-        elf.display()
-    );
+    let outcome = m.run_bare(l.tohost.expect("tohost"), 10_000_000).expect("run");
+    assert_eq!(outcome, BareOutcome::Pass, "{}: did not finish", elf.display());
     let mut out = vec![0u8; SCRATCH_BYTES + DUMP_BYTES];
     assert!(m.board.ram.read(0x8010_0000, &mut out));
     out
 }
 
 fn qemu_dump(elf: &std::path::Path) -> Vec<u8> {
-    let out = Command::new("timeout")
-        .args(["20", "qemu-riscv64"])
-        .arg(elf)
-        .output()
-        .expect("run qemu-riscv64");
-    assert!(
-        out.status.success(),
-        "{}: qemu failed: {}",
-        elf.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("timeout").args(["20", "qemu-riscv64"]).arg(elf).output().expect("run qemu-riscv64");
+    assert!(out.status.success(), "{}: qemu failed: {}", elf.display(), String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
@@ -474,18 +449,10 @@ fn describe_difference(ours: &[u8], theirs: &[u8]) -> String {
 /// each on both engines (two at a time) and compare the dumps.
 fn compare_with_qemu(tag: &str, mix: Mix, default_programs: usize) {
     common::require("qemu-riscv64");
-    let programs: usize = std::env::var("LOCKSTEP_DIFF_PROGRAMS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default_programs);
-    let len: usize = std::env::var("LOCKSTEP_DIFF_LEN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let seed: u64 = std::env::var("LOCKSTEP_DIFF_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x010c_57e9);
+    let programs: usize =
+        std::env::var("LOCKSTEP_DIFF_PROGRAMS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_programs);
+    let len: usize = std::env::var("LOCKSTEP_DIFF_LEN").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let seed: u64 = std::env::var("LOCKSTEP_DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x010c_57e9);
     let dir = common::tmp_dir(&format!("differential-{tag}"));
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
@@ -526,12 +493,7 @@ fn compare_with_qemu(tag: &str, mix: Mix, default_programs: usize) {
         "differential ({tag}): {programs} programs x {len} instructions = {} random instructions compared with qemu-riscv64",
         compared.load(Ordering::Relaxed)
     );
-    assert!(
-        failures.is_empty(),
-        "{} of {programs} programs differ:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {programs} programs differ:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]

@@ -16,41 +16,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
 #[test]
 fn crates_depend_only_downwards() {
     let out = Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo metadata");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let members: Vec<&str> = meta["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let members: Vec<&str> = meta["packages"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
     for pkg in meta["packages"].as_array().unwrap() {
         let name = pkg["name"].as_str().unwrap();
-        let ok = allowed
-            .get(name)
-            .unwrap_or_else(|| panic!("crate '{name}' is not in the layer table"));
+        let ok = allowed.get(name).unwrap_or_else(|| panic!("crate '{name}' is not in the layer table"));
         for dep in pkg["dependencies"].as_array().unwrap() {
             let dep = dep["name"].as_str().unwrap();
             if members.contains(&dep) {
-                assert!(
-                    ok.contains(&dep),
-                    "'{name}' must not depend on '{dep}' (see DESIGN.md's layer table)"
-                );
+                assert!(ok.contains(&dep), "'{name}' must not depend on '{dep}' (see DESIGN.md's layer table)");
             }
         }
     }

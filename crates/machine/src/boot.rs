@@ -21,21 +21,13 @@ const PAGE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot read {what} '{path}': {source}")]
-    Read {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Read { what: &'static str, path: String, source: std::io::Error },
     #[error("kernel '{path}' is neither a RISC-V Image (no RSC\\x05 magic at offset 56) nor an ELF file")]
     NotAKernel { path: String },
     #[error(transparent)]
     Elf(#[from] LoadError),
     #[error("{what} needs {need} bytes but --mem gives {have}: kernel, initrd and device tree do not fit")]
-    TooLittleMemory {
-        what: &'static str,
-        need: u64,
-        have: u64,
-    },
+    TooLittleMemory { what: &'static str, need: u64, have: u64 },
     #[error("cannot build the device tree: {0}")]
     Fdt(String),
 }
@@ -59,11 +51,7 @@ pub fn parse_image_header(data: &[u8]) -> Option<(u64, u64)> {
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, BootError> {
-    std::fs::read(path).map_err(|source| BootError::Read {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| BootError::Read { what, path: path.display().to_string(), source })
 }
 
 /// Load everything; nothing is written to RAM unless it all fits.
@@ -81,19 +69,13 @@ pub fn load(
     let (kernel_end, image) = match parse_image_header(&kernel) {
         Some((text_offset, size)) => (text_offset + size, Some(text_offset)),
         None if kernel.starts_with(b"\x7fELF") => (0, None),
-        None => {
-            return Err(BootError::NotAKernel {
-                path: kernel_path.display().to_string(),
-            })
-        }
+        None => return Err(BootError::NotAKernel { path: kernel_path.display().to_string() }),
     };
-    let dtb_off = mem
-        .checked_sub(FDT_MAX_SIZE)
-        .ok_or(BootError::TooLittleMemory {
-            what: "the device tree",
-            need: FDT_MAX_SIZE,
-            have: mem,
-        })?;
+    let dtb_off = mem.checked_sub(FDT_MAX_SIZE).ok_or(BootError::TooLittleMemory {
+        what: "the device tree",
+        need: FDT_MAX_SIZE,
+        have: mem,
+    })?;
     let initrd_range = match &initrd {
         Some(bytes) => {
             let len = bytes.len() as u64;
@@ -118,12 +100,8 @@ pub fn load(
         }
         None => None,
     };
-    let dtb = fdt::build(&FdtConfig {
-        mem_bytes: mem,
-        bootargs: bootargs.to_string(),
-        initrd: initrd_range,
-    })
-    .map_err(|e| BootError::Fdt(e.to_string()))?;
+    let dtb = fdt::build(&FdtConfig { mem_bytes: mem, bootargs: bootargs.to_string(), initrd: initrd_range })
+        .map_err(|e| BootError::Fdt(e.to_string()))?;
     let entry = match image {
         Some(text_offset) => {
             ram.write(RAM_BASE + text_offset, &kernel);
@@ -136,11 +114,7 @@ pub fn load(
     }
     let dtb_addr = RAM_BASE + dtb_off;
     ram.write(dtb_addr, &dtb);
-    Ok(BootInfo {
-        entry,
-        dtb: dtb_addr,
-        initrd: initrd_range,
-    })
+    Ok(BootInfo { entry, dtb: dtb_addr, initrd: initrd_range })
 }
 
 #[cfg(test)]
@@ -157,10 +131,7 @@ mod tests {
 
     #[test]
     fn image_header_is_recognised() {
-        assert_eq!(
-            parse_image_header(&fake_image(0x20_0000, 4096)),
-            Some((0x20_0000, 4096))
-        );
+        assert_eq!(parse_image_header(&fake_image(0x20_0000, 4096)), Some((0x20_0000, 4096)));
         assert_eq!(parse_image_header(&[0u8; 100]), None);
         assert_eq!(parse_image_header(b"short"), None);
     }
@@ -187,15 +158,8 @@ mod tests {
         assert!(matches!(e, BootError::TooLittleMemory { .. }), "{e}");
         assert!(small.bytes().iter().all(|&b| b == 0), "nothing written");
         // Garbage is not a kernel.
-        std::fs::write(
-            &k,
-            b"not a kernel at all, just some text padding it out to 64 bytes......",
-        )
-        .unwrap();
-        assert!(matches!(
-            load(&mut ram, &k, None, ""),
-            Err(BootError::NotAKernel { .. })
-        ));
+        std::fs::write(&k, b"not a kernel at all, just some text padding it out to 64 bytes......").unwrap();
+        assert!(matches!(load(&mut ram, &k, None, ""), Err(BootError::NotAKernel { .. })));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -17,10 +17,7 @@ pub struct Clint {
 
 impl Default for Clint {
     fn default() -> Self {
-        Clint {
-            msip: false,
-            mtimecmp: u64::MAX,
-        }
+        Clint { msip: false, mtimecmp: u64::MAX }
     }
 }
 
@@ -45,9 +42,7 @@ impl Clint {
             (MSIP, 4) => self.msip = val & 1 != 0,
             (MTIMECMP, 8) => self.mtimecmp = val,
             (MTIMECMP, 4) => self.mtimecmp = (self.mtimecmp & !0xffff_ffff) | (val & 0xffff_ffff),
-            (o, 4) if o == MTIMECMP + 4 => {
-                self.mtimecmp = (self.mtimecmp & 0xffff_ffff) | (val << 32)
-            }
+            (o, 4) if o == MTIMECMP + 4 => self.mtimecmp = (self.mtimecmp & 0xffff_ffff) | (val << 32),
             (MTIME, 8) | (MTIME, 4) => {}
             (o, 4) if o == MTIME + 4 => {}
             _ => return false,

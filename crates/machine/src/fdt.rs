@@ -13,9 +13,7 @@ const IRQ_S_EXT: u32 = 9;
 const IRQ_M_EXT: u32 = 11;
 
 /// The extensions the hart implements, as the kernel reads them.
-pub const ISA_EXTENSIONS: &[&str] = &[
-    "i", "m", "a", "f", "d", "c", "zicntr", "zicsr", "zifencei", "sstc",
-];
+pub const ISA_EXTENSIONS: &[&str] = &["i", "m", "a", "f", "d", "c", "zicntr", "zicsr", "zifencei", "sstc"];
 
 /// What the kernel is told beyond the fixed board.
 #[derive(Clone, Debug, Default)]
@@ -65,10 +63,7 @@ pub fn build(cfg: &FdtConfig) -> Result<Vec<u8>, vm_fdt::Error> {
     let isa_str = format!("rv64imafdc_{}", ISA_EXTENSIONS[6..].join("_"));
     f.property_string("riscv,isa", &isa_str)?;
     f.property_string("riscv,isa-base", "rv64i")?;
-    f.property_string_list(
-        "riscv,isa-extensions",
-        ISA_EXTENSIONS.iter().map(|s| s.to_string()).collect(),
-    )?;
+    f.property_string_list("riscv,isa-extensions", ISA_EXTENSIONS.iter().map(|s| s.to_string()).collect())?;
     f.property_string("mmu-type", "riscv,sv48")?;
     let intc = f.begin_node("interrupt-controller")?;
     f.property_u32("#interrupt-cells", 1)?;
@@ -86,31 +81,19 @@ pub fn build(cfg: &FdtConfig) -> Result<Vec<u8>, vm_fdt::Error> {
     f.property_null("ranges")?;
 
     let clint = f.begin_node(&format!("clint@{CLINT_BASE:x}"))?;
-    f.property_string_list(
-        "compatible",
-        vec!["sifive,clint0".into(), "riscv,clint0".into()],
-    )?;
+    f.property_string_list("compatible", vec!["sifive,clint0".into(), "riscv,clint0".into()])?;
     f.property_array_u64("reg", &reg(CLINT_BASE, CLINT_SIZE))?;
-    f.property_array_u32(
-        "interrupts-extended",
-        &[CPU_INTC_PHANDLE, IRQ_M_SOFT, CPU_INTC_PHANDLE, IRQ_M_TIMER],
-    )?;
+    f.property_array_u32("interrupts-extended", &[CPU_INTC_PHANDLE, IRQ_M_SOFT, CPU_INTC_PHANDLE, IRQ_M_TIMER])?;
     f.end_node(clint)?;
 
     let plic = f.begin_node(&format!("plic@{PLIC_BASE:x}"))?;
-    f.property_string_list(
-        "compatible",
-        vec!["sifive,plic-1.0.0".into(), "riscv,plic0".into()],
-    )?;
+    f.property_string_list("compatible", vec!["sifive,plic-1.0.0".into(), "riscv,plic0".into()])?;
     f.property_array_u64("reg", &reg(PLIC_BASE, PLIC_SIZE))?;
     f.property_u32("#address-cells", 0)?;
     f.property_u32("#interrupt-cells", 1)?;
     f.property_null("interrupt-controller")?;
     f.property_u32("riscv,ndev", NSRC as u32)?;
-    f.property_array_u32(
-        "interrupts-extended",
-        &[CPU_INTC_PHANDLE, IRQ_M_EXT, CPU_INTC_PHANDLE, IRQ_S_EXT],
-    )?;
+    f.property_array_u32("interrupts-extended", &[CPU_INTC_PHANDLE, IRQ_M_EXT, CPU_INTC_PHANDLE, IRQ_S_EXT])?;
     f.property_phandle(PLIC_PHANDLE)?;
     f.end_node(plic)?;
 

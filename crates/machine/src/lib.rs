@@ -68,9 +68,7 @@ impl Bus for Board {
 
     fn mmio_store(&mut self, paddr: u64, size: u32, val: u64, _pos: u64) -> bool {
         match paddr {
-            a if (CLINT_BASE..CLINT_BASE + CLINT_SIZE).contains(&a) => {
-                self.clint.store(a - CLINT_BASE, size, val)
-            }
+            a if (CLINT_BASE..CLINT_BASE + CLINT_SIZE).contains(&a) => self.clint.store(a - CLINT_BASE, size, val),
             a if (PLIC_BASE..PLIC_BASE + PLIC_SIZE).contains(&a) && size == 4 => {
                 self.plic.store(a - PLIC_BASE, val as u32)
             }
@@ -207,10 +205,7 @@ impl Machine {
         let h = &mut self.hart;
         // Delegate to S what S handles (as OpenSBI does): misaligned fetch,
         // illegal instruction, breakpoint, U ecall, page faults, S interrupts.
-        h.write_csr_m(
-            MEDELEG,
-            (1 << 0) | (1 << 2) | (1 << 3) | (1 << 8) | (1 << 12) | (1 << 13) | (1 << 15),
-        );
+        h.write_csr_m(MEDELEG, (1 << 0) | (1 << 2) | (1 << 3) | (1 << 8) | (1 << 12) | (1 << 13) | (1 << 15));
         h.write_csr_m(MIDELEG, S_INTERRUPTS);
         h.write_csr_m(MCOUNTEREN, 0xffff_ffff);
         h.write_csr_m(SCOUNTEREN, 0);
@@ -228,9 +223,7 @@ impl Machine {
     /// can.
     fn clint_deadline(&self) -> Option<u64> {
         let cmp = self.board.clint.mtimecmp;
-        (cmp > self.hart.time())
-            .then(|| cmp.checked_mul(INSNS_PER_TICK))
-            .flatten()
+        (cmp > self.hart.time()).then(|| cmp.checked_mul(INSNS_PER_TICK)).flatten()
     }
 
     /// The earliest position at which a timer raises an interrupt that is
@@ -238,11 +231,7 @@ impl Machine {
     fn next_wakeup(&self) -> Option<u64> {
         let mie = self.hart.csrs().mie;
         let clint = self.clint_deadline().filter(|_| mie & IRQ_MTI != 0);
-        let sstc = self
-            .hart
-            .next_internal_deadline()
-            .map(|p| p.0)
-            .filter(|_| mie & IRQ_STI != 0);
+        let sstc = self.hart.next_internal_deadline().map(|p| p.0).filter(|_| mie & IRQ_STI != 0);
         [clint, sstc].into_iter().flatten().min()
     }
 
@@ -250,7 +239,9 @@ impl Machine {
     fn sync_irqs(&mut self) {
         let time = self.hart.time();
         let b = &mut self.board;
-        if !b.console_in.is_empty() && b.uart.rx_room() > 0 {
+        // Input waits until the driver enables the receive interrupt: a
+        // FIFO filled earlier would be cleared by the driver's start-up.
+        if !b.console_in.is_empty() && b.uart.rx_room() > 0 && b.uart_rx_enabled() {
             let n = b.uart.rx_room().min(b.console_in.len());
             let bytes: Vec<u8> = b.console_in.drain(..n).collect();
             b.uart.receive(&bytes);
@@ -349,11 +340,7 @@ impl Machine {
         console.write(&out);
         if self.panicked_at.is_none() {
             self.panic_scan.extend_from_slice(&out);
-            if self
-                .panic_scan
-                .windows(PANIC_TEXT.len())
-                .any(|w| w == PANIC_TEXT)
-            {
+            if self.panic_scan.windows(PANIC_TEXT.len()).any(|w| w == PANIC_TEXT) {
                 self.panicked_at = Some(self.hart.position().0);
             }
             let keep = self.panic_scan.len().saturating_sub(PANIC_TEXT.len());
@@ -363,14 +350,9 @@ impl Machine {
 
     /// Run a booted kernel until it powers off, reboots, panics, the console
     /// quits, or `max_insns` positions pass.
-    pub fn run_linux(
-        &mut self,
-        console: &mut dyn Console,
-        max_insns: Option<u64>,
-    ) -> Result<Stop, RunError> {
+    pub fn run_linux(&mut self, console: &mut dyn Console, max_insns: Option<u64>) -> Result<Stop, RunError> {
         let limit = max_insns.unwrap_or(u64::MAX);
-        self.epoch
-            .get_or_insert((Instant::now(), self.hart.position().0));
+        self.epoch.get_or_insert((Instant::now(), self.hart.position().0));
         loop {
             let now = self.hart.position().0;
             if now >= limit {
@@ -391,9 +373,7 @@ impl Machine {
                 if let Some(stop) = self.idle(console, limit)? {
                     return Ok(stop);
                 }
-            } else if self.hart.position().0 >= now + CONSOLE_POLL
-                || self.board.console_in.is_empty()
-            {
+            } else if self.hart.position().0 >= now + CONSOLE_POLL || self.board.console_in.is_empty() {
                 match console.read(Duration::ZERO) {
                     ConsoleInput::Bytes(b) => self.board.console_in.extend(b),
                     ConsoleInput::Quit => return Ok(Stop::Quit),
@@ -407,11 +387,7 @@ impl Machine {
     /// bare-metal programs (no console, no host time: `wfi` jumps straight
     /// to the next deadline). Returns early (with `Ok(false)`) when `stop`
     /// says so after an exit.
-    pub fn run_until(
-        &mut self,
-        target: Position,
-        mut stop: impl FnMut(&Machine) -> bool,
-    ) -> Result<bool, RunError> {
+    pub fn run_until(&mut self, target: Position, mut stop: impl FnMut(&Machine) -> bool) -> Result<bool, RunError> {
         loop {
             let now = self.hart.position().0;
             if now >= target.0 {

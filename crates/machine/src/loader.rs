@@ -9,24 +9,13 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read '{path}': {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("'{path}' is not a 64-bit ELF file: {reason}")]
     NotElf64 { path: String, reason: String },
     #[error("'{path}' is an ELF for machine {machine}, not RISC-V")]
     NotRiscv { path: String, machine: u16 },
-    #[error(
-        "'{path}': segment at {start:#x}..{end:#x} lies outside RAM {ram_start:#x}..{ram_end:#x}"
-    )]
-    OutsideRam {
-        path: String,
-        start: u64,
-        end: u64,
-        ram_start: u64,
-        ram_end: u64,
-    },
+    #[error("'{path}': segment at {start:#x}..{end:#x} lies outside RAM {ram_start:#x}..{ram_end:#x}")]
+    OutsideRam { path: String, start: u64, end: u64, ram_start: u64, ram_end: u64 },
     #[error("'{path}': segment at {start:#x} claims bytes beyond the end of the file")]
     Truncated { path: String, start: u64 },
 }
@@ -42,45 +31,31 @@ pub struct LoadedElf {
 /// Load every PT_LOAD segment of a RISC-V ELF64 at its physical address.
 pub fn load_elf(path: &Path, ram: &mut Ram) -> Result<LoadedElf, LoadError> {
     let p = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| LoadError::Read {
-        path: p.clone(),
-        source,
-    })?;
+    let data = std::fs::read(path).map_err(|source| LoadError::Read { path: p.clone(), source })?;
     load_elf_bytes(&p, &data, ram)
 }
 
 pub fn load_elf_bytes(p: &str, data: &[u8], ram: &mut Ram) -> Result<LoadedElf, LoadError> {
-    let file = ElfFile64::<Endianness>::parse(data).map_err(|e| LoadError::NotElf64 {
-        path: p.to_string(),
-        reason: e.to_string(),
-    })?;
+    let file = ElfFile64::<Endianness>::parse(data)
+        .map_err(|e| LoadError::NotElf64 { path: p.to_string(), reason: e.to_string() })?;
     let header = file.elf_header();
     let endian = file.endian();
     let machine = header.e_machine(endian);
     if machine != elf::EM_RISCV {
-        return Err(LoadError::NotRiscv {
-            path: p.to_string(),
-            machine,
-        });
+        return Err(LoadError::NotRiscv { path: p.to_string(), machine });
     }
     // Check every segment before writing any, so a bad file loads nothing.
     let mut segments = Vec::new();
     for ph in header
         .program_headers(endian, data)
-        .map_err(|e| LoadError::NotElf64 {
-            path: p.to_string(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| LoadError::NotElf64 { path: p.to_string(), reason: e.to_string() })?
     {
         if ph.p_type(endian) != elf::PT_LOAD {
             continue;
         }
         let start = ph.p_paddr(endian);
         let memsz = ph.p_memsz(endian);
-        let bytes = ph.data(endian, data).map_err(|_| LoadError::Truncated {
-            path: p.to_string(),
-            start,
-        })?;
+        let bytes = ph.data(endian, data).map_err(|_| LoadError::Truncated { path: p.to_string(), start })?;
         let end = start.saturating_add(memsz);
         if !ram.contains(start, memsz) || (bytes.len() as u64) > memsz {
             return Err(LoadError::OutsideRam {
@@ -97,14 +72,8 @@ pub fn load_elf_bytes(p: &str, data: &[u8], ram: &mut Ram) -> Result<LoadedElf, 
         ram.write(start, bytes);
         ram.fill(start + bytes.len() as u64, memsz - bytes.len() as u64, 0);
     }
-    let tohost = file
-        .symbols()
-        .find(|s| s.name() == Ok("tohost"))
-        .map(|s| s.address());
-    Ok(LoadedElf {
-        entry: header.e_entry(endian),
-        tohost,
-    })
+    let tohost = file.symbols().find(|s| s.name() == Ok("tohost")).map(|s| s.address());
+    Ok(LoadedElf { entry: header.e_entry(endian), tohost })
 }
 
 #[cfg(test)]

@@ -68,12 +68,7 @@ fn pass() -> Vec<u32> {
 pub fn int_loop_m(iters: u64) -> Program {
     let mut w = loop_body(iters, DATA_PHYS);
     w.extend(pass());
-    Program {
-        chunks: vec![(M_CODE, to_bytes(&w))],
-        entry: M_CODE,
-        tohost: TOHOST,
-        loop_insns: iters * LOOP_BODY,
-    }
+    Program { chunks: vec![(M_CODE, to_bytes(&w))], entry: M_CODE, tohost: TOHOST, loop_insns: iters * LOOP_BODY }
 }
 
 fn pte(phys: u64, flags: u64) -> u64 {
@@ -107,27 +102,12 @@ pub fn int_loop_u_sv39(iters: u64) -> Program {
     let tables = [
         (ROOT_PT, pte(L1_PT, V)),
         (L1_PT, pte(L0_PT, V)),
-        (
-            L0_PT + 8 * (U_CODE >> 12),
-            pte(U_CODE_PHYS, V | R | X | U | A),
-        ),
-        (
-            L0_PT + 8 * (U_DATA >> 12),
-            pte(DATA_PHYS, V | R | W | U | A | D),
-        ),
+        (L0_PT + 8 * (U_CODE >> 12), pte(U_CODE_PHYS, V | R | X | U | A)),
+        (L0_PT + 8 * (U_DATA >> 12), pte(DATA_PHYS, V | R | W | U | A | D)),
     ];
-    let mut chunks = vec![
-        (M_CODE, to_bytes(&m)),
-        (M_HANDLER, to_bytes(&handler)),
-        (U_CODE_PHYS, to_bytes(&u)),
-    ];
+    let mut chunks = vec![(M_CODE, to_bytes(&m)), (M_HANDLER, to_bytes(&handler)), (U_CODE_PHYS, to_bytes(&u))];
     chunks.extend(tables.iter().map(|&(a, v)| (a, v.to_le_bytes().to_vec())));
-    Program {
-        chunks,
-        entry: M_CODE,
-        tohost: TOHOST,
-        loop_insns: iters * LOOP_BODY,
-    }
+    Program { chunks, entry: M_CODE, tohost: TOHOST, loop_insns: iters * LOOP_BODY }
 }
 
 #[cfg(test)]

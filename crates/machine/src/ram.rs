@@ -10,10 +10,7 @@ pub struct Ram {
 
 impl Ram {
     pub fn new(base: u64, size: u64) -> Ram {
-        Ram {
-            base,
-            bytes: vec![0; size as usize],
-        }
+        Ram { base, bytes: vec![0; size as usize] }
     }
 
     pub fn base(&self) -> u64 {
@@ -30,10 +27,7 @@ impl Ram {
 
     /// Is `[addr, addr + len)` inside RAM?
     pub fn contains(&self, addr: u64, len: u64) -> bool {
-        addr >= self.base
-            && addr
-                .checked_add(len)
-                .is_some_and(|end| end <= self.base + self.len())
+        addr >= self.base && addr.checked_add(len).is_some_and(|end| end <= self.base + self.len())
     }
 
     pub fn bytes(&self) -> &[u8] {

@@ -69,12 +69,7 @@ pub fn handle(m: &mut Machine) -> SbiOutcome {
                 m.board.console_out.push(a(0) as u8);
                 0
             }
-            LEGACY_GETCHAR => m
-                .board
-                .console_in
-                .pop_front()
-                .map(|b| b as i64)
-                .unwrap_or(-1),
+            LEGACY_GETCHAR => m.board.console_in.pop_front().map(|b| b as i64).unwrap_or(-1),
             LEGACY_SHUTDOWN => {
                 outcome = SbiOutcome::Shutdown;
                 0
@@ -108,14 +103,7 @@ pub fn handle(m: &mut Machine) -> SbiOutcome {
             m.hart.flush_translations();
             (SUCCESS, 0)
         }
-        (EXT_HSM, 0) => (
-            if a(0) == 0 {
-                ERR_ALREADY_AVAILABLE
-            } else {
-                ERR_INVALID_PARAM
-            },
-            0,
-        ),
+        (EXT_HSM, 0) => (if a(0) == 0 { ERR_ALREADY_AVAILABLE } else { ERR_INVALID_PARAM }, 0),
         (EXT_HSM, 1) => (ERR_FAILED, 0),
         (EXT_HSM, 2) => {
             if a(0) == 0 {

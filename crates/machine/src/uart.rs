@@ -60,8 +60,7 @@ impl Uart {
     }
 
     pub fn irq(&self) -> bool {
-        (self.ier & IER_RX != 0 && !self.rx.is_empty())
-            || (self.ier & IER_THRE != 0 && self.thre_pending)
+        (self.ier & IER_RX != 0 && !self.rx.is_empty()) || (self.ier & IER_THRE != 0 && self.thre_pending)
     }
 
     fn iir(&self) -> u8 {

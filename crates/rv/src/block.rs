@@ -43,11 +43,7 @@ struct JumpEntry {
     block: u32,
 }
 
-const EMPTY_JUMP: JumpEntry = JumpEntry {
-    pc: u64::MAX,
-    ctx: u32::MAX,
-    block: 0,
-};
+const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, ctx: u32::MAX, block: 0 };
 
 #[derive(Clone)]
 pub struct BlockCache {
@@ -82,11 +78,7 @@ impl BlockCache {
         self.ops.clear();
         self.blocks.clear();
         self.ops.push(Op::illegal(0, 2));
-        self.blocks.push(Block {
-            start: 0,
-            count: 1,
-            paddr: u64::MAX,
-        });
+        self.blocks.push(Block { start: 0, count: 1, paddr: u64::MAX });
     }
 
     #[inline(always)]
@@ -105,11 +97,7 @@ impl BlockCache {
     }
 
     pub fn remember(&mut self, pc: u64, ctx: usize, block: u32) {
-        self.jump[Self::jump_index(pc)] = JumpEntry {
-            pc,
-            ctx: ctx as u32,
-            block,
-        };
+        self.jump[Self::jump_index(pc)] = JumpEntry { pc, ctx: ctx as u32, block };
     }
 
     pub fn find_paddr(&self, paddr: u64) -> Option<u32> {
@@ -123,11 +111,7 @@ impl BlockCache {
             return None;
         }
         let idx = self.blocks.len() as u32;
-        self.blocks.push(Block {
-            start: self.ops.len() as u32,
-            count: ops.len() as u32,
-            paddr,
-        });
+        self.blocks.push(Block { start: self.ops.len() as u32, count: ops.len() as u32, paddr });
         self.ops.extend_from_slice(ops);
         self.by_paddr.insert(paddr, idx);
         self.by_page.entry(page).or_default().push(idx);

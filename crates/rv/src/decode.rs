@@ -89,25 +89,12 @@ pub struct Op {
 
 impl Op {
     fn new(kind: Kind, len: u8) -> Op {
-        Op {
-            kind,
-            rd: 0,
-            rs1: 0,
-            rs2: 0,
-            imm: 0,
-            rs3: 0,
-            rm: 0,
-            len,
-            off: 0,
-        }
+        Op { kind, rd: 0, rs1: 0, rs2: 0, imm: 0, rs3: 0, rm: 0, len, off: 0 }
     }
 
     /// The instruction as an illegal-instruction trap would report it.
     pub fn illegal(raw: u32, len: u8) -> Op {
-        Op {
-            imm: raw as i32,
-            ..Op::new(Kind::Illegal, len)
-        }
+        Op { imm: raw as i32, ..Op::new(Kind::Illegal, len) }
     }
 
     /// Does this operation end a decoded block? Control transfers, and every
@@ -176,17 +163,12 @@ fn imm_s(raw: u32) -> i32 {
     (((raw & 0xfe00_0000) as i32) >> 20) | bits(raw, 11, 7) as i32
 }
 fn imm_b(raw: u32) -> i32 {
-    let v = (bits(raw, 31, 31) << 12)
-        | (bits(raw, 7, 7) << 11)
-        | (bits(raw, 30, 25) << 5)
-        | (bits(raw, 11, 8) << 1);
+    let v = (bits(raw, 31, 31) << 12) | (bits(raw, 7, 7) << 11) | (bits(raw, 30, 25) << 5) | (bits(raw, 11, 8) << 1);
     sext(v, 13)
 }
 fn imm_j(raw: u32) -> i32 {
-    let v = (bits(raw, 31, 31) << 20)
-        | (bits(raw, 19, 12) << 12)
-        | (bits(raw, 20, 20) << 11)
-        | (bits(raw, 30, 21) << 1);
+    let v =
+        (bits(raw, 31, 31) << 20) | (bits(raw, 19, 12) << 12) | (bits(raw, 20, 20) << 11) | (bits(raw, 30, 21) << 1);
     sext(v, 21)
 }
 
@@ -205,13 +187,7 @@ pub fn decode32(raw: u32) -> Op {
     let f7 = bits(raw, 31, 25);
     let ill = Op::illegal(raw, 4);
     // Integer register-writing op.
-    let r = |kind: Kind, imm: i32| Op {
-        rd: xd(rd),
-        rs1,
-        rs2,
-        imm,
-        ..Op::new(kind, 4)
-    };
+    let r = |kind: Kind, imm: i32| Op { rd: xd(rd), rs1, rs2, imm, ..Op::new(kind, 4) };
     match raw & 0x7f {
         0x37 => r(Lui, (raw & 0xffff_f000) as i32),
         0x17 => r(Auipc, (raw & 0xffff_f000) as i32),
@@ -227,12 +203,7 @@ pub fn decode32(raw: u32) -> Op {
                 7 => Bgeu,
                 _ => return ill,
             };
-            Op {
-                rs1,
-                rs2,
-                imm: imm_b(raw),
-                ..Op::new(kind, 4)
-            }
+            Op { rs1, rs2, imm: imm_b(raw), ..Op::new(kind, 4) }
         }
         0x03 => {
             let kind = match f3 {
@@ -255,12 +226,7 @@ pub fn decode32(raw: u32) -> Op {
                 3 => Sd,
                 _ => return ill,
             };
-            Op {
-                rs1,
-                rs2,
-                imm: imm_s(raw),
-                ..Op::new(kind, 4)
-            }
+            Op { rs1, rs2, imm: imm_s(raw), ..Op::new(kind, 4) }
         }
         0x13 => {
             let imm = imm_i(raw);
@@ -344,25 +310,14 @@ pub fn decode32(raw: u32) -> Op {
                     _ if f7 == 0x09 && rd == 0 => SfenceVma,
                     _ => return ill,
                 };
-                Op {
-                    rs1,
-                    rs2,
-                    imm: raw as i32,
-                    ..Op::new(kind, 4)
-                }
+                Op { rs1, rs2, imm: raw as i32, ..Op::new(kind, 4) }
             }
             4 => ill,
             _ => {
                 let kind = [Csrrw, Csrrw, Csrrs, Csrrc, Csrrw, Csrrwi, Csrrsi, Csrrci][f3 as usize];
                 // rs1 holds the uimm for the immediate forms; rs2 keeps the
                 // architectural rd (0 matters: csrrw with rd=x0 does not read).
-                Op {
-                    rd: xd(rd),
-                    rs1,
-                    rs2: rd as u8,
-                    imm: bits(raw, 31, 20) as i32,
-                    ..Op::new(kind, 4)
-                }
+                Op { rd: xd(rd), rs1, rs2: rd as u8, imm: bits(raw, 31, 20) as i32, ..Op::new(kind, 4) }
             }
         },
         0x2f => {
@@ -395,33 +350,13 @@ pub fn decode32(raw: u32) -> Op {
             r(kind, 0)
         }
         0x07 => match f3 {
-            2 => Op {
-                rd: rd as u8,
-                rs1,
-                imm: imm_i(raw),
-                ..Op::new(Flw, 4)
-            },
-            3 => Op {
-                rd: rd as u8,
-                rs1,
-                imm: imm_i(raw),
-                ..Op::new(Fld, 4)
-            },
+            2 => Op { rd: rd as u8, rs1, imm: imm_i(raw), ..Op::new(Flw, 4) },
+            3 => Op { rd: rd as u8, rs1, imm: imm_i(raw), ..Op::new(Fld, 4) },
             _ => ill,
         },
         0x27 => match f3 {
-            2 => Op {
-                rs1,
-                rs2,
-                imm: imm_s(raw),
-                ..Op::new(Fsw, 4)
-            },
-            3 => Op {
-                rs1,
-                rs2,
-                imm: imm_s(raw),
-                ..Op::new(Fsd, 4)
-            },
+            2 => Op { rs1, rs2, imm: imm_s(raw), ..Op::new(Fsw, 4) },
+            3 => Op { rs1, rs2, imm: imm_s(raw), ..Op::new(Fsd, 4) },
             _ => ill,
         },
         0x43 | 0x47 | 0x4b | 0x4f => {
@@ -430,17 +365,8 @@ pub fn decode32(raw: u32) -> Op {
                 return ill;
             }
             let idx = ((raw & 0x7f) - 0x43) / 4 + 4 * fmt;
-            let kind = [
-                FmaddS, FmsubS, FnmsubS, FnmaddS, FmaddD, FmsubD, FnmsubD, FnmaddD,
-            ][idx as usize];
-            Op {
-                rd: rd as u8,
-                rs1,
-                rs2,
-                rs3: bits(raw, 31, 27) as u8,
-                rm: f3 as u8,
-                ..Op::new(kind, 4)
-            }
+            let kind = [FmaddS, FmsubS, FnmsubS, FnmaddS, FmaddD, FmsubD, FnmsubD, FnmaddD][idx as usize];
+            Op { rd: rd as u8, rs1, rs2, rs3: bits(raw, 31, 27) as u8, rm: f3 as u8, ..Op::new(kind, 4) }
         }
         0x53 => decode_op_fp(raw),
         _ => ill,
@@ -467,36 +393,19 @@ fn decode_op_fp(raw: u32) -> Op {
     // F destination, with a rounding mode.
     let fr = |kind: Kind| -> Op {
         if rm_ok(f3) {
-            Op {
-                rd: rd as u8,
-                rs1,
-                rs2: rs2 as u8,
-                rm: f3 as u8,
-                ..Op::new(kind, 4)
-            }
+            Op { rd: rd as u8, rs1, rs2: rs2 as u8, rm: f3 as u8, ..Op::new(kind, 4) }
         } else {
             ill
         }
     };
     // F destination, funct3 selects the operation (no rounding).
-    let fnr = |kind: Kind| Op {
-        rd: rd as u8,
-        rs1,
-        rs2: rs2 as u8,
-        ..Op::new(kind, 4)
-    };
+    let fnr = |kind: Kind| Op { rd: rd as u8, rs1, rs2: rs2 as u8, ..Op::new(kind, 4) };
     // Integer destination.
     let xr = |kind: Kind, uses_rm: bool| -> Op {
         if uses_rm && !rm_ok(f3) {
             ill
         } else {
-            Op {
-                rd: xd(rd),
-                rs1,
-                rs2: rs2 as u8,
-                rm: f3 as u8,
-                ..Op::new(kind, 4)
-            }
+            Op { rd: xd(rd), rs1, rs2: rs2 as u8, rm: f3 as u8, ..Op::new(kind, 4) }
         }
     };
     match f7 {
@@ -543,13 +452,7 @@ pub fn decode16(raw: u16) -> Op {
     let rs1p = (b(9, 7) + 8) as u8; // rs1' / rd'
     let rd_full = b(11, 7);
     let rs2_full = b(6, 2) as u8;
-    let mk = |kind: Kind, rd: u8, rs1: u8, rs2: u8, imm: i32| Op {
-        rd,
-        rs1,
-        rs2,
-        imm,
-        ..Op::new(kind, 2)
-    };
+    let mk = |kind: Kind, rd: u8, rs1: u8, rs2: u8, imm: i32| Op { rd, rs1, rs2, imm, ..Op::new(kind, 2) };
     // Offsets of the scaled loads/stores.
     let uimm_w = (b(12, 10) << 3) | (b(6, 6) << 2) | (b(5, 5) << 6);
     let uimm_d = (b(12, 10) << 3) | (b(6, 5) << 6);
@@ -590,11 +493,7 @@ pub fn decode16(raw: u16) -> Op {
         }
         (1, 3) => {
             if rd_full == 2 {
-                let v = (b(12, 12) << 9)
-                    | (b(6, 6) << 4)
-                    | (b(5, 5) << 6)
-                    | (b(4, 3) << 7)
-                    | (b(2, 2) << 5);
+                let v = (b(12, 12) << 9) | (b(6, 6) << 4) | (b(5, 5) << 6) | (b(4, 3) << 7) | (b(2, 2) << 5);
                 if v == 0 {
                     return ill;
                 }
@@ -642,11 +541,7 @@ pub fn decode16(raw: u16) -> Op {
             mk(Jal, X_SINK, 0, 0, sext(v, 12))
         }
         (1, 6) | (1, 7) => {
-            let v = (b(12, 12) << 8)
-                | (b(11, 10) << 3)
-                | (b(6, 5) << 6)
-                | (b(4, 3) << 1)
-                | (b(2, 2) << 5);
+            let v = (b(12, 12) << 8) | (b(11, 10) << 3) | (b(6, 5) << 6) | (b(4, 3) << 1) | (b(2, 2) << 5);
             mk(if f3 == 6 { Beq } else { Bne }, 0, rs1p, 0, sext(v, 9))
         }
         (2, 0) => {
@@ -679,10 +574,7 @@ pub fn decode16(raw: u16) -> Op {
                 (0, _, 0) => mk(Jalr, X_SINK, rs1, 0, 0),
                 (0, 0, _) => mk(Nop, 0, 0, 0, 0),
                 (0, _, _) => mk(Add, rs1, 0, rs2_full, 0),
-                (1, 0, 0) => Op {
-                    imm: raw32 as i32,
-                    ..Op::new(Ebreak, 2)
-                },
+                (1, 0, 0) => Op { imm: raw32 as i32, ..Op::new(Ebreak, 2) },
                 (1, _, 0) => mk(Jalr, 1, rs1, 0, 0),
                 (1, 0, _) => mk(Nop, 0, 0, 0, 0),
                 _ => mk(Add, rs1, rs1, rs2_full, 0),
@@ -765,10 +657,7 @@ mod tests {
     #[test]
     fn illegal_keeps_raw_bits_for_tval() {
         let op = decode(0xffff_ffff);
-        assert_eq!(
-            (op.kind, op.imm as u32, op.len),
-            (Kind::Illegal, 0xffff_ffff, 4)
-        );
+        assert_eq!((op.kind, op.imm as u32, op.len), (Kind::Illegal, 0xffff_ffff, 4));
         let op = decode(0x0000); // all-zero halfword is defined illegal
         assert_eq!((op.kind, op.imm, op.len), (Kind::Illegal, 0, 2));
     }

@@ -18,7 +18,9 @@
 //! * A NaN result is always the canonical NaN (11.3).
 
 #[cfg(not(target_arch = "x86_64"))]
-compile_error!("rv's floating-point unit needs an x86-64 host (SSE with MXCSR); a portable soft-float path is not written yet");
+compile_error!(
+    "rv's floating-point unit needs an x86-64 host (SSE with MXCSR); a portable soft-float path is not written yet"
+);
 
 use rustc_apfloat::ieee::{Double, Single};
 use rustc_apfloat::{Float, FloatConvert, Round, Status};
@@ -298,20 +300,14 @@ pub enum BinOp {
 pub fn binop_s(op: BinOp, a: u64, b: u64, rm: Rm) -> (u64, u8) {
     let (fa, fb) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
     let (bits, flags) = if rm == Rm::Rmm {
-        let (x, y) = (
-            Single::from_bits(a as u32 as u128),
-            Single::from_bits(b as u32 as u128),
-        );
+        let (x, y) = (Single::from_bits(a as u32 as u128), Single::from_bits(b as u32 as u128));
         let r = match op {
             BinOp::Add => x.add_r(y, rm.apfloat()),
             BinOp::Sub => x.sub_r(y, rm.apfloat()),
             BinOp::Mul => x.mul_r(y, rm.apfloat()),
             BinOp::Div => x.div_r(y, rm.apfloat()),
         };
-        (
-            r.value.to_bits() as u64,
-            ap_flags(r.status) | S.snan_flag(&[a, b]),
-        )
+        (r.value.to_bits() as u64, ap_flags(r.status) | S.snan_flag(&[a, b]))
     } else {
         let (r, f) = match op {
             BinOp::Add => sse_add_s(fa, fb, rm),
@@ -335,10 +331,7 @@ pub fn binop_d(op: BinOp, a: u64, b: u64, rm: Rm) -> (u64, u8) {
             BinOp::Mul => x.mul_r(y, rm.apfloat()),
             BinOp::Div => x.div_r(y, rm.apfloat()),
         };
-        (
-            r.value.to_bits() as u64,
-            ap_flags(r.status) | D.snan_flag(&[a, b]),
-        )
+        (r.value.to_bits() as u64, ap_flags(r.status) | D.snan_flag(&[a, b]))
     } else {
         let (r, f) = match op {
             BinOp::Add => sse_add_d(fa, fb, rm),
@@ -398,36 +391,20 @@ fn fma_generic(f: &Fmt, op: FmaOp, a: u64, b: u64, c: u64, rm: Rm, single: bool)
                 Single::from_bits(c2 as u32 as u128),
                 rm.apfloat(),
             );
-            (
-                r.value.to_bits() as u64,
-                ap_flags(r.status) | f.snan_flag(&[a, b, c]),
-            )
+            (r.value.to_bits() as u64, ap_flags(r.status) | f.snan_flag(&[a, b, c]))
         } else {
             let r = Double::from_bits(a2 as u128).mul_add_r(
                 Double::from_bits(b as u128),
                 Double::from_bits(c2 as u128),
                 rm.apfloat(),
             );
-            (
-                r.value.to_bits() as u64,
-                ap_flags(r.status) | f.snan_flag(&[a, b, c]),
-            )
+            (r.value.to_bits() as u64, ap_flags(r.status) | f.snan_flag(&[a, b, c]))
         }
     } else if single {
-        let (r, fl) = sse_fma_s(
-            f32::from_bits(a2 as u32),
-            f32::from_bits(b as u32),
-            f32::from_bits(c2 as u32),
-            rm,
-        );
+        let (r, fl) = sse_fma_s(f32::from_bits(a2 as u32), f32::from_bits(b as u32), f32::from_bits(c2 as u32), rm);
         (r.to_bits() as u64, fl)
     } else {
-        let (r, fl) = sse_fma_d(
-            f64::from_bits(a2),
-            f64::from_bits(b),
-            f64::from_bits(c2),
-            rm,
-        );
+        let (r, fl) = sse_fma_d(f64::from_bits(a2), f64::from_bits(b), f64::from_bits(c2), rm);
         (r.to_bits(), fl)
     };
     // A NaN result from a NaN input raises NV only for signalling inputs.
@@ -453,12 +430,8 @@ pub fn fma_d(op: FmaOp, a: u64, b: u64, c: u64, rm: Rm) -> (u64, u8) {
 pub fn narrow_d_to_s(a: u64, rm: Rm) -> (u64, u8) {
     let (bits, flags) = if rm == Rm::Rmm {
         let mut lost = false;
-        let r: rustc_apfloat::StatusAnd<Single> =
-            Double::from_bits(a as u128).convert_r(rm.apfloat(), &mut lost);
-        (
-            r.value.to_bits() as u64,
-            ap_flags(r.status) | D.snan_flag(&[a]),
-        )
+        let r: rustc_apfloat::StatusAnd<Single> = Double::from_bits(a as u128).convert_r(rm.apfloat(), &mut lost);
+        (r.value.to_bits() as u64, ap_flags(r.status) | D.snan_flag(&[a]))
     } else {
         let (r, f) = sse_narrow(f64::from_bits(a), rm);
         (r.to_bits() as u64, f)
@@ -520,11 +493,7 @@ pub enum Cmp {
 /// feq is quiet (NV only for signalling NaNs); flt and fle signal on any NaN.
 pub fn compare(f: &Fmt, cmp: Cmp, a: u64, b: u64) -> (u64, u8) {
     if f.is_nan(a) || f.is_nan(b) {
-        let flags = if cmp == Cmp::Eq {
-            f.snan_flag(&[a, b])
-        } else {
-            NV
-        };
+        let flags = if cmp == Cmp::Eq { f.snan_flag(&[a, b]) } else { NV };
         return (0, flags);
     }
     let eq = a == b || (f.is_zero(a) && f.is_zero(b));
@@ -638,10 +607,7 @@ pub fn to_int(f: &Fmt, a: u64, ty: IntTy, rm: Rm) -> (u64, u8) {
         let (sig, e) = if exp == 0 {
             (mant as u128, 1 - f.bias - f.mant_bits as i32)
         } else {
-            (
-                (mant | (1u64 << f.mant_bits)) as u128,
-                exp - f.bias - f.mant_bits as i32,
-            )
+            ((mant | (1u64 << f.mant_bits)) as u128, exp - f.bias - f.mant_bits as i32)
         };
         if e >= 0 {
             if e > 70 {
@@ -717,15 +683,9 @@ mod tests {
         // 1 + 2^-53 is exactly halfway between 1 and 1+2^-52.
         let half_ulp = d(2f64.powi(-53));
         assert_eq!(binop_d(BinOp::Add, d(1.0), half_ulp, Rm::Rne), (d(1.0), NX));
-        assert_eq!(
-            binop_d(BinOp::Add, d(1.0), half_ulp, Rm::Rmm),
-            (d(1.0) + 1, NX)
-        );
+        assert_eq!(binop_d(BinOp::Add, d(1.0), half_ulp, Rm::Rmm), (d(1.0) + 1, NX));
         let half_ulp_s = s(2f32.powi(-24));
-        assert_eq!(
-            binop_s(BinOp::Add, s(1.0), half_ulp_s, Rm::Rmm),
-            (s(1.0) + 1, NX)
-        );
+        assert_eq!(binop_s(BinOp::Add, s(1.0), half_ulp_s, Rm::Rmm), (s(1.0) + 1, NX));
     }
 
     #[test]
@@ -738,40 +698,19 @@ mod tests {
     fn nan_results_are_canonical_and_snan_signals() {
         let snan = 0x7ff0_0000_0000_0001;
         let qnan_payload = 0xfff8_0000_0000_1234;
-        assert_eq!(
-            binop_d(BinOp::Add, snan, d(1.0), Rm::Rne),
-            (CANON_NAN_D, NV)
-        );
-        assert_eq!(
-            binop_d(BinOp::Add, qnan_payload, d(1.0), Rm::Rne),
-            (CANON_NAN_D, 0)
-        );
-        assert_eq!(
-            binop_d(BinOp::Add, snan, d(1.0), Rm::Rmm),
-            (CANON_NAN_D, NV)
-        );
-        assert_eq!(
-            binop_d(BinOp::Sub, d(f64::INFINITY), d(f64::INFINITY), Rm::Rne),
-            (CANON_NAN_D, NV)
-        );
+        assert_eq!(binop_d(BinOp::Add, snan, d(1.0), Rm::Rne), (CANON_NAN_D, NV));
+        assert_eq!(binop_d(BinOp::Add, qnan_payload, d(1.0), Rm::Rne), (CANON_NAN_D, 0));
+        assert_eq!(binop_d(BinOp::Add, snan, d(1.0), Rm::Rmm), (CANON_NAN_D, NV));
+        assert_eq!(binop_d(BinOp::Sub, d(f64::INFINITY), d(f64::INFINITY), Rm::Rne), (CANON_NAN_D, NV));
         assert_eq!(sqrt_d(d(-1.0), Rm::Rne), (CANON_NAN_D, NV));
         assert_eq!(sqrt_d(d(-0.0), Rm::Rne), (d(-0.0), 0));
     }
 
     #[test]
     fn divide_by_zero_overflow_underflow() {
-        assert_eq!(
-            binop_d(BinOp::Div, d(1.0), d(0.0), Rm::Rne),
-            (d(f64::INFINITY), DZ)
-        );
-        assert_eq!(
-            binop_d(BinOp::Mul, d(f64::MAX), d(2.0), Rm::Rne),
-            (d(f64::INFINITY), OF | NX)
-        );
-        assert_eq!(
-            binop_d(BinOp::Mul, d(f64::MAX), d(2.0), Rm::Rtz),
-            (d(f64::MAX), OF | NX)
-        );
+        assert_eq!(binop_d(BinOp::Div, d(1.0), d(0.0), Rm::Rne), (d(f64::INFINITY), DZ));
+        assert_eq!(binop_d(BinOp::Mul, d(f64::MAX), d(2.0), Rm::Rne), (d(f64::INFINITY), OF | NX));
+        assert_eq!(binop_d(BinOp::Mul, d(f64::MAX), d(2.0), Rm::Rtz), (d(f64::MAX), OF | NX));
         // Smallest subnormal halved: tiny and inexact.
         let (r, f) = binop_d(BinOp::Mul, 1, d(0.5), Rm::Rne);
         assert_eq!((r, f), (0, UF | NX));
@@ -788,15 +727,9 @@ mod tests {
         assert_eq!(f64::from_bits(r), -(2f64.powi(-104)));
         assert_eq!(f, 0);
         // inf * 0 + qNaN signals invalid.
-        assert_eq!(
-            fma_d(FmaOp::Madd, d(f64::INFINITY), d(0.0), CANON_NAN_D, Rm::Rne),
-            (CANON_NAN_D, NV)
-        );
+        assert_eq!(fma_d(FmaOp::Madd, d(f64::INFINITY), d(0.0), CANON_NAN_D, Rm::Rne), (CANON_NAN_D, NV));
         // RMM through apfloat agrees on an exact case.
-        assert_eq!(
-            fma_d(FmaOp::Nmadd, d(2.0), d(3.0), d(1.0), Rm::Rmm),
-            (d(-7.0), 0)
-        );
+        assert_eq!(fma_d(FmaOp::Nmadd, d(2.0), d(3.0), d(1.0), Rm::Rmm), (d(-7.0), 0));
     }
 
     #[test]
@@ -824,37 +757,19 @@ mod tests {
         assert_eq!(to_int(&D, d(2.5), IntTy::W, Rm::Rmm), (3, NX));
         assert_eq!(to_int(&D, d(-2.5), IntTy::W, Rm::Rdn), ((-3i64) as u64, NX));
         assert_eq!(to_int(&D, d(-2.5), IntTy::W, Rm::Rup), ((-2i64) as u64, NX));
-        assert_eq!(
-            to_int(&D, d(1e20), IntTy::L, Rm::Rne),
-            (i64::MAX as u64, NV)
-        );
+        assert_eq!(to_int(&D, d(1e20), IntTy::L, Rm::Rne), (i64::MAX as u64, NV));
         assert_eq!(to_int(&D, d(-1.0), IntTy::Lu, Rm::Rne), (0, NV));
         assert_eq!(to_int(&D, d(-0.5), IntTy::Lu, Rm::Rtz), (0, NX));
-        assert_eq!(
-            to_int(&D, CANON_NAN_D, IntTy::W, Rm::Rne),
-            (i32::MAX as u64, NV)
-        );
+        assert_eq!(to_int(&D, CANON_NAN_D, IntTy::W, Rm::Rne), (i32::MAX as u64, NV));
         assert_eq!(to_int(&D, CANON_NAN_D, IntTy::Wu, Rm::Rne), (u64::MAX, NV)); // sign-extended
-        assert_eq!(
-            to_int(&D, d(f64::NEG_INFINITY), IntTy::L, Rm::Rne),
-            (i64::MIN as u64, NV)
-        );
-        assert_eq!(
-            to_int(&S, s(4294967040.0), IntTy::Wu, Rm::Rne),
-            (0xffff_ffff_ffff_ff00, 0)
-        );
+        assert_eq!(to_int(&D, d(f64::NEG_INFINITY), IntTy::L, Rm::Rne), (i64::MIN as u64, NV));
+        assert_eq!(to_int(&S, s(4294967040.0), IntTy::Wu, Rm::Rne), (0xffff_ffff_ffff_ff00, 0));
     }
 
     #[test]
     fn int_to_float_rounds() {
-        assert_eq!(
-            from_int(&D, false, u64::MAX, Rm::Rne),
-            (d(18446744073709551616.0), NX)
-        );
-        assert_eq!(
-            from_int(&D, false, u64::MAX, Rm::Rtz),
-            (d(18446744073709549568.0), NX)
-        );
+        assert_eq!(from_int(&D, false, u64::MAX, Rm::Rne), (d(18446744073709551616.0), NX));
+        assert_eq!(from_int(&D, false, u64::MAX, Rm::Rtz), (d(18446744073709549568.0), NX));
         assert_eq!(from_int(&S, true, 16777217, Rm::Rne), (s(-16777216.0), NX));
         assert_eq!(from_int(&S, true, 16777217, Rm::Rdn), (s(-16777218.0), NX));
         assert_eq!(from_int(&D, true, 5, Rm::Rne), (d(-5.0), 0));
@@ -877,22 +792,10 @@ mod tests {
 
     #[test]
     fn narrowing_and_widening() {
-        assert_eq!(
-            narrow_d_to_s(d(1.0 + 2f64.powi(-30)), Rm::Rne),
-            (s(1.0), NX)
-        );
-        assert_eq!(
-            narrow_d_to_s(d(1.0 + 2f64.powi(-30)), Rm::Rup),
-            (s(1.0) + 1, NX)
-        );
-        assert_eq!(
-            narrow_d_to_s(d(1e300), Rm::Rne),
-            (s(f32::INFINITY), OF | NX)
-        );
-        assert_eq!(
-            narrow_d_to_s(0x7ff0_0000_0000_0001, Rm::Rne),
-            (CANON_NAN_S, NV)
-        );
+        assert_eq!(narrow_d_to_s(d(1.0 + 2f64.powi(-30)), Rm::Rne), (s(1.0), NX));
+        assert_eq!(narrow_d_to_s(d(1.0 + 2f64.powi(-30)), Rm::Rup), (s(1.0) + 1, NX));
+        assert_eq!(narrow_d_to_s(d(1e300), Rm::Rne), (s(f32::INFINITY), OF | NX));
+        assert_eq!(narrow_d_to_s(0x7ff0_0000_0000_0001, Rm::Rne), (CANON_NAN_S, NV));
         assert_eq!(widen_s_to_d(0x7f80_0001), (CANON_NAN_D, NV));
         assert_eq!(widen_s_to_d(1), ((f32::from_bits(1) as f64).to_bits(), 0));
     }

@@ -205,14 +205,11 @@ impl Core {
     }
 
     fn cycles(&self) -> u64 {
-        self.cycle_frozen
-            .unwrap_or(self.position.wrapping_add(self.cycle_offset))
+        self.cycle_frozen.unwrap_or(self.position.wrapping_add(self.cycle_offset))
     }
 
     fn instret(&self) -> u64 {
-        self.instret_frozen.unwrap_or(
-            (self.position - self.exceptions - self.idle).wrapping_add(self.instret_offset),
-        )
+        self.instret_frozen.unwrap_or((self.position - self.exceptions - self.idle).wrapping_add(self.instret_offset))
     }
 
     fn mip(&self) -> u64 {
@@ -249,8 +246,7 @@ impl Core {
         if m_enabled && m != 0 {
             return ORDER.iter().copied().find(|&c| m & (1 << c) != 0);
         }
-        let s_enabled =
-            self.prv < PRV_S || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_SIE != 0);
+        let s_enabled = self.prv < PRV_S || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_SIE != 0);
         let s = pending & self.csr.mideleg;
         if s_enabled && s != 0 {
             return ORDER.iter().copied().find(|&c| s & (1 << c) != 0);
@@ -262,11 +258,7 @@ impl Core {
     fn take_trap(&mut self, cause: u64, tval: u64) {
         let interrupt = cause & INTERRUPT_BIT != 0;
         let code = cause & !INTERRUPT_BIT;
-        let deleg = if interrupt {
-            self.csr.mideleg
-        } else {
-            self.csr.medeleg
-        };
+        let deleg = if interrupt { self.csr.mideleg } else { self.csr.medeleg };
         let to_s = self.prv <= PRV_S && (deleg >> code) & 1 != 0;
         let s = &mut self.csr;
         let (tvec, status) = if to_s {
@@ -296,11 +288,7 @@ impl Core {
         };
         s.mstatus = status;
         let base = tvec & !3;
-        self.pc = if interrupt && tvec & 1 == 1 {
-            base + 4 * code
-        } else {
-            base
-        };
+        self.pc = if interrupt && tvec & 1 == 1 { base + 4 * code } else { base };
         self.reservation = u64::MAX;
         self.update_ctx();
     }
@@ -314,28 +302,17 @@ impl Core {
 
     /// Translate and, for RAM, fill the TLB.
     fn translate<B: Bus>(&mut self, bus: &mut B, vaddr: u64, access: Access) -> Result<u64, Trap> {
-        let ctx = if access == Access::Fetch {
-            self.fetch_ctx
-        } else {
-            self.data_ctx
-        };
+        let ctx = if access == Access::Fetch { self.fetch_ctx } else { self.data_ctx };
         let paddr = if ctx == CTX_BARE {
             vaddr
         } else {
             let wctx = WalkCtx {
                 satp: self.csr.satp,
-                prv: if access == Access::Fetch {
-                    self.prv
-                } else {
-                    self.data_prv()
-                },
+                prv: if access == Access::Fetch { self.prv } else { self.data_prv() },
                 sum: self.csr.mstatus & MSTATUS_SUM != 0,
                 mxr: self.csr.mstatus & MSTATUS_MXR != 0,
             };
-            let mut mem = RamPtes {
-                ram: bus.ram(),
-                base: self.cfg.ram_base,
-            };
+            let mut mem = RamPtes { ram: bus.ram(), base: self.cfg.ram_base };
             mmu::walk(&mut mem, wctx, vaddr, access)?.paddr
         };
         if let Some(off) = self.ram_off(paddr) {
@@ -351,8 +328,7 @@ impl Core {
             Some(off) if off + size as u64 <= self.cfg.ram_size => {
                 let ram = bus.ram();
                 let mut b = [0u8; 8];
-                b[..size as usize]
-                    .copy_from_slice(&ram[off as usize..off as usize + size as usize]);
+                b[..size as usize].copy_from_slice(&ram[off as usize..off as usize + size as usize]);
                 Some(u64::from_le_bytes(b))
             }
             Some(_) => None,
@@ -362,19 +338,11 @@ impl Core {
 
     /// Returns `Some(true)` when the store must end the block (MMIO, or a
     /// write into a page holding decoded code).
-    fn phys_store<B: Bus>(
-        &mut self,
-        bus: &mut B,
-        paddr: u64,
-        size: u32,
-        val: u64,
-        pos: u64,
-    ) -> Option<bool> {
+    fn phys_store<B: Bus>(&mut self, bus: &mut B, paddr: u64, size: u32, val: u64, pos: u64) -> Option<bool> {
         match self.ram_off(paddr) {
             Some(off) if off + size as u64 <= self.cfg.ram_size => {
                 let ram = bus.ram();
-                ram[off as usize..off as usize + size as usize]
-                    .copy_from_slice(&val.to_le_bytes()[..size as usize]);
+                ram[off as usize..off as usize + size as usize].copy_from_slice(&val.to_le_bytes()[..size as usize]);
                 let page = off >> 12;
                 if self.tlb.is_code_page(page) {
                     self.flush = Flush::Page(page);
@@ -388,12 +356,7 @@ impl Core {
     }
 
     #[inline(always)]
-    fn load<B: Bus, const N: usize>(
-        &mut self,
-        bus: &mut B,
-        vaddr: u64,
-        pos: u64,
-    ) -> Result<u64, Trap> {
+    fn load<B: Bus, const N: usize>(&mut self, bus: &mut B, vaddr: u64, pos: u64) -> Result<u64, Trap> {
         let e = self.tlb.sets[self.data_ctx].read[mmu::tlb_index(vaddr)];
         if e.tag == vaddr & (!0xfff | (N as u64 - 1)) {
             let off = (e.ram_off | (vaddr & 0xfff)) as usize;
@@ -407,13 +370,7 @@ impl Core {
 
     #[cold]
     #[inline(never)]
-    fn load_slow<B: Bus>(
-        &mut self,
-        bus: &mut B,
-        vaddr: u64,
-        size: u32,
-        pos: u64,
-    ) -> Result<u64, Trap> {
+    fn load_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, pos: u64) -> Result<u64, Trap> {
         if vaddr & (size as u64 - 1) != 0 {
             // Misaligned: emulated byte by byte, both pages checked first.
             let last = vaddr.wrapping_add(size as u64 - 1);
@@ -422,22 +379,14 @@ impl Core {
             let mut v = 0u64;
             for i in 0..size as u64 {
                 let va = vaddr.wrapping_add(i);
-                let pa = if (va ^ vaddr) >> 12 == 0 {
-                    p0 + i
-                } else {
-                    p1 - (size as u64 - 1 - i)
-                };
-                let b = self
-                    .phys_load(bus, pa, 1, pos)
-                    .ok_or(Access::Read.access_fault(vaddr))?;
+                let pa = if (va ^ vaddr) >> 12 == 0 { p0 + i } else { p1 - (size as u64 - 1 - i) };
+                let b = self.phys_load(bus, pa, 1, pos).ok_or(Access::Read.access_fault(vaddr))?;
                 v |= b << (8 * i);
             }
             return Ok(v);
         }
         let paddr = self.translate(bus, vaddr, Access::Read)?;
-        let v = self
-            .phys_load(bus, paddr, size, pos)
-            .ok_or(Access::Read.access_fault(vaddr))?;
+        let v = self.phys_load(bus, paddr, size, pos).ok_or(Access::Read.access_fault(vaddr))?;
         if self.ram_off(paddr).is_none() {
             return Err(Trap::new(CAUSE_MMIO_LOAD, v));
         }
@@ -446,13 +395,7 @@ impl Core {
 
     /// Returns whether the block must end after this store.
     #[inline(always)]
-    fn store<B: Bus, const N: usize>(
-        &mut self,
-        bus: &mut B,
-        vaddr: u64,
-        val: u64,
-        pos: u64,
-    ) -> Result<bool, Trap> {
+    fn store<B: Bus, const N: usize>(&mut self, bus: &mut B, vaddr: u64, val: u64, pos: u64) -> Result<bool, Trap> {
         let e = self.tlb.sets[self.data_ctx].write[mmu::tlb_index(vaddr)];
         if e.tag == vaddr & (!0xfff | (N as u64 - 1)) {
             let off = (e.ram_off | (vaddr & 0xfff)) as usize;
@@ -465,14 +408,7 @@ impl Core {
 
     #[cold]
     #[inline(never)]
-    fn store_slow<B: Bus>(
-        &mut self,
-        bus: &mut B,
-        vaddr: u64,
-        size: u32,
-        val: u64,
-        pos: u64,
-    ) -> Result<bool, Trap> {
+    fn store_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, val: u64, pos: u64) -> Result<bool, Trap> {
         if vaddr & (size as u64 - 1) != 0 {
             let last = vaddr.wrapping_add(size as u64 - 1);
             let p0 = self.translate(bus, vaddr, Access::Write)?;
@@ -480,37 +416,20 @@ impl Core {
             let mut end = false;
             for i in 0..size as u64 {
                 let va = vaddr.wrapping_add(i);
-                let pa = if (va ^ vaddr) >> 12 == 0 {
-                    p0 + i
-                } else {
-                    p1 - (size as u64 - 1 - i)
-                };
-                end |= self
-                    .phys_store(bus, pa, 1, val >> (8 * i), pos)
-                    .ok_or(Access::Write.access_fault(vaddr))?;
+                let pa = if (va ^ vaddr) >> 12 == 0 { p0 + i } else { p1 - (size as u64 - 1 - i) };
+                end |= self.phys_store(bus, pa, 1, val >> (8 * i), pos).ok_or(Access::Write.access_fault(vaddr))?;
             }
             return Ok(end);
         }
         let paddr = self.translate(bus, vaddr, Access::Write)?;
-        self.phys_store(bus, paddr, size, val, pos)
-            .ok_or(Access::Write.access_fault(vaddr))
+        self.phys_store(bus, paddr, size, val, pos).ok_or(Access::Write.access_fault(vaddr))
     }
 
     /// LR, SC and AMOs: aligned, translated for writing (AMO faults are
     /// store/AMO faults, 8.4), never split.
-    fn amo_addr<B: Bus>(
-        &mut self,
-        bus: &mut B,
-        vaddr: u64,
-        size: u32,
-        lr: bool,
-    ) -> Result<u64, Trap> {
+    fn amo_addr<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, lr: bool) -> Result<u64, Trap> {
         if vaddr & (size as u64 - 1) != 0 {
-            let cause = if lr {
-                trap::LOAD_MISALIGNED
-            } else {
-                trap::STORE_MISALIGNED
-            };
+            let cause = if lr { trap::LOAD_MISALIGNED } else { trap::STORE_MISALIGNED };
             return Err(Trap::new(cause, vaddr));
         }
         self.translate(bus, vaddr, if lr { Access::Read } else { Access::Write })
@@ -841,46 +760,32 @@ impl Core {
             }
             Fsw => {
                 let raw = self.f[op.rs2 as usize & 31];
-                return self.store::<B, 4>(
-                    bus,
-                    x!(self, op.rs1).wrapping_add(op.imm as i64 as u64),
-                    raw,
-                    pos,
-                );
+                return self.store::<B, 4>(bus, x!(self, op.rs1).wrapping_add(op.imm as i64 as u64), raw, pos);
             }
             Fsd => {
                 let raw = self.f[op.rs2 as usize & 31];
-                return self.store::<B, 8>(
-                    bus,
-                    x!(self, op.rs1).wrapping_add(op.imm as i64 as u64),
-                    raw,
-                    pos,
-                );
+                return self.store::<B, 8>(bus, x!(self, op.rs1).wrapping_add(op.imm as i64 as u64), raw, pos);
             }
             FmaddS | FmsubS | FnmsubS | FnmaddS => {
-                let f = [FmaOp::Madd, FmaOp::Msub, FmaOp::Nmsub, FmaOp::Nmadd]
-                    [(op.kind as u8 - FmaddS as u8) as usize];
+                let f = [FmaOp::Madd, FmaOp::Msub, FmaOp::Nmsub, FmaOp::Nmadd][(op.kind as u8 - FmaddS as u8) as usize];
                 let (r, fl) = fp::fma_s(f, a_s, b_s, c_s, self.rm(op)?);
                 self.raise(fl);
                 self.set_fs(op.rd, r);
             }
             FmaddD | FmsubD | FnmsubD | FnmaddD => {
-                let f = [FmaOp::Madd, FmaOp::Msub, FmaOp::Nmsub, FmaOp::Nmadd]
-                    [(op.kind as u8 - FmaddD as u8) as usize];
+                let f = [FmaOp::Madd, FmaOp::Msub, FmaOp::Nmsub, FmaOp::Nmadd][(op.kind as u8 - FmaddD as u8) as usize];
                 let (r, fl) = fp::fma_d(f, a_d, b_d, c_d, self.rm(op)?);
                 self.raise(fl);
                 self.set_fd(op.rd, r);
             }
             FaddS | FsubS | FmulS | FdivS => {
-                let b = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div]
-                    [(op.kind as u8 - FaddS as u8) as usize];
+                let b = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div][(op.kind as u8 - FaddS as u8) as usize];
                 let (r, fl) = fp::binop_s(b, a_s, b_s, self.rm(op)?);
                 self.raise(fl);
                 self.set_fs(op.rd, r);
             }
             FaddD | FsubD | FmulD | FdivD => {
-                let b = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div]
-                    [(op.kind as u8 - FaddD as u8) as usize];
+                let b = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div][(op.kind as u8 - FaddD as u8) as usize];
                 let (r, fl) = fp::binop_d(b, a_d, b_d, self.rm(op)?);
                 self.raise(fl);
                 self.set_fd(op.rd, r);
@@ -937,15 +842,13 @@ impl Core {
                 x!(self, op.rd) = r;
             }
             FcvtWS | FcvtWuS | FcvtLS | FcvtLuS => {
-                let ty = [IntTy::W, IntTy::Wu, IntTy::L, IntTy::Lu]
-                    [(op.kind as u8 - FcvtWS as u8) as usize];
+                let ty = [IntTy::W, IntTy::Wu, IntTy::L, IntTy::Lu][(op.kind as u8 - FcvtWS as u8) as usize];
                 let (r, fl) = fp::to_int(&fp::S, a_s, ty, self.rm(op)?);
                 self.raise(fl);
                 x!(self, op.rd) = r;
             }
             FcvtWD | FcvtWuD | FcvtLD | FcvtLuD => {
-                let ty = [IntTy::W, IntTy::Wu, IntTy::L, IntTy::Lu]
-                    [(op.kind as u8 - FcvtWD as u8) as usize];
+                let ty = [IntTy::W, IntTy::Wu, IntTy::L, IntTy::Lu][(op.kind as u8 - FcvtWD as u8) as usize];
                 let (r, fl) = fp::to_int(&fp::D, a_d, ty, self.rm(op)?);
                 self.raise(fl);
                 x!(self, op.rd) = r;
@@ -987,16 +890,7 @@ impl Core {
         let vaddr = x!(self, op.rs1);
         let word = matches!(
             op.kind,
-            LrW | ScW
-                | AmoswapW
-                | AmoaddW
-                | AmoxorW
-                | AmoandW
-                | AmoorW
-                | AmominW
-                | AmomaxW
-                | AmominuW
-                | AmomaxuW
+            LrW | ScW | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW | AmominW | AmomaxW | AmominuW | AmomaxuW
         );
         let size = if word { 4 } else { 8 };
         let ext = |v: u64| {
@@ -1009,9 +903,7 @@ impl Core {
         match op.kind {
             LrW | LrD => {
                 let pa = self.amo_addr(bus, vaddr, size, true)?;
-                let v = self
-                    .phys_load(bus, pa, size, pos)
-                    .ok_or(Access::Read.access_fault(vaddr))?;
+                let v = self.phys_load(bus, pa, size, pos).ok_or(Access::Read.access_fault(vaddr))?;
                 self.reservation = pa;
                 x!(self, op.rd) = ext(v);
                 Ok(false)
@@ -1031,9 +923,7 @@ impl Core {
             }
             _ => {
                 let pa = self.amo_addr(bus, vaddr, size, false)?;
-                let old = ext(self
-                    .phys_load(bus, pa, size, pos)
-                    .ok_or(Access::Write.access_fault(vaddr))?);
+                let old = ext(self.phys_load(bus, pa, size, pos).ok_or(Access::Write.access_fault(vaddr))?);
                 let src = ext(x!(self, op.rs2));
                 let new = match op.kind {
                     AmoswapW | AmoswapD => src,
@@ -1046,9 +936,7 @@ impl Core {
                     AmominuW | AmominuD => old.min(src),
                     _ => old.max(src),
                 };
-                let end = self
-                    .phys_store(bus, pa, size, new, pos)
-                    .ok_or(Access::Write.access_fault(vaddr))?;
+                let end = self.phys_store(bus, pa, size, new, pos).ok_or(Access::Write.access_fault(vaddr))?;
                 x!(self, op.rd) = old;
                 Ok(end)
             }
@@ -1154,8 +1042,7 @@ impl Core {
             macro_rules! branch {
                 ($cond:expr) => {{
                     let t = if $cond {
-                        base.wrapping_add(op.off as u64)
-                            .wrapping_add(op.imm as i64 as u64)
+                        base.wrapping_add(op.off as u64).wrapping_add(op.imm as i64 as u64)
                     } else {
                         next_pc!()
                     };
@@ -1265,13 +1152,8 @@ impl Core {
                 Srlw => x!(self, op.rd) = ((r1!() as u32) >> (r2!() & 31)) as i32 as i64 as u64,
                 Sraw => x!(self, op.rd) = ((r1!() as i32) >> (r2!() & 31)) as i64 as u64,
                 Mul => x!(self, op.rd) = r1!().wrapping_mul(r2!()),
-                Mulh => {
-                    x!(self, op.rd) = ((r1!() as i64 as i128 * r2!() as i64 as i128) >> 64) as u64
-                }
-                Mulhsu => {
-                    x!(self, op.rd) =
-                        ((r1!() as i64 as i128).wrapping_mul(r2!() as i128) >> 64) as u64
-                }
+                Mulh => x!(self, op.rd) = ((r1!() as i64 as i128 * r2!() as i64 as i128) >> 64) as u64,
+                Mulhsu => x!(self, op.rd) = ((r1!() as i64 as i128).wrapping_mul(r2!() as i128) >> 64) as u64,
                 Mulhu => x!(self, op.rd) = ((r1!() as u128 * r2!() as u128) >> 64) as u64,
                 Div => {
                     x!(self, op.rd) = match (r1!() as i64, r2!() as i64) {
@@ -1311,24 +1193,20 @@ impl Core {
                     }
                 }
                 Remuw => {
-                    x!(self, op.rd) = (r1!() as u32)
-                        .checked_rem(r2!() as u32)
-                        .unwrap_or(r1!() as u32) as i32 as i64
-                        as u64
+                    x!(self, op.rd) =
+                        (r1!() as u32).checked_rem(r2!() as u32).unwrap_or(r1!() as u32) as i32 as i64 as u64
                 }
-                LrW | ScW | LrD | ScD | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW
-                | AmominW | AmomaxW | AmominuW | AmomaxuW | AmoswapD | AmoaddD | AmoxorD
-                | AmoandD | AmoorD | AmominD | AmomaxD | AmominuD | AmomaxuD => {
-                    match self.exec_amo(bus, op, pos) {
-                        Ok(false) => {}
-                        Ok(true) => {
-                            self.pc = next_pc!();
-                            self.position = pos + 1;
-                            return End::Device;
-                        }
-                        Err(t) => fault!(t),
+                LrW | ScW | LrD | ScD | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW | AmominW | AmomaxW
+                | AmominuW | AmomaxuW | AmoswapD | AmoaddD | AmoxorD | AmoandD | AmoorD | AmominD | AmomaxD
+                | AmominuD | AmomaxuD => match self.exec_amo(bus, op, pos) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        self.pc = next_pc!();
+                        self.position = pos + 1;
+                        return End::Device;
                     }
-                }
+                    Err(t) => fault!(t),
+                },
                 Csrrw | Csrrs | Csrrc | Csrrwi | Csrrsi | Csrrci => {
                     self.position = pos;
                     self.pc = base.wrapping_add(op.off as u64);
@@ -1375,10 +1253,7 @@ impl Hart {
     /// A hart in M-mode at `pc = 0` with everything zero, as after reset.
     pub fn new(cfg: HartConfig) -> Hart {
         assert!(cfg.insns_per_tick > 0, "insns_per_tick must be positive");
-        Hart {
-            core: Core::new(cfg),
-            cache: BlockCache::new(),
-        }
+        Hart { core: Core::new(cfg), cache: BlockCache::new() }
     }
 
     pub fn position(&self) -> Position {
@@ -1518,10 +1393,7 @@ impl Hart {
             return Ok(b);
         }
         let paddr = self.core.translate(bus, pc, Access::Fetch)?;
-        let ram_off = self
-            .core
-            .ram_off(paddr)
-            .ok_or(Access::Fetch.access_fault(pc))?;
+        let ram_off = self.core.ram_off(paddr).ok_or(Access::Fetch.access_fault(pc))?;
         if let Some(b) = self.cache.find_paddr(paddr) {
             self.cache.remember(pc, ctx, b);
             return Ok(b);
@@ -1565,9 +1437,7 @@ impl Hart {
                 self.cache.flush_all();
                 self.core.tlb.clear_all_code_pages();
                 self.core.tlb.mark_code_page(page);
-                self.cache
-                    .insert(paddr, page, &ops[..n])
-                    .expect("an empty cache holds one block")
+                self.cache.insert(paddr, page, &ops[..n]).expect("an empty cache holds one block")
             }
         };
         self.cache.remember(pc, ctx, idx);
@@ -1580,10 +1450,7 @@ impl Hart {
     fn straddling_block<B: Bus>(&mut self, bus: &mut B, lo: u16) -> Result<u32, Trap> {
         let pc2 = self.core.pc.wrapping_add(2);
         let paddr2 = self.core.translate(bus, pc2, Access::Fetch)?;
-        let off2 = self
-            .core
-            .ram_off(paddr2)
-            .ok_or(Access::Fetch.access_fault(pc2))? as usize;
+        let off2 = self.core.ram_off(paddr2).ok_or(Access::Fetch.access_fault(pc2))? as usize;
         let ram = bus.ram();
         let hi = u16::from_le_bytes([ram[off2], ram[off2 + 1]]);
         let op = decode(lo as u32 | (hi as u32) << 16);
@@ -1598,10 +1465,7 @@ impl Hart {
     /// Leave M-mode as `mret` would, at `pc` (the board's firmware path:
     /// after an SBI call, `mepc + 4`).
     pub fn mret_to(&mut self, pc: u64) {
-        let op = Op {
-            kind: Kind::Mret,
-            ..Op::illegal(0, 4)
-        };
+        let op = Op { kind: Kind::Mret, ..Op::illegal(0, 4) };
         let prv = self.core.prv;
         self.core.prv = PRV_M;
         if self.core.exec_system(&op).is_err() {
@@ -1715,13 +1579,7 @@ mod tests {
         let mut bus = TestBus(vec![0; 64 << 10]);
         bus.0[..words.len() * 4].copy_from_slice(&to_bytes(words));
         bus.0[0x8000..0x8004].copy_from_slice(&jal(ZERO, 0).to_le_bytes());
-        let cfg = HartConfig {
-            hartid: 0,
-            ram_base: BASE,
-            ram_size: 64 << 10,
-            insns_per_tick: 10,
-            m_mode_exits: false,
-        };
+        let cfg = HartConfig { hartid: 0, ram_base: BASE, ram_size: 64 << 10, insns_per_tick: 10, m_mode_exits: false };
         let mut h = Hart::new(cfg);
         h.set_pc(BASE);
         h.core.csr.mtvec = BASE + 0x8000;
@@ -1740,11 +1598,7 @@ mod tests {
             let p = h.position().0;
             h.run(&mut bus, Position(p + 1));
         }
-        panic!(
-            "did not reach the end; pc {:#x}, mcause {}",
-            h.pc(),
-            h.csrs().mcause
-        );
+        panic!("did not reach the end; pc {:#x}, mcause {}", h.pc(), h.csrs().mcause);
     }
 
     fn with_regs(regs: &[(u32, u64)], body: &[u32]) -> Vec<u32> {
@@ -1791,11 +1645,7 @@ mod tests {
         assert_eq!(h.x(17), 0);
         let h = run(&with_regs(
             &[(A0, 0x8000_0000), (A1, u64::MAX), (A2, 0)],
-            &[
-                m_op(0x3b, DIV, T0, A0, A1),
-                m_op(0x3b, REM, T1, A0, A1),
-                m_op(0x3b, DIVU, T2, A0, A2),
-            ],
+            &[m_op(0x3b, DIV, T0, A0, A1), m_op(0x3b, REM, T1, A0, A1), m_op(0x3b, DIVU, T2, A0, A2)],
         ));
         assert_eq!(h.x(5), 0xffff_ffff_8000_0000);
         assert_eq!(h.x(6), 0);
@@ -1809,13 +1659,7 @@ mod tests {
         let sraw = |rd, a, b| r(0x3b, 5, 0x20, rd, a, b);
         let h = run(&with_regs(
             &[(A0, 1), (A1, 63), (A2, 64), (A3, 32), (A4, 0x8000_0000)],
-            &[
-                sll(T0, A0, A1),
-                sll(T1, A0, A2),
-                sllw(T2, A0, A3),
-                sraw(A5, A4, A1),
-                slli(16, A0, 63),
-            ],
+            &[sll(T0, A0, A1), sll(T1, A0, A2), sllw(T2, A0, A3), sraw(A5, A4, A1), slli(16, A0, 63)],
         ));
         assert_eq!(h.x(5), 1 << 63);
         assert_eq!(h.x(6), 1); // shift by 64 is shift by 0
@@ -1854,23 +1698,13 @@ mod tests {
         let sc_d = |rd, rs1, rs2| r(0x2f, 3, 0x03 << 2, rd, rs1, rs2);
         let (mut h, mut bus) = setup(&with_regs(
             &[(A0, BASE + 0x4000), (A1, 9)],
-            &[
-                lr_d(A2, A0),
-                sc_d(A3, A0, A1),
-                sc_d(A4, A0, A1),
-                lr_d(A2, A0),
-                ECALL,
-            ],
+            &[lr_d(A2, A0), sc_d(A3, A0, A1), sc_d(A4, A0, A1), lr_d(A2, A0), ECALL],
         ));
         h.run(&mut bus, Position(200));
         assert_eq!(h.x(13), 0, "first sc succeeds");
         assert_eq!(h.x(14), 1, "second sc fails");
         assert_eq!(h.csrs().mcause, trap::ECALL_FROM_M);
-        assert_eq!(
-            h.core.reservation,
-            u64::MAX,
-            "the trap cleared the reservation"
-        );
+        assert_eq!(h.core.reservation, u64::MAX, "the trap cleared the reservation");
     }
 
     #[test]

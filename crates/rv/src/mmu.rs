@@ -68,10 +68,7 @@ pub struct TlbEntry {
     pub ram_off: u64,
 }
 
-const EMPTY: TlbEntry = TlbEntry {
-    tag: EMPTY_TAG,
-    ram_off: 0,
-};
+const EMPTY: TlbEntry = TlbEntry { tag: EMPTY_TAG, ram_off: 0 };
 
 /// One array per access kind.
 #[derive(Clone)]
@@ -83,11 +80,7 @@ pub struct TlbSet {
 
 impl TlbSet {
     fn new() -> Self {
-        TlbSet {
-            read: [EMPTY; TLB_ENTRIES],
-            write: [EMPTY; TLB_ENTRIES],
-            fetch: [EMPTY; TLB_ENTRIES],
-        }
+        TlbSet { read: [EMPTY; TLB_ENTRIES], write: [EMPTY; TLB_ENTRIES], fetch: [EMPTY; TLB_ENTRIES] }
     }
     fn array(&mut self, access: Access) -> &mut [TlbEntry; TLB_ENTRIES] {
         match access {
@@ -136,17 +129,12 @@ impl Tlb {
 
     pub fn insert(&mut self, ctx: usize, access: Access, vaddr: u64, ram_off: u64) {
         let page = vaddr & !(PAGE_SIZE - 1);
-        self.sets[ctx].array(access)[tlb_index(vaddr)] = TlbEntry {
-            tag: page,
-            ram_off: ram_off & !(PAGE_SIZE - 1),
-        };
+        self.sets[ctx].array(access)[tlb_index(vaddr)] = TlbEntry { tag: page, ram_off: ram_off & !(PAGE_SIZE - 1) };
     }
 
     pub fn is_code_page(&self, ram_page: u64) -> bool {
         let p = ram_page as usize;
-        self.code_pages
-            .get(p / 64)
-            .is_some_and(|w| w & (1 << (p % 64)) != 0)
+        self.code_pages.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
     }
 
     /// Mark a RAM page as holding decoded code and drop every write entry
@@ -219,12 +207,7 @@ pub struct WalkCtx {
 
 /// Translate `vaddr` under `satp`'s Sv39/Sv48 (4.3.2). The caller has already
 /// handled bare mode and M-mode.
-pub fn walk(
-    mem: &mut impl PteMemory,
-    ctx: WalkCtx,
-    vaddr: u64,
-    access: Access,
-) -> Result<Walk, Trap> {
+pub fn walk(mem: &mut impl PteMemory, ctx: WalkCtx, vaddr: u64, access: Access) -> Result<Walk, Trap> {
     let mode = ctx.satp >> SATP_MODE_SHIFT;
     let levels: u32 = if mode == SATP_MODE_SV48 { 4 } else { 3 };
     let va_bits = 12 + 9 * levels;
@@ -256,9 +239,7 @@ pub fn walk(
         let user_page = pte & PTE_U != 0;
         match ctx.prv {
             PRV_U if !user_page => return Err(access.page_fault(vaddr)),
-            PRV_S if user_page && (access == Access::Fetch || !ctx.sum) => {
-                return Err(access.page_fault(vaddr))
-            }
+            PRV_S if user_page && (access == Access::Fetch || !ctx.sum) => return Err(access.page_fault(vaddr)),
             _ => {}
         }
         let allowed = match access {
@@ -283,10 +264,7 @@ pub fn walk(
         }
         let page_offset_mask = (1u64 << (12 + 9 * level)) - 1;
         let paddr = ((ppn << PAGE_SHIFT) & !page_offset_mask) | (vaddr & page_offset_mask);
-        return Ok(Walk {
-            paddr,
-            cacheable: true,
-        });
+        return Ok(Walk { paddr, cacheable: true });
     }
 }
 
@@ -322,12 +300,7 @@ mod tests {
     }
 
     fn ctx(prv: u8) -> WalkCtx {
-        WalkCtx {
-            satp: sv39(),
-            prv,
-            sum: false,
-            mxr: false,
-        }
+        WalkCtx { satp: sv39(), prv, sum: false, mxr: false }
     }
 
     /// vaddr 0x4000_1000 -> 0x9000_0000 through three levels, R|W|U.
@@ -354,10 +327,7 @@ mod tests {
         let mut m = three_level();
         let e = walk(&mut m, ctx(PRV_S), 0x4000_1000, Access::Read).unwrap_err();
         assert_eq!((e.cause, e.tval), (trap::LOAD_PAGE_FAULT, 0x4000_1000));
-        let c = WalkCtx {
-            sum: true,
-            ..ctx(PRV_S)
-        };
+        let c = WalkCtx { sum: true, ..ctx(PRV_S) };
         assert!(walk(&mut m, c, 0x4000_1000, Access::Read).is_ok());
         let e = walk(&mut m, c, 0x4000_1000, Access::Fetch).unwrap_err();
         assert_eq!(e.cause, trap::FETCH_PAGE_FAULT);
@@ -368,10 +338,7 @@ mod tests {
         let mut m = three_level();
         m.0.insert(L0 + 8, pte(0x9000_0000, PTE_V | PTE_X | PTE_U));
         assert!(walk(&mut m, ctx(PRV_U), 0x4000_1000, Access::Read).is_err());
-        let c = WalkCtx {
-            mxr: true,
-            ..ctx(PRV_U)
-        };
+        let c = WalkCtx { mxr: true, ..ctx(PRV_U) };
         assert!(walk(&mut m, c, 0x4000_1000, Access::Read).is_ok());
     }
 
@@ -404,10 +371,7 @@ mod tests {
     #[test]
     fn pte_outside_memory_is_an_access_fault() {
         let mut m = Mem(BTreeMap::new());
-        let c = WalkCtx {
-            satp: (SATP_MODE_SV39 << 60) | (0x2_0000_0000 >> 12),
-            ..ctx(PRV_S)
-        };
+        let c = WalkCtx { satp: (SATP_MODE_SV39 << 60) | (0x2_0000_0000 >> 12), ..ctx(PRV_S) };
         let e = walk(&mut m, c, 0x1000, Access::Read).unwrap_err();
         assert_eq!(e.cause, trap::LOAD_ACCESS_FAULT);
     }
@@ -419,10 +383,7 @@ mod tests {
         m.insert(ROOT + 8, pte(l2, PTE_V)); // vpn[3] = 1 => vaddr bit 39
         m.insert(l2, pte(0xc000_0000, PTE_V | PTE_R | PTE_W)); // gigapage
         let mut m = Mem(m);
-        let c = WalkCtx {
-            satp: (SATP_MODE_SV48 << 60) | (ROOT >> 12),
-            ..ctx(PRV_S)
-        };
+        let c = WalkCtx { satp: (SATP_MODE_SV48 << 60) | (ROOT >> 12), ..ctx(PRV_S) };
         let w = walk(&mut m, c, 0x80_0000_0010, Access::Read).unwrap();
         assert_eq!(w.paddr, 0xc000_0010);
     }
@@ -432,9 +393,7 @@ mod tests {
     fn permissions_match_naive_oracle() {
         let mut seed = 0x1234_5678_u64;
         for _ in 0..2000 {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let flags = (seed >> 33) & 0xff | PTE_V;
             let prv = [PRV_U, PRV_S][(seed >> 50) as usize & 1];
             let sum = seed >> 51 & 1 == 1;
@@ -442,18 +401,9 @@ mod tests {
             let access = [Access::Read, Access::Write, Access::Fetch][(seed >> 53) as usize % 3];
             let mut m = three_level();
             m.0.insert(L0 + 8, pte(0x9000_0000, flags));
-            let c = WalkCtx {
-                sum,
-                mxr,
-                ..ctx(prv)
-            };
+            let c = WalkCtx { sum, mxr, ..ctx(prv) };
             let got = walk(&mut m, c, 0x4000_1000, access).is_ok();
-            let (r, w, x, u) = (
-                flags & PTE_R != 0,
-                flags & PTE_W != 0,
-                flags & PTE_X != 0,
-                flags & PTE_U != 0,
-            );
+            let (r, w, x, u) = (flags & PTE_R != 0, flags & PTE_W != 0, flags & PTE_X != 0, flags & PTE_U != 0);
             let leaf = r || x;
             let oracle = leaf
                 && (r || !w)
@@ -467,10 +417,7 @@ mod tests {
                     Access::Fetch => x,
                 };
             // A non-leaf at level 0 is a fault too; it is covered by `leaf`.
-            assert_eq!(
-                got, oracle,
-                "flags {flags:#x} prv {prv} sum {sum} mxr {mxr} {access:?}"
-            );
+            assert_eq!(got, oracle, "flags {flags:#x} prv {prv} sum {sum} mxr {mxr} {access:?}");
         }
     }
 }

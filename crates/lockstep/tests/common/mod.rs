@@ -36,15 +36,8 @@ pub fn tmp_dir(sub: &str) -> PathBuf {
 
 /// Fail loudly (never skip) when a test tool is missing.
 pub fn require(tool: &str) {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "`{tool}` is missing: run `bash scripts/test-deps.sh` (the README's test command does)"
-    );
+    let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "`{tool}` is missing: run `bash scripts/test-deps.sh` (the README's test command does)");
 }
 
 /// Assemble and link `src` (assembly, run through the C preprocessor) into
@@ -57,14 +50,7 @@ pub fn build_elf(dir: &Path, name: &str, src: &str, extra: &[&str]) -> PathBuf {
     std::fs::write(&s, src).unwrap();
     std::fs::write(&ld, LINKER_SCRIPT).unwrap();
     let out = Command::new(CROSS_GCC)
-        .args([
-            "-march=rv64gc",
-            "-mabi=lp64d",
-            "-static",
-            "-nostdlib",
-            "-nostartfiles",
-            "-mcmodel=medany",
-        ])
+        .args(["-march=rv64gc", "-mabi=lp64d", "-static", "-nostdlib", "-nostartfiles", "-mcmodel=medany"])
         .arg("-I")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bare"))
         .arg("-T")
@@ -75,10 +61,6 @@ pub fn build_elf(dir: &Path, name: &str, src: &str, extra: &[&str]) -> PathBuf {
         .arg(&s)
         .output()
         .expect("run the cross compiler");
-    assert!(
-        out.status.success(),
-        "{name}: assembling failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{name}: assembling failed:\n{}", String::from_utf8_lossy(&out.stderr));
     elf
 }
