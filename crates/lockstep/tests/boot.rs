@@ -1,0 +1,216 @@
+//! End-to-end: boot the default guest (Debian's riscv64 kernel + busybox
+//! initramfs, built by `lockstep guest build` on first use) and drive its
+//! console as a user would.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const READY: &str = "lockstep-guest: ready";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn lockstep() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lockstep"))
+}
+
+/// Build the default guest once per test binary.
+fn guest() -> &'static (PathBuf, PathBuf) {
+    static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let out = lockstep().args(["guest", "build"]).output().unwrap();
+        assert!(out.status.success(), "guest build failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        (PathBuf::from(lines.next().unwrap()), PathBuf::from(lines.next().unwrap()))
+    })
+}
+
+/// A running guest with its console.
+struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Vm {
+    fn start(extra: &[&str]) -> Vm {
+        guest();
+        let mut child = lockstep()
+            .arg("run")
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        for mut pipe in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+        {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        Vm { child, stdin, out }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Wait until `needle` has appeared `count` times on the console.
+    fn wait_for_n(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let t = Instant::now();
+        while self.text().matches(needle).count() < count {
+            if t.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("timed out waiting for {needle:?} (x{count}); console so far:\n{}", self.text());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("lockstep exited ({st}) before {needle:?}; console:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for(&mut self, needle: &str) {
+        self.wait_for_n(needle, 1, BOOT_TIMEOUT);
+    }
+
+    fn send(&mut self, line: &str) {
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > BOOT_TIMEOUT {
+                let _ = self.child.kill();
+                panic!("lockstep did not exit; console:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn host_sha256(data: &[u8]) -> String {
+    let mut c = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    c.stdin.take().unwrap().write_all(data).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn boots_to_a_shell_that_runs_commands_and_powers_off() {
+    let mut vm = Vm::start(&[]);
+    vm.wait_for(READY);
+    vm.send("uname -m");
+    vm.wait_for("riscv64\r\n");
+    vm.send("grep -c '^hart' /proc/cpuinfo; grep '^isa' /proc/cpuinfo");
+    vm.wait_for("isa\t\t: rv64imafdc");
+    // A file written in the guest hashes as the same bytes do on the host.
+    let data = b"lockstep checks its guest: 0123456789 abcdefghijklmnopqrstuvwxyz\n";
+    let text = std::str::from_utf8(data).unwrap().trim_end();
+    vm.send(&format!("printf '%s\\n' '{text}' > /tmp/f; sha256sum /tmp/f"));
+    let want = format!("{}  /tmp/f", host_sha256(data));
+    vm.wait_for(&want);
+    vm.send("poweroff");
+    let st = vm.wait_exit();
+    assert!(st.success(), "exit {st}; console:\n{}", vm.text());
+}
+
+#[test]
+fn reboot_boots_again() {
+    let mut vm = Vm::start(&[]);
+    vm.wait_for(READY);
+    vm.send("reboot");
+    vm.wait_for_n(READY, 2, BOOT_TIMEOUT);
+    vm.send("poweroff");
+    assert!(vm.wait_exit().success());
+}
+
+#[test]
+fn poweroff_workload_exits_zero_without_input() {
+    let mut vm = Vm::start(&["--append", "console=ttyS0 quiet lockstep.run=poweroff"]);
+    let st = vm.wait_exit();
+    assert!(st.success(), "exit {st}; console:\n{}", vm.text());
+    assert!(vm.text().contains(READY));
+}
+
+#[test]
+fn kernel_panic_exits_nonzero_with_the_panic_text() {
+    let mut vm = Vm::start(&[]);
+    vm.wait_for(READY);
+    vm.send("echo c > /proc/sysrq-trigger");
+    let st = vm.wait_exit();
+    assert_eq!(st.code(), Some(1), "console:\n{}", vm.text());
+    assert!(vm.text().contains("Kernel panic - not syncing"));
+}
+
+#[test]
+fn bad_kernels_and_initrds_get_one_line_errors() {
+    let (kernel, initrd) = guest();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = lockstep().arg("run").args(args).stdin(Stdio::null()).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let k = kernel.to_str().unwrap();
+    // Missing kernel.
+    let (code, err) = run(&["--kernel", "/nonexistent/Image"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot read kernel '/nonexistent/Image'") && err.lines().count() == 1, "{err}");
+    // Not a kernel.
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0x55u8; 4096]).unwrap();
+    let (code, err) = run(&["--kernel", junk.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is neither a RISC-V Image"), "{err}");
+    // A kernel for another machine (an x86-64 ELF).
+    let (code, err) = run(&["--kernel", env!("CARGO_BIN_EXE_lockstep")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not RISC-V"), "{err}");
+    // Missing initrd.
+    let (code, err) = run(&["--kernel", k, "--initrd", "/nonexistent/initrd"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot read initrd"), "{err}");
+    // Too little memory for kernel + initrd.
+    let (code, err) = run(&["--kernel", k, "--initrd", initrd.to_str().unwrap(), "--mem", "16M"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("do not fit"), "{err}");
+    // A corrupt initrd: the kernel cannot start init and panics: non-zero.
+    let corrupt = dir.join("corrupt.cpio");
+    let mut bytes = std::fs::read(initrd).unwrap();
+    bytes.truncate(bytes.len() / 3);
+    std::fs::write(&corrupt, bytes).unwrap();
+    let out = lockstep()
+        .args(["run", "--kernel", k, "--initrd", corrupt.to_str().unwrap(), "--append", "console=ttyS0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked at"), "no Rust panic");
+}
