@@ -8,14 +8,92 @@ use machine::programs::{int_loop_m, int_loop_u_sv39, Program};
 use machine::{BareOutcome, Machine};
 use std::time::Instant;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchKind {
+    /// Guest MIPS of the built-in integer loops.
+    Cpu,
+    /// Boot time of the default guest, side by side with QEMU.
+    Boot,
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum, default_value_t = BenchKind::Cpu)]
+    what: BenchKind,
     /// Guest instructions per run, in millions.
     #[arg(long, default_value_t = 300)]
     minsns: u64,
     /// Runs per case.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+}
+
+/// Time from start to the ready line and to exit, for one command.
+fn time_boot(cmd: &mut std::process::Command) -> Result<(f64, f64)> {
+    use std::io::Read;
+    let t = Instant::now();
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut seen = Vec::new();
+    let mut ready = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if ready.is_none()
+            && seen.windows(crate::guest::READY_LINE.len()).any(|w| w == crate::guest::READY_LINE.as_bytes())
+        {
+            ready = Some(t.elapsed().as_secs_f64());
+        }
+    }
+    let status = child.wait()?;
+    let total = t.elapsed().as_secs_f64();
+    match ready {
+        Some(r) if status.success() => Ok((r, total)),
+        _ => bail!("{cmd:?} did not boot to the ready line and power off ({status})"),
+    }
+}
+
+fn boot(args: &BenchArgs) -> Result<()> {
+    let g = crate::guest::build(false)?;
+    let append = format!("{} lockstep.run=poweroff", crate::guest::DEFAULT_APPEND);
+    let exe = std::env::current_exe()?;
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    for _ in 0..args.reps {
+        ours.push(time_boot(
+            std::process::Command::new(&exe).arg("run").arg("--append").arg(&append).args(["--mem", "512M"]),
+        )?);
+        qemu.push(time_boot(
+            std::process::Command::new("qemu-system-riscv64")
+                .args(["-M", "virt", "-bios", "default", "-nographic", "-m", "512M", "-kernel"])
+                .arg(&g.kernel)
+                .arg("-initrd")
+                .arg(&g.initrd)
+                .arg("-append")
+                .arg(&append),
+        )?);
+    }
+    let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        median(&mut x)
+    };
+    println!("boot of the default guest, {} runs each, alternating (median seconds)", args.reps);
+    println!("{:28} {:>10} {:>10}", "", "ready line", "power-off");
+    let (or, ot) = (med(&ours, |p| p.0), med(&ours, |p| p.1));
+    let (qr, qt) = (med(&qemu, |p| p.0), med(&qemu, |p| p.1));
+    println!("{:28} {or:>10.2} {ot:>10.2}", "lockstep");
+    println!("{:28} {qr:>10.2} {qt:>10.2}", "qemu-system-riscv64 (TCG)");
+    println!("{:28} {:>10.2} {:>10.2}", "ratio lockstep / qemu", or / qr, ot / qt);
+    Ok(())
 }
 
 /// One timed run: (guest instructions, seconds).
@@ -40,6 +118,9 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.reps == 0 || args.minsns == 0 {
         bail!("--reps and --minsns must be positive");
+    }
+    if args.what == BenchKind::Boot {
+        return boot(&args);
     }
     let iters = args.minsns * 1_000_000 / machine::programs::LOOP_BODY;
     let cases: [(&str, Program); 2] =

@@ -53,10 +53,7 @@ fn mirror() -> Result<String> {
     if let Ok(m) = std::env::var("LOCKSTEP_DEBIAN_MIRROR") {
         return Ok(m.trim_end_matches('/').to_string());
     }
-    let mut texts = Vec::new();
-    for f in ["/etc/apt/sources.list"] {
-        texts.push(std::fs::read_to_string(f).unwrap_or_default());
-    }
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
         let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
         paths.sort();

@@ -60,7 +60,7 @@ impl Plic {
             0x1000 => self.pending,
             0x2000..=0x1f_ffff => {
                 let c = ((offset - 0x2000) / 0x80) as usize;
-                if (offset - 0x2000) % 0x80 != 0 {
+                if !(offset - 0x2000).is_multiple_of(0x80) {
                     return Some(0);
                 }
                 *self.enable.get(c)?
@@ -96,7 +96,7 @@ impl Plic {
             0x1000 => {}
             0x2000..=0x1f_ffff => {
                 let c = ((offset - 0x2000) / 0x80) as usize;
-                if (offset - 0x2000) % 0x80 == 0 && c < CONTEXTS {
+                if (offset - 0x2000).is_multiple_of(0x80) && c < CONTEXTS {
                     self.enable[c] = val & !1;
                 } else if c >= CONTEXTS {
                     return false;

@@ -17,6 +17,29 @@
 
 use crate::decode::Op;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A fast hasher for the u64 keys of the block maps (SipHash's DoS
+/// resistance buys nothing here: the maps are only looked up, never
+/// iterated, so their order never reaches the guest).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type AddrMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
 
 /// Upper bound on ops per block.
 pub const MAX_BLOCK_OPS: usize = 64;
@@ -39,20 +62,23 @@ pub struct Block {
 #[derive(Clone, Copy)]
 struct JumpEntry {
     pc: u64,
-    ctx: u32,
+    /// Fetch context in the low 2 bits, the flush generation above them.
+    key: u32,
     block: u32,
 }
 
-const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, ctx: u32::MAX, block: 0 };
+const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, key: u32::MAX, block: 0 };
 
 #[derive(Clone)]
 pub struct BlockCache {
     pub ops: Vec<Op>,
     pub blocks: Vec<Block>,
-    by_paddr: HashMap<u64, u32>,
+    by_paddr: AddrMap<u32>,
     /// RAM page number -> blocks decoded from it.
-    by_page: HashMap<u64, Vec<u32>>,
+    by_page: AddrMap<Vec<u32>>,
     jump: Vec<JumpEntry>,
+    /// Bumped to flush the jump cache in O(1).
+    generation: u32,
 }
 
 impl Default for BlockCache {
@@ -66,9 +92,10 @@ impl BlockCache {
         let mut c = BlockCache {
             ops: Vec::new(),
             blocks: Vec::new(),
-            by_paddr: HashMap::new(),
-            by_page: HashMap::new(),
+            by_paddr: AddrMap::default(),
+            by_page: AddrMap::default(),
             jump: vec![EMPTY_JUMP; JUMP_ENTRIES],
+            generation: 0,
         };
         c.reset_arena();
         c
@@ -89,7 +116,7 @@ impl BlockCache {
     #[inline(always)]
     pub fn lookup(&self, pc: u64, ctx: usize) -> Option<u32> {
         let e = &self.jump[Self::jump_index(pc)];
-        if e.pc == pc && e.ctx == ctx as u32 {
+        if e.pc == pc && e.key == self.key(ctx) {
             Some(e.block)
         } else {
             None
@@ -97,7 +124,7 @@ impl BlockCache {
     }
 
     pub fn remember(&mut self, pc: u64, ctx: usize, block: u32) {
-        self.jump[Self::jump_index(pc)] = JumpEntry { pc, ctx: ctx as u32, block };
+        self.jump[Self::jump_index(pc)] = JumpEntry { pc, key: self.key(ctx), block };
     }
 
     pub fn find_paddr(&self, paddr: u64) -> Option<u32> {
@@ -138,8 +165,18 @@ impl BlockCache {
         true
     }
 
+    #[inline(always)]
+    fn key(&self, ctx: usize) -> u32 {
+        (self.generation << 2) | ctx as u32
+    }
+
     pub fn flush_jumps(&mut self) {
-        self.jump.iter_mut().for_each(|e| *e = EMPTY_JUMP);
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 1 << 29 {
+            // The key has 30 bits of generation room: start over, truly empty.
+            self.generation = 0;
+            self.jump.iter_mut().for_each(|e| *e = EMPTY_JUMP);
+        }
     }
 
     /// Drop every block.

@@ -313,7 +313,11 @@ impl Core {
                 mxr: self.csr.mstatus & MSTATUS_MXR != 0,
             };
             let mut mem = RamPtes { ram: bus.ram(), base: self.cfg.ram_base };
-            mmu::walk(&mut mem, wctx, vaddr, access)?.paddr
+            let w = mmu::walk(&mut mem, wctx, vaddr, access)?;
+            if w.page_size > PAGE_SIZE {
+                self.tlb.note_superpage(vaddr & !(w.page_size - 1), w.page_size);
+            }
+            w.paddr
         };
         if let Some(off) = self.ram_off(paddr) {
             if access != Access::Write || !self.tlb.is_code_page(off >> 12) {
@@ -999,7 +1003,13 @@ impl Core {
                 if self.prv == PRV_U || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_TVM != 0) {
                     return Err(ill);
                 }
-                self.tlb.flush_paged();
+                // rs1 = x0: every address; otherwise one address. ASIDs are
+                // not implemented (ASIDLEN = 0), so rs2 does not narrow it.
+                if op.rs1 == 0 {
+                    self.tlb.flush_paged();
+                } else {
+                    self.tlb.flush_page(x!(self, op.rs1));
+                }
                 self.flush = Flush::Jumps;
                 Ok(false)
             }

@@ -102,6 +102,11 @@ pub struct Tlb {
     pub sets: Box<[TlbSet; 3]>,
     /// One bit per RAM page: blocks were decoded from it.
     code_pages: Vec<u64>,
+    /// Virtual range covered by superpage translations in the paged
+    /// contexts since their last full flush: a single-address sfence.vma
+    /// inside it must flush everything.
+    super_lo: u64,
+    super_hi: u64,
 }
 
 impl Tlb {
@@ -109,6 +114,8 @@ impl Tlb {
         Tlb {
             sets: Box::new([TlbSet::new(), TlbSet::new(), TlbSet::new()]),
             code_pages: vec![0; ram_pages.div_ceil(64)],
+            super_lo: u64::MAX,
+            super_hi: 0,
         }
     }
 
@@ -116,6 +123,33 @@ impl Tlb {
     pub fn flush_paged(&mut self) {
         self.sets[CTX_U] = TlbSet::new();
         self.sets[CTX_S] = TlbSet::new();
+        self.super_lo = u64::MAX;
+        self.super_hi = 0;
+    }
+
+    /// `sfence.vma vaddr`: drop the translations of one address (all of
+    /// them if it may lie in a superpage).
+    pub fn flush_page(&mut self, vaddr: u64) {
+        if (self.super_lo..self.super_hi).contains(&vaddr) {
+            self.flush_paged();
+            return;
+        }
+        let tag = vaddr & !(PAGE_SIZE - 1);
+        let i = tlb_index(vaddr);
+        for ctx in [CTX_U, CTX_S] {
+            let set = &mut self.sets[ctx];
+            for arr in [&mut set.read, &mut set.write, &mut set.fetch] {
+                if arr[i].tag == tag {
+                    arr[i] = EMPTY;
+                }
+            }
+        }
+    }
+
+    /// Note a superpage translation of `[base, base + size)`.
+    pub fn note_superpage(&mut self, base: u64, size: u64) {
+        self.super_lo = self.super_lo.min(base);
+        self.super_hi = self.super_hi.max(base.saturating_add(size));
     }
 
     /// Flush read (and optionally write) entries of the paged contexts
@@ -184,9 +218,8 @@ const PTE_RESERVED: u64 = 0x3ff << 54;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {
     pub paddr: u64,
-    /// The permissions allow an entry in the TLB for this access (for
-    /// writes: the PTE is dirty).
-    pub cacheable: bool,
+    /// Size of the page (4 KiB, or a superpage's size).
+    pub page_size: u64,
 }
 
 /// Physical memory as the page walker sees it: 8-byte PTE reads and writes.
@@ -264,7 +297,7 @@ pub fn walk(mem: &mut impl PteMemory, ctx: WalkCtx, vaddr: u64, access: Access) 
         }
         let page_offset_mask = (1u64 << (12 + 9 * level)) - 1;
         let paddr = ((ppn << PAGE_SHIFT) & !page_offset_mask) | (vaddr & page_offset_mask);
-        return Ok(Walk { paddr, cacheable: true });
+        return Ok(Walk { paddr, page_size: page_offset_mask + 1 });
     }
 }
 
