@@ -375,6 +375,19 @@ impl Core {
     #[cold]
     #[inline(never)]
     fn load_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, pos: u64) -> Result<u64, Trap> {
+        if vaddr & (size as u64 - 1) != 0 && (vaddr & 0xfff) + size as u64 <= PAGE_SIZE {
+            // Misaligned inside one page (the kernel's unaligned-access
+            // probe does millions): one translation, then plain bytes.
+            let e = self.tlb.sets[self.data_ctx].read[mmu::tlb_index(vaddr)];
+            let paddr = if e.tag == vaddr & !0xfff {
+                self.cfg.ram_base + (e.ram_off | (vaddr & 0xfff))
+            } else {
+                self.translate(bus, vaddr, Access::Read)?
+            };
+            if self.ram_off(paddr).is_some() {
+                return self.phys_load(bus, paddr, size, pos).ok_or(Access::Read.access_fault(vaddr));
+            }
+        }
         if vaddr & (size as u64 - 1) != 0 {
             // Misaligned: emulated byte by byte, both pages checked first.
             let last = vaddr.wrapping_add(size as u64 - 1);
@@ -413,6 +426,17 @@ impl Core {
     #[cold]
     #[inline(never)]
     fn store_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, val: u64, pos: u64) -> Result<bool, Trap> {
+        if vaddr & (size as u64 - 1) != 0 && (vaddr & 0xfff) + size as u64 <= PAGE_SIZE {
+            let e = self.tlb.sets[self.data_ctx].write[mmu::tlb_index(vaddr)];
+            let paddr = if e.tag == vaddr & !0xfff {
+                self.cfg.ram_base + (e.ram_off | (vaddr & 0xfff))
+            } else {
+                self.translate(bus, vaddr, Access::Write)?
+            };
+            if self.ram_off(paddr).is_some() {
+                return self.phys_store(bus, paddr, size, val, pos).ok_or(Access::Write.access_fault(vaddr));
+            }
+        }
         if vaddr & (size as u64 - 1) != 0 {
             let last = vaddr.wrapping_add(size as u64 - 1);
             let p0 = self.translate(bus, vaddr, Access::Write)?;
@@ -1402,7 +1426,12 @@ impl Hart {
         if let Some(b) = self.cache.lookup(pc, ctx) {
             return Ok(b);
         }
-        let paddr = self.core.translate(bus, pc, Access::Fetch)?;
+        let e = self.core.tlb.sets[ctx].fetch[mmu::tlb_index(pc)];
+        let paddr = if e.tag == pc & !0xfff {
+            self.core.cfg.ram_base + (e.ram_off | (pc & 0xfff))
+        } else {
+            self.core.translate(bus, pc, Access::Fetch)?
+        };
         let ram_off = self.core.ram_off(paddr).ok_or(Access::Fetch.access_fault(pc))?;
         if let Some(b) = self.cache.find_paddr(paddr) {
             self.cache.remember(pc, ctx, b);
