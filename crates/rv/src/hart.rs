@@ -1726,8 +1726,17 @@ mod tests {
             &[(A0, BASE + 0x1ffd), (A1, 0x0102_0304_0506_0708)],
             &[sd(A1, A0, 0), ld(A2, A0, 0), lw(A3, A0, 1)],
         ));
-        assert_eq!(h.x(12), 0x0102_0304_0506_0708);
+                assert_eq!(h.x(12), 0x0102_0304_0506_0708);
         assert_eq!(h.x(13), 0x0405_0607);
+        assert_eq!(h.csrs().mcause, 0, "no trap");
+        // Inside one page: the TLB path.
+        let h = run(&with_regs(
+            &[(A0, BASE + 0x1003), (A1, 0x1122_3344_5566_7788)],
+            &[ld(A2, A0, 0), sd(A1, A0, 0), ld(A2, A0, 0), lw(A3, A0, 2), sw(A1, A0, 5), ld(A4, A0, 0)],
+        ));
+        assert_eq!(h.x(12), 0x1122_3344_5566_7788);
+        assert_eq!(h.x(13), 0x3344_5566);
+        assert_eq!(h.x(14), 0x6677_8844_5566_7788);
         assert_eq!(h.csrs().mcause, 0, "no trap");
     }
 
