@@ -219,6 +219,16 @@ impl Machine {
         Ok(info)
     }
 
+    /// RAM pages (numbered from the start of RAM) written by the hart or the
+    /// host side since the last call, ascending; re-arms the tracking.
+    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+        let mut pages = self.hart.take_dirty_pages();
+        pages.extend(self.board.ram.take_dirty());
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
+
     /// Position at which the CLINT timer fires, if it has not yet and ever
     /// can.
     fn clint_deadline(&self) -> Option<u64> {

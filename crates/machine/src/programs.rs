@@ -144,6 +144,20 @@ mod tests {
     }
 
     #[test]
+    fn dirty_pages_cover_loader_and_guest_writes() {
+        let p = int_loop_m(10);
+        let mut m = Machine::new(1 << 20);
+        p.load(&mut m.board.ram);
+        m.hart.set_pc(p.entry);
+        let loaded = m.take_dirty_pages();
+        assert_eq!(loaded, vec![0], "the program's one page");
+        m.run_bare(p.tohost, 10_000).unwrap();
+        // The loop stores to the data page (2), the end writes tohost (3).
+        assert_eq!(m.take_dirty_pages(), vec![2, 3]);
+        assert!(m.take_dirty_pages().is_empty());
+    }
+
+    #[test]
     fn position_is_exact_and_repeatable() {
         let a = run(&int_loop_m(5000));
         let b = run(&int_loop_m(5000));

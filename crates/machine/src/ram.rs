@@ -1,4 +1,7 @@
-//! Guest RAM: one contiguous region at a fixed physical base.
+//! Guest RAM: one contiguous region at a fixed physical base, with a
+//! dirty-page bitmap for the writes made by the host side (loaders, SBI,
+//! devices). The hart tracks its own writes (`Hart::take_dirty_pages`);
+//! `Machine::take_dirty_pages` merges the two.
 
 /// Guest RAM. The hart reaches it directly through `Bus::ram`; loaders and
 /// devices use the checked helpers here.
@@ -6,11 +9,13 @@
 pub struct Ram {
     base: u64,
     bytes: Vec<u8>,
+    /// One bit per page written through `write`/`fill`.
+    dirty: Vec<u64>,
 }
 
 impl Ram {
     pub fn new(base: u64, size: u64) -> Ram {
-        Ram { base, bytes: vec![0; size as usize] }
+        Ram { base, bytes: vec![0; size as usize], dirty: vec![0; (size as usize / 4096).div_ceil(64)] }
     }
 
     pub fn base(&self) -> u64 {
@@ -43,11 +48,35 @@ impl Ram {
     pub fn write(&mut self, addr: u64, data: &[u8]) {
         let off = (addr - self.base) as usize;
         self.bytes[off..off + data.len()].copy_from_slice(data);
+        self.mark(off as u64, data.len() as u64);
     }
 
     pub fn fill(&mut self, addr: u64, len: u64, byte: u8) {
         let off = (addr - self.base) as usize;
         self.bytes[off..off + len as usize].fill(byte);
+        self.mark(off as u64, len);
+    }
+
+    fn mark(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for page in off / 4096..=(off + len - 1) / 4096 {
+            self.dirty[page as usize / 64] |= 1 << (page % 64);
+        }
+    }
+
+    /// Pages written through `write`/`fill` since the last call, ascending.
+    pub fn take_dirty(&mut self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for (i, w) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                pages.push(i as u64 * 64 + bits.trailing_zeros() as u64);
+                bits &= bits - 1;
+            }
+        }
+        pages
     }
 
     pub fn read(&self, addr: u64, out: &mut [u8]) -> bool {

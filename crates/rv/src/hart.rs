@@ -80,6 +80,8 @@ enum Flush {
     None,
     Jumps,
     Page(u64),
+    /// More than one page: drop every block.
+    All,
 }
 
 /// Everything the executor touches.
@@ -121,6 +123,8 @@ pub struct Hart {
 struct RamPtes<'a> {
     ram: &'a mut [u8],
     base: u64,
+    /// RAM offset of a PTE the walk updated (A/D bits).
+    wrote: Option<u64>,
 }
 
 impl PteMemory for RamPtes<'_> {
@@ -136,6 +140,7 @@ impl PteMemory for RamPtes<'_> {
         match self.ram.get_mut(off as usize..off as usize + 8) {
             Some(b) => {
                 b.copy_from_slice(&val.to_le_bytes());
+                self.wrote = Some(off);
                 true
             }
             None => false,
@@ -312,8 +317,12 @@ impl Core {
                 sum: self.csr.mstatus & MSTATUS_SUM != 0,
                 mxr: self.csr.mstatus & MSTATUS_MXR != 0,
             };
-            let mut mem = RamPtes { ram: bus.ram(), base: self.cfg.ram_base };
-            let w = mmu::walk(&mut mem, wctx, vaddr, access)?;
+            let mut mem = RamPtes { ram: bus.ram(), base: self.cfg.ram_base, wrote: None };
+            let walked = mmu::walk(&mut mem, wctx, vaddr, access);
+            if let Some(off) = mem.wrote {
+                self.note_ram_write(off >> 12);
+            }
+            let w = walked?;
             if w.page_size > PAGE_SIZE {
                 self.tlb.note_superpage(vaddr & !(w.page_size - 1), w.page_size);
             }
@@ -325,6 +334,22 @@ impl Core {
             }
         }
         Ok(paddr)
+    }
+
+    /// A slow-path write into RAM page `page`: mark it dirty, and if it
+    /// holds decoded code, have its blocks dropped. Returns whether the
+    /// block must end.
+    fn note_ram_write(&mut self, page: u64) -> bool {
+        self.tlb.mark_dirty(page);
+        if self.tlb.is_code_page(page) {
+            self.flush = match self.flush {
+                Flush::None => Flush::Page(page),
+                Flush::Page(p) if p == page => Flush::Page(p),
+                _ => Flush::All,
+            };
+            return true;
+        }
+        false
     }
 
     fn phys_load<B: Bus>(&mut self, bus: &mut B, paddr: u64, size: u32, pos: u64) -> Option<u64> {
@@ -347,12 +372,7 @@ impl Core {
             Some(off) if off + size as u64 <= self.cfg.ram_size => {
                 let ram = bus.ram();
                 ram[off as usize..off as usize + size as usize].copy_from_slice(&val.to_le_bytes()[..size as usize]);
-                let page = off >> 12;
-                if self.tlb.is_code_page(page) {
-                    self.flush = Flush::Page(page);
-                    return Some(true);
-                }
-                Some(false)
+                Some(self.note_ram_write(off >> 12))
             }
             Some(_) => None,
             None => bus.mmio_store(paddr, size, val, pos).then_some(true),
@@ -1370,6 +1390,12 @@ impl Hart {
         self.core.idle += steps;
     }
 
+    /// RAM pages the hart wrote since the last call (ascending page
+    /// numbers from the start of RAM). Re-arms the tracking.
+    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+        self.core.tlb.take_dirty()
+    }
+
     /// Device (DMA) writes into RAM: drop decoded code in those pages.
     pub fn invalidate_ram(&mut self, ram_off: u64, len: u64) {
         if len == 0 {
@@ -1415,6 +1441,10 @@ impl Hart {
             Flush::Page(p) => {
                 self.cache.drop_page(p);
                 self.core.tlb.clear_code_page(p);
+            }
+            Flush::All => {
+                self.cache.flush_all();
+                self.core.tlb.clear_all_code_pages();
             }
         }
     }
@@ -1726,7 +1756,7 @@ mod tests {
             &[(A0, BASE + 0x1ffd), (A1, 0x0102_0304_0506_0708)],
             &[sd(A1, A0, 0), ld(A2, A0, 0), lw(A3, A0, 1)],
         ));
-                assert_eq!(h.x(12), 0x0102_0304_0506_0708);
+        assert_eq!(h.x(12), 0x0102_0304_0506_0708);
         assert_eq!(h.x(13), 0x0405_0607);
         assert_eq!(h.csrs().mcause, 0, "no trap");
         // Inside one page: the TLB path.
@@ -1790,6 +1820,52 @@ mod tests {
         assert_eq!(w.len(), target_idx + 1);
         let h = run(&w);
         assert_eq!(h.x(10), 100);
+    }
+
+    /// Dirty tracking against an oracle: the pages a program stores to,
+    /// by fast path, slow path (misaligned) and AMO, are exactly the pages
+    /// harvested, and a second harvest after more stores sees them again.
+    #[test]
+    fn dirty_pages_match_the_stores() {
+        let amoadd = |rd, rs1, rs2| r(0x2f, 3, 0, rd, rs1, rs2);
+        let mut w = Vec::new();
+        let mut oracle = std::collections::BTreeSet::new();
+        let mut seed = 7u64;
+        for k in 0..40 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let page = 2 + (seed >> 40) % 12; // RAM pages 2..14, away from the code
+            let off = (seed >> 20) % 4088 & !7;
+            let addr = BASE + page * 4096 + off + (k % 3 == 1) as u64 * 3;
+            w.extend(li64(A0, addr & !7 | (addr & 3)));
+            w.push(match k % 3 {
+                0 => sd(A1, A0, 0),
+                1 => sw(A1, A0, 0), // misaligned (slow path)
+                _ => amoadd(A2, A0, A1),
+            });
+            oracle.insert(page);
+            if addr & 0xfff > 4092 {
+                oracle.insert(page + 1);
+            }
+        }
+        let (mut h, mut bus) = setup(&w);
+        h.take_dirty_pages(); // start clean
+        let end = BASE + 4 * w.len() as u64;
+        while h.pc() != end {
+            let p = h.position().0;
+            h.run(&mut bus, Position(p + 1));
+            assert_eq!(h.csrs().mcause, 0, "no trap");
+        }
+        let got: std::collections::BTreeSet<u64> = h.take_dirty_pages().into_iter().collect();
+        assert_eq!(got, oracle);
+        assert!(h.take_dirty_pages().is_empty(), "harvest clears");
+        // A store to an already-harvested page marks it again.
+        let page = *oracle.iter().next().unwrap();
+        let again = [li64(A0, BASE + page * 4096), vec![sd(A1, A0, 0)]].concat();
+        bus.0[0x9000..0x9000 + 4 * again.len()].copy_from_slice(&to_bytes(&again));
+        h.set_pc(BASE + 0x9000);
+        let p = h.position().0;
+        h.run(&mut bus, Position(p + again.len() as u64));
+        assert_eq!(h.take_dirty_pages(), vec![page]);
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub struct Tlb {
     pub sets: Box<[TlbSet; 3]>,
     /// One bit per RAM page: blocks were decoded from it.
     code_pages: Vec<u64>,
+    /// One bit per RAM page: written since the last harvest. A page's bit
+    /// is set when a write entry for it is made (or a slow-path store hits
+    /// it), so fast-path stores need no check; a harvest drops every write
+    /// entry, so the next store to each page marks it again.
+    dirty: Vec<u64>,
     /// Virtual range covered by superpage translations in the paged
     /// contexts since their last full flush: a single-address sfence.vma
     /// inside it must flush everything.
@@ -114,6 +119,7 @@ impl Tlb {
         Tlb {
             sets: Box::new([TlbSet::new(), TlbSet::new(), TlbSet::new()]),
             code_pages: vec![0; ram_pages.div_ceil(64)],
+            dirty: vec![0; ram_pages.div_ceil(64)],
             super_lo: u64::MAX,
             super_hi: 0,
         }
@@ -163,6 +169,9 @@ impl Tlb {
 
     pub fn insert(&mut self, ctx: usize, access: Access, vaddr: u64, ram_off: u64) {
         let page = vaddr & !(PAGE_SIZE - 1);
+        if access == Access::Write {
+            self.mark_dirty(ram_off >> PAGE_SHIFT);
+        }
         self.sets[ctx].array(access)[tlb_index(vaddr)] = TlbEntry { tag: page, ram_off: ram_off & !(PAGE_SIZE - 1) };
     }
 
@@ -197,6 +206,30 @@ impl Tlb {
 
     pub fn clear_all_code_pages(&mut self) {
         self.code_pages.iter_mut().for_each(|w| *w = 0);
+    }
+
+    pub fn mark_dirty(&mut self, ram_page: u64) {
+        let p = ram_page as usize;
+        if let Some(w) = self.dirty.get_mut(p / 64) {
+            *w |= 1 << (p % 64);
+        }
+    }
+
+    /// The RAM pages written since the last call, in ascending order; re-arms
+    /// the tracking by dropping every write entry.
+    pub fn take_dirty(&mut self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for (i, w) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                pages.push(i as u64 * 64 + bits.trailing_zeros() as u64);
+                bits &= bits - 1;
+            }
+        }
+        for set in self.sets.iter_mut() {
+            set.write = [EMPTY; TLB_ENTRIES];
+        }
+        pages
     }
 }
 
