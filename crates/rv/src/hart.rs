@@ -1834,9 +1834,9 @@ mod tests {
         for k in 0..40 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let page = 2 + (seed >> 40) % 12; // RAM pages 2..14, away from the code
-            let off = (seed >> 20) % 4088 & !7;
+                        let off = ((seed >> 20) % 4088) & !7;
             let addr = BASE + page * 4096 + off + (k % 3 == 1) as u64 * 3;
-            w.extend(li64(A0, addr & !7 | (addr & 3)));
+                        w.extend(li64(A0, addr));
             w.push(match k % 3 {
                 0 => sd(A1, A0, 0),
                 1 => sw(A1, A0, 0), // misaligned (slow path)
