@@ -64,10 +64,12 @@ struct JumpEntry {
     pc: u64,
     /// Fetch context in the low 2 bits, the flush generation above them.
     key: u32,
-    block: u32,
+    /// The block's ops in the arena, copied here to save a lookup.
+    start: u32,
+    count: u32,
 }
 
-const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, key: u32::MAX, block: 0 };
+const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, key: u32::MAX, start: 0, count: 0 };
 
 #[derive(Clone)]
 pub struct BlockCache {
@@ -114,17 +116,25 @@ impl BlockCache {
     }
 
     #[inline(always)]
-    pub fn lookup(&self, pc: u64, ctx: usize) -> Option<u32> {
+    /// The ops span `(start, count)` of the block cached for `pc`.
+    pub fn lookup(&self, pc: u64, ctx: usize) -> Option<(u32, u32)> {
         let e = &self.jump[Self::jump_index(pc)];
         if e.pc == pc && e.key == self.key(ctx) {
-            Some(e.block)
+            Some((e.start, e.count))
         } else {
             None
         }
     }
 
     pub fn remember(&mut self, pc: u64, ctx: usize, block: u32) {
-        self.jump[Self::jump_index(pc)] = JumpEntry { pc, key: self.key(ctx), block };
+        let b = self.blocks[block as usize];
+        self.jump[Self::jump_index(pc)] = JumpEntry { pc, key: self.key(ctx), start: b.start, count: b.count };
+    }
+
+    /// The ops span of a block.
+    pub fn span(&self, block: u32) -> (u32, u32) {
+        let b = self.blocks[block as usize];
+        (b.start, b.count)
     }
 
     pub fn find_paddr(&self, paddr: u64) -> Option<u32> {
@@ -187,8 +197,9 @@ impl BlockCache {
         self.flush_jumps();
     }
 
-    pub fn ops_of(&self, block: u32) -> &[Op] {
-        let b = self.blocks[block as usize];
-        &self.ops[b.start as usize..(b.start + b.count) as usize]
+    /// The first `n` ops of a span.
+    #[inline(always)]
+    pub fn ops(&self, start: u32, n: usize) -> &[Op] {
+        &self.ops[start as usize..start as usize + n]
     }
 }

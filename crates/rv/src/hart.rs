@@ -109,6 +109,9 @@ pub struct Core {
     fetch_ctx: usize,
     /// Position at which Sstc's STIP next becomes pending.
     stimer_pos: u64,
+    /// An instruction changed state that interrupt delivery depends on
+    /// (CSRs, privilege): the run loop must check before the next block.
+    attention: bool,
     tlb: Tlb,
     flush: Flush,
     cfg: HartConfig,
@@ -174,6 +177,7 @@ impl Core {
             data_ctx: CTX_BARE,
             fetch_ctx: CTX_BARE,
             stimer_pos: u64::MAX,
+            attention: false,
             tlb: Tlb::new((cfg.ram_size / PAGE_SIZE) as usize),
             flush: Flush::None,
             cfg,
@@ -699,6 +703,7 @@ impl Core {
 
     /// Zicsr (chapter 9): access checks, then read and/or write.
     fn csr_op(&mut self, op: &Op) -> Result<(), Trap> {
+        self.attention = true;
         let csr = op.imm as u16;
         let rd_arch = op.rs2;
         let src = match op.kind {
@@ -993,6 +998,7 @@ impl Core {
 
     /// System instructions other than Zicsr. `Ok(true)`: the hart waits (WFI).
     fn exec_system(&mut self, op: &Op) -> Result<bool, Trap> {
+        self.attention = true;
         let ill = Trap::new(trap::ILLEGAL_INSTRUCTION, TVAL_INSN_BITS);
         match op.kind {
             Kind::Ecall => Err(Trap::new(trap::ECALL_FROM_U + self.prv as u64, 0)),
@@ -1449,13 +1455,11 @@ impl Hart {
         }
     }
 
-    /// Find or decode the block at pc.
+    /// Find or decode the block at pc (after a jump-cache miss).
+    #[inline(never)]
     fn fetch_block<B: Bus>(&mut self, bus: &mut B) -> Result<u32, Trap> {
         let pc = self.core.pc;
         let ctx = self.core.fetch_ctx;
-        if let Some(b) = self.cache.lookup(pc, ctx) {
-            return Ok(b);
-        }
         let e = self.core.tlb.sets[ctx].fetch[mmu::tlb_index(pc)];
         let paddr = if e.tag == pc & !0xfff {
             self.core.cfg.ram_base + (e.ram_off | (pc & 0xfff))
@@ -1588,33 +1592,46 @@ impl Hart {
                     }
                 }
             }
-            let block = match self.fetch_block(bus) {
-                Ok(b) => b,
-                Err(t) => {
-                    self.exception(bus, t);
-                    if self.in_firmware() {
-                        return Exit::MachineTrap;
-                    }
-                    continue;
+            // Blocks back to back until something needs the checks above:
+            // the stop position, or an instruction that may have made an
+            // interrupt takeable (CSR access, xRET; traps leave this loop).
+            self.core.attention = false;
+            loop {
+                let (start, count) = match self.cache.lookup(self.core.pc, self.core.fetch_ctx) {
+                    Some(span) => span,
+                    None => match self.fetch_block(bus) {
+                        Ok(b) => self.cache.span(b),
+                        Err(t) => {
+                            self.exception(bus, t);
+                            if self.in_firmware() {
+                                return Exit::MachineTrap;
+                            }
+                            break;
+                        }
+                    },
+                };
+                let budget = (stop - self.core.position) as usize;
+                let ops = self.cache.ops(start, (count as usize).min(budget));
+                let end = self.core.exec_block(bus, ops);
+                if self.core.flush != Flush::None {
+                    self.apply_flush();
                 }
-            };
-            let budget = (stop - self.core.position) as usize;
-            let ops = self.cache.ops_of(block);
-            let ops = &ops[..ops.len().min(budget)];
-            let end = self.core.exec_block(bus, ops);
-            if self.core.flush != Flush::None {
-                self.apply_flush();
-            }
-            match end {
-                End::Continue => {}
-                End::Trap(t) => {
-                    self.exception(bus, t);
-                    if self.in_firmware() {
-                        return Exit::MachineTrap;
+                match end {
+                    End::Continue => {
+                        if self.core.position >= stop || self.core.attention {
+                            break;
+                        }
                     }
+                    End::Trap(t) => {
+                        self.exception(bus, t);
+                        if self.in_firmware() {
+                            return Exit::MachineTrap;
+                        }
+                        break;
+                    }
+                    End::Wfi => return Exit::Wfi,
+                    End::Device => return Exit::Device,
                 }
-                End::Wfi => return Exit::Wfi,
-                End::Device => return Exit::Device,
             }
         }
     }
@@ -1834,9 +1851,9 @@ mod tests {
         for k in 0..40 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let page = 2 + (seed >> 40) % 12; // RAM pages 2..14, away from the code
-                        let off = ((seed >> 20) % 4088) & !7;
+            let off = ((seed >> 20) % 4088) & !7;
             let addr = BASE + page * 4096 + off + (k % 3 == 1) as u64 * 3;
-                        w.extend(li64(A0, addr));
+            w.extend(li64(A0, addr));
             w.push(match k % 3 {
                 0 => sd(A1, A0, 0),
                 1 => sw(A1, A0, 0), // misaligned (slow path)
