@@ -97,9 +97,11 @@ impl Op {
         Op { imm: raw as i32, ..Op::new(Kind::Illegal, len) }
     }
 
-    /// Does this operation end a decoded block? Control transfers, and every
-    /// operation that may change privilege, translation, interrupt enables or
-    /// the code itself, so that the dispatcher sees the new state.
+    /// Does this operation end a decoded block? Unconditional control
+    /// transfers, and every operation that may change privilege,
+    /// translation, interrupt enables or the code itself, so that the
+    /// dispatcher sees the new state. Conditional branches do not: a taken
+    /// branch exits the block early, a branch not taken falls through.
     pub fn ends_block(&self) -> bool {
         use Kind::*;
         matches!(
@@ -107,12 +109,6 @@ impl Op {
             Illegal
                 | Jal
                 | Jalr
-                | Beq
-                | Bne
-                | Blt
-                | Bge
-                | Bltu
-                | Bgeu
                 | FenceI
                 | Ecall
                 | Ebreak

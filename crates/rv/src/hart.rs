@@ -1099,14 +1099,14 @@ impl Core {
                     return End::Continue;
                 }};
             }
+            // A taken branch leaves the block; a branch not taken falls
+            // through to the next op (blocks run on past conditional
+            // branches: one dispatch per taken branch, not per branch).
             macro_rules! branch {
                 ($cond:expr) => {{
-                    let t = if $cond {
-                        base.wrapping_add(op.off as u64).wrapping_add(op.imm as i64 as u64)
-                    } else {
-                        next_pc!()
-                    };
-                    retire_jump!(t)
+                    if $cond {
+                        retire_jump!(base.wrapping_add(op.off as u64).wrapping_add(op.imm as i64 as u64))
+                    }
                 }};
             }
             macro_rules! addr {
