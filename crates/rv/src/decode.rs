@@ -22,6 +22,14 @@
 //! 5 (RV64I), 7 (M), 8 (A), 11-12 (F, D), 16 (C) and the instruction listings of
 //! chapter 24.
 
+/// CSRs whose writes change nothing the run loop watches (interrupt
+/// enables and pending bits, privilege, translation, timers): a write to one
+/// does not end its block. Reads never do.
+pub fn csr_is_quiet(csr: u16) -> bool {
+    use crate::csr::*;
+    matches!(csr, FFLAGS | FRM | FCSR | SSCRATCH | SEPC | SCAUSE | STVAL | MSCRATCH | MEPC | MCAUSE | MTVAL)
+}
+
 /// Register slot that receives writes to `x0`.
 pub const X_SINK: u8 = 32;
 
@@ -104,25 +112,18 @@ impl Op {
     /// branch exits the block early, a branch not taken falls through.
     pub fn ends_block(&self) -> bool {
         use Kind::*;
-        matches!(
-            self.kind,
-            Illegal
-                | Jal
-                | Jalr
-                | FenceI
-                | Ecall
-                | Ebreak
-                | Mret
-                | Sret
-                | Wfi
-                | SfenceVma
-                | Csrrw
-                | Csrrs
-                | Csrrc
-                | Csrrwi
-                | Csrrsi
-                | Csrrci
-        )
+        matches!(self.kind, Illegal | Jal | Jalr | FenceI | Ecall | Ebreak | Mret | Sret | Wfi | SfenceVma)
+            || (self.csr_writes() && !csr_is_quiet(self.imm as u16))
+    }
+
+    /// Does this Zicsr op write its CSR? (csrrs/csrrc with rs1 = x0 and the
+    /// immediate forms with uimm = 0 only read.)
+    pub fn csr_writes(&self) -> bool {
+        match self.kind {
+            Kind::Csrrw | Kind::Csrrwi => true,
+            Kind::Csrrs | Kind::Csrrc | Kind::Csrrsi | Kind::Csrrci => self.rs1 != 0,
+            _ => false,
+        }
     }
 
     /// Is this an F/D operation (needs `mstatus.FS != Off`)?

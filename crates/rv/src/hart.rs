@@ -703,7 +703,9 @@ impl Core {
 
     /// Zicsr (chapter 9): access checks, then read and/or write.
     fn csr_op(&mut self, op: &Op) -> Result<(), Trap> {
-        self.attention = true;
+        if op.csr_writes() && !crate::decode::csr_is_quiet(op.imm as u16) {
+            self.attention = true;
+        }
         let csr = op.imm as u16;
         let rd_arch = op.rs2;
         let src = match op.kind {
@@ -1273,7 +1275,9 @@ impl Core {
                     if let Err(t) = self.csr_op(op) {
                         return End::Trap(t);
                     }
-                    retire_jump!(next_pc!())
+                    if self.attention {
+                        retire_jump!(next_pc!())
+                    }
                 }
                 Ecall | Ebreak | Mret | Sret | Wfi | SfenceVma | FenceI => {
                     self.position = pos;
