@@ -50,7 +50,10 @@ macro_rules! kinds {
 }
 
 kinds! {
-    Illegal, Nop,
+        Illegal, Nop,
+    // A `jal` whose forward target in the same page the block continues at:
+    // only the link is written (made by the block builder, never decoded).
+    JalLink,
     // RV64I
     Lui, Auipc, Jal, Jalr, Beq, Bne, Blt, Bge, Bltu, Bgeu,
     Lb, Lh, Lw, Ld, Lbu, Lhu, Lwu, Sb, Sh, Sw, Sd,

@@ -1076,11 +1076,12 @@ impl Core {
 
     /// Execute the first `n` ops of a block that starts at `self.pc`.
     #[inline(always)]
-    fn exec_block<B: Bus>(&mut self, bus: &mut B, ops: &[Op]) -> End {
+    /// Execute the first `n` ops of the block `ops` that starts at `self.pc`.
+    fn exec_block<B: Bus>(&mut self, bus: &mut B, ops: &[Op], n: usize) -> End {
         use Kind::*;
         let base = self.pc;
         let start = self.position;
-        for (i, op) in ops.iter().enumerate() {
+        for (i, op) in ops[..n].iter().enumerate() {
             let pos = start + i as u64;
             macro_rules! next_pc {
                 () => {
@@ -1159,6 +1160,7 @@ impl Core {
                 Nop | Fence => {}
                 Lui => x!(self, op.rd) = imm,
                 Auipc => x!(self, op.rd) = base.wrapping_add(op.off as u64).wrapping_add(imm),
+                JalLink => x!(self, op.rd) = next_pc!(),
                 Jal => {
                     x!(self, op.rd) = next_pc!();
                     retire_jump!(base.wrapping_add(op.off as u64).wrapping_add(imm))
@@ -1305,10 +1307,17 @@ impl Core {
                 },
             }
         }
-        // Fell off the end: the block was cut short or ended without a jump.
-        let last = ops[ops.len() - 1];
-        self.pc = base.wrapping_add(last.off as u64 + last.len as u64);
-        self.position = start + ops.len() as u64;
+        // Fell off the end: the block was cut short (continue at its next
+        // op, which may be a followed jump's target) or ended without a jump
+        // (its last op is never a `JalLink`).
+        self.pc = match ops.get(n) {
+            Some(next) => base.wrapping_add(next.off as u64),
+            None => {
+                let last = ops[n - 1];
+                base.wrapping_add(last.off as u64 + last.len as u64)
+            }
+        };
+        self.position = start + n as u64;
         End::Continue
     }
 }
@@ -1497,12 +1506,23 @@ impl Hart {
             };
             let mut op = decode(raw);
             op.off = (off - ram_off) as u16;
+            // A direct jump forward within the page: write the link and
+            // keep decoding at the target, so the block runs on through it.
+            let target = off.wrapping_add(op.imm as i64 as u64);
+            let follow = op.kind == Kind::Jal && target > off && target < page_end;
+            if follow {
+                op.kind = Kind::JalLink;
+            }
             ops[n] = op;
             n += 1;
-            off += op.len as u64;
+            off = if follow { target } else { off + op.len as u64 };
             if op.ends_block() {
                 break;
             }
+        }
+        // A block never ends on a followed jump: make the last one a real jump.
+        if ops[n - 1].kind == Kind::JalLink {
+            ops[n - 1].kind = Kind::Jal;
         }
         let page = ram_off >> 12;
         if !self.core.tlb.is_code_page(page) {
@@ -1615,8 +1635,8 @@ impl Hart {
                     },
                 };
                 let budget = (stop - self.core.position) as usize;
-                let ops = self.cache.ops(start, (count as usize).min(budget));
-                let end = self.core.exec_block(bus, ops);
+                let ops = self.cache.ops(start, count as usize);
+                let end = self.core.exec_block(bus, ops, (count as usize).min(budget));
                 if self.core.flush != Flush::None {
                     self.apply_flush();
                 }
@@ -1816,6 +1836,36 @@ mod tests {
         assert_eq!(h.pc(), BASE + 17 * 4);
         assert_eq!(h.run(&mut bus, Position(30)), Exit::Reached);
         assert_eq!(h.x(10), 30);
+    }
+
+    /// Blocks run on through forward jumps and untaken branches; stopping
+    /// right after such a jump, or at a taken branch, leaves pc exact.
+    #[test]
+    fn stops_after_followed_jumps_and_branches_are_exact() {
+        let w = [
+            jal(RA, 12),        // 0: link = 4, continue at 12
+            addi(A0, A0, 100),  // 4: skipped
+            addi(A0, A0, 100),  // 8: skipped
+            addi(A0, A0, 1),    // 12
+            beq(A0, ZERO, 100), // 16: not taken
+            addi(A0, A0, 1),    // 20
+            bne(A0, ZERO, 8),   // 24: taken, to 32
+            addi(A0, A0, 100),  // 28: skipped
+            addi(A1, A0, 0),    // 32
+        ];
+        let (mut h, mut bus) = setup(&w);
+        h.run(&mut bus, Position(1));
+        assert_eq!((h.pc(), h.x(1)), (BASE + 12, BASE + 4), "after the followed jal");
+        h.run(&mut bus, Position(3));
+        assert_eq!(h.pc(), BASE + 20, "after the untaken branch");
+        h.run(&mut bus, Position(5));
+        assert_eq!(h.pc(), BASE + 32, "after the taken branch");
+        h.run(&mut bus, Position(6));
+        assert_eq!((h.x(10), h.x(11)), (2, 2));
+        // The same program in one go gives the same state.
+        let (mut g, mut bus2) = setup(&w);
+        g.run(&mut bus2, Position(6));
+        assert_eq!((g.pc(), g.x(1), g.x(10), g.x(11)), (h.pc(), h.x(1), h.x(10), h.x(11)));
     }
 
     #[test]
