@@ -1074,66 +1074,206 @@ impl Core {
         }
     }
 
-    /// Execute the first `n` ops of a block that starts at `self.pc`.
+    /// Execute the block `ops` that starts at `self.pc`, for at most
+    /// `budget` positions. A taken branch back to the block's own start
+    /// (a tight loop) runs the block again without leaving, budget allowing.
     #[inline(always)]
-    /// Execute the first `n` ops of the block `ops` that starts at `self.pc`.
-    fn exec_block<B: Bus>(&mut self, bus: &mut B, ops: &[Op], n: usize) -> End {
+    fn exec_block<B: Bus>(&mut self, bus: &mut B, ops: &[Op], budget: usize) -> End {
         use Kind::*;
         let base = self.pc;
-        let start = self.position;
-        for (i, op) in ops[..n].iter().enumerate() {
-            let pos = start + i as u64;
-            macro_rules! next_pc {
-                () => {
-                    base.wrapping_add(op.off as u64 + op.len as u64)
-                };
-            }
-            macro_rules! fault {
-                ($t:expr) => {{
-                    self.position = pos;
-                    self.pc = base.wrapping_add(op.off as u64);
-                    return End::Trap($t);
-                }};
-            }
-            macro_rules! retire_jump {
-                ($target:expr) => {{
-                    self.pc = $target;
-                    self.position = pos + 1;
-                    return End::Continue;
-                }};
-            }
-            // A taken branch leaves the block; a branch not taken falls
-            // through to the next op (blocks run on past conditional
-            // branches: one dispatch per taken branch, not per branch).
-            macro_rules! branch {
-                ($cond:expr) => {{
-                    if $cond {
-                        retire_jump!(base.wrapping_add(op.off as u64).wrapping_add(op.imm as i64 as u64))
-                    }
-                }};
-            }
-            macro_rules! addr {
-                () => {
-                    x!(self, op.rs1).wrapping_add(op.imm as i64 as u64)
-                };
-            }
-            macro_rules! ld {
-                ($n:literal, $conv:expr) => {{
-                    match self.load::<B, $n>(bus, addr!(), pos) {
-                        Ok(v) => x!(self, op.rd) = $conv(v),
-                        Err(t) if t.cause == CAUSE_MMIO_LOAD => {
-                            x!(self, op.rd) = $conv(t.tval);
-                            self.pc = next_pc!();
-                            self.position = pos + 1;
-                            return End::Device;
+        let mut start = self.position;
+        let mut budget = budget;
+        let mut n;
+        'again: loop {
+            n = ops.len().min(budget);
+            for (i, op) in ops[..n].iter().enumerate() {
+                let pos = start + i as u64;
+                macro_rules! next_pc {
+                    () => {
+                        base.wrapping_add(op.off as u64 + op.len as u64)
+                    };
+                }
+                macro_rules! fault {
+                    ($t:expr) => {{
+                        self.position = pos;
+                        self.pc = base.wrapping_add(op.off as u64);
+                        return End::Trap($t);
+                    }};
+                }
+                macro_rules! retire_jump {
+                    ($target:expr) => {{
+                        self.pc = $target;
+                        self.position = pos + 1;
+                        return End::Continue;
+                    }};
+                }
+                // A taken branch leaves the block; a branch not taken falls
+                // through to the next op (blocks run on past conditional
+                // branches: one dispatch per taken branch, not per branch).
+                macro_rules! branch {
+                    ($cond:expr) => {{
+                        if $cond {
+                            let t = base.wrapping_add(op.off as u64).wrapping_add(op.imm as i64 as u64);
+                            if t == base && budget > i + 1 {
+                                budget -= i + 1;
+                                start = pos + 1;
+                                continue 'again;
+                            }
+                            retire_jump!(t)
                         }
-                        Err(t) => fault!(t),
+                    }};
+                }
+                macro_rules! addr {
+                    () => {
+                        x!(self, op.rs1).wrapping_add(op.imm as i64 as u64)
+                    };
+                }
+                macro_rules! ld {
+                    ($n:literal, $conv:expr) => {{
+                        match self.load::<B, $n>(bus, addr!(), pos) {
+                            Ok(v) => x!(self, op.rd) = $conv(v),
+                            Err(t) if t.cause == CAUSE_MMIO_LOAD => {
+                                x!(self, op.rd) = $conv(t.tval);
+                                self.pc = next_pc!();
+                                self.position = pos + 1;
+                                return End::Device;
+                            }
+                            Err(t) => fault!(t),
+                        }
+                    }};
+                }
+                macro_rules! st {
+                    ($n:literal) => {{
+                        match self.store::<B, $n>(bus, addr!(), x!(self, op.rs2), pos) {
+                            Ok(false) => {}
+                            Ok(true) => {
+                                self.pc = next_pc!();
+                                self.position = pos + 1;
+                                return End::Device;
+                            }
+                            Err(t) => fault!(t),
+                        }
+                    }};
+                }
+                macro_rules! r1 {
+                    () => {
+                        x!(self, op.rs1)
+                    };
+                }
+                macro_rules! r2 {
+                    () => {
+                        x!(self, op.rs2)
+                    };
+                }
+                let imm = op.imm as i64 as u64;
+                let sh = (op.imm & 63) as u32;
+                match op.kind {
+                    Nop | Fence => {}
+                    Lui => x!(self, op.rd) = imm,
+                    Auipc => x!(self, op.rd) = base.wrapping_add(op.off as u64).wrapping_add(imm),
+                    JalLink => x!(self, op.rd) = next_pc!(),
+                    Jal => {
+                        x!(self, op.rd) = next_pc!();
+                        retire_jump!(base.wrapping_add(op.off as u64).wrapping_add(imm))
                     }
-                }};
-            }
-            macro_rules! st {
-                ($n:literal) => {{
-                    match self.store::<B, $n>(bus, addr!(), x!(self, op.rs2), pos) {
+                    Jalr => {
+                        let t = r1!().wrapping_add(imm) & !1;
+                        x!(self, op.rd) = next_pc!();
+                        retire_jump!(t)
+                    }
+                    Beq => branch!(r1!() == r2!()),
+                    Bne => branch!(r1!() != r2!()),
+                    Blt => branch!((r1!() as i64) < (r2!() as i64)),
+                    Bge => branch!((r1!() as i64) >= (r2!() as i64)),
+                    Bltu => branch!(r1!() < r2!()),
+                    Bgeu => branch!(r1!() >= r2!()),
+                    Lb => ld!(1, |v: u64| v as i8 as i64 as u64),
+                    Lh => ld!(2, |v: u64| v as i16 as i64 as u64),
+                    Lw => ld!(4, |v: u64| v as i32 as i64 as u64),
+                    Ld => ld!(8, |v: u64| v),
+                    Lbu => ld!(1, |v: u64| v),
+                    Lhu => ld!(2, |v: u64| v),
+                    Lwu => ld!(4, |v: u64| v),
+                    Sb => st!(1),
+                    Sh => st!(2),
+                    Sw => st!(4),
+                    Sd => st!(8),
+                    Addi => x!(self, op.rd) = r1!().wrapping_add(imm),
+                    Slti => x!(self, op.rd) = ((r1!() as i64) < (imm as i64)) as u64,
+                    Sltiu => x!(self, op.rd) = (r1!() < imm) as u64,
+                    Xori => x!(self, op.rd) = r1!() ^ imm,
+                    Ori => x!(self, op.rd) = r1!() | imm,
+                    Andi => x!(self, op.rd) = r1!() & imm,
+                    Slli => x!(self, op.rd) = r1!() << sh,
+                    Srli => x!(self, op.rd) = r1!() >> sh,
+                    Srai => x!(self, op.rd) = ((r1!() as i64) >> sh) as u64,
+                    Add => x!(self, op.rd) = r1!().wrapping_add(r2!()),
+                    Sub => x!(self, op.rd) = r1!().wrapping_sub(r2!()),
+                    Sll => x!(self, op.rd) = r1!() << (r2!() & 63),
+                    Slt => x!(self, op.rd) = ((r1!() as i64) < (r2!() as i64)) as u64,
+                    Sltu => x!(self, op.rd) = (r1!() < r2!()) as u64,
+                    Xor => x!(self, op.rd) = r1!() ^ r2!(),
+                    Srl => x!(self, op.rd) = r1!() >> (r2!() & 63),
+                    Sra => x!(self, op.rd) = ((r1!() as i64) >> (r2!() & 63)) as u64,
+                    Or => x!(self, op.rd) = r1!() | r2!(),
+                    And => x!(self, op.rd) = r1!() & r2!(),
+                    Addiw => x!(self, op.rd) = r1!().wrapping_add(imm) as i32 as i64 as u64,
+                    Slliw => x!(self, op.rd) = ((r1!() as u32) << (sh & 31)) as i32 as i64 as u64,
+                    Srliw => x!(self, op.rd) = ((r1!() as u32) >> (sh & 31)) as i32 as i64 as u64,
+                    Sraiw => x!(self, op.rd) = ((r1!() as i32) >> (sh & 31)) as i64 as u64,
+                    Addw => x!(self, op.rd) = r1!().wrapping_add(r2!()) as i32 as i64 as u64,
+                    Subw => x!(self, op.rd) = r1!().wrapping_sub(r2!()) as i32 as i64 as u64,
+                    Sllw => x!(self, op.rd) = ((r1!() as u32) << (r2!() & 31)) as i32 as i64 as u64,
+                    Srlw => x!(self, op.rd) = ((r1!() as u32) >> (r2!() & 31)) as i32 as i64 as u64,
+                    Sraw => x!(self, op.rd) = ((r1!() as i32) >> (r2!() & 31)) as i64 as u64,
+                    Mul => x!(self, op.rd) = r1!().wrapping_mul(r2!()),
+                    Mulh => x!(self, op.rd) = ((r1!() as i64 as i128 * r2!() as i64 as i128) >> 64) as u64,
+                    Mulhsu => x!(self, op.rd) = ((r1!() as i64 as i128).wrapping_mul(r2!() as i128) >> 64) as u64,
+                    Mulhu => x!(self, op.rd) = ((r1!() as u128 * r2!() as u128) >> 64) as u64,
+                    Div => {
+                        x!(self, op.rd) = match (r1!() as i64, r2!() as i64) {
+                            (_, 0) => u64::MAX,
+                            (i64::MIN, -1) => r1!(),
+                            (a, b) => (a / b) as u64,
+                        }
+                    }
+                    Divu => x!(self, op.rd) = r1!().checked_div(r2!()).unwrap_or(u64::MAX),
+                    Rem => {
+                        x!(self, op.rd) = match (r1!() as i64, r2!() as i64) {
+                            (_, 0) => r1!(),
+                            (i64::MIN, -1) => 0,
+                            (a, b) => (a % b) as u64,
+                        }
+                    }
+                    Remu => x!(self, op.rd) = r1!().checked_rem(r2!()).unwrap_or(r1!()),
+                    Mulw => x!(self, op.rd) = (r1!() as i32).wrapping_mul(r2!() as i32) as i64 as u64,
+                    Divw => {
+                        x!(self, op.rd) = match (r1!() as i32, r2!() as i32) {
+                            (_, 0) => u64::MAX,
+                            (i32::MIN, -1) => i32::MIN as i64 as u64,
+                            (a, b) => (a / b) as i64 as u64,
+                        }
+                    }
+                    Divuw => {
+                        x!(self, op.rd) = match (r1!() as u32).checked_div(r2!() as u32) {
+                            Some(q) => q as i32 as i64 as u64,
+                            None => u64::MAX,
+                        }
+                    }
+                    Remw => {
+                        x!(self, op.rd) = match (r1!() as i32, r2!() as i32) {
+                            (a, 0) => a as i64 as u64,
+                            (i32::MIN, -1) => 0,
+                            (a, b) => (a % b) as i64 as u64,
+                        }
+                    }
+                    Remuw => {
+                        x!(self, op.rd) =
+                            (r1!() as u32).checked_rem(r2!() as u32).unwrap_or(r1!() as u32) as i32 as i64 as u64
+                    }
+                    LrW | ScW | LrD | ScD | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW | AmominW | AmomaxW
+                    | AmominuW | AmomaxuW | AmoswapD | AmoaddD | AmoxorD | AmoandD | AmoorD | AmominD | AmomaxD
+                    | AmominuD | AmomaxuD => match self.exec_amo(bus, op, pos) {
                         Ok(false) => {}
                         Ok(true) => {
                             self.pc = next_pc!();
@@ -1141,171 +1281,44 @@ impl Core {
                             return End::Device;
                         }
                         Err(t) => fault!(t),
-                    }
-                }};
-            }
-            macro_rules! r1 {
-                () => {
-                    x!(self, op.rs1)
-                };
-            }
-            macro_rules! r2 {
-                () => {
-                    x!(self, op.rs2)
-                };
-            }
-            let imm = op.imm as i64 as u64;
-            let sh = (op.imm & 63) as u32;
-            match op.kind {
-                Nop | Fence => {}
-                Lui => x!(self, op.rd) = imm,
-                Auipc => x!(self, op.rd) = base.wrapping_add(op.off as u64).wrapping_add(imm),
-                JalLink => x!(self, op.rd) = next_pc!(),
-                Jal => {
-                    x!(self, op.rd) = next_pc!();
-                    retire_jump!(base.wrapping_add(op.off as u64).wrapping_add(imm))
-                }
-                Jalr => {
-                    let t = r1!().wrapping_add(imm) & !1;
-                    x!(self, op.rd) = next_pc!();
-                    retire_jump!(t)
-                }
-                Beq => branch!(r1!() == r2!()),
-                Bne => branch!(r1!() != r2!()),
-                Blt => branch!((r1!() as i64) < (r2!() as i64)),
-                Bge => branch!((r1!() as i64) >= (r2!() as i64)),
-                Bltu => branch!(r1!() < r2!()),
-                Bgeu => branch!(r1!() >= r2!()),
-                Lb => ld!(1, |v: u64| v as i8 as i64 as u64),
-                Lh => ld!(2, |v: u64| v as i16 as i64 as u64),
-                Lw => ld!(4, |v: u64| v as i32 as i64 as u64),
-                Ld => ld!(8, |v: u64| v),
-                Lbu => ld!(1, |v: u64| v),
-                Lhu => ld!(2, |v: u64| v),
-                Lwu => ld!(4, |v: u64| v),
-                Sb => st!(1),
-                Sh => st!(2),
-                Sw => st!(4),
-                Sd => st!(8),
-                Addi => x!(self, op.rd) = r1!().wrapping_add(imm),
-                Slti => x!(self, op.rd) = ((r1!() as i64) < (imm as i64)) as u64,
-                Sltiu => x!(self, op.rd) = (r1!() < imm) as u64,
-                Xori => x!(self, op.rd) = r1!() ^ imm,
-                Ori => x!(self, op.rd) = r1!() | imm,
-                Andi => x!(self, op.rd) = r1!() & imm,
-                Slli => x!(self, op.rd) = r1!() << sh,
-                Srli => x!(self, op.rd) = r1!() >> sh,
-                Srai => x!(self, op.rd) = ((r1!() as i64) >> sh) as u64,
-                Add => x!(self, op.rd) = r1!().wrapping_add(r2!()),
-                Sub => x!(self, op.rd) = r1!().wrapping_sub(r2!()),
-                Sll => x!(self, op.rd) = r1!() << (r2!() & 63),
-                Slt => x!(self, op.rd) = ((r1!() as i64) < (r2!() as i64)) as u64,
-                Sltu => x!(self, op.rd) = (r1!() < r2!()) as u64,
-                Xor => x!(self, op.rd) = r1!() ^ r2!(),
-                Srl => x!(self, op.rd) = r1!() >> (r2!() & 63),
-                Sra => x!(self, op.rd) = ((r1!() as i64) >> (r2!() & 63)) as u64,
-                Or => x!(self, op.rd) = r1!() | r2!(),
-                And => x!(self, op.rd) = r1!() & r2!(),
-                Addiw => x!(self, op.rd) = r1!().wrapping_add(imm) as i32 as i64 as u64,
-                Slliw => x!(self, op.rd) = ((r1!() as u32) << (sh & 31)) as i32 as i64 as u64,
-                Srliw => x!(self, op.rd) = ((r1!() as u32) >> (sh & 31)) as i32 as i64 as u64,
-                Sraiw => x!(self, op.rd) = ((r1!() as i32) >> (sh & 31)) as i64 as u64,
-                Addw => x!(self, op.rd) = r1!().wrapping_add(r2!()) as i32 as i64 as u64,
-                Subw => x!(self, op.rd) = r1!().wrapping_sub(r2!()) as i32 as i64 as u64,
-                Sllw => x!(self, op.rd) = ((r1!() as u32) << (r2!() & 31)) as i32 as i64 as u64,
-                Srlw => x!(self, op.rd) = ((r1!() as u32) >> (r2!() & 31)) as i32 as i64 as u64,
-                Sraw => x!(self, op.rd) = ((r1!() as i32) >> (r2!() & 31)) as i64 as u64,
-                Mul => x!(self, op.rd) = r1!().wrapping_mul(r2!()),
-                Mulh => x!(self, op.rd) = ((r1!() as i64 as i128 * r2!() as i64 as i128) >> 64) as u64,
-                Mulhsu => x!(self, op.rd) = ((r1!() as i64 as i128).wrapping_mul(r2!() as i128) >> 64) as u64,
-                Mulhu => x!(self, op.rd) = ((r1!() as u128 * r2!() as u128) >> 64) as u64,
-                Div => {
-                    x!(self, op.rd) = match (r1!() as i64, r2!() as i64) {
-                        (_, 0) => u64::MAX,
-                        (i64::MIN, -1) => r1!(),
-                        (a, b) => (a / b) as u64,
-                    }
-                }
-                Divu => x!(self, op.rd) = r1!().checked_div(r2!()).unwrap_or(u64::MAX),
-                Rem => {
-                    x!(self, op.rd) = match (r1!() as i64, r2!() as i64) {
-                        (_, 0) => r1!(),
-                        (i64::MIN, -1) => 0,
-                        (a, b) => (a % b) as u64,
-                    }
-                }
-                Remu => x!(self, op.rd) = r1!().checked_rem(r2!()).unwrap_or(r1!()),
-                Mulw => x!(self, op.rd) = (r1!() as i32).wrapping_mul(r2!() as i32) as i64 as u64,
-                Divw => {
-                    x!(self, op.rd) = match (r1!() as i32, r2!() as i32) {
-                        (_, 0) => u64::MAX,
-                        (i32::MIN, -1) => i32::MIN as i64 as u64,
-                        (a, b) => (a / b) as i64 as u64,
-                    }
-                }
-                Divuw => {
-                    x!(self, op.rd) = match (r1!() as u32).checked_div(r2!() as u32) {
-                        Some(q) => q as i32 as i64 as u64,
-                        None => u64::MAX,
-                    }
-                }
-                Remw => {
-                    x!(self, op.rd) = match (r1!() as i32, r2!() as i32) {
-                        (a, 0) => a as i64 as u64,
-                        (i32::MIN, -1) => 0,
-                        (a, b) => (a % b) as i64 as u64,
-                    }
-                }
-                Remuw => {
-                    x!(self, op.rd) =
-                        (r1!() as u32).checked_rem(r2!() as u32).unwrap_or(r1!() as u32) as i32 as i64 as u64
-                }
-                LrW | ScW | LrD | ScD | AmoswapW | AmoaddW | AmoxorW | AmoandW | AmoorW | AmominW | AmomaxW
-                | AmominuW | AmomaxuW | AmoswapD | AmoaddD | AmoxorD | AmoandD | AmoorD | AmominD | AmomaxD
-                | AmominuD | AmomaxuD => match self.exec_amo(bus, op, pos) {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        self.pc = next_pc!();
-                        self.position = pos + 1;
-                        return End::Device;
-                    }
-                    Err(t) => fault!(t),
-                },
-                Csrrw | Csrrs | Csrrc | Csrrwi | Csrrsi | Csrrci => {
-                    self.position = pos;
-                    self.pc = base.wrapping_add(op.off as u64);
-                    if let Err(t) = self.csr_op(op) {
-                        return End::Trap(t);
-                    }
-                    if self.attention {
-                        retire_jump!(next_pc!())
-                    }
-                }
-                Ecall | Ebreak | Mret | Sret | Wfi | SfenceVma | FenceI => {
-                    self.position = pos;
-                    self.pc = base.wrapping_add(op.off as u64);
-                    match self.exec_system(op) {
-                        Err(t) => return End::Trap(t),
-                        Ok(wait) => {
-                            if !matches!(op.kind, Mret | Sret) {
-                                self.pc = next_pc!();
-                            }
-                            self.position = pos + 1;
-                            return if wait { End::Wfi } else { End::Continue };
+                    },
+                    Csrrw | Csrrs | Csrrc | Csrrwi | Csrrsi | Csrrci => {
+                        self.position = pos;
+                        self.pc = base.wrapping_add(op.off as u64);
+                        if let Err(t) = self.csr_op(op) {
+                            return End::Trap(t);
+                        }
+                        if self.attention {
+                            retire_jump!(next_pc!())
                         }
                     }
-                }
-                Illegal => fault!(Trap::illegal(op.imm as u32)),
-                _ => match self.exec_fp(bus, op, pos) {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        self.pc = next_pc!();
-                        self.position = pos + 1;
-                        return End::Device;
+                    Ecall | Ebreak | Mret | Sret | Wfi | SfenceVma | FenceI => {
+                        self.position = pos;
+                        self.pc = base.wrapping_add(op.off as u64);
+                        match self.exec_system(op) {
+                            Err(t) => return End::Trap(t),
+                            Ok(wait) => {
+                                if !matches!(op.kind, Mret | Sret) {
+                                    self.pc = next_pc!();
+                                }
+                                self.position = pos + 1;
+                                return if wait { End::Wfi } else { End::Continue };
+                            }
+                        }
                     }
-                    Err(t) => fault!(t),
-                },
+                    Illegal => fault!(Trap::illegal(op.imm as u32)),
+                    _ => match self.exec_fp(bus, op, pos) {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            self.pc = next_pc!();
+                            self.position = pos + 1;
+                            return End::Device;
+                        }
+                        Err(t) => fault!(t),
+                    },
+                }
             }
+            break;
         }
         // Fell off the end: the block was cut short (continue at its next
         // op, which may be a followed jump's target) or ended without a jump
@@ -1636,7 +1649,7 @@ impl Hart {
                 };
                 let budget = (stop - self.core.position) as usize;
                 let ops = self.cache.ops(start, count as usize);
-                let end = self.core.exec_block(bus, ops, (count as usize).min(budget));
+                let end = self.core.exec_block(bus, ops, budget);
                 if self.core.flush != Flush::None {
                     self.apply_flush();
                 }
@@ -1866,6 +1879,18 @@ mod tests {
         let (mut g, mut bus2) = setup(&w);
         g.run(&mut bus2, Position(6));
         assert_eq!((g.pc(), g.x(1), g.x(10), g.x(11)), (h.pc(), h.x(1), h.x(10), h.x(11)));
+    }
+
+    /// A tight loop re-runs its block in place; a stop inside it is exact.
+    #[test]
+    fn tight_loops_stop_exactly_mid_iteration() {
+        let w = [addi(T0, ZERO, 10), addi(A0, A0, 1), addi(T0, T0, -1), bne(T0, ZERO, -8), addi(A1, A0, 0)];
+        let (mut h, mut bus) = setup(&w);
+        h.run(&mut bus, Position(15));
+        assert_eq!((h.x(10), h.x(5), h.pc()), (5, 5, BASE + 12));
+        h.run(&mut bus, Position(32));
+        assert_eq!((h.x(10), h.x(5), h.x(11), h.pc()), (10, 0, 10, BASE + 20));
+        assert_eq!(h.position(), Position(32));
     }
 
     #[test]
