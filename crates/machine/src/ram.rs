@@ -3,6 +3,8 @@
 //! devices). The hart tracks its own writes (`Hart::take_dirty_pages`);
 //! `Machine::take_dirty_pages` merges the two.
 
+use rv::bitmap::PageBitmap;
+
 /// Guest RAM. The hart reaches it directly through `Bus::ram`; loaders and
 /// devices use the checked helpers here.
 #[derive(Clone)]
@@ -10,12 +12,12 @@ pub struct Ram {
     base: u64,
     bytes: Vec<u8>,
     /// One bit per page written through `write`/`fill`.
-    dirty: Vec<u64>,
+    dirty: PageBitmap,
 }
 
 impl Ram {
     pub fn new(base: u64, size: u64) -> Ram {
-        Ram { base, bytes: vec![0; size as usize], dirty: vec![0; (size as usize / 4096).div_ceil(64)] }
+        Ram { base, bytes: vec![0; size as usize], dirty: PageBitmap::new(size as usize / 4096) }
     }
 
     pub fn base(&self) -> u64 {
@@ -62,21 +64,13 @@ impl Ram {
             return;
         }
         for page in off / 4096..=(off + len - 1) / 4096 {
-            self.dirty[page as usize / 64] |= 1 << (page % 64);
+            self.dirty.set(page);
         }
     }
 
     /// Pages written through `write`/`fill` since the last call, ascending.
     pub fn take_dirty(&mut self) -> Vec<u64> {
-        let mut pages = Vec::new();
-        for (i, w) in self.dirty.iter_mut().enumerate() {
-            let mut bits = std::mem::take(w);
-            while bits != 0 {
-                pages.push(i as u64 * 64 + bits.trailing_zeros() as u64);
-                bits &= bits - 1;
-            }
-        }
-        pages
+        self.dirty.drain()
     }
 
     pub fn read(&self, addr: u64, out: &mut [u8]) -> bool {

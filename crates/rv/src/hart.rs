@@ -356,6 +356,22 @@ impl Core {
         false
     }
 
+    /// The physical address of `vaddr` from the TLB (any alignment inside
+    /// the page), or from a walk that refills it.
+    fn lookup_or_translate<B: Bus>(&mut self, bus: &mut B, vaddr: u64, access: Access) -> Result<u64, Trap> {
+        let set = if access == Access::Fetch { &self.tlb.sets[self.fetch_ctx] } else { &self.tlb.sets[self.data_ctx] };
+        let array = match access {
+            Access::Read => &set.read,
+            Access::Write => &set.write,
+            Access::Fetch => &set.fetch,
+        };
+        let e = array[mmu::tlb_index(vaddr)];
+        if e.tag == vaddr & !0xfff {
+            return Ok(self.cfg.ram_base + (e.ram_off | (vaddr & 0xfff)));
+        }
+        self.translate(bus, vaddr, access)
+    }
+
     fn phys_load<B: Bus>(&mut self, bus: &mut B, paddr: u64, size: u32, pos: u64) -> Option<u64> {
         match self.ram_off(paddr) {
             Some(off) if off + size as u64 <= self.cfg.ram_size => {
@@ -402,12 +418,7 @@ impl Core {
         if vaddr & (size as u64 - 1) != 0 && (vaddr & 0xfff) + size as u64 <= PAGE_SIZE {
             // Misaligned inside one page (the kernel's unaligned-access
             // probe does millions): one translation, then plain bytes.
-            let e = self.tlb.sets[self.data_ctx].read[mmu::tlb_index(vaddr)];
-            let paddr = if e.tag == vaddr & !0xfff {
-                self.cfg.ram_base + (e.ram_off | (vaddr & 0xfff))
-            } else {
-                self.translate(bus, vaddr, Access::Read)?
-            };
+            let paddr = self.lookup_or_translate(bus, vaddr, Access::Read)?;
             if self.ram_off(paddr).is_some() {
                 return self.phys_load(bus, paddr, size, pos).ok_or(Access::Read.access_fault(vaddr));
             }
@@ -451,12 +462,7 @@ impl Core {
     #[inline(never)]
     fn store_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, val: u64, pos: u64) -> Result<bool, Trap> {
         if vaddr & (size as u64 - 1) != 0 && (vaddr & 0xfff) + size as u64 <= PAGE_SIZE {
-            let e = self.tlb.sets[self.data_ctx].write[mmu::tlb_index(vaddr)];
-            let paddr = if e.tag == vaddr & !0xfff {
-                self.cfg.ram_base + (e.ram_off | (vaddr & 0xfff))
-            } else {
-                self.translate(bus, vaddr, Access::Write)?
-            };
+            let paddr = self.lookup_or_translate(bus, vaddr, Access::Write)?;
             if self.ram_off(paddr).is_some() {
                 return self.phys_store(bus, paddr, size, val, pos).ok_or(Access::Write.access_fault(vaddr));
             }
@@ -1486,12 +1492,7 @@ impl Hart {
     fn fetch_block<B: Bus>(&mut self, bus: &mut B) -> Result<u32, Trap> {
         let pc = self.core.pc;
         let ctx = self.core.fetch_ctx;
-        let e = self.core.tlb.sets[ctx].fetch[mmu::tlb_index(pc)];
-        let paddr = if e.tag == pc & !0xfff {
-            self.core.cfg.ram_base + (e.ram_off | (pc & 0xfff))
-        } else {
-            self.core.translate(bus, pc, Access::Fetch)?
-        };
+        let paddr = self.core.lookup_or_translate(bus, pc, Access::Fetch)?;
         let ram_off = self.core.ram_off(paddr).ok_or(Access::Fetch.access_fault(pc))?;
         if let Some(b) = self.cache.find_paddr(paddr) {
             self.cache.remember(pc, ctx, b);

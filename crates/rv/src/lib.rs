@@ -9,6 +9,7 @@
 //! interpreter is shaped the way it is).
 
 pub mod asm;
+pub mod bitmap;
 pub mod block;
 pub mod bus;
 pub mod csr;

@@ -22,6 +22,7 @@
 //! Page walks follow the Privileged ISA 4.3.2 (Sv39: 4.4, Sv48: 4.5), with
 //! A and D updated by the walker (the Svadu behaviour QEMU also has).
 
+use crate::bitmap::PageBitmap;
 use crate::csr::*;
 use crate::trap::{self, Trap};
 
@@ -101,12 +102,12 @@ pub fn tlb_index(vaddr: u64) -> usize {
 pub struct Tlb {
     pub sets: Box<[TlbSet; 3]>,
     /// One bit per RAM page: blocks were decoded from it.
-    code_pages: Vec<u64>,
+    code_pages: PageBitmap,
     /// One bit per RAM page: written since the last harvest. A page's bit
     /// is set when a write entry for it is made (or a slow-path store hits
     /// it), so fast-path stores need no check; a harvest drops every write
     /// entry, so the next store to each page marks it again.
-    dirty: Vec<u64>,
+    dirty: PageBitmap,
     /// Virtual range covered by superpage translations in the paged
     /// contexts since their last full flush: a single-address sfence.vma
     /// inside it must flush everything.
@@ -118,8 +119,8 @@ impl Tlb {
     pub fn new(ram_pages: usize) -> Self {
         Tlb {
             sets: Box::new([TlbSet::new(), TlbSet::new(), TlbSet::new()]),
-            code_pages: vec![0; ram_pages.div_ceil(64)],
-            dirty: vec![0; ram_pages.div_ceil(64)],
+            code_pages: PageBitmap::new(ram_pages),
+            dirty: PageBitmap::new(ram_pages),
             super_lo: u64::MAX,
             super_hi: 0,
         }
@@ -176,17 +177,13 @@ impl Tlb {
     }
 
     pub fn is_code_page(&self, ram_page: u64) -> bool {
-        let p = ram_page as usize;
-        self.code_pages.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
+        self.code_pages.get(ram_page)
     }
 
     /// Mark a RAM page as holding decoded code and drop every write entry
     /// that maps it, so the next store to it is seen.
     pub fn mark_code_page(&mut self, ram_page: u64) {
-        let p = ram_page as usize;
-        if let Some(w) = self.code_pages.get_mut(p / 64) {
-            *w |= 1 << (p % 64);
-        }
+        self.code_pages.set(ram_page);
         let off = ram_page << PAGE_SHIFT;
         for set in self.sets.iter_mut() {
             for e in set.write.iter_mut() {
@@ -198,34 +195,21 @@ impl Tlb {
     }
 
     pub fn clear_code_page(&mut self, ram_page: u64) {
-        let p = ram_page as usize;
-        if let Some(w) = self.code_pages.get_mut(p / 64) {
-            *w &= !(1 << (p % 64));
-        }
+        self.code_pages.clear(ram_page);
     }
 
     pub fn clear_all_code_pages(&mut self) {
-        self.code_pages.iter_mut().for_each(|w| *w = 0);
+        self.code_pages.clear_all();
     }
 
     pub fn mark_dirty(&mut self, ram_page: u64) {
-        let p = ram_page as usize;
-        if let Some(w) = self.dirty.get_mut(p / 64) {
-            *w |= 1 << (p % 64);
-        }
+        self.dirty.set(ram_page);
     }
 
     /// The RAM pages written since the last call, in ascending order; re-arms
     /// the tracking by dropping every write entry.
     pub fn take_dirty(&mut self) -> Vec<u64> {
-        let mut pages = Vec::new();
-        for (i, w) in self.dirty.iter_mut().enumerate() {
-            let mut bits = std::mem::take(w);
-            while bits != 0 {
-                pages.push(i as u64 * 64 + bits.trailing_zeros() as u64);
-                bits &= bits - 1;
-            }
-        }
+        let pages = self.dirty.drain();
         for set in self.sets.iter_mut() {
             set.write = [EMPTY; TLB_ENTRIES];
         }
