@@ -3,7 +3,8 @@
 //! and sources; the host's apt setup is never touched).
 //!
 //! Result, under the cache directory (`$LOCKSTEP_CACHE`, else
-//! `$XDG_CACHE_HOME/lockstep`, else `~/.cache/lockstep`):
+//! `$XDG_CACHE_HOME/lockstep`, else `~/.cache/lockstep`, else a directory
+//! under the system's temporary directory):
 //! ```text
 //!  guest/Image            the distribution kernel (flat RISC-V Image)
 //!  guest/initramfs.cpio   busybox-static + /init (uncompressed newc cpio)
@@ -37,8 +38,10 @@ pub fn cache_dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(d).join("lockstep"));
     }
-    let home = std::env::var_os("HOME").context("neither LOCKSTEP_CACHE nor HOME is set: no cache directory")?;
-    Ok(PathBuf::from(home).join(".cache/lockstep"))
+        match std::env::var_os("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".cache/lockstep")),
+        None => Ok(std::env::temp_dir().join("lockstep-cache")),
+    }
 }
 
 /// The guest if it is built.
