@@ -38,7 +38,7 @@ pub fn cache_dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(d).join("lockstep"));
     }
-        match std::env::var_os("HOME") {
+    match std::env::var_os("HOME") {
         Some(home) => Ok(PathBuf::from(home).join(".cache/lockstep")),
         None => Ok(std::env::temp_dir().join("lockstep-cache")),
     }

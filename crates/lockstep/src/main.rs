@@ -10,6 +10,7 @@ mod bench;
 mod console;
 mod cpio;
 mod guest;
+mod vmfile;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -56,6 +57,10 @@ enum GuestCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// A VM description: its keys are these flags' long names; flags given
+    /// here override it.
+    #[arg(value_name = "VM.TOML")]
+    vm: Option<PathBuf>,
     /// Bare-metal ELF: hart 0 starts in M-mode at its entry; the run ends
     /// when the program writes its `tohost` symbol.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "append"])]
@@ -73,9 +78,39 @@ struct RunArgs {
     /// Stop with an error after this many instructions.
     #[arg(long, value_name = "N")]
     max_insns: Option<u64>,
-    /// Guest RAM size, e.g. 512M or 1G.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
-    mem: u64,
+    /// Guest RAM size, e.g. 512M or 1G (default 512M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    mem: Option<u64>,
+}
+
+const DEFAULT_MEM: u64 = 512 << 20;
+
+impl RunArgs {
+    /// Fill what the command line left out from the VM description.
+    fn merge_vm_file(mut self) -> Result<RunArgs> {
+        let Some(path) = self.vm.take() else { return Ok(self) };
+        let vm = vmfile::VmFile::load(&path)?;
+        self.kernel = self.kernel.or(vm.kernel);
+        self.initrd = self.initrd.or(vm.initrd);
+        self.append = self.append.or(vm.append);
+        self.elf = self.elf.or(vm.elf);
+        self.max_insns = self.max_insns.or(vm.max_insns);
+        if self.mem.is_none() {
+            self.mem = match vm.mem {
+                Some(vmfile::MemValue::Text(s)) => {
+                    Some(parse_size(&s).map_err(|e| anyhow::anyhow!("'{}': mem: {e}", path.display()))?)
+                }
+                Some(vmfile::MemValue::Bytes(b)) => {
+                    Some(parse_size(&b.to_string()).map_err(|e| anyhow::anyhow!("'{}': mem: {e}", path.display()))?)
+                }
+                None => None,
+            };
+        }
+        if self.elf.is_some() && (self.kernel.is_some() || self.initrd.is_some()) {
+            bail!("'{}': give either elf or kernel/initrd, not both", path.display());
+        }
+        Ok(self)
+    }
 }
 
 /// Parse a memory size: a number with an optional K, M or G suffix.
@@ -101,18 +136,20 @@ enum Outcome {
 }
 
 fn run(args: RunArgs) -> Result<Outcome> {
+    let args = args.merge_vm_file()?;
+    let mem = args.mem.unwrap_or(DEFAULT_MEM);
     if let Some(kernel) = &args.kernel {
         let append = args.append.as_deref().unwrap_or("console=ttyS0");
-        return run_linux(kernel, args.initrd.as_deref(), append, args.mem, args.max_insns);
+        return run_linux(kernel, args.initrd.as_deref(), append, mem, args.max_insns);
     }
     let Some(elf) = args.elf else {
         // No kernel: the default guest, built on first use.
         let g = guest::build(false)?;
         let append = args.append.as_deref().unwrap_or(guest::DEFAULT_APPEND);
         let initrd = args.initrd.as_deref().unwrap_or(&g.initrd);
-        return run_linux(&g.kernel, Some(initrd), append, args.mem, args.max_insns);
+        return run_linux(&g.kernel, Some(initrd), append, mem, args.max_insns);
     };
-    let mut m = Machine::new(args.mem);
+    let mut m = Machine::new(mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
     let tohost = loaded
         .tohost

@@ -214,3 +214,33 @@ fn bad_kernels_and_initrds_get_one_line_errors() {
     assert_ne!(out.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked at"), "no Rust panic");
 }
+
+#[test]
+fn vm_toml_describes_a_guest_and_flags_override_it() {
+    let (kernel, initrd) = guest();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vmtoml");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Relative paths are relative to the file.
+    std::os::unix::fs::symlink(kernel, dir.join("Image")).unwrap();
+    std::os::unix::fs::symlink(initrd, dir.join("initrd.cpio")).unwrap();
+    let vm = dir.join("vm.toml");
+    std::fs::write(
+        &vm,
+        "kernel = \"Image\"\ninitrd = \"initrd.cpio\"\nappend = \"console=ttyS0 quiet lockstep.run=poweroff\"\nmem = \"256M\"\n",
+    )
+    .unwrap();
+    let out = lockstep().arg("run").arg(&vm).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(READY));
+    // A flag overrides the file: a tiny instruction limit stops the boot.
+    let out = lockstep().arg("run").arg(&vm).args(["--max-insns", "1000000"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("instruction limit"));
+    // An unknown key is an error that names it.
+    std::fs::write(&vm, "kernel = \"Image\"\nnot-a-flag = true\n").unwrap();
+    let out = lockstep().arg("run").arg(&vm).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not-a-flag") && err.trim_end().lines().count() == 1, "{err}");
+}
