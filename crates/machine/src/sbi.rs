@@ -156,3 +156,87 @@ pub fn handle(m: &mut Machine) -> SbiOutcome {
     m.hart.set_x(11, val);
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::RAM_BASE;
+    use rv::csr::{MENVCFG, MENVCFG_STCE, PRV_S};
+
+    /// A machine stopped at an `ecall` from S with the given registers.
+    fn call(ext: u64, fid: u64, args: &[u64]) -> (Machine, SbiOutcome) {
+        let mut m = Machine::new_firmware(1 << 20);
+        m.hart.set_prv(PRV_S);
+        m.hart.write_csr_m(MENVCFG, MENVCFG_STCE);
+        m.hart.set_x(17, ext);
+        m.hart.set_x(16, fid);
+        for (i, &a) in args.iter().enumerate() {
+            m.hart.set_x(10 + i, a);
+        }
+        let out = handle(&mut m);
+        (m, out)
+    }
+
+    fn ret(m: &Machine) -> (i64, u64) {
+        (m.hart.x(10) as i64, m.hart.x(11))
+    }
+
+    #[test]
+    fn base_reports_version_and_probes() {
+        assert_eq!(ret(&call(EXT_BASE, 0, &[]).0), (SUCCESS, 2 << 24));
+        assert_eq!(ret(&call(EXT_BASE, 3, &[EXT_TIME]).0), (SUCCESS, 1));
+        assert_eq!(ret(&call(EXT_BASE, 3, &[0x0123_4567]).0), (SUCCESS, 0));
+    }
+
+    #[test]
+    fn unknown_extensions_and_functions_are_not_supported() {
+        assert_eq!(ret(&call(0x0abc_def0, 0, &[]).0).0, ERR_NOT_SUPPORTED);
+        assert_eq!(ret(&call(EXT_TIME, 7, &[]).0).0, ERR_NOT_SUPPORTED);
+        assert_eq!(ret(&call(EXT_RFENCE, 3, &[]).0).0, ERR_NOT_SUPPORTED); // hfence
+    }
+
+    #[test]
+    fn set_timer_programs_stimecmp() {
+        let (m, _) = call(EXT_TIME, 0, &[12345]);
+        assert_eq!(m.hart.read_csr(STIMECMP), Some(12345));
+        assert!(m.hart.next_internal_deadline().is_some());
+    }
+
+    #[test]
+    fn ipi_to_hart0_raises_ssip() {
+        let (m, _) = call(EXT_IPI, 0, &[1, 0]);
+        assert_eq!(m.hart.read_csr(MIP).unwrap() & IRQ_SSI, IRQ_SSI);
+        let (m, _) = call(EXT_IPI, 0, &[2, 0]); // hart 1 does not exist
+        assert_eq!(m.hart.read_csr(MIP).unwrap() & IRQ_SSI, 0);
+    }
+
+    #[test]
+    fn system_reset_and_hsm() {
+        assert_eq!(call(EXT_SRST, 0, &[0, 0]).1, SbiOutcome::Shutdown);
+        assert_eq!(call(EXT_SRST, 0, &[1, 0]).1, SbiOutcome::Reboot);
+        assert_eq!(ret(&call(EXT_SRST, 0, &[9, 0]).0).0, ERR_INVALID_PARAM);
+        assert_eq!(ret(&call(EXT_HSM, 2, &[0]).0), (SUCCESS, 0));
+        assert_eq!(ret(&call(EXT_HSM, 0, &[0, 0, 0]).0).0, ERR_ALREADY_AVAILABLE);
+        assert_eq!(ret(&call(EXT_HSM, 2, &[3]).0).0, ERR_INVALID_PARAM);
+    }
+
+    #[test]
+    fn debug_console_writes_guest_memory() {
+        let mut m = Machine::new_firmware(1 << 20);
+        m.board.ram.write(RAM_BASE + 0x100, b"hello");
+        m.hart.set_x(17, EXT_DBCN);
+        m.hart.set_x(16, 0);
+        m.hart.set_x(10, 5);
+        m.hart.set_x(11, RAM_BASE + 0x100);
+        m.hart.set_x(12, 0);
+        handle(&mut m);
+        assert_eq!(ret(&m), (SUCCESS, 5));
+        assert_eq!(m.board.console_out, b"hello");
+        // An address outside RAM is refused, not a crash.
+        m.hart.set_x(17, EXT_DBCN);
+        m.hart.set_x(16, 0);
+        m.hart.set_x(11, 0x10);
+        handle(&mut m);
+        assert_eq!(ret(&m).0, ERR_INVALID_PARAM);
+    }
+}

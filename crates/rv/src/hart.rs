@@ -495,9 +495,9 @@ impl Core {
 
     // ----- CSRs -----
 
-    fn counter_allowed(&self, csr: u16) -> bool {
+    fn counter_allowed(&self, csr: u16, prv: u8) -> bool {
         let bit = 1u64 << (csr & 31);
-        match self.prv {
+        match prv {
             PRV_M => true,
             PRV_S => self.csr.mcounteren & bit != 0,
             _ => self.csr.mcounteren & bit != 0 && self.csr.scounteren & bit != 0,
@@ -513,6 +513,11 @@ impl Core {
     }
 
     fn read_csr(&self, csr: u16) -> Option<u64> {
+        self.read_csr_at(csr, self.prv)
+    }
+
+    /// Read a CSR as privilege `prv` would (`None`: no such CSR or no access).
+    fn read_csr_at(&self, csr: u16, prv: u8) -> Option<u64> {
         let s = &self.csr;
         let sd = |st: u64| {
             if st & MSTATUS_FS == MSTATUS_FS || st & MSTATUS_XS == MSTATUS_XS {
@@ -525,10 +530,10 @@ impl Core {
             FFLAGS if self.fs_on() => s.fflags as u64,
             FRM if self.fs_on() => s.frm as u64,
             FCSR if self.fs_on() => ((s.frm as u64) << 5) | s.fflags as u64,
-            CYCLE if self.counter_allowed(csr) => self.cycles(),
-            TIME if self.counter_allowed(csr) => self.time(),
-            INSTRET if self.counter_allowed(csr) => self.instret(),
-            HPMCOUNTER3..=HPMCOUNTER31 if self.counter_allowed(csr) => 0,
+            CYCLE if self.counter_allowed(csr, prv) => self.cycles(),
+            TIME if self.counter_allowed(csr, prv) => self.time(),
+            INSTRET if self.counter_allowed(csr, prv) => self.instret(),
+            HPMCOUNTER3..=HPMCOUNTER31 if self.counter_allowed(csr, prv) => 0,
             SSTATUS => sd(s.mstatus & SSTATUS_VISIBLE),
             SIE => s.mie & s.mideleg,
             STVEC => s.stvec,
@@ -539,8 +544,8 @@ impl Core {
             SCAUSE => s.scause,
             STVAL => s.stval,
             SIP => self.mip() & s.mideleg,
-            STIMECMP if self.stimecmp_allowed() => s.stimecmp,
-            SATP if !(self.prv == PRV_S && s.mstatus & MSTATUS_TVM != 0) => s.satp,
+            STIMECMP if self.stimecmp_allowed(prv) => s.stimecmp,
+            SATP if !(prv == PRV_S && s.mstatus & MSTATUS_TVM != 0) => s.satp,
             MVENDORID | MARCHID | MIMPID | MCONFIGPTR => 0,
             MHARTID => self.cfg.hartid,
             MSTATUS => sd(s.mstatus),
@@ -570,8 +575,8 @@ impl Core {
         })
     }
 
-    fn stimecmp_allowed(&self) -> bool {
-        match self.prv {
+    fn stimecmp_allowed(&self, prv: u8) -> bool {
+        match prv {
             PRV_M => true,
             _ => self.csr.menvcfg & MENVCFG_STCE != 0 && self.csr.mcounteren & 2 != 0,
         }
@@ -580,7 +585,7 @@ impl Core {
     /// Write a CSR whose access was already checked. `false`: no such CSR.
     fn write_csr(&mut self, csr: u16, val: u64) -> bool {
         let fs_on = self.fs_on();
-        let stimecmp_ok = self.stimecmp_allowed();
+        let stimecmp_ok = self.stimecmp_allowed(self.prv);
         let s = &mut self.csr;
         match csr {
             FFLAGS if fs_on => {
@@ -1389,7 +1394,7 @@ impl Hart {
 
     /// Read a CSR as M-mode software would (for tests and debugging).
     pub fn read_csr(&self, csr: u16) -> Option<u64> {
-        self.core.read_csr(csr)
+        self.core.read_csr_at(csr, PRV_M)
     }
 
     /// Guest time, in ticks of the board's timebase.
