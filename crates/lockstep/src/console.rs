@@ -1,13 +1,14 @@
 //! The guest console on the host's stdio: output to stdout, input from
 //! stdin read by a thread. When stdin is a terminal it is put in raw mode,
-//! restored on every exit path (drop, panic hook, signal-free exits), and
-//! `Ctrl-A x` quits, as in QEMU.
+//! restored on every exit path (drop, panic hook, and SIGTERM/SIGHUP/SIGINT,
+//! which end the run cleanly), and `Ctrl-A x` quits, as in QEMU.
 
 use machine::{Console, ConsoleInput};
 use nix::sys::termios::{self, SetArg, Termios};
 use std::io::{IsTerminal, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const CTRL_A: u8 = 0x01;
@@ -34,6 +35,8 @@ pub struct StdioConsole {
     /// Ctrl-A was the last byte typed.
     escape: bool,
     raw: bool,
+    /// Set by SIGTERM, SIGHUP or SIGINT.
+    signalled: Arc<AtomicBool>,
 }
 
 impl StdioConsole {
@@ -72,7 +75,17 @@ impl StdioConsole {
                 }
             }
         });
-        StdioConsole { rx, eof: false, escape: false, raw }
+        let signalled = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP, signal_hook::consts::SIGINT] {
+            // Registration fails only for forbidden signals; these are not.
+            let _ = signal_hook::flag::register(sig, signalled.clone());
+        }
+        StdioConsole { rx, eof: false, escape: false, raw, signalled }
+    }
+
+    /// Did a signal end the run?
+    pub fn signalled(&self) -> bool {
+        self.signalled.load(Ordering::Relaxed)
     }
 
     /// Strip the Ctrl-A escapes; `None` means quit.
@@ -114,6 +127,9 @@ impl Console for StdioConsole {
     }
 
     fn read(&mut self, timeout: Duration) -> ConsoleInput {
+        if self.signalled() {
+            return ConsoleInput::Quit;
+        }
         if self.eof {
             std::thread::sleep(timeout);
             return ConsoleInput::Nothing;

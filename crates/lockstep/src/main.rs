@@ -185,6 +185,7 @@ fn run_linux(
         let mut m = Machine::new_firmware(mem);
         m.boot_linux(kernel, initrd, append)?;
         match m.run_linux(&mut console, max_insns)? {
+            Stop::Quit if console.signalled() => bail!("stopped by a signal"),
             Stop::PowerOff | Stop::Quit => return Ok(Outcome::Success),
             Stop::Reboot => continue,
             Stop::Panic => {
