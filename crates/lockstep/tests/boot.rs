@@ -244,3 +244,41 @@ fn vm_toml_describes_a_guest_and_flags_override_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not-a-flag") && err.trim_end().lines().count() == 1, "{err}");
 }
+
+/// Collects guest output; never types.
+struct NullConsole(Vec<u8>);
+
+impl machine::Console for NullConsole {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+    fn read(&mut self, _: Duration) -> machine::ConsoleInput {
+        machine::ConsoleInput::Nothing
+    }
+}
+
+/// Determinism: with idle time taken from the guest's own deadlines (no
+/// host clock), two boots of the real kernel to power-off end at the same
+/// position with the same registers, RAM and console output.
+#[test]
+fn two_boots_without_host_time_are_identical() {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let (kernel, initrd) = guest();
+    let boot = || {
+        let mut m = machine::Machine::new_firmware(256 << 20);
+        m.realtime = false;
+        m.boot_linux(kernel, Some(initrd), "console=ttyS0 quiet lockstep.run=poweroff").unwrap();
+        let mut con = NullConsole(Vec::new());
+        let stop = m.run_linux(&mut con, Some(20_000_000_000)).unwrap();
+        assert_eq!(stop, machine::Stop::PowerOff, "console:\n{}", String::from_utf8_lossy(&con.0));
+        let mut h = DefaultHasher::new();
+        m.board.ram.bytes().hash(&mut h);
+        (0..32).map(|i| m.hart.x(i)).collect::<Vec<_>>().hash(&mut h);
+        (m.hart.position(), m.hart.pc(), h.finish(), con.0)
+    };
+    let a = boot();
+    let b = boot();
+    assert_eq!((a.0, a.1, a.2), (b.0, b.1, b.2));
+    assert_eq!(a.3, b.3, "console output differs");
+    assert!(String::from_utf8_lossy(&a.3).contains(READY));
+}

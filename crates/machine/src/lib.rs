@@ -140,6 +140,10 @@ pub struct Machine {
     pub board: Board,
     /// Host time at boot and the guest time then (see `idle`).
     epoch: Option<(Instant, u64)>,
+    /// Let guest time follow host time while idle (the default). Off, a
+    /// `wfi` jumps straight to the next deadline: runs are then a function
+    /// of their inputs alone (tests, and replay until it logs idle time).
+    pub realtime: bool,
     /// Tail of the console output, to spot a kernel panic.
     panic_scan: Vec<u8>,
     panicked_at: Option<u64>,
@@ -176,6 +180,7 @@ impl Machine {
                 console_in: VecDeque::new(),
             },
             epoch: None,
+            realtime: true,
             panic_scan: Vec::new(),
             panicked_at: None,
             waiting: false,
@@ -319,6 +324,10 @@ impl Machine {
             };
         };
         let next = next.min(limit);
+        if !self.realtime {
+            self.hart.idle(next - now);
+            return Ok(None);
+        }
         let (t0, g0) = *self.epoch.get_or_insert((Instant::now(), now));
         let guest_ns = (next - g0).saturating_mul(NS_PER_INSN);
         let host_ns = t0.elapsed().as_nanos() as u64;
