@@ -80,6 +80,54 @@ pub fn load_elf_bytes(p: &str, data: &[u8], ram: &mut Ram) -> Result<LoadedElf, 
 mod tests {
     use super::*;
 
+    /// A minimal RISC-V ELF64: header, one PT_LOAD of 16 bytes at RAM.
+    fn tiny_elf() -> Vec<u8> {
+        let mut e = vec![0u8; 64 + 56 + 16];
+        e[0..4].copy_from_slice(b"\x7fELF");
+        e[4] = 2; // 64-bit
+        e[5] = 1; // little endian
+        e[6] = 1; // version
+        e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e[18..20].copy_from_slice(&elf::EM_RISCV.to_le_bytes());
+        e[20..24].copy_from_slice(&1u32.to_le_bytes());
+        e[24..32].copy_from_slice(&0x8000_0000u64.to_le_bytes()); // entry
+        e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        e[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = &mut e[64..120];
+        ph[0..4].copy_from_slice(&elf::PT_LOAD.to_le_bytes());
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // offset
+        ph[16..24].copy_from_slice(&0x8000_0000u64.to_le_bytes()); // vaddr
+        ph[24..32].copy_from_slice(&0x8000_0000u64.to_le_bytes()); // paddr
+        ph[32..40].copy_from_slice(&16u64.to_le_bytes()); // filesz
+        ph[40..48].copy_from_slice(&16u64.to_le_bytes()); // memsz
+        e[120..136].copy_from_slice(&[0x13; 16]);
+        e
+    }
+
+    #[test]
+    fn tiny_elf_loads_and_mutations_never_panic() {
+        let mut ram = Ram::new(0x8000_0000, 4096);
+        let l = load_elf_bytes("tiny", &tiny_elf(), &mut ram).unwrap();
+        assert_eq!(l.entry, 0x8000_0000);
+        let mut x = 0x1234_5678_9abc_def1_u64;
+        for _ in 0..20_000 {
+            let mut e = tiny_elf();
+            for _ in 0..3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x >> 8) as usize % e.len();
+                e[i] = x as u8;
+            }
+            x ^= x << 13;
+            e.truncate(e.len() - (x % 4 == 0) as usize * ((x >> 20) as usize % e.len()));
+            let mut ram = Ram::new(0x8000_0000, 4096);
+            let _ = load_elf_bytes("mutant", &e, &mut ram);
+        }
+    }
+
     #[test]
     fn garbage_is_not_an_elf() {
         let mut ram = Ram::new(0x8000_0000, 4096);

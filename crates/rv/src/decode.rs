@@ -610,6 +610,25 @@ pub fn decode(raw: u32) -> Op {
 mod tests {
     use super::*;
 
+    /// Every 16-bit word and a million 32-bit words decode without a panic,
+    /// and report the length their low bits say.
+    #[test]
+    fn decoding_any_word_never_panics() {
+        for raw in 0..=u16::MAX {
+            if raw & 3 != 3 {
+                assert_eq!(decode(raw as u32).len, 2);
+            }
+        }
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let raw = (x as u32) | 3;
+            assert_eq!(decode(raw).len, 4);
+        }
+    }
+
     #[test]
     fn op_is_sixteen_bytes() {
         assert_eq!(std::mem::size_of::<Op>(), 16);
