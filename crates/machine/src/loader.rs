@@ -122,7 +122,7 @@ mod tests {
                 e[i] = x as u8;
             }
             x ^= x << 13;
-            e.truncate(e.len() - (x % 4 == 0) as usize * ((x >> 20) as usize % e.len()));
+            e.truncate(e.len() - x.is_multiple_of(4) as usize * ((x >> 20) as usize % e.len()));
             let mut ram = Ram::new(0x8000_0000, 4096);
             let _ = load_elf_bytes("mutant", &e, &mut ram);
         }
