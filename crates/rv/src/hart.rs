@@ -1111,6 +1111,15 @@ impl Core {
                         return End::Trap($t);
                     }};
                 }
+                // The op completed a device access (or wrote code): retire it
+                // and leave, so the board can act before the next one.
+                macro_rules! device_exit {
+                    () => {{
+                        self.pc = next_pc!();
+                        self.position = pos + 1;
+                        return End::Device;
+                    }};
+                }
                 macro_rules! retire_jump {
                     ($target:expr) => {{
                         self.pc = $target;
@@ -1145,9 +1154,7 @@ impl Core {
                             Ok(v) => x!(self, op.rd) = $conv(v),
                             Err(t) if t.cause == CAUSE_MMIO_LOAD => {
                                 x!(self, op.rd) = $conv(t.tval);
-                                self.pc = next_pc!();
-                                self.position = pos + 1;
-                                return End::Device;
+                                device_exit!();
                             }
                             Err(t) => fault!(t),
                         }
@@ -1158,9 +1165,7 @@ impl Core {
                         match self.store::<B, $n>(bus, addr!(), x!(self, op.rs2), pos) {
                             Ok(false) => {}
                             Ok(true) => {
-                                self.pc = next_pc!();
-                                self.position = pos + 1;
-                                return End::Device;
+                                device_exit!();
                             }
                             Err(t) => fault!(t),
                         }
@@ -1287,9 +1292,7 @@ impl Core {
                     | AmominuD | AmomaxuD => match self.exec_amo(bus, op, pos) {
                         Ok(false) => {}
                         Ok(true) => {
-                            self.pc = next_pc!();
-                            self.position = pos + 1;
-                            return End::Device;
+                            device_exit!();
                         }
                         Err(t) => fault!(t),
                     },
@@ -1321,9 +1324,7 @@ impl Core {
                     _ => match self.exec_fp(bus, op, pos) {
                         Ok(false) => {}
                         Ok(true) => {
-                            self.pc = next_pc!();
-                            self.position = pos + 1;
-                            return End::Device;
+                            device_exit!();
                         }
                         Err(t) => fault!(t),
                     },
