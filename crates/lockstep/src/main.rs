@@ -183,6 +183,7 @@ fn run_linux(
     let mut console = console::StdioConsole::new();
     loop {
         let mut m = Machine::new_firmware(mem);
+        m.rng_seed = Some(host_entropy()?);
         m.boot_linux(kernel, initrd, append)?;
         match m.run_linux(&mut console, max_insns)? {
             Stop::Quit if console.signalled() => bail!("stopped by a signal"),
@@ -195,6 +196,16 @@ fn run_linux(
             Stop::Limit => bail!("instruction limit of {} reached", max_insns.unwrap_or(0)),
         }
     }
+}
+
+/// 32 bytes from the host's random source, for the guest's rng-seed.
+fn host_entropy() -> Result<[u8; 32]> {
+    use std::io::Read;
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .context("cannot read /dev/urandom for the guest's rng-seed")?;
+    Ok(seed)
 }
 
 fn demo() -> Result<Outcome> {

@@ -267,6 +267,7 @@ fn two_boots_without_host_time_are_identical() {
     let boot = || {
         let mut m = machine::Machine::new_firmware(256 << 20);
         m.realtime = false;
+        m.rng_seed = Some([7; 32]);
         m.boot_linux(kernel, Some(initrd), "console=ttyS0 quiet lockstep.run=poweroff").unwrap();
         let mut con = NullConsole(Vec::new());
         let stop = m.run_linux(&mut con, Some(20_000_000_000)).unwrap();

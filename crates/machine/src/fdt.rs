@@ -22,6 +22,9 @@ pub struct FdtConfig {
     pub bootargs: String,
     /// Physical start and end of the initrd.
     pub initrd: Option<(u64, u64)>,
+    /// Bytes for `/chosen/rng-seed`: the kernel credits them as entropy,
+    /// so it need not grind timer jitter for it (QEMU `virt` passes 32).
+    pub rng_seed: Option<Vec<u8>>,
 }
 
 fn reg(base: u64, size: u64) -> [u64; 2] {
@@ -43,6 +46,9 @@ pub fn build(cfg: &FdtConfig) -> Result<Vec<u8>, vm_fdt::Error> {
     if let Some((start, end)) = cfg.initrd {
         f.property_u64("linux,initrd-start", start)?;
         f.property_u64("linux,initrd-end", end)?;
+    }
+    if let Some(seed) = &cfg.rng_seed {
+        f.property("rng-seed", seed)?;
     }
     f.end_node(chosen)?;
 
@@ -120,6 +126,7 @@ mod tests {
             mem_bytes: 512 << 20,
             bootargs: "console=ttyS0".into(),
             initrd: Some((0x8800_0000, 0x8810_0000)),
+            rng_seed: Some(b"0123456789abcdef0123456789abcdef".to_vec()),
         };
         let dtb = build(&cfg).unwrap();
         assert_eq!(&dtb[0..4], &[0xd0, 0x0d, 0xfe, 0xed], "FDT magic");
@@ -128,6 +135,8 @@ mod tests {
         assert!((total as u64) < FDT_MAX_SIZE);
         let text = String::from_utf8_lossy(&dtb);
         for needle in [
+            "rng-seed",
+            "0123456789abcdef",
             "console=ttyS0",
             "ns16550a",
             "riscv,plic0",

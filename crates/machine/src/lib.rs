@@ -144,6 +144,9 @@ pub struct Machine {
     /// `wfi` jumps straight to the next deadline: runs are then a function
     /// of their inputs alone (tests, and replay until it logs idle time).
     pub realtime: bool,
+    /// Entropy for the kernel, passed in the device tree's
+    /// `/chosen/rng-seed` at boot (a host input: replay will log it).
+    pub rng_seed: Option<[u8; 32]>,
     /// Tail of the console output, to spot a kernel panic.
     panic_scan: Vec<u8>,
     panicked_at: Option<u64>,
@@ -181,6 +184,7 @@ impl Machine {
             },
             epoch: None,
             realtime: true,
+            rng_seed: None,
             panic_scan: Vec::new(),
             panicked_at: None,
             waiting: false,
@@ -206,7 +210,8 @@ impl Machine {
         bootargs: &str,
     ) -> Result<boot::BootInfo, boot::BootError> {
         use rv::csr::*;
-        let info = boot::load(&mut self.board.ram, kernel, initrd, bootargs)?;
+        let seed = self.rng_seed;
+        let info = boot::load(&mut self.board.ram, kernel, initrd, bootargs, seed.as_ref().map(|s| &s[..]))?;
         let h = &mut self.hart;
         // Delegate to S what S handles (as OpenSBI does): misaligned fetch,
         // illegal instruction, breakpoint, U ecall, page faults, S interrupts.
