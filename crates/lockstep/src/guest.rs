@@ -229,6 +229,9 @@ fn find_file(dir: &Path, pred: &dyn Fn(&str) -> bool) -> Option<PathBuf> {
     None
 }
 
+/// Kernel modules the default guest loads, in dependency order.
+const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio-rng"];
+
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp
 /bin/busybox mount -t proc proc /proc
@@ -244,6 +247,8 @@ echo "lockstep-guest: ready"
 case "$run" in
   poweroff) poweroff -f ;;
 esac
+# virtio drivers are modules in Debian's kernel.
+for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
 # busybox poweroff/reboot/halt signal PID 1: act on them while the shell runs.
 trap 'poweroff -f' USR2
 trap 'reboot -f' TERM
@@ -299,6 +304,24 @@ pub fn build(force: bool) -> Result<Guest> {
     cpio.char_device("dev/null", 1, 3);
     cpio.file("bin/busybox", 0o755, &std::fs::read(&busybox)?);
     cpio.file("init", 0o755, INIT.as_bytes());
+    // The virtio modules the board's devices need, decompressed (busybox
+    // insmod cannot read .ko.xz), in load order.
+    cpio.dir("lib");
+    cpio.dir("lib/modules");
+    for (i, name) in GUEST_MODULES.iter().enumerate() {
+        let file = find_file(&extract, &|n| n == format!("{name}.ko.xz") || n == format!("{name}.ko"))
+            .with_context(|| format!("the kernel package has no module {name}"))?;
+        let bytes = if file.extension().is_some_and(|e| e == "xz") {
+            let out = Command::new("xz").arg("-dc").arg(&file).output().context("cannot run xz")?;
+            if !out.status.success() {
+                bail!("xz -d {} failed", file.display());
+            }
+            out.stdout
+        } else {
+            std::fs::read(&file)?
+        };
+        cpio.file(&format!("lib/modules/{i:02}-{name}.ko"), 0o644, &bytes);
+    }
     std::fs::write(out.join("initramfs.cpio"), cpio.finish())?;
     std::fs::write(out.join("VERSION"), versions)?;
     let guest_dir = cache.join("guest");

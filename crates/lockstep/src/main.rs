@@ -184,6 +184,8 @@ fn run_linux(
     loop {
         let mut m = Machine::new_firmware(mem);
         m.rng_seed = Some(host_entropy()?);
+        let rng = machine::virtio::rng::Rng::new(Box::new(HostEntropy::open()?));
+        m.add_virtio(Box::new(rng)).map_err(anyhow::Error::msg)?;
         m.boot_linux(kernel, initrd, append)?;
         match m.run_linux(&mut console, max_insns)? {
             Stop::Quit if console.signalled() => bail!("stopped by a signal"),
@@ -194,6 +196,26 @@ fn run_linux(
                 return Ok(Outcome::GuestFailure);
             }
             Stop::Limit => bail!("instruction limit of {} reached", max_insns.unwrap_or(0)),
+        }
+    }
+}
+
+/// The host's random source behind virtio-rng.
+struct HostEntropy(std::fs::File);
+
+impl HostEntropy {
+    fn open() -> Result<HostEntropy> {
+        Ok(HostEntropy(std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom for virtio-rng")?))
+    }
+}
+
+impl machine::virtio::rng::EntropySource for HostEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        use std::io::Read;
+        // /dev/urandom does not fail once open; if it ever did, the guest
+        // would get zeros rather than the run stopping.
+        if self.0.read_exact(buf).is_err() {
+            buf.fill(0);
         }
     }
 }

@@ -136,6 +136,11 @@ fn boots_to_a_shell_that_runs_commands_and_powers_off() {
     vm.send(&format!("printf '%s\\n' '{text}' > /tmp/f; sha256sum /tmp/f"));
     let want = format!("{}  /tmp/f", host_sha256(data));
     vm.wait_for(&want);
+    // virtio-rng: the driver bound, and it serves bytes.
+    vm.send("cat /sys/class/misc/hw_random/rng_current");
+    vm.wait_for("virtio_rng.0");
+    vm.send("dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n' | wc -c; echo hwrng-done");
+    vm.wait_for("64\r\nhwrng-done");
     vm.send("poweroff");
     let st = vm.wait_exit();
     assert!(st.success(), "exit {st}; console:\n{}", vm.text());

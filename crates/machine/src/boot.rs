@@ -61,6 +61,7 @@ pub fn load(
     initrd_path: Option<&std::path::Path>,
     bootargs: &str,
     rng_seed: Option<&[u8]>,
+    virtio_slots: usize,
 ) -> Result<BootInfo, BootError> {
     let kernel = read("kernel", kernel_path)?;
     let initrd = initrd_path.map(|p| read("initrd", p)).transpose()?;
@@ -106,6 +107,7 @@ pub fn load(
         bootargs: bootargs.to_string(),
         initrd: initrd_range,
         rng_seed: rng_seed.map(<[u8]>::to_vec),
+        virtio_slots,
     })
     .map_err(|e| BootError::Fdt(e.to_string()))?;
     let entry = match image {
@@ -151,7 +153,7 @@ mod tests {
         std::fs::write(&k, fake_image(0x20_0000, 0x10_0000)).unwrap();
         std::fs::write(&i, vec![7u8; 0x3000]).unwrap();
         let mut ram = Ram::new(RAM_BASE, 8 << 20);
-        let info = load(&mut ram, &k, Some(&i), "console=ttyS0", None).unwrap();
+        let info = load(&mut ram, &k, Some(&i), "console=ttyS0", None, 0).unwrap();
         assert_eq!(info.entry, RAM_BASE + 0x20_0000);
         assert_eq!(info.dtb, RAM_BASE + (8 << 20) - FDT_MAX_SIZE);
         let (s, e) = info.initrd.unwrap();
@@ -160,12 +162,12 @@ mod tests {
         // 3 MiB cannot hold a 1 MiB kernel at 2 MiB plus a 2 MiB initrd.
         std::fs::write(&i, vec![7u8; 2 << 20]).unwrap();
         let mut small = Ram::new(RAM_BASE, 3 << 20);
-        let e = load(&mut small, &k, Some(&i), "", None).unwrap_err();
+        let e = load(&mut small, &k, Some(&i), "", None, 0).unwrap_err();
         assert!(matches!(e, BootError::TooLittleMemory { .. }), "{e}");
         assert!(small.bytes().iter().all(|&b| b == 0), "nothing written");
         // Garbage is not a kernel.
         std::fs::write(&k, b"not a kernel at all, just some text padding it out to 64 bytes......").unwrap();
-        assert!(matches!(load(&mut ram, &k, None, "", None), Err(BootError::NotAKernel { .. })));
+        assert!(matches!(load(&mut ram, &k, None, "", None, 0), Err(BootError::NotAKernel { .. })));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

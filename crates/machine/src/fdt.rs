@@ -25,6 +25,8 @@ pub struct FdtConfig {
     /// Bytes for `/chosen/rng-seed`: the kernel credits them as entropy,
     /// so it need not grind timer jitter for it (QEMU `virt` passes 32).
     pub rng_seed: Option<Vec<u8>>,
+    /// Number of virtio-mmio slots in use (from slot 0).
+    pub virtio_slots: usize,
 }
 
 fn reg(base: u64, size: u64) -> [u64; 2] {
@@ -111,6 +113,16 @@ pub fn build(cfg: &FdtConfig) -> Result<Vec<u8>, vm_fdt::Error> {
     f.property_u32("interrupts", UART0_IRQ as u32)?;
     f.end_node(uart)?;
 
+    for i in 0..cfg.virtio_slots {
+        let base = VIRTIO_BASE + i as u64 * VIRTIO_SIZE;
+        let node = f.begin_node(&format!("virtio_mmio@{base:x}"))?;
+        f.property_string("compatible", "virtio,mmio")?;
+        f.property_array_u64("reg", &reg(base, VIRTIO_SIZE))?;
+        f.property_u32("interrupt-parent", PLIC_PHANDLE)?;
+        f.property_u32("interrupts", (VIRTIO_IRQ + i) as u32)?;
+        f.end_node(node)?;
+    }
+
     f.end_node(soc)?;
     f.end_node(root)?;
     f.finish()
@@ -127,6 +139,7 @@ mod tests {
             bootargs: "console=ttyS0".into(),
             initrd: Some((0x8800_0000, 0x8810_0000)),
             rng_seed: Some(b"0123456789abcdef0123456789abcdef".to_vec()),
+            virtio_slots: 1,
         };
         let dtb = build(&cfg).unwrap();
         assert_eq!(&dtb[0..4], &[0xd0, 0x0d, 0xfe, 0xed], "FDT magic");
@@ -137,6 +150,7 @@ mod tests {
         for needle in [
             "rng-seed",
             "0123456789abcdef",
+            "virtio_mmio@10001000",
             "console=ttyS0",
             "ns16550a",
             "riscv,plic0",

@@ -9,6 +9,8 @@
 //!  0x0c60_0000 ├──────────────────────┤
 //!  0x1000_0000 ├──────────────────────┤ UART0, 16550A, PLIC source 10
 //!  0x1000_0100 ├──────────────────────┤
+//!  0x1000_1000 ├──────────────────────┤ virtio-mmio slots 0..7, 4 KiB each,
+//!  0x1000_9000 ├──────────────────────┤   PLIC sources 1..8
 //!  0x8000_0000 ├──────────────────────┤ RAM (size from --mem)
 //!              │ kernel at +text_offset (2 MiB)   │
 //!              │ ... initrd, then DTB at the top  │
@@ -22,6 +24,12 @@ pub const PLIC_SIZE: u64 = 0x60_0000;
 pub const UART0_BASE: u64 = 0x1000_0000;
 pub const UART0_SIZE: u64 = 0x100;
 pub const UART0_IRQ: usize = 10;
+/// virtio-mmio slots, as on QEMU virt: slot i at VIRTIO_BASE + i *
+/// VIRTIO_SIZE, PLIC source VIRTIO_IRQ + i.
+pub const VIRTIO_BASE: u64 = 0x1000_1000;
+pub const VIRTIO_SIZE: u64 = 0x1000;
+pub const VIRTIO_SLOTS: usize = 8;
+pub const VIRTIO_IRQ: usize = 1;
 pub const RAM_BASE: u64 = 0x8000_0000;
 
 /// The CLINT timebase: 10 MHz, as on QEMU `virt`.

@@ -22,6 +22,7 @@ pub mod programs;
 pub mod ram;
 pub mod sbi;
 pub mod uart;
+pub mod virtio;
 
 use clint::Clint;
 use layout::*;
@@ -43,6 +44,8 @@ pub struct Board {
     pub console_out: Vec<u8>,
     /// Console bytes for the guest, not yet accepted by the UART.
     pub console_in: VecDeque<u8>,
+    /// virtio-mmio devices, in slot order.
+    pub virtio: Vec<virtio::mmio::MmioTransport>,
 }
 
 impl Bus for Board {
@@ -62,6 +65,10 @@ impl Bus for Board {
             a if (UART0_BASE..UART0_BASE + UART0_SIZE).contains(&a) && size == 1 => {
                 Some(self.uart.load(a - UART0_BASE) as u64)
             }
+            a if (VIRTIO_BASE..VIRTIO_BASE + VIRTIO_SIZE * VIRTIO_SLOTS as u64).contains(&a) => {
+                let slot = ((a - VIRTIO_BASE) / VIRTIO_SIZE) as usize;
+                self.virtio.get_mut(slot)?.load((a - VIRTIO_BASE) % VIRTIO_SIZE, size)
+            }
             _ => None,
         }
     }
@@ -76,6 +83,13 @@ impl Bus for Board {
                 self.uart.store(a - UART0_BASE, val as u8);
                 self.console_out.append(&mut self.uart.output);
                 true
+            }
+            a if (VIRTIO_BASE..VIRTIO_BASE + VIRTIO_SIZE * VIRTIO_SLOTS as u64).contains(&a) => {
+                let slot = ((a - VIRTIO_BASE) / VIRTIO_SIZE) as usize;
+                match self.virtio.get_mut(slot) {
+                    Some(dev) => dev.store((a - VIRTIO_BASE) % VIRTIO_SIZE, size, val, &mut self.ram),
+                    None => false,
+                }
             }
             _ => false,
         }
@@ -181,6 +195,7 @@ impl Machine {
                 uart: Uart::default(),
                 console_out: Vec::new(),
                 console_in: VecDeque::new(),
+                virtio: Vec::new(),
             },
             epoch: None,
             realtime: true,
@@ -189,6 +204,15 @@ impl Machine {
             panicked_at: None,
             waiting: false,
         }
+    }
+
+    /// Plug a virtio device into the next free slot (before booting).
+    pub fn add_virtio(&mut self, device: Box<dyn virtio::VirtioDevice>) -> Result<(), &'static str> {
+        if self.board.virtio.len() >= VIRTIO_SLOTS {
+            return Err("all virtio slots are in use");
+        }
+        self.board.virtio.push(virtio::mmio::MmioTransport::new(device));
+        Ok(())
     }
 
     /// A bare-metal machine: the program runs its own M-mode code.
@@ -211,7 +235,8 @@ impl Machine {
     ) -> Result<boot::BootInfo, boot::BootError> {
         use rv::csr::*;
         let seed = self.rng_seed;
-        let info = boot::load(&mut self.board.ram, kernel, initrd, bootargs, seed.as_ref().map(|s| &s[..]))?;
+        let slots = self.board.virtio.len();
+        let info = boot::load(&mut self.board.ram, kernel, initrd, bootargs, seed.as_ref().map(|s| &s[..]), slots)?;
         let h = &mut self.hart;
         // Delegate to S what S handles (as OpenSBI does): misaligned fetch,
         // illegal instruction, breakpoint, U ecall, page faults, S interrupts.
@@ -267,6 +292,9 @@ impl Machine {
             b.uart.receive(&bytes);
         }
         b.plic.set_line(UART0_IRQ, b.uart.irq());
+        for (i, dev) in b.virtio.iter().enumerate() {
+            b.plic.set_line(VIRTIO_IRQ + i, dev.irq());
+        }
         self.hart.set_irq(IRQ_MTI, b.clint.mtip(time));
         self.hart.set_irq(IRQ_MSI, b.clint.msip);
         self.hart.set_irq(IRQ_MEI, b.plic.output(0));
@@ -280,6 +308,10 @@ impl Machine {
         let deadline = self.clint_deadline().unwrap_or(u64::MAX);
         let slice_end = target.min(deadline.max(now + 1));
         let exit = self.hart.run(&mut self.board, Position(slice_end));
+        // Devices may have written guest RAM: drop decoded code there.
+        for page in self.board.ram.take_written() {
+            self.hart.invalidate_ram(page << 12, 1 << 12);
+        }
         self.waiting = false;
         match exit {
             Exit::Reached | Exit::Device => Ok(None),

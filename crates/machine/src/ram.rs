@@ -13,11 +13,21 @@ pub struct Ram {
     bytes: Vec<u8>,
     /// One bit per page written through `write`/`fill`.
     dirty: PageBitmap,
+    /// The same, drained separately by the machine to drop decoded code in
+    /// pages a device wrote (DMA).
+    written: PageBitmap,
+    written_any: bool,
 }
 
 impl Ram {
     pub fn new(base: u64, size: u64) -> Ram {
-        Ram { base, bytes: vec![0; size as usize], dirty: PageBitmap::new(size as usize / 4096) }
+        Ram {
+            base,
+            bytes: vec![0; size as usize],
+            dirty: PageBitmap::new(size as usize / 4096),
+            written: PageBitmap::new(size as usize / 4096),
+            written_any: false,
+        }
     }
 
     pub fn base(&self) -> u64 {
@@ -65,12 +75,23 @@ impl Ram {
         }
         for page in off / 4096..=(off + len - 1) / 4096 {
             self.dirty.set(page);
+            self.written.set(page);
+            self.written_any = true;
         }
     }
 
     /// Pages written through `write`/`fill` since the last call, ascending.
     pub fn take_dirty(&mut self) -> Vec<u64> {
         self.dirty.drain()
+    }
+
+    /// Pages written through `write`/`fill` since the last call (for code
+    /// invalidation; independent of `take_dirty`).
+    pub fn take_written(&mut self) -> Vec<u64> {
+        if !std::mem::take(&mut self.written_any) {
+            return Vec::new();
+        }
+        self.written.drain()
     }
 
     pub fn read(&self, addr: u64, out: &mut [u8]) -> bool {

@@ -1,0 +1,266 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, 4.2.2): the register
+//! file, feature negotiation, queue setup, notifications and the interrupt
+//! status. A driver error (a bad descriptor) sets DEVICE_NEEDS_RESET and
+//! stops the device until the driver resets it.
+//!
+//! ```text
+//!  0x000 MagicValue  0x004 Version  0x008 DeviceID  0x00c VendorID
+//!  0x010 DeviceFeatures  0x014 DeviceFeaturesSel  0x020 DriverFeatures
+//!  0x024 DriverFeaturesSel  0x030 QueueSel  0x034 QueueNumMax  0x038 QueueNum
+//!  0x044 QueueReady  0x050 QueueNotify  0x060 InterruptStatus
+//!  0x064 InterruptACK  0x070 Status  0x080/84 QueueDesc  0x090/94 QueueDriver
+//!  0x0a0/a4 QueueDevice  0x0fc ConfigGeneration  0x100+ config space
+//! ```
+
+use super::queue::{Queue, QUEUE_MAX};
+use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::ram::Ram;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR: u32 = 0x554d_4551; // as QEMU reports
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+const INT_USED_BUFFER: u32 = 1;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    queues: Vec<Queue>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    interrupt_status: u32,
+    /// Why the device stopped, for the host's log.
+    pub broken: Option<String>,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>) -> MmioTransport {
+        let n = device.num_queues();
+        MmioTransport {
+            device,
+            queues: vec![Queue::default(); n],
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            interrupt_status: 0,
+            broken: None,
+        }
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    pub fn irq(&self) -> bool {
+        self.interrupt_status != 0
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        let n = self.queues.len();
+        self.queues = vec![Queue::default(); n];
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+        self.broken = None;
+    }
+
+    pub fn load(&mut self, offset: u64, size: u32) -> Option<u64> {
+        if offset >= 0x100 {
+            let mut b = [0u8; 8];
+            self.device.read_config(offset - 0x100, &mut b[..size as usize]);
+            return Some(u64::from_le_bytes(b));
+        }
+        if size != 4 {
+            return None;
+        }
+        let q = self.queues.get(self.queue_sel as usize);
+        let v = match offset {
+            0x000 => MAGIC,
+            0x004 => 2,
+            0x008 => self.device.device_id(),
+            0x00c => VENDOR,
+            0x010 => match self.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => q.map_or(0, |_| QUEUE_MAX as u32),
+            0x044 => q.map_or(0, |q| q.ready as u32),
+            0x060 => self.interrupt_status,
+            0x070 => self.status,
+            0x0fc => 0,
+            _ => 0,
+        };
+        Some(v as u64)
+    }
+
+    /// A register write. Returns whether an interrupt may have changed.
+    pub fn store(&mut self, offset: u64, size: u32, val: u64, ram: &mut Ram) -> bool {
+        if size != 4 || offset >= 0x100 {
+            return true; // config space is read-only here; ignore
+        }
+        let v = val as u32;
+        let set_lo = |x: &mut u64, v: u32| *x = (*x & !0xffff_ffff) | v as u64;
+        let set_hi = |x: &mut u64, v: u32| *x = (*x & 0xffff_ffff) | ((v as u64) << 32);
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 => {
+                let sel = self.driver_features_sel;
+                match sel {
+                    0 => set_lo(&mut self.driver_features, v),
+                    1 => set_hi(&mut self.driver_features, v),
+                    _ => {}
+                }
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 => {
+                if let Some(q) = self.queue() {
+                    q.num = (v as u16).min(QUEUE_MAX);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.queue() {
+                    q.ready = v & 1 != 0;
+                }
+            }
+            0x050 => self.notify(v as usize, ram),
+            0x064 => self.interrupt_status &= !v,
+            0x070 => {
+                if v == 0 {
+                    self.reset();
+                } else {
+                    self.status = v;
+                }
+            }
+            0x080 => self.queue().into_iter().for_each(|q| set_lo(&mut q.desc, v)),
+            0x084 => self.queue().into_iter().for_each(|q| set_hi(&mut q.desc, v)),
+            0x090 => self.queue().into_iter().for_each(|q| set_lo(&mut q.avail, v)),
+            0x094 => self.queue().into_iter().for_each(|q| set_hi(&mut q.avail, v)),
+            0x0a0 => self.queue().into_iter().for_each(|q| set_lo(&mut q.used, v)),
+            0x0a4 => self.queue().into_iter().for_each(|q| set_hi(&mut q.used, v)),
+            _ => {}
+        }
+        true
+    }
+
+    fn notify(&mut self, index: usize, ram: &mut Ram) {
+        if self.broken.is_some() || self.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        let Some(q) = self.queues.get_mut(index) else { return };
+        match self.device.process(index, q, ram) {
+            Ok(true) => self.interrupt_status |= INT_USED_BUFFER,
+            Ok(false) => {}
+            Err(e) => {
+                self.broken = Some(e.to_string());
+                self.status |= STATUS_NEEDS_RESET;
+                self.interrupt_status |= 2; // configuration change
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::queue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use crate::virtio::rng::{EntropySource, Rng};
+    use crate::virtio::ID_RNG;
+
+    const BASE: u64 = 0x8000_0000;
+    const DESC: u64 = BASE + 0x1000;
+    const AVAIL: u64 = BASE + 0x2000;
+    const USED: u64 = BASE + 0x3000;
+    const BUF: u64 = BASE + 0x4000;
+
+    struct Counter(u8);
+    impl EntropySource for Counter {
+        fn fill(&mut self, buf: &mut [u8]) {
+            for b in buf {
+                self.0 = self.0.wrapping_add(1);
+                *b = self.0;
+            }
+        }
+    }
+
+    /// A driver's bring-up (virtio 1.2, 3.1.1) against the transport.
+    fn bring_up(ram: &mut Ram) -> MmioTransport {
+        let mut t = MmioTransport::new(Box::new(Rng::new(Box::new(Counter(0)))));
+        assert_eq!(t.load(0x000, 4), Some(0x7472_6976));
+        assert_eq!(t.load(0x004, 4), Some(2));
+        assert_eq!(t.load(0x008, 4), Some(ID_RNG as u64));
+        t.store(0x014, 4, 1, ram);
+        assert_eq!(t.load(0x010, 4).unwrap() & 1, 1, "VERSION_1 offered");
+        t.store(0x024, 4, 1, ram);
+        t.store(0x020, 4, 1, ram);
+        t.store(0x030, 4, 0, ram);
+        assert_eq!(t.load(0x034, 4), Some(QUEUE_MAX as u64));
+        t.store(0x038, 4, 8, ram);
+        for (reg, addr) in [(0x080, DESC), (0x090, AVAIL), (0x0a0, USED)] {
+            t.store(reg, 4, addr & 0xffff_ffff, ram);
+            t.store(reg + 4, 4, addr >> 32, ram);
+        }
+        t.store(0x044, 4, 1, ram);
+        t.store(0x070, 4, 0xf, ram); // ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
+        t
+    }
+
+    fn desc(ram: &mut Ram, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..16].copy_from_slice(&next.to_le_bytes());
+        ram.write(DESC + 16 * i as u64, &b);
+    }
+
+    #[test]
+    fn rng_request_fills_the_buffer_and_interrupts() {
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let mut t = bring_up(&mut ram);
+        desc(&mut ram, 0, BUF, 8, VIRTQ_DESC_F_WRITE, 0);
+        ram.write(AVAIL + 4, &0u16.to_le_bytes());
+        ram.write(AVAIL + 2, &1u16.to_le_bytes());
+        t.store(0x050, 4, 0, &mut ram);
+        let mut got = [0u8; 8];
+        ram.read(BUF, &mut got);
+        assert_eq!(got, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(ram.read_u64(USED).map(|v| (v >> 16) as u16), Some(1), "used.idx");
+        assert!(t.irq());
+        t.store(0x064, 4, 1, &mut ram);
+        assert!(!t.irq(), "acknowledged");
+    }
+
+    #[test]
+    fn a_looping_chain_breaks_the_device_not_the_host() {
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let mut t = bring_up(&mut ram);
+        desc(&mut ram, 0, BUF, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1);
+        desc(&mut ram, 1, BUF, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 0);
+        ram.write(AVAIL + 2, &1u16.to_le_bytes());
+        t.store(0x050, 4, 0, &mut ram);
+        assert!(t.broken.is_some());
+        assert_eq!(t.load(0x070, 4).unwrap() as u32 & STATUS_NEEDS_RESET, STATUS_NEEDS_RESET);
+        // A reset brings it back.
+        t.store(0x070, 4, 0, &mut ram);
+        assert!(t.broken.is_none());
+    }
+
+    #[test]
+    fn notify_before_driver_ok_does_nothing() {
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let mut t = MmioTransport::new(Box::new(Rng::new(Box::new(Counter(0)))));
+        t.store(0x050, 4, 0, &mut ram);
+        t.store(0x050, 4, 7, &mut ram); // a queue that does not exist
+        assert!(!t.irq());
+    }
+}

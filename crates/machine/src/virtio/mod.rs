@@ -1,0 +1,32 @@
+//! virtio devices over the MMIO transport (virtio 1.2, 4.2: version 2,
+//! "modern"). A device is a state machine: the transport decodes the
+//! register file, and on a queue notify the device processes that queue
+//! synchronously, at the hart's position, so the result is deterministic.
+
+pub mod mmio;
+pub mod queue;
+pub mod rng;
+
+use crate::ram::Ram;
+use queue::Queue;
+
+/// virtio device IDs (5).
+pub const ID_RNG: u32 = 4;
+
+/// Feature bits of every device (6).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+
+/// What a device model implements; the transport does the rest.
+pub trait VirtioDevice {
+    fn device_id(&self) -> u32;
+    /// Device-specific feature bits (the transport adds VERSION_1 and
+    /// INDIRECT_DESC).
+    fn features(&self) -> u64;
+    fn num_queues(&self) -> usize;
+    /// Read from the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver notified queue `index`: process what it offers. Returns
+    /// whether an interrupt is due, or an error that breaks the device.
+    fn process(&mut self, index: usize, queue: &mut Queue, ram: &mut Ram) -> Result<bool, queue::QueueError>;
+}
