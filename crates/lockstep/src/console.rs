@@ -126,6 +126,12 @@ impl Console for StdioConsole {
         let _ = out.flush();
     }
 
+    fn host_log(&mut self, line: &str) {
+        // In raw mode the terminal does not turn \n into \r\n.
+        let end = if self.raw { "\r\n" } else { "\n" };
+        eprint!("lockstep: {line}{end}");
+    }
+
     fn read(&mut self, timeout: Duration) -> ConsoleInput {
         if self.signalled() {
             return ConsoleInput::Quit;

@@ -230,7 +230,7 @@ fn find_file(dir: &Path, pred: &dyn Fn(&str) -> bool) -> Option<PathBuf> {
 }
 
 /// Kernel modules the default guest loads, in dependency order.
-const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio-rng"];
+const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio-rng"];
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp

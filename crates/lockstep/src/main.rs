@@ -78,6 +78,12 @@ struct RunArgs {
     /// Stop with an error after this many instructions.
     #[arg(long, value_name = "N")]
     max_insns: Option<u64>,
+    /// Raw disk image, the guest's /dev/vda (virtio-blk).
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
+    /// Attach the disk read-only.
+    #[arg(long)]
+    disk_readonly: bool,
     /// Guest RAM size, e.g. 512M or 1G (default 512M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     mem: Option<u64>,
@@ -94,6 +100,8 @@ impl RunArgs {
         self.initrd = self.initrd.or(vm.initrd);
         self.append = self.append.or(vm.append);
         self.elf = self.elf.or(vm.elf);
+        self.disk = self.disk.or(vm.disk);
+        self.disk_readonly |= vm.disk_readonly.unwrap_or(false);
         self.max_insns = self.max_insns.or(vm.max_insns);
         if self.mem.is_none() {
             self.mem = match vm.mem {
@@ -138,16 +146,17 @@ enum Outcome {
 fn run(args: RunArgs) -> Result<Outcome> {
     let args = args.merge_vm_file()?;
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
+    let disk = args.disk.as_ref().map(|p| (p.clone(), args.disk_readonly));
     if let Some(kernel) = &args.kernel {
         let append = args.append.as_deref().unwrap_or("console=ttyS0");
-        return run_linux(kernel, args.initrd.as_deref(), append, mem, args.max_insns);
+        return run_linux(kernel, args.initrd.as_deref(), append, mem, args.max_insns, &disk);
     }
     let Some(elf) = args.elf else {
         // No kernel: the default guest, built on first use.
         let g = guest::build(false)?;
         let append = args.append.as_deref().unwrap_or(guest::DEFAULT_APPEND);
         let initrd = args.initrd.as_deref().unwrap_or(&g.initrd);
-        return run_linux(&g.kernel, Some(initrd), append, mem, args.max_insns);
+        return run_linux(&g.kernel, Some(initrd), append, mem, args.max_insns, &disk);
     };
     let mut m = Machine::new(mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
@@ -179,11 +188,17 @@ fn run_linux(
     append: &str,
     mem: u64,
     max_insns: Option<u64>,
+    disk: &Option<(PathBuf, bool)>,
 ) -> Result<Outcome> {
     let mut console = console::StdioConsole::new();
     loop {
         let mut m = Machine::new_firmware(mem);
         m.rng_seed = Some(host_entropy()?);
+        if let Some((path, read_only)) = disk {
+            let backend = machine::virtio::blk::FileBackend::open(path, *read_only)?;
+            let blk = machine::virtio::blk::Block::new(Box::new(backend), *read_only, "lockstep-disk0");
+            m.add_virtio(Box::new(blk)).map_err(anyhow::Error::msg)?;
+        }
         let rng = machine::virtio::rng::Rng::new(Box::new(HostEntropy::open()?));
         m.add_virtio(Box::new(rng)).map_err(anyhow::Error::msg)?;
         m.boot_linux(kernel, initrd, append)?;

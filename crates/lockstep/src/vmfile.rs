@@ -22,6 +22,8 @@ pub struct VmFile {
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
     pub elf: Option<PathBuf>,
+    pub disk: Option<PathBuf>,
+    pub disk_readonly: Option<bool>,
     pub mem: Option<MemValue>,
     pub max_insns: Option<u64>,
 }
@@ -37,7 +39,7 @@ impl VmFile {
             anyhow::anyhow!("'{}': {msg}", path.display())
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut vm.kernel, &mut vm.initrd, &mut vm.elf].into_iter().flatten() {
+        for p in [&mut vm.kernel, &mut vm.initrd, &mut vm.elf, &mut vm.disk].into_iter().flatten() {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }

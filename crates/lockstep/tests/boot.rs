@@ -288,3 +288,49 @@ fn two_boots_without_host_time_are_identical() {
     assert_eq!(a.3, b.3, "console output differs");
     assert!(String::from_utf8_lossy(&a.3).contains(READY));
 }
+
+/// virtio-blk: the guest reads the image byte-exact, writes land in the
+/// file, a read-only disk refuses writes, and bad images are one-line errors.
+#[test]
+fn disk_reads_writes_and_bad_images() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("disk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| ((i / 512) % 251) as u8 ^ (i as u8)).collect();
+    std::fs::write(&img, &data).unwrap();
+    let mut vm = Vm::start(&["--disk", img.to_str().unwrap()]);
+    vm.wait_for(READY);
+    vm.send("dd if=/dev/vda bs=64k 2>/dev/null | sha256sum");
+    vm.wait_for(&format!("{}  -", host_sha256(&data)));
+    vm.send("echo lockstep-disk-write | dd of=/dev/vda bs=512 seek=7 conv=sync,fsync 2>/dev/null; echo written");
+    vm.wait_for("written\r\n");
+    vm.send("poweroff");
+    assert!(vm.wait_exit().success());
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(&after[7 * 512..7 * 512 + 20], b"lockstep-disk-write\n");
+    assert_eq!(&after[..7 * 512], &data[..7 * 512], "the rest is untouched");
+    assert_eq!(&after[8 * 512..], &data[8 * 512..]);
+
+    // Read-only: a write fails in the guest and the file does not change.
+    let mut vm = Vm::start(&["--disk", img.to_str().unwrap(), "--disk-readonly"]);
+    vm.wait_for(READY);
+    vm.send("echo x | dd of=/dev/vda bs=512 seek=9 conv=sync,fsync; echo rc=$?");
+    vm.wait_for("rc=1");
+    vm.send("poweroff");
+    assert!(vm.wait_exit().success());
+    assert_eq!(std::fs::read(&img).unwrap(), after);
+
+    // Missing and too-short images.
+    let run = |disk: &str| {
+        let out = lockstep().args(["run", "--disk", disk]).stdin(Stdio::null()).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run("/nonexistent/disk.img");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot open disk '/nonexistent/disk.img'") && err.trim_end().lines().count() == 1, "{err}");
+    let short = dir.join("short.img");
+    std::fs::write(&short, [0u8; 100]).unwrap();
+    let (code, err) = run(short.to_str().unwrap());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("shorter than one 512-byte sector"), "{err}");
+}

@@ -146,6 +146,10 @@ pub trait Console {
     fn write(&mut self, bytes: &[u8]);
     /// Wait up to `timeout` for input (zero: just poll).
     fn read(&mut self, timeout: Duration) -> ConsoleInput;
+    /// A host-side problem the user should know of (a device's I/O error).
+    fn host_log(&mut self, line: &str) {
+        let _ = line;
+    }
 }
 
 /// A hart on a board.
@@ -422,6 +426,11 @@ impl Machine {
             }
             let stop = self.step(limit.min(now + CONSOLE_POLL))?;
             self.flush_console(console);
+            for dev in self.board.virtio.iter_mut() {
+                for e in dev.take_errors() {
+                    console.host_log(&e);
+                }
+            }
             if let Some(stop) = stop {
                 return Ok(stop);
             }

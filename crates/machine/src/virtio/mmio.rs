@@ -33,6 +33,7 @@ pub struct MmioTransport {
     interrupt_status: u32,
     /// Why the device stopped, for the host's log.
     pub broken: Option<String>,
+    reported_broken: bool,
 }
 
 impl MmioTransport {
@@ -48,11 +49,25 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             broken: None,
+            reported_broken: false,
         }
     }
 
     fn features(&self) -> u64 {
         self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    /// Host-side problems since the last call: device errors, and the
+    /// reason the device broke.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        let mut v = self.device.take_errors();
+        if let Some(b) = &self.broken {
+            if self.status & STATUS_NEEDS_RESET != 0 && !self.reported_broken {
+                v.push(format!("virtio device {} stopped: {b}", self.device.device_id()));
+                self.reported_broken = true;
+            }
+        }
+        v
     }
 
     pub fn irq(&self) -> bool {
@@ -70,6 +85,7 @@ impl MmioTransport {
         self.status = 0;
         self.interrupt_status = 0;
         self.broken = None;
+        self.reported_broken = false;
     }
 
     pub fn load(&mut self, offset: u64, size: u32) -> Option<u64> {

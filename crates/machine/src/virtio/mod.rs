@@ -3,6 +3,7 @@
 //! register file, and on a queue notify the device processes that queue
 //! synchronously, at the hart's position, so the result is deterministic.
 
+pub mod blk;
 pub mod mmio;
 pub mod queue;
 pub mod rng;
@@ -29,4 +30,8 @@ pub trait VirtioDevice {
     /// The driver notified queue `index`: process what it offers. Returns
     /// whether an interrupt is due, or an error that breaks the device.
     fn process(&mut self, index: usize, queue: &mut Queue, ram: &mut Ram) -> Result<bool, queue::QueueError>;
+    /// Host-side errors since the last call, for the host's log.
+    fn take_errors(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -1,0 +1,309 @@
+//! virtio-blk (virtio 1.2, 5.2) on a [`BlockBackend`], usually a raw image
+//! file. Requests complete synchronously at the notify, so their effect on
+//! the guest is deterministic. A host I/O error reaches the guest as
+//! VIRTIO_BLK_S_IOERR and is recorded in `errors` for the host's log; it is
+//! never dropped.
+//!
+//! ```text
+//!  request: header (device-readable, 16 B): type u32 | reserved u32 | sector u64
+//!           data buffers (readable for OUT, writable for IN / GET_ID)
+//!           status (device-writable, 1 B, last)
+//! ```
+
+use super::queue::{Buffer, Chain, Queue, QueueError};
+use super::VirtioDevice;
+use crate::ram::Ram;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+pub const ID_BLOCK: u32 = 2;
+pub const SECTOR: u64 = 512;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+/// Largest data transfer served per request, whatever the chain claims.
+const MAX_REQUEST_BYTES: u64 = 4 << 20;
+
+/// Storage behind a block device.
+pub trait BlockBackend {
+    fn len(&self) -> u64;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Make written data durable (`fdatasync` for a file).
+    fn flush(&mut self) -> std::io::Result<()>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open disk '{path}': {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("disk '{path}' is {len} bytes, shorter than one {SECTOR}-byte sector")]
+    TooShort { path: String, len: u64 },
+}
+
+/// A raw image file.
+pub struct FileBackend {
+    file: File,
+    len: u64,
+}
+
+impl FileBackend {
+    pub fn open(path: &Path, read_only: bool) -> Result<FileBackend, DiskError> {
+        let p = path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DiskError::Open { path: p.clone(), source })?;
+        let len = file.metadata().map_err(|source| DiskError::Open { path: p.clone(), source })?.len();
+        if len < SECTOR {
+            return Err(DiskError::TooShort { path: p, len });
+        }
+        Ok(FileBackend { file, len })
+    }
+}
+
+impl BlockBackend for FileBackend {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+pub struct Block {
+    backend: Box<dyn BlockBackend>,
+    read_only: bool,
+    /// Capacity in sectors, fixed when the device is made.
+    capacity: u64,
+    id: [u8; 20],
+    /// Host I/O errors, for the host's log.
+    pub errors: Vec<String>,
+}
+
+impl Block {
+    pub fn new(backend: Box<dyn BlockBackend>, read_only: bool, id: &str) -> Block {
+        let capacity = backend.len() / SECTOR;
+        let mut idb = [0u8; 20];
+        let n = id.len().min(20);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Block { backend, read_only, capacity, id: idb, errors: Vec::new() }
+    }
+
+    /// Serve one request; returns (status, bytes written to the guest).
+    fn serve(&mut self, chain: &Chain, ram: &mut Ram) -> (u8, u32) {
+        let Some((hdr, rest)) = chain.buffers.split_first() else { return (S_IOERR, 0) };
+        let Some((status, data)) = rest.split_last() else { return (S_IOERR, 0) };
+        if hdr.write || hdr.len < 16 || !status.write || status.len < 1 {
+            return (S_IOERR, 0);
+        }
+        let mut h = [0u8; 16];
+        ram.read(hdr.addr, &mut h);
+        let kind = u32::from_le_bytes(h[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        let total: u64 = data.iter().map(|b| b.len as u64).sum();
+        let in_range = |len: u64| {
+            sector.checked_mul(SECTOR).and_then(|o| o.checked_add(len)).is_some_and(|end| end <= self.capacity * SECTOR)
+        };
+        match kind {
+            T_IN | T_OUT if total > MAX_REQUEST_BYTES || !in_range(total) || total % SECTOR != 0 => (S_IOERR, 0),
+            T_IN if data.iter().all(|b| b.write) => self.transfer(data, sector, ram, false),
+            T_OUT if self.read_only => (S_IOERR, 0),
+            T_OUT if data.iter().all(|b| !b.write) => self.transfer(data, sector, ram, true),
+            T_FLUSH => match self.backend.flush() {
+                Ok(()) => (S_OK, 0),
+                Err(e) => {
+                    self.errors.push(format!("flush failed: {e}"));
+                    (S_IOERR, 0)
+                }
+            },
+            T_GET_ID => {
+                let mut n = 0;
+                if let Some(b) = data.first().filter(|b| b.write) {
+                    n = (b.len as usize).min(20);
+                    ram.write(b.addr, &self.id[..n]);
+                }
+                (S_OK, n as u32)
+            }
+            T_IN | T_OUT => (S_IOERR, 0),
+            _ => (S_UNSUPP, 0),
+        }
+    }
+
+    fn transfer(&mut self, data: &[Buffer], sector: u64, ram: &mut Ram, write: bool) -> (u8, u32) {
+        let mut off = sector * SECTOR;
+        let mut written = 0u32;
+        for b in data {
+            let mut buf = vec![0u8; b.len as usize];
+            let result = if write {
+                ram.read(b.addr, &mut buf);
+                self.backend.write_at(&buf, off)
+            } else {
+                self.backend.read_at(&mut buf, off).map(|()| {
+                    ram.write(b.addr, &buf);
+                    written += b.len;
+                })
+            };
+            if let Err(e) = result {
+                let what = if write { "write" } else { "read" };
+                self.errors.push(format!("{what} of {} bytes at offset {off} failed: {e}", b.len));
+                return (S_IOERR, written);
+            }
+            off += b.len as u64;
+        }
+        (S_OK, written)
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_id(&self) -> u32 {
+        ID_BLOCK
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_BLK_F_FLUSH | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
+    }
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // Only `capacity` (u64 at offset 0) is offered.
+        let cfg = self.capacity.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.errors)
+    }
+    fn process(&mut self, _index: usize, queue: &mut Queue, ram: &mut Ram) -> Result<bool, QueueError> {
+        let mut notify = false;
+        while let Some(chain) = queue.pop(ram)? {
+            let (status, written) = self.serve(&chain, ram);
+            if let Some(s) = chain.buffers.last().filter(|b| b.write && b.len >= 1) {
+                ram.write(s.addr, &[status]);
+            }
+            notify |= queue.push_used(ram, chain.head, written + 1)?;
+        }
+        Ok(notify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory disk that can be told to fail.
+    struct MemDisk {
+        data: Vec<u8>,
+        fail_writes: bool,
+        flushes: usize,
+    }
+
+    impl BlockBackend for MemDisk {
+        fn len(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            if self.fail_writes {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            self.data[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    const BASE: u64 = 0x8000_0000;
+    const HDR: u64 = BASE + 0x100;
+    const DATA: u64 = BASE + 0x1000;
+    const STATUS: u64 = BASE + 0x200;
+
+    fn request(ram: &mut Ram, kind: u32, sector: u64, len: u32, data_write: bool) -> Chain {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        ram.write(HDR, &h);
+        let mut buffers = vec![Buffer { addr: HDR, len: 16, write: false }];
+        if len > 0 {
+            buffers.push(Buffer { addr: DATA, len, write: data_write });
+        }
+        buffers.push(Buffer { addr: STATUS, len: 1, write: true });
+        Chain { head: 0, buffers }
+    }
+
+    fn disk(fail: bool) -> Block {
+        let data: Vec<u8> = (0..8 * SECTOR).map(|i| (i / SECTOR) as u8).collect();
+        Block::new(Box::new(MemDisk { data, fail_writes: fail, flushes: 0 }), false, "lockstep-test")
+    }
+
+    #[test]
+    fn read_write_flush_and_id() {
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let mut d = disk(false);
+        assert_eq!(d.serve(&request(&mut ram, T_IN, 3, 512, true), &mut ram), (S_OK, 512));
+        let mut b = [0u8; 512];
+        ram.read(DATA, &mut b);
+        assert!(b.iter().all(|&x| x == 3));
+        ram.write(DATA, &[0xab; 512]);
+        assert_eq!(d.serve(&request(&mut ram, T_OUT, 5, 512, false), &mut ram), (S_OK, 0));
+        assert_eq!(d.serve(&request(&mut ram, T_IN, 5, 512, true), &mut ram), (S_OK, 512));
+        ram.read(DATA, &mut b);
+        assert!(b.iter().all(|&x| x == 0xab));
+        assert_eq!(d.serve(&request(&mut ram, T_FLUSH, 0, 0, false), &mut ram), (S_OK, 0));
+        assert_eq!(d.serve(&request(&mut ram, T_GET_ID, 0, 20, true), &mut ram), (S_OK, 20));
+        let mut id = [0u8; 13];
+        ram.read(DATA, &mut id);
+        assert_eq!(&id, b"lockstep-test");
+        let mut cap = [0u8; 8];
+        d.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+    }
+
+    #[test]
+    fn out_of_range_read_only_and_host_errors_are_ioerr() {
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let mut d = disk(false);
+        assert_eq!(d.serve(&request(&mut ram, T_IN, 8, 512, true), &mut ram).0, S_IOERR, "past the end");
+        assert_eq!(d.serve(&request(&mut ram, T_IN, u64::MAX, 512, true), &mut ram).0, S_IOERR, "overflow");
+        assert_eq!(d.serve(&request(&mut ram, 99, 0, 0, false), &mut ram).0, S_UNSUPP);
+        let mut ro = Block::new(Box::new(MemDisk { data: vec![0; 1024], fail_writes: false, flushes: 0 }), true, "ro");
+        assert_eq!(ro.serve(&request(&mut ram, T_OUT, 0, 512, false), &mut ram).0, S_IOERR);
+        assert_ne!(ro.features() & VIRTIO_BLK_F_RO, 0);
+        let mut failing = disk(true);
+        assert_eq!(failing.serve(&request(&mut ram, T_OUT, 0, 512, false), &mut ram).0, S_IOERR);
+        assert_eq!(failing.errors.len(), 1, "logged: {:?}", failing.errors);
+    }
+
+    #[test]
+    fn file_backend_rejects_missing_and_short_images() {
+        let dir = std::env::temp_dir().join(format!("lockstep-blk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(FileBackend::open(&dir.join("missing.img"), false), Err(DiskError::Open { .. })));
+        let short = dir.join("short.img");
+        std::fs::write(&short, [0u8; 100]).unwrap();
+        let e = FileBackend::open(&short, false).err().unwrap();
+        assert!(e.to_string().contains("shorter than one 512-byte sector"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
