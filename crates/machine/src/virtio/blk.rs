@@ -33,7 +33,8 @@ const MAX_REQUEST_BYTES: u64 = 4 << 20;
 
 /// Storage behind a block device.
 pub trait BlockBackend {
-    fn len(&self) -> u64;
+    /// Size in bytes.
+    fn size_bytes(&self) -> u64;
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
     /// Make written data durable (`fdatasync` for a file).
@@ -71,7 +72,7 @@ impl FileBackend {
 }
 
 impl BlockBackend for FileBackend {
-    fn len(&self) -> u64 {
+    fn size_bytes(&self) -> u64 {
         self.len
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -97,7 +98,7 @@ pub struct Block {
 
 impl Block {
     pub fn new(backend: Box<dyn BlockBackend>, read_only: bool, id: &str) -> Block {
-        let capacity = backend.len() / SECTOR;
+        let capacity = backend.size_bytes() / SECTOR;
         let mut idb = [0u8; 20];
         let n = id.len().min(20);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -120,7 +121,9 @@ impl Block {
             sector.checked_mul(SECTOR).and_then(|o| o.checked_add(len)).is_some_and(|end| end <= self.capacity * SECTOR)
         };
         match kind {
-            T_IN | T_OUT if total > MAX_REQUEST_BYTES || !in_range(total) || total % SECTOR != 0 => (S_IOERR, 0),
+            T_IN | T_OUT if total > MAX_REQUEST_BYTES || !in_range(total) || !total.is_multiple_of(SECTOR) => {
+                (S_IOERR, 0)
+            }
             T_IN if data.iter().all(|b| b.write) => self.transfer(data, sector, ram, false),
             T_OUT if self.read_only => (S_IOERR, 0),
             T_OUT if data.iter().all(|b| !b.write) => self.transfer(data, sector, ram, true),
@@ -214,7 +217,7 @@ mod tests {
     }
 
     impl BlockBackend for MemDisk {
-        fn len(&self) -> u64 {
+        fn size_bytes(&self) -> u64 {
             self.data.len() as u64
         }
         fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
