@@ -8,7 +8,8 @@
 //! ```text
 //!  guest/Image            the distribution kernel (flat RISC-V Image)
 //!  guest/initramfs.cpio   busybox-static + /init (uncompressed newc cpio)
-//!  guest/VERSION          the package versions; its presence means "built"
+//!  guest/VERSION          the recipe and package versions; a guest is
+//!                         reused only if its recipe is the current one
 //! ```
 //! The build is idempotent: a finished guest is reused; a half-finished one
 //! is built again from its downloads.
@@ -32,6 +33,10 @@ pub const READY_LINE: &str = "lockstep-guest: ready";
 ///   device tree's rng-seed (host random bytes, an input replay logs).
 pub const DEFAULT_APPEND: &str = "console=ttyS0 quiet cryptomgr.notests initcall_blacklist=jent_mod_init";
 
+/// The guest recipe's version: a cached guest built by another recipe is
+/// rebuilt. Bump it whenever what goes into the guest changes.
+const RECIPE: &str = "lockstep-guest-recipe 2 (busybox initramfs, virtio_mmio virtio_blk virtio-rng)";
+
 /// The built guest.
 pub struct Guest {
     pub kernel: PathBuf,
@@ -54,7 +59,8 @@ pub fn cache_dir() -> Result<PathBuf> {
 /// The guest if it is built.
 pub fn existing() -> Result<Option<Guest>> {
     let dir = cache_dir()?.join("guest");
-    Ok(dir.join("VERSION").exists().then(|| Guest { kernel: dir.join("Image"), initrd: dir.join("initramfs.cpio") }))
+    let current = std::fs::read_to_string(dir.join("VERSION")).is_ok_and(|v| v.lines().next() == Some(RECIPE));
+    Ok(current.then(|| Guest { kernel: dir.join("Image"), initrd: dir.join("initramfs.cpio") }))
 }
 
 /// The Debian mirror: `$LOCKSTEP_DEBIAN_MIRROR`, else the first Debian
@@ -275,7 +281,7 @@ pub fn build(force: bool) -> Result<Guest> {
     let extract = cache.join("extract");
     let _ = std::fs::remove_dir_all(&extract);
     std::fs::create_dir_all(&extract)?;
-    let mut versions = String::new();
+    let mut versions = format!("{RECIPE}\n");
     for e in std::fs::read_dir(&debs)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".deb") && (name.starts_with(&format!("{kpkg}_")) || name.starts_with("busybox-static_")) {
