@@ -13,7 +13,7 @@
 //! ```
 
 use super::queue::{Queue, QUEUE_MAX};
-use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::ram::Ram;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -54,7 +54,7 @@ impl MmioTransport {
     }
 
     fn features(&self) -> u64 {
-        self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC
+        self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
     }
 
     /// Host-side problems since the last call: device errors, and the
@@ -155,6 +155,8 @@ impl MmioTransport {
                     self.reset();
                 } else {
                     self.status = v;
+                    let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+                    self.queues.iter_mut().for_each(|q| q.event_idx = event_idx);
                 }
             }
             0x080 => self.queue().into_iter().for_each(|q| set_lo(&mut q.desc, v)),

@@ -17,6 +17,7 @@ pub const ID_RNG: u32 = 4;
 /// Feature bits of every device (6).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// What a device model implements; the transport does the rest.
 pub trait VirtioDevice {

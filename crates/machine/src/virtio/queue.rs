@@ -60,6 +60,14 @@ pub struct Queue {
     pub avail: u64,
     pub used: u64,
     pub last_avail: u16,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated (2.7.7, 2.7.10).
+    pub event_idx: bool,
+}
+
+/// Should the device interrupt, with EVENT_IDX? (2.7.10: the driver asks
+/// for an interrupt when the used index moves past `used_event`.)
+pub fn need_event(used_event: u16, new_idx: u16, old_idx: u16) -> bool {
+    new_idx.wrapping_sub(used_event).wrapping_sub(1) < new_idx.wrapping_sub(old_idx)
 }
 
 fn read_u16(ram: &Ram, addr: u64) -> Result<u16, QueueError> {
@@ -151,7 +159,19 @@ impl Queue {
         e[0..4].copy_from_slice(&(head as u32).to_le_bytes());
         e[4..8].copy_from_slice(&written.to_le_bytes());
         ram.write(elem, &e);
-        ram.write(self.used + 2, &idx.wrapping_add(1).to_le_bytes());
+        let new_idx = idx.wrapping_add(1);
+        ram.write(self.used + 2, &new_idx.to_le_bytes());
+        if self.event_idx {
+            // avail_event: ask to be notified of every new buffer (requests
+            // are served at once, so there is never a backlog to batch).
+            let avail_event = self.used + 4 + 8 * self.num as u64;
+            if !ram.contains(avail_event, 2) {
+                return Err(QueueError::OutOfRam(avail_event));
+            }
+            ram.write(avail_event, &self.last_avail.to_le_bytes());
+            let used_event = read_u16(ram, self.avail + 4 + 2 * self.num as u64)?;
+            return Ok(need_event(used_event, new_idx, idx));
+        }
         let flags = read_u16(ram, self.avail)?;
         Ok(flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
     }
@@ -187,7 +207,26 @@ mod tests {
     }
 
     fn queue() -> Queue {
-        Queue { num: 8, ready: true, desc: DESC, avail: AVAIL, used: USED, last_avail: 0 }
+        Queue { num: 8, ready: true, desc: DESC, avail: AVAIL, used: USED, last_avail: 0, event_idx: false }
+    }
+
+    #[test]
+    fn event_index_decides_interrupts() {
+        // The driver wants an interrupt once used.idx passes used_event.
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(5, 1, 0));
+        assert!(need_event(5, 7, 4));
+        assert!(need_event(u16::MAX, 0, u16::MAX), "wraps");
+        let mut r = ram();
+        put_desc(&mut r, DESC, 0, BASE + 0x4000, 8, VIRTQ_DESC_F_WRITE, 0);
+        offer(&mut r, &[0, 0]);
+        r.write(AVAIL + 4 + 2 * 8, &1u16.to_le_bytes()); // used_event = 1
+        let mut q = Queue { event_idx: true, ..queue() };
+        q.pop(&r).unwrap().unwrap();
+        assert!(!q.push_used(&mut r, 0, 8).unwrap(), "used.idx 1 does not pass used_event 1");
+        q.pop(&r).unwrap().unwrap();
+        assert!(q.push_used(&mut r, 0, 8).unwrap(), "used.idx 2 does");
+        assert_eq!(read_u16(&r, USED + 4 + 8 * 8).unwrap(), 2, "avail_event = next to serve");
     }
 
     #[test]
