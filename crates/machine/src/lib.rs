@@ -311,11 +311,12 @@ impl Machine {
         let now = self.hart.position().0;
         let deadline = self.clint_deadline().unwrap_or(u64::MAX);
         let slice_end = target.min(deadline.max(now + 1));
-        let exit = self.hart.run(&mut self.board, Position(slice_end));
-        // Devices may have written guest RAM: drop decoded code there.
+        // The host side (devices at a notify, SBI, loaders) may have written
+        // guest RAM since the hart last ran: drop decoded code there first.
         for page in self.board.ram.take_written() {
             self.hart.invalidate_ram(page << 12, 1 << 12);
         }
+        let exit = self.hart.run(&mut self.board, Position(slice_end));
         self.waiting = false;
         match exit {
             Exit::Reached | Exit::Device => Ok(None),
@@ -458,9 +459,8 @@ impl Machine {
             if now >= target.0 {
                 return Ok(true);
             }
-            if let Some(s) = self.step(target.0)? {
-                // A bare-metal program has no SBI; treat a reset as the end.
-                let _ = s;
+            // A bare-metal program has no SBI; treat a reset as the end.
+            if self.step(target.0)?.is_some() {
                 return Ok(false);
             }
             if self.waiting {

@@ -142,7 +142,6 @@ pub fn handle(m: &mut Machine) -> SbiOutcome {
             } else {
                 let bytes: Vec<u8> = m.board.console_in.drain(..k).collect();
                 m.board.ram.write(addr, &bytes);
-                m.hart.invalidate_ram(addr - m.board.ram.base(), k as u64);
                 (SUCCESS, k as u64)
             }
         }
