@@ -7,6 +7,8 @@ pub mod blk;
 pub mod mmio;
 pub mod queue;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 use crate::ram::Ram;
 use queue::Queue;
