@@ -1,13 +1,16 @@
-//! The guest console on the host's stdio: output to stdout, input from
-//! stdin read by a thread. When stdin is a terminal it is put in raw mode,
-//! restored on every exit path (drop, panic hook, and SIGTERM/SIGHUP/SIGINT,
-//! which end the run cleanly), and `Ctrl-A x` quits, as in QEMU.
+//! The host side of a running guest: the console on the host's stdio
+//! (output to stdout, input from stdin read by a thread) and the network
+//! cards' tap devices (each read by a thread). All input arrives on one
+//! channel, so the run loop waits for console and network at once. When
+//! stdin is a terminal it is put in raw mode, restored on every exit path
+//! (drop, panic hook, and SIGTERM/SIGHUP/SIGINT, which end the run cleanly),
+//! and `Ctrl-A x` quits, as in QEMU.
 
-use machine::{Console, ConsoleInput};
+use machine::{HostInput, HostIo};
 use nix::sys::termios::{self, SetArg, Termios};
 use std::io::{IsTerminal, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,11 +30,20 @@ fn restore_terminal() {
 enum Msg {
     Bytes(Vec<u8>),
     Eof,
+    Frame(usize, Vec<u8>),
 }
+
+/// Input messages buffered between the reader threads and the run loop;
+/// a tap reader blocks when it is full (and the host's tap queue drops).
+const CHANNEL_DEPTH: usize = 1024;
 
 pub struct StdioConsole {
     rx: Receiver<Msg>,
-    eof: bool,
+    tx: SyncSender<Msg>,
+    /// Write ends of the network cards' taps, by card number.
+    taps: Vec<tap::Tap>,
+    /// Frames the host would not take (tap down or gone), reported once.
+    tap_errors: Vec<bool>,
     /// Ctrl-A was the last byte typed.
     escape: bool,
     raw: bool,
@@ -57,8 +69,10 @@ impl StdioConsole {
                 }
             }
         }
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(CHANNEL_DEPTH);
+        let stdin_tx = tx.clone();
         std::thread::spawn(move || {
+            let tx = stdin_tx;
             let mut buf = [0u8; 256];
             let mut stdin = std::io::stdin().lock();
             loop {
@@ -80,7 +94,32 @@ impl StdioConsole {
             // Registration fails only for forbidden signals; these are not.
             let _ = signal_hook::flag::register(sig, signalled.clone());
         }
-        StdioConsole { rx, eof: false, escape: false, raw, signalled }
+        StdioConsole { rx, tx, taps: Vec::new(), tap_errors: Vec::new(), escape: false, raw, signalled }
+    }
+
+    /// Attach the next network card to `tap`: a thread reads its frames.
+    pub fn add_tap(&mut self, tap: tap::Tap) -> std::io::Result<()> {
+        let nic = self.taps.len();
+        let mut reader = tap.try_clone()?;
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match reader.recv(&mut buf) {
+                    Ok(n) => {
+                        if tx.send(Msg::Frame(nic, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // The tap went away: the card sees no more input.
+                    Err(_) => return,
+                }
+            }
+        });
+        self.taps.push(tap);
+        self.tap_errors.push(false);
+        Ok(())
     }
 
     /// Did a signal end the run?
@@ -119,8 +158,8 @@ impl Drop for StdioConsole {
     }
 }
 
-impl Console for StdioConsole {
-    fn write(&mut self, bytes: &[u8]) {
+impl HostIo for StdioConsole {
+    fn console_write(&mut self, bytes: &[u8]) {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(bytes);
         let _ = out.flush();
@@ -132,13 +171,23 @@ impl Console for StdioConsole {
         eprint!("lockstep: {line}{end}");
     }
 
-    fn read(&mut self, timeout: Duration) -> ConsoleInput {
-        if self.signalled() {
-            return ConsoleInput::Quit;
+    fn send_frame(&mut self, nic: usize, frame: &[u8]) {
+        let Some(tap) = self.taps.get_mut(nic) else { return };
+        match tap.send(frame) {
+            Ok(()) => self.tap_errors[nic] = false,
+            // A frame that cannot leave is lost, as on a wire; say so once.
+            Err(e) if !self.tap_errors[nic] => {
+                self.tap_errors[nic] = true;
+                let line = format!("tap '{}' did not take a frame: {e}", tap.name());
+                self.host_log(&line);
+            }
+            Err(_) => {}
         }
-        if self.eof {
-            std::thread::sleep(timeout);
-            return ConsoleInput::Nothing;
+    }
+
+    fn wait(&mut self, timeout: Duration) -> HostInput {
+        if self.signalled() {
+            return HostInput::Quit;
         }
         let msg = if timeout.is_zero() {
             self.rx.try_recv().map_err(|e| match e {
@@ -150,15 +199,13 @@ impl Console for StdioConsole {
         };
         match msg {
             Ok(Msg::Bytes(b)) => match self.filter(b) {
-                Some(b) if b.is_empty() => ConsoleInput::Nothing,
-                Some(b) => ConsoleInput::Bytes(b),
-                None => ConsoleInput::Quit,
+                Some(b) if b.is_empty() => HostInput::Nothing,
+                Some(b) => HostInput::Console(b),
+                None => HostInput::Quit,
             },
-            Ok(Msg::Eof) | Err(RecvTimeoutError::Disconnected) => {
-                self.eof = true;
-                ConsoleInput::Nothing
-            }
-            Err(RecvTimeoutError::Timeout) => ConsoleInput::Nothing,
+            Ok(Msg::Frame(nic, data)) => HostInput::Frame { nic, data },
+            // End of stdin: the guest just gets no more typing.
+            Ok(Msg::Eof) | Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => HostInput::Nothing,
         }
     }
 }

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a guest: a Linux kernel (`--kernel`) or a bare-metal ELF (`--elf`).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print guest MIPS for the built-in integer loops (M-mode, and U-mode
     /// under Sv39 paging).
     Bench(bench::BenchArgs),
@@ -87,6 +87,47 @@ struct RunArgs {
     /// Guest RAM size, e.g. 512M or 1G (default 512M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     mem: Option<u64>,
+    /// Network card (virtio-net) on a host tap device, created if missing:
+    /// `tap:NAME`.
+    #[arg(long, value_name = "tap:NAME")]
+    net: Option<String>,
+    /// The network card's MAC address (default: derived from the tap name,
+    /// stable across runs).
+    #[arg(long, value_name = "MAC")]
+    mac: Option<String>,
+}
+
+/// The devices of a Linux guest besides console and entropy.
+struct Devices {
+    /// Image file and whether it is read-only.
+    disk: Option<(PathBuf, bool)>,
+    /// Tap name and MAC address.
+    net: Option<(String, [u8; 6])>,
+}
+
+impl RunArgs {
+    fn devices(&self) -> Result<Devices> {
+        let disk = self.disk.as_ref().map(|p| (p.clone(), self.disk_readonly));
+        let net = match &self.net {
+            None => {
+                if self.mac.is_some() {
+                    bail!("--mac needs a network card: add --net tap:NAME");
+                }
+                None
+            }
+            Some(spec) => {
+                let Some(name) = spec.strip_prefix("tap:") else {
+                    bail!("--net '{spec}': the network backend must be tap:NAME");
+                };
+                let mac = match &self.mac {
+                    Some(m) => machine::virtio::net::parse_mac(m).map_err(|e| anyhow::anyhow!("--mac {e}"))?,
+                    None => machine::virtio::net::mac_for(name),
+                };
+                Some((name.to_string(), mac))
+            }
+        };
+        Ok(Devices { disk, net })
+    }
 }
 
 const DEFAULT_MEM: u64 = 512 << 20;
@@ -101,6 +142,8 @@ impl RunArgs {
         self.append = self.append.or(vm.append);
         self.elf = self.elf.or(vm.elf);
         self.disk = self.disk.or(vm.disk);
+        self.net = self.net.or(vm.net);
+        self.mac = self.mac.or(vm.mac);
         self.disk_readonly |= vm.disk_readonly.unwrap_or(false);
         self.max_insns = self.max_insns.or(vm.max_insns);
         if self.mem.is_none() {
@@ -146,17 +189,17 @@ enum Outcome {
 fn run(args: RunArgs) -> Result<Outcome> {
     let args = args.merge_vm_file()?;
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
-    let disk = args.disk.as_ref().map(|p| (p.clone(), args.disk_readonly));
+    let devices = args.devices()?;
     if let Some(kernel) = &args.kernel {
         let append = args.append.as_deref().unwrap_or("console=ttyS0");
-        return run_linux(kernel, args.initrd.as_deref(), append, mem, args.max_insns, &disk);
+        return run_linux(kernel, args.initrd.as_deref(), append, mem, args.max_insns, &devices);
     }
     let Some(elf) = args.elf else {
         // No kernel: the default guest, built on first use.
         let g = guest::build(false)?;
         let append = args.append.as_deref().unwrap_or(guest::DEFAULT_APPEND);
         let initrd = args.initrd.as_deref().unwrap_or(&g.initrd);
-        return run_linux(&g.kernel, Some(initrd), append, mem, args.max_insns, &disk);
+        return run_linux(&g.kernel, Some(initrd), append, mem, args.max_insns, &devices);
     };
     let mut m = Machine::new(mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
@@ -188,16 +231,24 @@ fn run_linux(
     append: &str,
     mem: u64,
     max_insns: Option<u64>,
-    disk: &Option<(PathBuf, bool)>,
+    devices: &Devices,
 ) -> Result<Outcome> {
     let mut console = console::StdioConsole::new();
+    // The tap stays open across guest reboots.
+    if let Some((name, _)) = &devices.net {
+        let tap = tap::Tap::open(name)?;
+        console.add_tap(tap).with_context(|| format!("cannot read tap '{name}'"))?;
+    }
     loop {
         let mut m = Machine::new_firmware(mem);
         m.rng_seed = Some(host_entropy()?);
-        if let Some((path, read_only)) = disk {
+        if let Some((path, read_only)) = &devices.disk {
             let backend = machine::virtio::blk::FileBackend::open(path, *read_only)?;
             let blk = machine::virtio::blk::Block::new(Box::new(backend), *read_only, "lockstep-disk0");
             m.add_virtio(Box::new(blk)).map_err(anyhow::Error::msg)?;
+        }
+        if let Some((_, mac)) = &devices.net {
+            m.add_virtio(Box::new(machine::virtio::net::Net::new(*mac))).map_err(anyhow::Error::msg)?;
         }
         let rng = machine::virtio::rng::Rng::new(Box::new(HostEntropy::open()?));
         m.add_virtio(Box::new(rng)).map_err(anyhow::Error::msg)?;
@@ -268,7 +319,7 @@ fn demo() -> Result<Outcome> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
         Command::Demo => demo(),
         Command::Guest { command: GuestCommand::Build { force } } => guest::build(force).map(|g| {

@@ -26,6 +26,8 @@ pub struct VmFile {
     pub disk_readonly: Option<bool>,
     pub mem: Option<MemValue>,
     pub max_insns: Option<u64>,
+    pub net: Option<String>,
+    pub mac: Option<String>,
 }
 
 impl VmFile {

@@ -253,12 +253,12 @@ fn vm_toml_describes_a_guest_and_flags_override_it() {
 /// Collects guest output; never types.
 struct NullConsole(Vec<u8>);
 
-impl machine::Console for NullConsole {
-    fn write(&mut self, bytes: &[u8]) {
+impl machine::HostIo for NullConsole {
+    fn console_write(&mut self, bytes: &[u8]) {
         self.0.extend_from_slice(bytes);
     }
-    fn read(&mut self, _: Duration) -> machine::ConsoleInput {
-        machine::ConsoleInput::Nothing
+    fn wait(&mut self, _: Duration) -> machine::HostInput {
+        machine::HostInput::Nothing
     }
 }
 

@@ -8,9 +8,10 @@ use std::process::Command;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("rv", &[]),
     ("machine", &["rv"]),
+    ("tap", &[]),
     ("replay", &["rv"]),
-    ("ft", &["rv", "machine", "replay"]),
-    ("lockstep", &["rv", "machine", "replay", "ft"]),
+    ("ft", &["rv", "machine", "replay", "tap"]),
+    ("lockstep", &["rv", "machine", "replay", "ft", "tap"]),
 ];
 
 #[test]

@@ -7,8 +7,9 @@
 //! between hosts.
 //!
 //! Devices are state machines with no thread, fd or clock of their own.
-//! Host input (console bytes) enters through the [`Console`] trait at run-loop
-//! boundaries; host time enters in exactly one place, [`Machine::idle`],
+//! Host input (console bytes, network frames) enters through the [`HostIo`]
+//! trait at run-loop boundaries, as [`HostInput`] values given to
+//! [`Machine::inject`]; host time enters in exactly one place, [`Machine::idle`],
 //! which decides how far the guest clock jumps while the hart waits in
 //! `wfi` (replay will log that decision).
 
@@ -131,21 +132,34 @@ pub enum RunError {
     MachineTrap { cause: u64, epc: u64, tval: u64 },
 }
 
-/// What the console gives the run loop.
+/// What the host gives the run loop: every input from outside the machine
+/// arrives as one of these, at a position the run loop chooses (the event
+/// log records exactly these).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConsoleInput {
-    Bytes(Vec<u8>),
+pub enum HostInput {
+    /// Bytes typed on the console.
+    Console(Vec<u8>),
+    /// A frame received for network card `nic` (numbered in the order the
+    /// cards were added).
+    Frame {
+        nic: usize,
+        data: Vec<u8>,
+    },
     Nothing,
     /// The user asked to quit.
     Quit,
 }
 
-/// The host side of the guest console.
-pub trait Console {
-    /// Guest output.
-    fn write(&mut self, bytes: &[u8]);
+/// The host side of the machine: console and network.
+pub trait HostIo {
+    /// Guest console output.
+    fn console_write(&mut self, bytes: &[u8]);
     /// Wait up to `timeout` for input (zero: just poll).
-    fn read(&mut self, timeout: Duration) -> ConsoleInput;
+    fn wait(&mut self, timeout: Duration) -> HostInput;
+    /// A frame the guest sent on network card `nic`.
+    fn send_frame(&mut self, nic: usize, frame: &[u8]) {
+        let _ = (nic, frame);
+    }
     /// A host-side problem the user should know of (a device's I/O error).
     fn host_log(&mut self, line: &str) {
         let _ = line;
@@ -170,6 +184,8 @@ pub struct Machine {
     panicked_at: Option<u64>,
     /// The hart stopped in `wfi` with nothing pending to wake it.
     waiting: bool,
+    /// The virtio slot of each network card.
+    nics: Vec<usize>,
 }
 
 /// Positions between two checks of `tohost`.
@@ -177,6 +193,8 @@ const TOHOST_POLL: u64 = 1 << 16;
 /// Positions between two polls of the console while the guest runs (about
 /// 2 ms at 400 MIPS).
 const CONSOLE_POLL: u64 = 1 << 20;
+/// Host inputs delivered per poll while the guest runs.
+const HOST_INPUTS_PER_POLL: usize = 64;
 /// After a panic message, let the kernel print this much more.
 const PANIC_GRACE: u64 = 200_000_000;
 const PANIC_TEXT: &[u8] = b"Kernel panic - not syncing";
@@ -207,6 +225,7 @@ impl Machine {
             panic_scan: Vec::new(),
             panicked_at: None,
             waiting: false,
+            nics: Vec::new(),
         }
     }
 
@@ -215,8 +234,58 @@ impl Machine {
         if self.board.virtio.len() >= VIRTIO_SLOTS {
             return Err("all virtio slots are in use");
         }
+        if device.device_id() == virtio::net::ID_NET {
+            self.nics.push(self.board.virtio.len());
+        }
         self.board.virtio.push(virtio::mmio::MmioTransport::new(device));
         Ok(())
+    }
+
+    /// Deliver one host input at the current position. Returns false for
+    /// a quit request (the input is then not for the guest).
+    pub fn inject(&mut self, input: HostInput) -> bool {
+        match input {
+            HostInput::Console(bytes) => self.board.console_in.extend(bytes),
+            HostInput::Frame { nic, data } => {
+                if let Some(&slot) = self.nics.get(nic) {
+                    self.board.virtio[slot].input(data, &mut self.board.ram);
+                }
+            }
+            HostInput::Nothing => {}
+            HostInput::Quit => return false,
+        }
+        true
+    }
+
+    /// Poll the host for input (without waiting) and deliver what is there,
+    /// a bounded amount at a time.
+    fn poll_host(&mut self, io: &mut dyn HostIo) -> Option<Stop> {
+        for _ in 0..HOST_INPUTS_PER_POLL {
+            match io.wait(Duration::ZERO) {
+                HostInput::Nothing => break,
+                input => {
+                    if !self.inject(input) {
+                        return Some(Stop::Quit);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Hand the guest's output (console bytes, network frames) to the host.
+    fn flush_output(&mut self, io: &mut dyn HostIo) {
+        self.flush_console(io);
+        for (nic, &slot) in self.nics.iter().enumerate() {
+            for frame in self.board.virtio[slot].take_output() {
+                io.send_frame(nic, &frame);
+            }
+        }
+        for dev in self.board.virtio.iter_mut() {
+            for e in dev.take_errors() {
+                io.host_log(&e);
+            }
+        }
     }
 
     /// A bare-metal machine: the program runs its own M-mode code.
@@ -247,7 +316,9 @@ impl Machine {
         h.write_csr_m(MEDELEG, (1 << 0) | (1 << 2) | (1 << 3) | (1 << 8) | (1 << 12) | (1 << 13) | (1 << 15));
         h.write_csr_m(MIDELEG, S_INTERRUPTS);
         h.write_csr_m(MCOUNTEREN, 0xffff_ffff);
-        h.write_csr_m(SCOUNTEREN, 0);
+        // User mode may read `time` (the vDSO's clock_gettime does; Linux
+        // sets this bit itself only when SBI's PMU extension is there).
+        h.write_csr_m(SCOUNTEREN, 1 << 1);
         h.write_csr_m(MENVCFG, MENVCFG_STCE);
         h.write_csr_m(STIMECMP, u64::MAX);
         h.write_csr_m(MIE, IRQ_MEI);
@@ -344,25 +415,28 @@ impl Machine {
 
     /// The hart waits in `wfi` with nothing pending: let guest time jump to
     /// the next timer deadline, but never ahead of host time since boot
-    /// (sleeping until then or until console input arrives). This is the one
+    /// (sleeping until then or until host input arrives). This is the one
     /// place where host time reaches the guest.
-    fn idle(&mut self, console: &mut dyn Console, limit: u64) -> Result<Option<Stop>, RunError> {
+    fn idle(&mut self, io: &mut dyn HostIo, limit: u64) -> Result<Option<Stop>, RunError> {
         let now = self.hart.position().0;
         let Some(next) = self.next_wakeup() else {
-            // Only the console can wake the guest now.
-            return match console.read(Duration::from_millis(100)) {
-                ConsoleInput::Bytes(b) => {
-                    self.board.console_in.extend(b);
-                    self.sync_irqs();
-                    if self.hart.wakeup_pending() {
-                        Ok(None)
-                    } else {
-                        Err(RunError::Stuck { pc: self.hart.pc() })
-                    }
+            // Only host input can wake the guest now.
+            let input = io.wait(Duration::from_millis(100));
+            let got_input = input != HostInput::Nothing;
+            if !self.inject(input) {
+                return Ok(Some(Stop::Quit));
+            }
+            if got_input {
+                if let Some(stop) = self.poll_host(io) {
+                    return Ok(Some(stop));
                 }
-                ConsoleInput::Quit => Ok(Some(Stop::Quit)),
-                ConsoleInput::Nothing if self.board.uart_rx_enabled() => Ok(None),
-                ConsoleInput::Nothing => Err(RunError::Stuck { pc: self.hart.pc() }),
+            }
+            self.sync_irqs();
+            let can_wake = self.board.uart_rx_enabled() || !self.nics.is_empty();
+            return if self.hart.wakeup_pending() || can_wake {
+                Ok(None)
+            } else {
+                Err(RunError::Stuck { pc: self.hart.pc() })
             };
         };
         let next = next.min(limit);
@@ -375,15 +449,18 @@ impl Machine {
         let host_ns = t0.elapsed().as_nanos() as u64;
         let mut wake = next;
         if guest_ns > host_ns {
-            match console.read(Duration::from_nanos(guest_ns - host_ns)) {
-                ConsoleInput::Bytes(b) => {
-                    self.board.console_in.extend(b);
-                    // Wake at the guest time matching now.
-                    let host_now = t0.elapsed().as_nanos() as u64;
-                    wake = (g0 + host_now / NS_PER_INSN).clamp(now, next);
+            let input = io.wait(Duration::from_nanos(guest_ns - host_ns));
+            if input != HostInput::Nothing {
+                // Wake at the guest time matching now, and deliver there.
+                let host_now = t0.elapsed().as_nanos() as u64;
+                wake = (g0 + host_now / NS_PER_INSN).clamp(now, next);
+                if wake > now {
+                    self.hart.idle(wake - now);
                 }
-                ConsoleInput::Quit => return Ok(Some(Stop::Quit)),
-                ConsoleInput::Nothing => {}
+                if !self.inject(input) {
+                    return Ok(Some(Stop::Quit));
+                }
+                return Ok(self.poll_host(io));
             }
         }
         if wake > now {
@@ -393,12 +470,12 @@ impl Machine {
     }
 
     /// Hand guest output to the console and watch it for a kernel panic.
-    fn flush_console(&mut self, console: &mut dyn Console) {
+    fn flush_console(&mut self, io: &mut dyn HostIo) {
         if self.board.console_out.is_empty() {
             return;
         }
         let out = std::mem::take(&mut self.board.console_out);
-        console.write(&out);
+        io.console_write(&out);
         if self.panicked_at.is_none() {
             self.panic_scan.extend_from_slice(&out);
             if self.panic_scan.windows(PANIC_TEXT.len()).any(|w| w == PANIC_TEXT) {
@@ -409,15 +486,15 @@ impl Machine {
         }
     }
 
-    /// Run a booted kernel until it powers off, reboots, panics, the console
+    /// Run a booted kernel until it powers off, reboots, panics, the host
     /// quits, or `max_insns` positions pass.
-    pub fn run_linux(&mut self, console: &mut dyn Console, max_insns: Option<u64>) -> Result<Stop, RunError> {
+    pub fn run_linux(&mut self, io: &mut dyn HostIo, max_insns: Option<u64>) -> Result<Stop, RunError> {
         let limit = max_insns.unwrap_or(u64::MAX);
         self.epoch.get_or_insert((Instant::now(), self.hart.position().0));
         loop {
             let now = self.hart.position().0;
             if now >= limit {
-                self.flush_console(console);
+                self.flush_output(io);
                 return Ok(Stop::Limit);
             }
             if let Some(p) = self.panicked_at {
@@ -426,24 +503,17 @@ impl Machine {
                 }
             }
             let stop = self.step(limit.min(now + CONSOLE_POLL))?;
-            self.flush_console(console);
-            for dev in self.board.virtio.iter_mut() {
-                for e in dev.take_errors() {
-                    console.host_log(&e);
-                }
-            }
+            self.flush_output(io);
             if let Some(stop) = stop {
                 return Ok(stop);
             }
             if self.waiting {
-                if let Some(stop) = self.idle(console, limit)? {
+                if let Some(stop) = self.idle(io, limit)? {
                     return Ok(stop);
                 }
             } else if self.hart.position().0 >= now + CONSOLE_POLL || self.board.console_in.is_empty() {
-                match console.read(Duration::ZERO) {
-                    ConsoleInput::Bytes(b) => self.board.console_in.extend(b),
-                    ConsoleInput::Quit => return Ok(Stop::Quit),
-                    ConsoleInput::Nothing => {}
+                if let Some(stop) = self.poll_host(io) {
+                    return Ok(stop);
                 }
             }
         }

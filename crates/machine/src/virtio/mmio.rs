@@ -78,7 +78,28 @@ impl MmioTransport {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
+    /// Host input for the device (see [`VirtioDevice::push_input`]):
+    /// dropped unless the driver has the device running.
+    pub fn input(&mut self, data: Vec<u8>, ram: &mut Ram) {
+        if self.broken.is_some() || self.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        if let Some(queue) = self.device.push_input(data) {
+            self.notify(queue, ram);
+        }
+    }
+
+    /// Output the device produced for the host since the last call.
+    pub fn take_output(&mut self) -> Vec<Vec<u8>> {
+        self.device.take_output()
+    }
+
+    pub fn device_id(&self) -> u32 {
+        self.device.device_id()
+    }
+
     fn reset(&mut self) {
+        self.device.reset();
         let n = self.queues.len();
         self.queues = vec![Queue::default(); n];
         self.driver_features = 0;

@@ -5,6 +5,8 @@
 
 pub mod blk;
 pub mod mmio;
+pub mod net;
+pub mod netsim;
 pub mod queue;
 pub mod rng;
 #[cfg(test)]
@@ -37,4 +39,17 @@ pub trait VirtioDevice {
     fn take_errors(&mut self) -> Vec<String> {
         Vec::new()
     }
+    /// Input from the host for the guest (a received network frame). The
+    /// device keeps it or drops it; `Some(queue)` asks the transport to
+    /// process that queue now. Devices without host input drop it.
+    fn push_input(&mut self, data: Vec<u8>) -> Option<usize> {
+        let _ = data;
+        None
+    }
+    /// Output for the host since the last call (transmitted frames).
+    fn take_output(&mut self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+    /// The driver reset the device: forget in-flight state.
+    fn reset(&mut self) {}
 }

@@ -91,12 +91,17 @@ fn read_desc(ram: &Ram, table: u64, i: u16) -> Result<(u64, u32, u16, u16), Queu
 
 impl Queue {
     /// Pop the next available chain, if any.
-    pub fn pop(&mut self, ram: &Ram) -> Result<Option<Chain>, QueueError> {
+    pub fn pop(&mut self, ram: &mut Ram) -> Result<Option<Chain>, QueueError> {
         if !self.ready || self.num == 0 {
             return Ok(None);
         }
         let avail_idx = read_u16(ram, self.avail + 2)?;
         if avail_idx == self.last_avail {
+            if self.event_idx {
+                // Ask to be notified of the next buffer: a device that waits
+                // for buffers (network receive) learns of them this way.
+                self.write_avail_event(ram)?;
+            }
             return Ok(None);
         }
         let slot = self.avail + 4 + 2 * (self.last_avail % self.num) as u64;
@@ -164,16 +169,21 @@ impl Queue {
         if self.event_idx {
             // avail_event: ask to be notified of every new buffer (requests
             // are served at once, so there is never a backlog to batch).
-            let avail_event = self.used + 4 + 8 * self.num as u64;
-            if !ram.contains(avail_event, 2) {
-                return Err(QueueError::OutOfRam(avail_event));
-            }
-            ram.write(avail_event, &self.last_avail.to_le_bytes());
+            self.write_avail_event(ram)?;
             let used_event = read_u16(ram, self.avail + 4 + 2 * self.num as u64)?;
             return Ok(need_event(used_event, new_idx, idx));
         }
         let flags = read_u16(ram, self.avail)?;
         Ok(flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
+    }
+
+    fn write_avail_event(&self, ram: &mut Ram) -> Result<(), QueueError> {
+        let avail_event = self.used + 4 + 8 * self.num as u64;
+        if !ram.contains(avail_event, 2) {
+            return Err(QueueError::OutOfRam(avail_event));
+        }
+        ram.write(avail_event, &self.last_avail.to_le_bytes());
+        Ok(())
     }
 }
 
@@ -214,9 +224,9 @@ mod tests {
         offer(&mut r, &[0, 0]);
         r.write(AVAIL + 4 + 2 * 8, &1u16.to_le_bytes()); // used_event = 1
         let mut q = Queue { event_idx: true, ..queue() };
-        q.pop(&r).unwrap().unwrap();
+        q.pop(&mut r).unwrap().unwrap();
         assert!(!q.push_used(&mut r, 0, 8).unwrap(), "used.idx 1 does not pass used_event 1");
-        q.pop(&r).unwrap().unwrap();
+        q.pop(&mut r).unwrap().unwrap();
         assert!(q.push_used(&mut r, 0, 8).unwrap(), "used.idx 2 does");
         assert_eq!(read_u16(&r, USED + 4 + 8 * 8).unwrap(), 2, "avail_event = next to serve");
     }
@@ -228,7 +238,7 @@ mod tests {
         put_desc(&mut r, DESC, 3, BASE + 0x5000, 32, VIRTQ_DESC_F_WRITE, 0);
         offer(&mut r, &[0]);
         let mut q = queue();
-        let c = q.pop(&r).unwrap().unwrap();
+        let c = q.pop(&mut r).unwrap().unwrap();
         assert_eq!(c.head, 0);
         assert_eq!(
             c.buffers,
@@ -237,7 +247,7 @@ mod tests {
                 Buffer { addr: BASE + 0x5000, len: 32, write: true }
             ]
         );
-        assert_eq!(q.pop(&r).unwrap(), None, "nothing more available");
+        assert_eq!(q.pop(&mut r).unwrap(), None, "nothing more available");
         assert!(q.push_used(&mut r, 0, 32).unwrap());
         assert_eq!(read_u16(&r, USED + 2).unwrap(), 1);
         let mut e = [0u8; 8];
@@ -253,14 +263,14 @@ mod tests {
         put_desc(&mut r, table, 0, BASE + 0x4000, 8, VIRTQ_DESC_F_NEXT, 1);
         put_desc(&mut r, table, 1, BASE + 0x4100, 8, VIRTQ_DESC_F_WRITE, 0);
         offer(&mut r, &[1]);
-        let c = queue().pop(&r).unwrap().unwrap();
+        let c = queue().pop(&mut r).unwrap().unwrap();
         assert_eq!(c.buffers.len(), 2);
         // Nested indirect is refused.
         put_desc(&mut r, table, 1, table, 32, VIRTQ_DESC_F_INDIRECT, 0);
-        assert_eq!(queue().pop(&r), Err(QueueError::NestedIndirect));
+        assert_eq!(queue().pop(&mut r), Err(QueueError::NestedIndirect));
         // A length that is not a whole number of descriptors.
         put_desc(&mut r, DESC, 1, table, 24, VIRTQ_DESC_F_INDIRECT, 0);
-        assert_eq!(queue().pop(&r), Err(QueueError::BadIndirectLen(24)));
+        assert_eq!(queue().pop(&mut r), Err(QueueError::BadIndirectLen(24)));
     }
 
     #[test]
@@ -270,13 +280,13 @@ mod tests {
         put_desc(&mut r, DESC, 0, BASE + 0x4000, 8, VIRTQ_DESC_F_NEXT, 1);
         put_desc(&mut r, DESC, 1, BASE + 0x4000, 8, VIRTQ_DESC_F_NEXT, 0);
         offer(&mut r, &[0]);
-        assert_eq!(queue().pop(&r), Err(QueueError::ChainTooLong));
+        assert_eq!(queue().pop(&mut r), Err(QueueError::ChainTooLong));
         // A buffer outside RAM.
         put_desc(&mut r, DESC, 0, 0x1000, 8, 0, 0);
-        assert_eq!(queue().pop(&r), Err(QueueError::OutOfRam(0x1000)));
+        assert_eq!(queue().pop(&mut r), Err(QueueError::OutOfRam(0x1000)));
         // A head index past the queue.
         offer(&mut r, &[9]);
-        assert_eq!(queue().pop(&r), Err(QueueError::BadIndex(9)));
+        assert_eq!(queue().pop(&mut r), Err(QueueError::BadIndex(9)));
     }
 
     /// Random descriptor tables: pop returns Ok or Err, never panics.
@@ -298,7 +308,7 @@ mod tests {
             offer(&mut r, &[next() as u16 % 10, next() as u16 % 8]);
             let mut q = queue();
             for _ in 0..3 {
-                let _ = q.pop(&r);
+                let _ = q.pop(&mut r);
             }
         }
     }
