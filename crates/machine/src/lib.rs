@@ -439,6 +439,15 @@ impl Machine {
                 Err(RunError::Stuck { pc: self.hart.pc() })
             };
         };
+        // Input that is already there is delivered now, before time moves.
+        let before = self.board.console_in.len();
+        if let Some(stop) = self.poll_host(io) {
+            return Ok(Some(stop));
+        }
+        self.sync_irqs();
+        if self.hart.wakeup_pending() || self.board.console_in.len() != before {
+            return Ok(None);
+        }
         let next = next.min(limit);
         if !self.realtime {
             self.hart.idle(next - now);

@@ -47,6 +47,8 @@ pub enum DiskError {
     Open { path: String, source: std::io::Error },
     #[error("disk '{path}' is {len} bytes, shorter than one {SECTOR}-byte sector")]
     TooShort { path: String, len: u64 },
+    #[error("disk '{path}' is in use by another process (it holds a lock on it)")]
+    Locked { path: String },
 }
 
 /// A raw image file.
@@ -63,6 +65,14 @@ impl FileBackend {
             .write(!read_only)
             .open(path)
             .map_err(|source| DiskError::Open { path: p.clone(), source })?;
+        // Two writers on one image corrupt it, as would a writer under a
+        // reader: lock it as QEMU does (shared for read-only use).
+        let locked = if read_only { file.try_lock_shared() } else { file.try_lock() };
+        match locked {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(DiskError::Locked { path: p }),
+            Err(std::fs::TryLockError::Error(source)) => return Err(DiskError::Open { path: p, source }),
+        }
         let len = file.metadata().map_err(|source| DiskError::Open { path: p.clone(), source })?.len();
         if len < SECTOR {
             return Err(DiskError::TooShort { path: p, len });
@@ -307,6 +317,17 @@ mod tests {
         std::fs::write(&short, [0u8; 100]).unwrap();
         let e = FileBackend::open(&short, false).err().unwrap();
         assert!(e.to_string().contains("shorter than one 512-byte sector"), "{e}");
+        // One writer at a time; readers share.
+        let img = dir.join("locked.img");
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        let writer = FileBackend::open(&img, false).unwrap();
+        assert!(matches!(FileBackend::open(&img, false), Err(DiskError::Locked { .. })));
+        assert!(matches!(FileBackend::open(&img, true), Err(DiskError::Locked { .. })));
+        drop(writer);
+        let r1 = FileBackend::open(&img, true).unwrap();
+        let _r2 = FileBackend::open(&img, true).unwrap();
+        assert!(matches!(FileBackend::open(&img, false), Err(DiskError::Locked { .. })));
+        drop(r1);
         std::fs::remove_dir_all(&dir).ok();
     }
 }
