@@ -64,3 +64,22 @@ pub fn build_elf(dir: &Path, name: &str, src: &str, extra: &[&str]) -> PathBuf {
     assert!(out.status.success(), "{name}: assembling failed:\n{}", String::from_utf8_lossy(&out.stderr));
     elf
 }
+
+/// SHA-256 of `data` in hex, by the host's `sha256sum`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut c = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    c.stdin.take().unwrap().write_all(data).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// Network tests build namespaces and taps: they need root, `ip` and
+/// /dev/net/tun. Fail loudly (never skip) without them.
+pub fn require_root_net() {
+    assert!(nix::unistd::geteuid().is_root(), "network tests need root (namespaces, bridges, taps)");
+    assert!(Path::new("/dev/net/tun").exists(), "network tests need /dev/net/tun");
+    let ok = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "`ip` is missing: run `bash scripts/test-deps.sh` (the README's test command does)");
+}
