@@ -278,8 +278,8 @@ fn guest_serves_clients_in_a_namespace_and_its_disk_checks_clean() {
 
     let url_host = ip.clone();
     let page = topo.in_client(move || {
-        let mut s = TcpStream::connect_timeout(&format!("{url_host}:80").parse().unwrap(), Duration::from_secs(30))
-            .unwrap();
+        let mut s =
+            TcpStream::connect_timeout(&format!("{url_host}:80").parse().unwrap(), Duration::from_secs(30)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         s.write_all(format!("GET / HTTP/1.0\r\nHost: {url_host}\r\n\r\n").as_bytes()).unwrap();
         let mut resp = Vec::new();

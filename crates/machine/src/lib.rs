@@ -64,7 +64,9 @@ impl Bus for Board {
                 self.plic.load(a - PLIC_BASE).map(u64::from)
             }
             a if (UART0_BASE..UART0_BASE + UART0_SIZE).contains(&a) && size == 1 => {
-                Some(self.uart.load(a - UART0_BASE) as u64)
+                let v = self.uart.load(a - UART0_BASE) as u64;
+                self.feed_uart();
+                Some(v)
             }
             a if (VIRTIO_BASE..VIRTIO_BASE + VIRTIO_SIZE * VIRTIO_SLOTS as u64).contains(&a) => {
                 let slot = ((a - VIRTIO_BASE) / VIRTIO_SIZE) as usize;
@@ -83,6 +85,7 @@ impl Bus for Board {
             a if (UART0_BASE..UART0_BASE + UART0_SIZE).contains(&a) && size == 1 => {
                 self.uart.store(a - UART0_BASE, val as u8);
                 self.console_out.append(&mut self.uart.output);
+                self.feed_uart();
                 true
             }
             a if (VIRTIO_BASE..VIRTIO_BASE + VIRTIO_SIZE * VIRTIO_SLOTS as u64).contains(&a) => {
@@ -245,7 +248,10 @@ impl Machine {
     /// a quit request (the input is then not for the guest).
     pub fn inject(&mut self, input: HostInput) -> bool {
         match input {
-            HostInput::Console(bytes) => self.board.console_in.extend(bytes),
+            HostInput::Console(bytes) => {
+                self.board.console_in.extend(bytes);
+                self.board.feed_uart();
+            }
             HostInput::Frame { nic, data } => {
                 if let Some(&slot) = self.nics.get(nic) {
                     self.board.virtio[slot].input(data, &mut self.board.ram);
@@ -359,13 +365,6 @@ impl Machine {
     fn sync_irqs(&mut self) {
         let time = self.hart.time();
         let b = &mut self.board;
-        // Input waits until the driver enables the receive interrupt: a
-        // FIFO filled earlier would be cleared by the driver's start-up.
-        if !b.console_in.is_empty() && b.uart.rx_room() > 0 && b.uart_rx_enabled() {
-            let n = b.uart.rx_room().min(b.console_in.len());
-            let bytes: Vec<u8> = b.console_in.drain(..n).collect();
-            b.uart.receive(&bytes);
-        }
         b.plic.set_line(UART0_IRQ, b.uart.irq());
         for (i, dev) in b.virtio.iter().enumerate() {
             b.plic.set_line(VIRTIO_IRQ + i, dev.irq());
@@ -582,6 +581,20 @@ impl Machine {
 }
 
 impl Board {
+    /// Move waiting console input into the UART's receive FIFO. This
+    /// happens only at guest-determined points (an input's injection, a
+    /// UART register access), never at run-loop boundaries, so where bytes
+    /// appear depends on the guest and the input's position alone. Input
+    /// waits until the driver enables the receive interrupt: a FIFO filled
+    /// earlier would be cleared by the driver's start-up.
+    fn feed_uart(&mut self) {
+        if !self.console_in.is_empty() && self.uart.rx_room() > 0 && self.uart_rx_enabled() {
+            let n = self.uart.rx_room().min(self.console_in.len());
+            let bytes: Vec<u8> = self.console_in.drain(..n).collect();
+            self.uart.receive(&bytes);
+        }
+    }
+
     /// Could console input wake the guest (UART receive interrupt on)?
     fn uart_rx_enabled(&self) -> bool {
         self.uart.ier() & 1 != 0
