@@ -122,6 +122,11 @@ impl StdioConsole {
         Ok(())
     }
 
+    /// Is stdin a terminal in raw mode (lines then need "\r\n")?
+    pub fn is_raw(&self) -> bool {
+        self.raw
+    }
+
     /// Did a signal end the run?
     pub fn signalled(&self) -> bool {
         self.signalled.load(Ordering::Relaxed)

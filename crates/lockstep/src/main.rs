@@ -10,14 +10,16 @@ mod bench;
 mod console;
 mod cpio;
 mod guest;
+mod vm;
 mod vmfile;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use machine::layout::RAM_BASE;
-use machine::{loader, BareOutcome, Machine, Stop};
+use machine::{loader, BareOutcome, Machine};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vm::{LinuxVm, Outcome, RunOpts};
 
 #[derive(Parser)]
 #[command(name = "lockstep", version, about = "Fault-tolerant virtual machines by instruction-level lockstep")]
@@ -30,6 +32,11 @@ struct Cli {
 enum Command {
     /// Run a guest: a Linux kernel (`--kernel`) or a bare-metal ELF (`--elf`).
     Run(Box<RunArgs>),
+    /// Replay a recording made with `run --record`: the same machine, the
+    /// same inputs at the same positions, no console or network needed. The
+    /// guest writes its disk again: give a copy of the disk as it was when
+    /// the recording started.
+    Replay(ReplayArgs),
     /// Print guest MIPS for the built-in integer loops (M-mode, and U-mode
     /// under Sv39 paging).
     Bench(bench::BenchArgs),
@@ -95,6 +102,28 @@ struct RunArgs {
     /// stable across runs).
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
+    /// Record the run's non-deterministic inputs to this event log (replay
+    /// it with `lockstep replay LOG`).
+    #[arg(long, value_name = "LOG", conflicts_with = "elf")]
+    record: Option<PathBuf>,
+    /// Print the machine's state hash every N positions (and record it in
+    /// the log, where replay checks it).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "elf")]
+    hash_every: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The event log.
+    #[arg(value_name = "LOG")]
+    log: PathBuf,
+    /// Disk image to use instead of the recorded path (a copy of the disk
+    /// as it was when the recording started).
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
+    /// Print the machine's state hash every N positions.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    hash_every: Option<u64>,
 }
 
 /// The devices of a Linux guest besides console and entropy.
@@ -146,6 +175,8 @@ impl RunArgs {
         self.mac = self.mac.or(vm.mac);
         self.disk_readonly |= vm.disk_readonly.unwrap_or(false);
         self.max_insns = self.max_insns.or(vm.max_insns);
+        self.record = self.record.or(vm.record);
+        self.hash_every = self.hash_every.or(vm.hash_every);
         if self.mem.is_none() {
             self.mem = match vm.mem {
                 Some(vmfile::MemValue::Text(s)) => {
@@ -180,26 +211,37 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// What a finished run means for the process.
-enum Outcome {
-    Success,
-    GuestFailure,
-}
-
 fn run(args: RunArgs) -> Result<Outcome> {
     let args = args.merge_vm_file()?;
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
     let devices = args.devices()?;
+    let opts = RunOpts { max_insns: args.max_insns, record: args.record.clone(), hash_every: args.hash_every };
     if let Some(kernel) = &args.kernel {
         let append = args.append.as_deref().unwrap_or("console=ttyS0");
-        return run_linux(kernel, args.initrd.as_deref(), append, mem, args.max_insns, &devices);
+        let vm = LinuxVm {
+            kernel: kernel.clone(),
+            initrd: args.initrd.clone(),
+            append: append.to_string(),
+            mem,
+            disk: devices.disk,
+            net: devices.net,
+        };
+        return vm::run_live(&vm, &opts);
     }
     let Some(elf) = args.elf else {
         // No kernel: the default guest, built on first use.
         let g = guest::build(false)?;
         let append = args.append.as_deref().unwrap_or(guest::DEFAULT_APPEND);
-        let initrd = args.initrd.as_deref().unwrap_or(&g.initrd);
-        return run_linux(&g.kernel, Some(initrd), append, mem, args.max_insns, &devices);
+        let initrd = args.initrd.clone().unwrap_or(g.initrd);
+        let vm = LinuxVm {
+            kernel: g.kernel,
+            initrd: Some(initrd),
+            append: append.to_string(),
+            mem,
+            disk: devices.disk,
+            net: devices.net,
+        };
+        return vm::run_live(&vm, &opts);
     };
     let mut m = Machine::new(mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
@@ -223,77 +265,6 @@ fn run(args: RunArgs) -> Result<Outcome> {
             m.hart.pc()
         ),
     }
-}
-
-fn run_linux(
-    kernel: &std::path::Path,
-    initrd: Option<&std::path::Path>,
-    append: &str,
-    mem: u64,
-    max_insns: Option<u64>,
-    devices: &Devices,
-) -> Result<Outcome> {
-    let mut console = console::StdioConsole::new();
-    // The tap stays open across guest reboots.
-    if let Some((name, _)) = &devices.net {
-        let tap = tap::Tap::open(name)?;
-        console.add_tap(tap).with_context(|| format!("cannot read tap '{name}'"))?;
-    }
-    loop {
-        let mut m = Machine::new_firmware(mem);
-        m.rng_seed = Some(host_entropy()?);
-        if let Some((path, read_only)) = &devices.disk {
-            let backend = machine::virtio::blk::FileBackend::open(path, *read_only)?;
-            let blk = machine::virtio::blk::Block::new(Box::new(backend), *read_only, "lockstep-disk0");
-            m.add_virtio(Box::new(blk)).map_err(anyhow::Error::msg)?;
-        }
-        if let Some((_, mac)) = &devices.net {
-            m.add_virtio(Box::new(machine::virtio::net::Net::new(*mac))).map_err(anyhow::Error::msg)?;
-        }
-        let rng = machine::virtio::rng::Rng::new(Box::new(HostEntropy::open()?));
-        m.add_virtio(Box::new(rng)).map_err(anyhow::Error::msg)?;
-        m.boot_linux(kernel, initrd, append)?;
-        match m.run_linux(&mut console, max_insns)? {
-            Stop::Quit if console.signalled() => bail!("stopped by a signal"),
-            Stop::PowerOff | Stop::Quit => return Ok(Outcome::Success),
-            Stop::Reboot => continue,
-            Stop::Panic => {
-                eprintln!("lockstep: the guest kernel panicked (its message is above)");
-                return Ok(Outcome::GuestFailure);
-            }
-            Stop::Limit => bail!("instruction limit of {} reached", max_insns.unwrap_or(0)),
-        }
-    }
-}
-
-/// The host's random source behind virtio-rng.
-struct HostEntropy(std::fs::File);
-
-impl HostEntropy {
-    fn open() -> Result<HostEntropy> {
-        Ok(HostEntropy(std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom for virtio-rng")?))
-    }
-}
-
-impl machine::virtio::rng::EntropySource for HostEntropy {
-    fn fill(&mut self, buf: &mut [u8]) {
-        use std::io::Read;
-        // /dev/urandom does not fail once open; if it ever did, the guest
-        // would get zeros rather than the run stopping.
-        if self.0.read_exact(buf).is_err() {
-            buf.fill(0);
-        }
-    }
-}
-
-/// 32 bytes from the host's random source, for the guest's rng-seed.
-fn host_entropy() -> Result<[u8; 32]> {
-    use std::io::Read;
-    let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut seed))
-        .context("cannot read /dev/urandom for the guest's rng-seed")?;
-    Ok(seed)
 }
 
 fn demo() -> Result<Outcome> {
@@ -320,6 +291,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(*a),
+        Command::Replay(a) => vm::replay(&a.log, &vm::ReplayOpts { disk: a.disk, hash_every: a.hash_every }),
         Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
         Command::Demo => demo(),
         Command::Guest { command: GuestCommand::Build { force } } => guest::build(force).map(|g| {

@@ -28,6 +28,8 @@ pub struct VmFile {
     pub max_insns: Option<u64>,
     pub net: Option<String>,
     pub mac: Option<String>,
+    pub record: Option<PathBuf>,
+    pub hash_every: Option<u64>,
 }
 
 impl VmFile {
@@ -41,7 +43,7 @@ impl VmFile {
             anyhow::anyhow!("'{}': {msg}", path.display())
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut vm.kernel, &mut vm.initrd, &mut vm.elf, &mut vm.disk].into_iter().flatten() {
+        for p in [&mut vm.kernel, &mut vm.initrd, &mut vm.elf, &mut vm.disk, &mut vm.record].into_iter().flatten() {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }

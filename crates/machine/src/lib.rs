@@ -167,6 +167,30 @@ pub trait HostIo {
     fn host_log(&mut self, line: &str) {
         let _ = line;
     }
+    /// An input took effect at position `pos` (what the event log records).
+    fn delivered(&mut self, pos: u64, input: &HostInput) {
+        let _ = (pos, input);
+    }
+    /// Guest time moved on by `steps` positions at `pos`, no instruction run
+    /// (idle in `wfi`, or a correction towards host time).
+    fn skipped(&mut self, pos: u64, steps: u64) {
+        let _ = (pos, steps);
+    }
+    /// The machine's state hash at `pos` (every `Machine::hash_every`).
+    fn state_hash(&mut self, pos: u64, hash: u64) {
+        let _ = (pos, hash);
+    }
+}
+
+/// How a bounded run (`Machine::run_to`) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunTo {
+    /// The target position was reached.
+    Reached,
+    /// The hart waits in `wfi` with nothing to wake it before the target.
+    Idle,
+    /// The guest stopped the machine.
+    Stopped(Stop),
 }
 
 /// A hart on a board.
@@ -189,6 +213,9 @@ pub struct Machine {
     waiting: bool,
     /// The virtio slot of each network card.
     nics: Vec<usize>,
+    /// Report the state hash every this many positions (`HostIo::state_hash`).
+    pub hash_every: Option<u64>,
+    next_hash: u64,
 }
 
 /// Positions between two checks of `tohost`.
@@ -196,6 +223,8 @@ const TOHOST_POLL: u64 = 1 << 16;
 /// Positions between two polls of the console while the guest runs (about
 /// 2 ms at 400 MIPS).
 const CONSOLE_POLL: u64 = 1 << 20;
+/// How far guest time may fall behind host time while the guest is busy.
+const MAX_TIME_LAG_NS: u64 = 20_000_000;
 /// Host inputs delivered per poll while the guest runs.
 const HOST_INPUTS_PER_POLL: usize = 64;
 /// After a panic message, let the kernel print this much more.
@@ -229,6 +258,8 @@ impl Machine {
             panicked_at: None,
             waiting: false,
             nics: Vec::new(),
+            hash_every: None,
+            next_hash: 0,
         }
     }
 
@@ -263,6 +294,87 @@ impl Machine {
         true
     }
 
+    /// `inject`, reported to the host side (the event log).
+    fn deliver(&mut self, io: &mut dyn HostIo, input: HostInput) -> bool {
+        if input != HostInput::Quit && input != HostInput::Nothing {
+            io.delivered(self.hart.position().0, &input);
+        }
+        self.inject(input)
+    }
+
+    /// Move guest time on by `steps` positions without running (idle).
+    pub fn skip(&mut self, steps: u64) {
+        self.hart.idle(steps);
+    }
+
+    /// `skip`, reported to the host side (the event log).
+    fn skip_reported(&mut self, io: &mut dyn HostIo, steps: u64) {
+        if steps > 0 {
+            io.skipped(self.hart.position().0, steps);
+            self.hart.idle(steps);
+            // A hash point reached by skipping is hashed on arrival, before
+            // any input at that position (as after a step).
+            self.maybe_hash(io);
+        }
+    }
+
+    /// Report the state hash if the position is a multiple of `hash_every`.
+    fn maybe_hash(&mut self, io: &mut dyn HostIo) {
+        let Some(every) = self.hash_every else { return };
+        let pos = self.hart.position().0;
+        if self.next_hash == 0 {
+            self.next_hash = every;
+        }
+        if pos == self.next_hash {
+            io.state_hash(pos, self.state_hash());
+        }
+        while self.next_hash <= pos {
+            self.next_hash += every;
+        }
+    }
+
+    /// The next position the run must stop at for a state hash.
+    fn hash_bound(&mut self) -> u64 {
+        match self.hash_every {
+            Some(every) => {
+                if self.next_hash == 0 {
+                    self.next_hash = every;
+                }
+                self.next_hash
+            }
+            None => u64::MAX,
+        }
+    }
+
+    /// Run until position `target` with no host input and no host time
+    /// (replay): outputs go to `io`; the run ends early if the guest stops
+    /// the machine or idles with nothing to wake it before `target`.
+    pub fn run_to(&mut self, io: &mut dyn HostIo, target: u64) -> Result<RunTo, RunError> {
+        loop {
+            let now = self.hart.position().0;
+            if now >= target {
+                return Ok(RunTo::Reached);
+            }
+            if let Some(p) = self.panicked_at {
+                if now >= p + PANIC_GRACE {
+                    return Ok(RunTo::Stopped(Stop::Panic));
+                }
+            }
+            let bound = match self.panicked_at {
+                Some(p) => target.min(p + PANIC_GRACE),
+                None => target,
+            };
+            let stop = self.step(bound)?;
+            self.flush_output(io);
+            if let Some(stop) = stop {
+                return Ok(RunTo::Stopped(stop));
+            }
+            if self.waiting && self.hart.position().0 < target {
+                return Ok(RunTo::Idle);
+            }
+        }
+    }
+
     /// Poll the host for input (without waiting) and deliver what is there,
     /// a bounded amount at a time.
     fn poll_host(&mut self, io: &mut dyn HostIo) -> Option<Stop> {
@@ -270,7 +382,7 @@ impl Machine {
             match io.wait(Duration::ZERO) {
                 HostInput::Nothing => break,
                 input => {
-                    if !self.inject(input) {
+                    if !self.deliver(io, input) {
                         return Some(Stop::Quit);
                     }
                 }
@@ -333,6 +445,22 @@ impl Machine {
         h.set_pc(info.entry);
         h.set_prv(PRV_S);
         Ok(info)
+    }
+
+    /// A hash of the whole guest-visible machine: the hart's architectural
+    /// state, RAM, and every device's state (including input not yet
+    /// delivered). Equal hashes at equal positions mean the runs agree.
+    pub fn state_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        self.hart.state().hash(&mut h);
+        let b = &self.board;
+        (&b.clint, &b.plic, &b.uart, &b.console_in, &b.console_out).hash(&mut h);
+        for dev in &b.virtio {
+            dev.hash_state(&mut h);
+        }
+        h.write(b.ram.bytes());
+        h.finish()
     }
 
     /// RAM pages (numbered from the start of RAM) written by the hart or the
@@ -422,7 +550,7 @@ impl Machine {
             // Only host input can wake the guest now.
             let input = io.wait(Duration::from_millis(100));
             let got_input = input != HostInput::Nothing;
-            if !self.inject(input) {
+            if !self.deliver(io, input) {
                 return Ok(Some(Stop::Quit));
             }
             if got_input {
@@ -449,7 +577,7 @@ impl Machine {
         }
         let next = next.min(limit);
         if !self.realtime {
-            self.hart.idle(next - now);
+            self.skip_reported(io, next - now);
             return Ok(None);
         }
         let (t0, g0) = *self.epoch.get_or_insert((Instant::now(), now));
@@ -462,19 +590,33 @@ impl Machine {
                 // Wake at the guest time matching now, and deliver there.
                 let host_now = t0.elapsed().as_nanos() as u64;
                 wake = (g0 + host_now / NS_PER_INSN).clamp(now, next);
-                if wake > now {
-                    self.hart.idle(wake - now);
-                }
-                if !self.inject(input) {
+                self.skip_reported(io, wake - now);
+                if !self.deliver(io, input) {
                     return Ok(Some(Stop::Quit));
                 }
                 return Ok(self.poll_host(io));
             }
         }
-        if wake > now {
-            self.hart.idle(wake - now);
-        }
+        self.skip_reported(io, wake - now);
         Ok(None)
+    }
+
+    /// A busy guest's clock runs slower than the host's (it advances with
+    /// instructions, and the interpreter retires fewer per second than the
+    /// timebase assumes): when it lags host time by more than
+    /// `MAX_TIME_LAG_NS`, move it on (a logged skip, as if the vCPU had been
+    /// descheduled), never past the next hash point or the limit.
+    fn correct_time(&mut self, io: &mut dyn HostIo, limit: u64) {
+        if !self.realtime {
+            return;
+        }
+        let now = self.hart.position().0;
+        let (t0, g0) = *self.epoch.get_or_insert((Instant::now(), now));
+        let host = g0 + t0.elapsed().as_nanos() as u64 / NS_PER_INSN;
+        if host > now + MAX_TIME_LAG_NS / NS_PER_INSN {
+            let to = host.min(limit).min(self.hash_bound());
+            self.skip_reported(io, to.saturating_sub(now));
+        }
     }
 
     /// Hand guest output to the console and watch it for a kernel panic.
@@ -510,16 +652,20 @@ impl Machine {
                     return Ok(Stop::Panic);
                 }
             }
-            let stop = self.step(limit.min(now + CONSOLE_POLL))?;
+            let bound = self.hash_bound();
+            let stop = self.step(limit.min(now + CONSOLE_POLL).min(bound))?;
             self.flush_output(io);
+            self.maybe_hash(io);
             if let Some(stop) = stop {
                 return Ok(stop);
             }
             if self.waiting {
-                if let Some(stop) = self.idle(io, limit)? {
+                let bound = self.hash_bound();
+                if let Some(stop) = self.idle(io, limit.min(bound))? {
                     return Ok(stop);
                 }
             } else if self.hart.position().0 >= now + CONSOLE_POLL || self.board.console_in.is_empty() {
+                self.correct_time(io, limit);
                 if let Some(stop) = self.poll_host(io) {
                     return Ok(stop);
                 }

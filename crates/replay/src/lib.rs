@@ -311,7 +311,10 @@ mod tests {
         w.out
     }
 
-    fn read_all(bytes: &[u8]) -> Result<(Vec<Record>, Vec<u8>, Option<u64>), LogError> {
+    /// Records, header metadata, and where the log was truncated.
+    type ReadBack = (Vec<Record>, Vec<u8>, Option<u64>);
+
+    fn read_all(bytes: &[u8]) -> Result<ReadBack, LogError> {
         let (mut r, meta) = LogReader::new(bytes)?;
         let mut v = Vec::new();
         while let Some(rec) = r.next_record()? {

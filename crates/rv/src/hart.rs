@@ -117,6 +117,26 @@ pub struct Core {
     cfg: HartConfig,
 }
 
+/// A hart's architectural state: what a snapshot saves and a state hash
+/// covers. Caches, the TLB and decoded blocks are derived, not state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HartState {
+    pub x: [u64; 32],
+    pub f: [u64; 32],
+    pub pc: u64,
+    pub prv: u8,
+    pub csr: Csrs,
+    pub mip_ext: u64,
+    pub position: u64,
+    pub exceptions: u64,
+    pub idle: u64,
+    pub cycle_offset: u64,
+    pub instret_offset: u64,
+    pub cycle_frozen: Option<u64>,
+    pub instret_frozen: Option<u64>,
+    pub reservation: u64,
+}
+
 /// One RISC-V hart.
 pub struct Hart {
     core: Core,
@@ -1602,6 +1622,55 @@ impl Hart {
             self.apply_flush();
         }
         ok
+    }
+
+    /// The architectural state.
+    pub fn state(&self) -> HartState {
+        let c = &self.core;
+        HartState {
+            x: c.x[..32].try_into().unwrap(),
+            f: c.f,
+            pc: c.pc,
+            prv: c.prv,
+            csr: c.csr.clone(),
+            mip_ext: c.mip_ext,
+            position: c.position,
+            exceptions: c.exceptions,
+            idle: c.idle,
+            cycle_offset: c.cycle_offset,
+            instret_offset: c.instret_offset,
+            cycle_frozen: c.cycle_frozen,
+            instret_frozen: c.instret_frozen,
+            reservation: c.reservation,
+        }
+    }
+
+    /// Load an architectural state (a snapshot's); drops every derived
+    /// cache so nothing from before survives.
+    pub fn restore(&mut self, s: &HartState) {
+        let c = &mut self.core;
+        c.x = [0; 64];
+        c.x[..32].copy_from_slice(&s.x);
+        c.x[0] = 0;
+        c.f = s.f;
+        c.pc = s.pc;
+        c.prv = s.prv;
+        c.csr = s.csr.clone();
+        c.mip_ext = s.mip_ext;
+        c.position = s.position;
+        c.exceptions = s.exceptions;
+        c.idle = s.idle;
+        c.cycle_offset = s.cycle_offset;
+        c.instret_offset = s.instret_offset;
+        c.cycle_frozen = s.cycle_frozen;
+        c.instret_frozen = s.instret_frozen;
+        c.reservation = s.reservation;
+        c.flush = Flush::None;
+        c.attention = true;
+        c.update_ctx();
+        c.update_stimer();
+        self.core.tlb.flush_paged();
+        self.cache.flush_all();
     }
 
     /// Enter privilege `prv` directly (boot: the kernel starts in S-mode).

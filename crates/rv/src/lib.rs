@@ -20,4 +20,4 @@ pub mod mmu;
 pub mod trap;
 
 pub use bus::Bus;
-pub use hart::{Exit, Hart, HartConfig, Position};
+pub use hart::{Exit, Hart, HartConfig, HartState, Position};

@@ -89,6 +89,14 @@ impl MmioTransport {
         }
     }
 
+    /// Feed the transport's and device's state to a state hash.
+    pub fn hash_state(&self, mut h: &mut dyn std::hash::Hasher) {
+        use std::hash::Hash;
+        (self.device.device_id(), &self.queues, self.device_features_sel, self.driver_features_sel).hash(&mut h);
+        (self.driver_features, self.queue_sel, self.status, self.interrupt_status, self.broken.is_some()).hash(&mut h);
+        self.device.hash_state(h);
+    }
+
     /// Output the device produced for the host since the last call.
     pub fn take_output(&mut self) -> Vec<Vec<u8>> {
         self.device.take_output()

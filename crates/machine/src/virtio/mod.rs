@@ -52,4 +52,9 @@ pub trait VirtioDevice {
     }
     /// The driver reset the device: forget in-flight state.
     fn reset(&mut self) {}
+    /// Feed the device's guest-visible state (not its host backend) to a
+    /// state hash.
+    fn hash_state(&self, h: &mut dyn std::hash::Hasher) {
+        let _ = h;
+    }
 }

@@ -157,6 +157,10 @@ impl VirtioDevice for Net {
         self.backlog.clear();
         self.out.clear();
     }
+    fn hash_state(&self, mut h: &mut dyn std::hash::Hasher) {
+        use std::hash::Hash;
+        (&self.mac, &self.backlog, &self.out).hash(&mut h);
+    }
 }
 
 /// A locally administered unicast MAC, stable for a given name (FNV-1a of
