@@ -422,9 +422,10 @@ pub fn replay(log_path: &Path, opts: &ReplayOpts) -> Result<Outcome> {
                 None => "the log ends without an end record".to_string(),
             };
             drop(io);
-            console.host_note(&format!("replay stopped at position {}: {end}", m.hart.position().0));
+            let pos = m.hart.position().0;
+            console.host_note(&format!("replay stopped at position {pos}: {end}"));
             print_final(&mut console, &m);
-            return Ok(Outcome::Success);
+            bail!("{end}; replayed up to position {pos}");
         };
         let target = rec.position;
         // Run to the record's position, hashing on the way if asked.

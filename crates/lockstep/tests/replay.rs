@@ -1,0 +1,248 @@
+//! Record and replay end to end: the real kernel recorded with console
+//! input, entropy and idle time, replayed from the log alone; and every way
+//! a log can be bad.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const APPEND: &str = "console=ttyS0 quiet cryptomgr.notests initcall_blacklist=jent_mod_init";
+const HASH_EVERY: &str = "50000000";
+
+fn lockstep() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lockstep"))
+}
+
+/// Kernel and initramfs of the default guest.
+fn guest() -> &'static (PathBuf, PathBuf) {
+    static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let out = lockstep().args(["guest", "build"]).output().unwrap();
+        assert!(out.status.success(), "guest build failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        (PathBuf::from(lines.next().unwrap()), PathBuf::from(lines.next().unwrap()))
+    })
+}
+
+/// Record a boot of the initramfs guest that runs `script` typed on its
+/// console, with state hashes.
+fn record(log: &Path, script: &str, extra: &[&str]) -> Output {
+    let (kernel, initrd) = guest();
+    let mut child = lockstep()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--append", APPEND, "--hash-every", HASH_EVERY, "--record"])
+        .arg(log)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn replay(log: &Path, extra: &[&str]) -> Output {
+    lockstep().arg("replay").arg(log).args(["--hash-every", HASH_EVERY]).args(extra).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `hash`, `position` and `state-hash` lines of a run's stderr.
+fn hash_lines(stderr: &[u8]) -> Vec<String> {
+    text(stderr)
+        .lines()
+        .filter(|l| l.starts_with("hash ") || l.starts_with("position ") || l.starts_with("state-hash "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn the_recording() -> &'static (PathBuf, Output) {
+    static REC: OnceLock<(PathBuf, Output)> = OnceLock::new();
+    REC.get_or_init(|| {
+        let log = common::tmp_dir("replay").join("boot.log");
+        let script = "echo typed-$((6*7)); head -c 16 /dev/hwrng | od -An -tx1; sleep 1; poweroff\n";
+        let out = record(&log, script, &[]);
+        assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+        (log, out)
+    })
+}
+
+#[test]
+fn a_recorded_boot_replays_identically() {
+    let (log, rec) = the_recording();
+    let console = text(&rec.stdout);
+    assert!(console.contains("typed-42"), "{console}");
+    let hashes = hash_lines(&rec.stderr);
+    assert!(hashes.len() > 10, "hashes printed: {hashes:?}");
+    assert!(hashes.last().unwrap().starts_with("state-hash "));
+    let rep = replay(log, &[]);
+    assert!(rep.status.success(), "{}", text(&rep.stderr));
+    assert_eq!(text(&rep.stdout), console, "identical console output");
+    assert_eq!(hash_lines(&rep.stderr), hashes, "identical hash sequence and final state");
+}
+
+#[test]
+fn a_tampered_hash_is_reported_as_a_divergence_interval() {
+    let (log, _) = the_recording();
+    // Rewrite the log (valid checksums) with the 5th state hash changed.
+    let bytes = std::fs::read(log).unwrap();
+    let (mut reader, meta) = replay::LogReader::new(&bytes[..]).unwrap();
+    let bad = common::tmp_dir("replay").join("tampered.log");
+    let mut w = replay::LogWriter::new(std::fs::File::create(&bad).unwrap(), &meta).unwrap();
+    let (mut n, mut at) = (0, 0);
+    while let Some(mut r) = reader.next_record().unwrap() {
+        if let replay::Event::Hash(h) = &mut r.event {
+            n += 1;
+            if n == 5 {
+                *h ^= 1;
+                at = r.position;
+            }
+        }
+        w.append(&r).unwrap();
+    }
+    drop(w);
+    let out = replay(&bad, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    let every: u64 = HASH_EVERY.parse().unwrap();
+    assert!(
+        err.contains(&format!("replay diverged between positions {} and {at}", at - every)),
+        "the first bad interval is named: {err}"
+    );
+}
+
+#[test]
+fn truncated_corrupt_foreign_and_other_version_logs() {
+    let (log, rec) = the_recording();
+    let bytes = std::fs::read(log).unwrap();
+    let dir = common::tmp_dir("replay");
+
+    // Truncated mid-record: replays up to the last whole record, says where.
+    let cut = dir.join("cut.log");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3 + 3]).unwrap();
+    let out = replay(&cut, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("truncated at byte"), "{err}");
+    let replayed = text(&out.stdout);
+    assert!(text(&rec.stdout).starts_with(&replayed), "the replayed console is a prefix of the recorded one");
+    let rec_hashes = hash_lines(&rec.stderr);
+    let got: Vec<String> = hash_lines(&out.stderr).into_iter().filter(|l| l.starts_with("hash ")).collect();
+    assert!(!got.is_empty() && rec_hashes.starts_with(&got), "hashes so far agree");
+
+    // A flipped byte: a checksum error with its offset.
+    let mut bad = bytes.clone();
+    let at = bytes.len() / 2;
+    bad[at] ^= 0x10;
+    let corrupt = dir.join("corrupt.log");
+    std::fs::write(&corrupt, &bad).unwrap();
+    let out = replay(&corrupt, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("corrupt at byte offset"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("error")).count(), 1, "{err}");
+
+    // Another format version.
+    let mut v2 = bytes.clone();
+    v2[8] = 99;
+    let other = dir.join("v99.log");
+    std::fs::write(&other, &v2).unwrap();
+    let err = text(&replay(&other, &[]).stderr);
+    assert!(err.contains("format version 99"), "{err}");
+
+    // Not a log at all, and a missing one.
+    let junk = dir.join("junk.log");
+    std::fs::write(&junk, b"just some text").unwrap();
+    let out = replay(&junk, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not a lockstep event log"));
+    let out = replay(&dir.join("missing.log"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot open the event log"));
+}
+
+#[test]
+fn a_log_of_another_vm_is_refused() {
+    // Record a tiny run against a copy of the initramfs, then change it.
+    let (kernel, initrd) = guest();
+    let dir = common::tmp_dir("replay-other");
+    let my_initrd = dir.join("initrd.cpio");
+    std::fs::copy(initrd, &my_initrd).unwrap();
+    let log = dir.join("other.log");
+    let out = lockstep()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(&my_initrd)
+        .args(["--append", &format!("{APPEND} lockstep.run=poweroff"), "--record"])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(replay(&log, &[]).status.success());
+    let mut f = std::fs::OpenOptions::new().append(true).open(&my_initrd).unwrap();
+    f.write_all(&[0u8; 512]).unwrap();
+    drop(f);
+    let out = replay(&log, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("is not the one this log was recorded with"), "{}", text(&out.stderr));
+}
+
+/// SIGKILL the recorder mid-run: the log it leaves replays to its last
+/// record, and what replay shows agrees with what the recorder showed.
+#[test]
+fn a_killed_recorder_leaves_a_log_that_replays() {
+    let (kernel, initrd) = guest();
+    let log = common::tmp_dir("replay-kill").join("killed.log");
+    let _ = std::fs::remove_file(&log); // a previous run's log must not count
+    let mut child = lockstep()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--append", APPEND, "--hash-every", HASH_EVERY, "--record"])
+        .arg(&log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"while true; do echo tick-$((i=i+1)); sleep 0.2; done\n").unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stdout.read_to_end(&mut all);
+        all
+    });
+    let t = Instant::now();
+    while std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) < 20_000 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let recorded = text(&reader.join().unwrap());
+    assert!(recorded.contains("tick-3"), "stdout: {recorded}\nlog: {:?}", std::fs::metadata(&log).map(|m| m.len()));
+    let out = replay(&log, &[]);
+    let replayed = text(&out.stdout);
+    assert!(replayed.contains("tick-1"), "replay got past the typed command: {replayed}");
+    assert!(recorded.starts_with(&replayed), "replayed console is a prefix of the recorded one");
+    let err = text(&out.stderr);
+    assert!(err.contains("replay stopped at position"), "{err}");
+}
