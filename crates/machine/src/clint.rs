@@ -9,7 +9,7 @@ const MTIMECMP: u64 = 0x4000;
 const MTIME: u64 = 0xbff8;
 
 /// CLINT state for one hart.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Clint {
     pub msip: bool,
     pub mtimecmp: u64,

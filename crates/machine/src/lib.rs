@@ -22,6 +22,7 @@ pub mod plic;
 pub mod programs;
 pub mod ram;
 pub mod sbi;
+pub mod snapshot;
 pub mod uart;
 pub mod virtio;
 

@@ -14,7 +14,7 @@
 pub const NSRC: usize = 31;
 pub const CONTEXTS: usize = 2;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Plic {
     priority: [u32; NSRC + 1],
     /// Input line levels.

@@ -26,7 +26,7 @@ const IIR_FIFO: u8 = 0xc0;
 /// Receive FIFO depth; further input waits in the board's queue.
 pub const RX_FIFO: usize = 16;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Uart {
     rx: VecDeque<u8>,
     ier: u8,

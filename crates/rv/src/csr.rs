@@ -150,7 +150,7 @@ pub const PRV_M: u8 = 3;
 
 /// The CSR file of one hart, less the counters (derived from the position)
 /// and the FP flags (kept beside the FP registers).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Csrs {
     pub mstatus: u64,
     pub medeleg: u64,

@@ -119,7 +119,7 @@ pub struct Core {
 
 /// A hart's architectural state: what a snapshot saves and a state hash
 /// covers. Caches, the TLB and decoded blocks are derived, not state.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct HartState {
     pub x: [u64; 32],
     pub f: [u64; 32],

@@ -104,7 +104,12 @@ pub struct Block {
     id: [u8; 20],
     /// Host I/O errors, for the host's log.
     pub errors: Vec<String>,
+    /// 4 KiB chunks of the disk written since the last storage delta.
+    written: std::collections::BTreeSet<u64>,
 }
+
+/// Granule of the disk changes an incremental snapshot carries.
+const CHUNK: u64 = 4096;
 
 impl Block {
     pub fn new(backend: Box<dyn BlockBackend>, read_only: bool, id: &str) -> Block {
@@ -112,7 +117,7 @@ impl Block {
         let mut idb = [0u8; 20];
         let n = id.len().min(20);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Block { backend, read_only, capacity, id: idb, errors: Vec::new() }
+        Block { backend, read_only, capacity, id: idb, errors: Vec::new(), written: Default::default() }
     }
 
     /// Serve one request; returns (status, bytes written to the guest).
@@ -164,6 +169,8 @@ impl Block {
             let mut buf = vec![0u8; b.len as usize];
             let result = if write {
                 ram.read(b.addr, &mut buf);
+                let end = off + b.len as u64;
+                self.written.extend(off / CHUNK..end.div_ceil(CHUNK));
                 self.backend.write_at(&buf, off)
             } else {
                 self.backend.read_at(&mut buf, off).map(|()| {
@@ -191,6 +198,25 @@ impl VirtioDevice for Block {
     }
     fn num_queues(&self) -> usize {
         1
+    }
+    fn take_storage_delta(&mut self) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+        let size = self.backend.size_bytes();
+        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+        for chunk in std::mem::take(&mut self.written) {
+            let off = chunk * CHUNK;
+            let len = CHUNK.min(size.saturating_sub(off)) as usize;
+            let mut buf = vec![0u8; len];
+            self.backend.read_at(&mut buf, off)?;
+            // Adjacent chunks become one extent.
+            match out.last_mut() {
+                Some((start, data)) if *start + data.len() as u64 == off => data.extend_from_slice(&buf),
+                _ => out.push((off, buf)),
+            }
+        }
+        Ok(out)
+    }
+    fn apply_storage(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.backend.write_at(data, offset)
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Only `capacity` (u64 at offset 0) is offered.

@@ -22,6 +22,22 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 const INT_USED_BUFFER: u32 = 1;
 
+/// A transport's state in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_id: u32,
+    pub queues: Vec<Queue>,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub broken: Option<String>,
+    /// The device's own state (`VirtioDevice::save`).
+    pub device: Vec<u8>,
+}
+
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     queues: Vec<Queue>,
@@ -87,6 +103,47 @@ impl MmioTransport {
         if let Some(queue) = self.device.push_input(data) {
             self.notify(queue, ram);
         }
+    }
+
+    /// The transport's and device's state, for a snapshot.
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            device_id: self.device.device_id(),
+            queues: self.queues.clone(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            broken: self.broken.clone(),
+            device: self.device.save(),
+        }
+    }
+
+    /// Load a saved state; the device must be of the same kind.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        if s.device_id != self.device.device_id() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "the snapshot has virtio device {} where this machine has {}",
+                s.device_id,
+                self.device.device_id()
+            ));
+        }
+        self.queues = s.queues.clone();
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        self.broken = s.broken.clone();
+        self.reported_broken = s.broken.is_some();
+        self.device.restore(&s.device)
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
     }
 
     /// Feed the transport's and device's state to a state hash.

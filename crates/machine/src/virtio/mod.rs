@@ -57,4 +57,23 @@ pub trait VirtioDevice {
     fn hash_state(&self, h: &mut dyn std::hash::Hasher) {
         let _ = h;
     }
+    /// The device's own state for a snapshot (empty if it has none).
+    fn save(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Load what `save` returned.
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let _ = state;
+        Ok(())
+    }
+    /// Storage written since the last call, as (byte offset, bytes)
+    /// extents: what an incremental snapshot must carry of the disk.
+    fn take_storage_delta(&mut self) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+    /// Write an extent of a snapshot back to storage.
+    fn apply_storage(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let _ = (offset, data);
+        Ok(())
+    }
 }

@@ -157,6 +157,16 @@ impl VirtioDevice for Net {
         self.backlog.clear();
         self.out.clear();
     }
+    fn save(&self) -> Vec<u8> {
+        serde_json::to_vec(&(&self.backlog, &self.out)).unwrap_or_default()
+    }
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let (backlog, out): (VecDeque<Vec<u8>>, Vec<Vec<u8>>) =
+            serde_json::from_slice(state).map_err(|e| format!("virtio-net state: {e}"))?;
+        self.backlog = backlog;
+        self.out = out;
+        Ok(())
+    }
     fn hash_state(&self, mut h: &mut dyn std::hash::Hasher) {
         use std::hash::Hash;
         (&self.mac, &self.backlog, &self.out).hash(&mut h);

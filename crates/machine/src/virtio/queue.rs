@@ -52,7 +52,7 @@ pub struct Chain {
 }
 
 /// Queue registers as the driver set them, and the device's position.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Queue {
     pub num: u16,
     pub ready: bool,

@@ -1,0 +1,376 @@
+//! Snapshots of the whole machine: hart, devices, RAM and what the guest
+//! wrote to its disks.
+//!
+//! The first snapshot of a run is full (every non-zero RAM page); each
+//! later one is a delta naming its parent by id and carrying only the RAM
+//! pages written since (dirty-page tracking) and the disk chunks written
+//! since. Restoring applies a chain, oldest first, onto a machine built
+//! with the same devices whose disks hold what they held when the chain's
+//! first snapshot's run started.
+//!
+//! ```text
+//!  magic "LSSNAP\0\0" | version u32 | body_len u64 | body | crc32 u32 (of body)
+//!  body:  header_len u32 | header (JSON: position, parent id, state)
+//!         | pages: count u64, (page u64 | 4096 bytes)*
+//!         | extents: count u64, (slot u32 | offset u64 | len u32 | bytes)*
+//! ```
+//! The id of a snapshot is the xxh3 of its body. Files are written to a
+//! temporary name and renamed, so a crash never leaves half a snapshot.
+
+use crate::virtio::mmio::TransportState;
+use crate::Machine;
+use rv::HartState;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const MAGIC: [u8; 8] = *b"LSSNAP\0\0";
+pub const VERSION: u32 = 1;
+const PAGE: usize = 4096;
+
+/// Everything but RAM and disk contents.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineState {
+    pub hart: HartState,
+    pub clint: crate::clint::Clint,
+    pub plic: crate::plic::Plic,
+    pub uart: crate::uart::Uart,
+    pub console_in: Vec<u8>,
+    pub virtio: Vec<TransportState>,
+    pub panicked_at: Option<u64>,
+    pub panic_scan: Vec<u8>,
+    pub waiting: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Header {
+    position: u64,
+    /// Id of the snapshot this one is a delta of.
+    parent: Option<u64>,
+    ram_bytes: u64,
+    state: MachineState,
+}
+
+/// One snapshot in memory.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub position: u64,
+    pub parent: Option<u64>,
+    ram_bytes: u64,
+    pub state: MachineState,
+    /// (page number from the start of RAM, contents).
+    pub pages: Vec<(u64, Vec<u8>)>,
+    /// (virtio slot, byte offset, bytes) written to storage.
+    pub extents: Vec<(u32, u64, Vec<u8>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot '{path}': {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("snapshot '{path}' is not a lockstep snapshot")]
+    NotASnapshot { path: String },
+    #[error("snapshot '{path}' is format version {found}, this lockstep reads version {VERSION}")]
+    Version { path: String, found: u32 },
+    #[error("snapshot '{path}' is corrupt: {what}")]
+    Corrupt { path: String, what: String },
+    #[error("snapshot does not fit this machine: {0}")]
+    Mismatch(String),
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+impl Snapshot {
+    fn body(&self) -> Vec<u8> {
+        let header = Header {
+            position: self.position,
+            parent: self.parent,
+            ram_bytes: self.ram_bytes,
+            state: self.state.clone(),
+        };
+        let json = serde_json::to_vec(&header).expect("snapshot header serializes");
+        let mut b = Vec::with_capacity(json.len() + self.pages.len() * (PAGE + 8) + 64);
+        b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        b.extend_from_slice(&json);
+        b.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
+        for (n, data) in &self.pages {
+            b.extend_from_slice(&n.to_le_bytes());
+            b.extend_from_slice(data);
+        }
+        b.extend_from_slice(&(self.extents.len() as u64).to_le_bytes());
+        for (slot, off, data) in &self.extents {
+            b.extend_from_slice(&slot.to_le_bytes());
+            b.extend_from_slice(&off.to_le_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            b.extend_from_slice(data);
+        }
+        b
+    }
+
+    /// Write to `path` (via a temporary file and a rename); returns the id.
+    pub fn write(&self, path: &Path) -> Result<u64, SnapshotError> {
+        let body = self.body();
+        let io = |source| SnapshotError::Io { path: path.display().to_string(), source };
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        use std::io::Write;
+        let mut head = MAGIC.to_vec();
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        f.write_all(&head).map_err(io)?;
+        f.write_all(&body).map_err(io)?;
+        f.write_all(&crc32fast::hash(&body).to_le_bytes()).map_err(io)?;
+        f.sync_data().map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(xxhash_rust::xxh3::xxh3_64(&body))
+    }
+
+    /// Read a snapshot; returns it and its id.
+    pub fn read(path: &Path) -> Result<(Snapshot, u64), SnapshotError> {
+        let p = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io { path: p.clone(), source })?;
+        if bytes.len() < 24 || bytes[..8] != MAGIC {
+            return Err(SnapshotError::NotASnapshot { path: p });
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(SnapshotError::Version { path: p, found: version });
+        }
+        let corrupt = |what: &str| SnapshotError::Corrupt { path: p.clone(), what: what.to_string() };
+        let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
+        if len.checked_add(24) != Some(bytes.len() as u64) {
+            return Err(corrupt("its length does not match its header (truncated?)"));
+        }
+        let body = &bytes[20..20 + len as usize];
+        let crc = u32::from_le_bytes(bytes[20 + len as usize..].try_into().unwrap());
+        if crc32fast::hash(body) != crc {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let mut c = Cursor { b: body, at: 0 };
+        let hlen = c.u32().ok_or_else(|| corrupt("no header"))? as usize;
+        let header: Header = serde_json::from_slice(c.take(hlen).ok_or_else(|| corrupt("short header"))?)
+            .map_err(|e| corrupt(&format!("header: {e}")))?;
+        let npages = c.u64().ok_or_else(|| corrupt("no page count"))?;
+        let mut pages = Vec::new();
+        for _ in 0..npages {
+            let n = c.u64().ok_or_else(|| corrupt("short page table"))?;
+            pages.push((n, c.take(PAGE).ok_or_else(|| corrupt("short page"))?.to_vec()));
+        }
+        let nextents = c.u64().ok_or_else(|| corrupt("no extent count"))?;
+        let mut extents = Vec::new();
+        for _ in 0..nextents {
+            let slot = c.u32().ok_or_else(|| corrupt("short extent"))?;
+            let off = c.u64().ok_or_else(|| corrupt("short extent"))?;
+            let n = c.u32().ok_or_else(|| corrupt("short extent"))? as usize;
+            extents.push((slot, off, c.take(n).ok_or_else(|| corrupt("short extent"))?.to_vec()));
+        }
+        let snap = Snapshot {
+            position: header.position,
+            parent: header.parent,
+            ram_bytes: header.ram_bytes,
+            state: header.state,
+            pages,
+            extents,
+        };
+        Ok((snap, xxhash_rust::xxh3::xxh3_64(body)))
+    }
+}
+
+impl Machine {
+    /// Take a snapshot: full the first time, then a delta of `parent` with
+    /// what changed since the previous call.
+    pub fn snapshot(&mut self, parent: Option<u64>) -> std::io::Result<Snapshot> {
+        let dirty = self.take_dirty_pages();
+        let ram = self.board.ram.bytes();
+        let page_numbers: Vec<u64> = match parent {
+            Some(_) => dirty,
+            None => (0..(ram.len() / PAGE) as u64)
+                .filter(|&n| ram[n as usize * PAGE..(n as usize + 1) * PAGE].iter().any(|&b| b != 0))
+                .collect(),
+        };
+        let ram = self.board.ram.bytes();
+        let pages =
+            page_numbers.into_iter().map(|n| (n, ram[n as usize * PAGE..(n as usize + 1) * PAGE].to_vec())).collect();
+        let mut extents = Vec::new();
+        for (slot, dev) in self.board.virtio.iter_mut().enumerate() {
+            for (off, data) in dev.device_mut().take_storage_delta()? {
+                extents.push((slot as u32, off, data));
+            }
+        }
+        Ok(Snapshot {
+            position: self.hart.position().0,
+            parent,
+            ram_bytes: self.board.ram.bytes().len() as u64,
+            state: self.save_state(),
+            pages,
+            extents,
+        })
+    }
+
+    fn save_state(&self) -> MachineState {
+        let b = &self.board;
+        MachineState {
+            hart: self.hart.state(),
+            clint: b.clint.clone(),
+            plic: b.plic.clone(),
+            uart: b.uart.clone(),
+            console_in: b.console_in.iter().copied().collect(),
+            virtio: b.virtio.iter().map(|t| t.save()).collect(),
+            panicked_at: self.panicked_at,
+            panic_scan: self.panic_scan.clone(),
+            waiting: self.waiting,
+        }
+    }
+
+    /// Restore a chain of snapshots (oldest first, each a delta of the one
+    /// before): RAM, disks and state end as they were at the last one.
+    pub fn restore(&mut self, chain: &[(Snapshot, u64)]) -> Result<(), SnapshotError> {
+        let Some((last, _)) = chain.last() else {
+            return Err(SnapshotError::Mismatch("no snapshot given".into()));
+        };
+        for (i, (s, _)) in chain.iter().enumerate() {
+            let want = if i == 0 { None } else { Some(chain[i - 1].1) };
+            if s.parent != want {
+                return Err(SnapshotError::Mismatch(format!(
+                    "snapshot at position {} is not a delta of the one before it",
+                    s.position
+                )));
+            }
+            if s.ram_bytes != self.board.ram.bytes().len() as u64 {
+                return Err(SnapshotError::Mismatch(format!(
+                    "it has {} bytes of RAM, this machine {}",
+                    s.ram_bytes,
+                    self.board.ram.bytes().len()
+                )));
+            }
+        }
+        if last.state.virtio.len() != self.board.virtio.len() {
+            return Err(SnapshotError::Mismatch("its devices differ from this machine's".into()));
+        }
+        let ram = self.board.ram.bytes_mut();
+        ram.fill(0);
+        for (s, _) in chain {
+            for (n, data) in &s.pages {
+                let off = *n as usize * PAGE;
+                let dst = ram
+                    .get_mut(off..off + PAGE)
+                    .ok_or_else(|| SnapshotError::Mismatch(format!("page {n} is outside RAM")))?;
+                dst.copy_from_slice(data);
+            }
+            for (slot, off, data) in &s.extents {
+                let dev = self
+                    .board
+                    .virtio
+                    .get_mut(*slot as usize)
+                    .ok_or_else(|| SnapshotError::Mismatch(format!("no device in slot {slot}")))?;
+                dev.device_mut()
+                    .apply_storage(*off, data)
+                    .map_err(|e| SnapshotError::Mismatch(format!("cannot write the disk back: {e}")))?;
+            }
+        }
+        let st = &last.state;
+        for (t, s) in self.board.virtio.iter_mut().zip(&st.virtio) {
+            t.restore(s).map_err(SnapshotError::Mismatch)?;
+        }
+        self.hart.restore(&st.hart);
+        let b = &mut self.board;
+        b.clint = st.clint.clone();
+        b.plic = st.plic.clone();
+        b.uart = st.uart.clone();
+        b.console_in = st.console_in.iter().copied().collect();
+        b.console_out.clear();
+        self.panicked_at = st.panicked_at;
+        self.panic_scan = st.panic_scan.clone();
+        self.waiting = st.waiting;
+        self.next_hash = 0;
+        // Start dirty tracking afresh from the restored state.
+        let _ = self.take_dirty_pages();
+        let _ = self.board.ram.take_written();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rv::Position;
+
+    fn machine() -> (Machine, crate::programs::Program) {
+        let p = crate::programs::int_loop_u_sv39(2_000_000);
+        let mut m = Machine::new(16 << 20);
+        p.load(&mut m.board.ram);
+        m.hart.set_pc(p.entry);
+        (m, p)
+    }
+
+    fn run_to(m: &mut Machine, pos: u64) {
+        assert!(m.run_until(Position(pos), |_| false).unwrap());
+    }
+
+    #[test]
+    fn a_restored_chain_continues_to_the_same_state() {
+        let dir = std::env::temp_dir().join(format!("lockstep-snap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // The reference: one machine that never stops.
+        let (mut a, _) = machine();
+        run_to(&mut a, 3_000_000);
+        let reference = a.state_hash();
+
+        // Snapshots along the way: full at 1 M, a delta at 2 M.
+        let (mut b, _) = machine();
+        run_to(&mut b, 1_000_000);
+        let full = b.snapshot(None).unwrap();
+        let full_id = full.write(&dir.join("s1")).unwrap();
+        run_to(&mut b, 2_000_000);
+        let hash_at_2m = b.state_hash();
+        let delta = b.snapshot(Some(full_id)).unwrap();
+        assert!(delta.pages.len() < full.pages.len(), "a delta carries only what changed");
+        let delta_id = delta.write(&dir.join("s2")).unwrap();
+        run_to(&mut b, 3_000_000);
+        assert_eq!(b.state_hash(), reference, "taking snapshots changes nothing");
+
+        // A fresh machine restored from the files continues identically.
+        let chain = vec![Snapshot::read(&dir.join("s1")).unwrap(), Snapshot::read(&dir.join("s2")).unwrap()];
+        assert_eq!((chain[0].1, chain[1].1), (full_id, delta_id));
+        let mut c = Machine::new(16 << 20);
+        c.restore(&chain).unwrap();
+        assert_eq!(c.hart.position().0, 2_000_000);
+        assert_eq!(c.state_hash(), hash_at_2m);
+        run_to(&mut c, 3_000_000);
+        assert_eq!(c.state_hash(), reference);
+
+        // A chain out of order, a machine of another size, a damaged file.
+        let mut d = Machine::new(16 << 20);
+        let backwards = vec![chain[1].clone(), chain[0].clone()];
+        assert!(matches!(d.restore(&backwards), Err(SnapshotError::Mismatch(_))));
+        let mut e = Machine::new(32 << 20);
+        assert!(matches!(e.restore(&chain), Err(SnapshotError::Mismatch(_))));
+        let mut bytes = std::fs::read(dir.join("s2")).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 1;
+        std::fs::write(dir.join("bad"), &bytes).unwrap();
+        assert!(matches!(Snapshot::read(&dir.join("bad")), Err(SnapshotError::Corrupt { .. })));
+        std::fs::write(dir.join("short"), &bytes[..n - 10]).unwrap();
+        assert!(matches!(Snapshot::read(&dir.join("short")), Err(SnapshotError::Corrupt { .. })));
+        std::fs::write(dir.join("junk"), b"hello").unwrap();
+        assert!(matches!(Snapshot::read(&dir.join("junk")), Err(SnapshotError::NotASnapshot { .. })));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
