@@ -110,6 +110,11 @@ struct RunArgs {
     /// the log, where replay checks it).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "elf")]
     hash_every: Option<u64>,
+    /// With --record: snapshot the machine every N positions into
+    /// `LOG.snapshots/` (full, then dirty-page deltas); replay can start
+    /// from any of them (`replay --from`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "elf")]
+    snapshot_every: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +129,11 @@ struct ReplayArgs {
     /// Print the machine's state hash every N positions.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     hash_every: Option<u64>,
+    /// Start from a snapshot taken while recording (`--snapshot-every`)
+    /// and the log after it. The disk must still be the copy from the
+    /// start of the recording: the snapshots carry what was written since.
+    #[arg(long, value_name = "SNAPSHOT")]
+    from: Option<PathBuf>,
 }
 
 /// The devices of a Linux guest besides console and entropy.
@@ -177,6 +187,7 @@ impl RunArgs {
         self.max_insns = self.max_insns.or(vm.max_insns);
         self.record = self.record.or(vm.record);
         self.hash_every = self.hash_every.or(vm.hash_every);
+        self.snapshot_every = self.snapshot_every.or(vm.snapshot_every);
         if self.mem.is_none() {
             self.mem = match vm.mem {
                 Some(vmfile::MemValue::Text(s)) => {
@@ -215,7 +226,12 @@ fn run(args: RunArgs) -> Result<Outcome> {
     let args = args.merge_vm_file()?;
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
     let devices = args.devices()?;
-    let opts = RunOpts { max_insns: args.max_insns, record: args.record.clone(), hash_every: args.hash_every };
+    let opts = RunOpts {
+        max_insns: args.max_insns,
+        record: args.record.clone(),
+        hash_every: args.hash_every,
+        snapshot_every: args.snapshot_every,
+    };
     if let Some(kernel) = &args.kernel {
         let append = args.append.as_deref().unwrap_or("console=ttyS0");
         let vm = LinuxVm {
@@ -291,7 +307,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(*a),
-        Command::Replay(a) => vm::replay(&a.log, &vm::ReplayOpts { disk: a.disk, hash_every: a.hash_every }),
+        Command::Replay(a) => {
+            vm::replay(&a.log, &vm::ReplayOpts { disk: a.disk, hash_every: a.hash_every, from: a.from })
+        }
         Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
         Command::Demo => demo(),
         Command::Guest { command: GuestCommand::Build { force } } => guest::build(force).map(|g| {

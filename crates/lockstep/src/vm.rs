@@ -49,6 +49,15 @@ pub struct RunOpts {
     pub max_insns: Option<u64>,
     pub record: Option<PathBuf>,
     pub hash_every: Option<u64>,
+    /// Snapshot every this many positions into `LOG.snapshots/`.
+    pub snapshot_every: Option<u64>,
+}
+
+/// Where the snapshots of a recording go.
+pub fn snapshot_dir(log: &Path) -> PathBuf {
+    let mut name = log.file_name().unwrap_or_default().to_os_string();
+    name.push(".snapshots");
+    log.with_file_name(name)
 }
 
 /// What a finished run means for the process.
@@ -177,6 +186,7 @@ struct LiveIo<'a> {
     console: &'a mut crate::console::StdioConsole,
     rec: Option<SharedRecorder>,
     print_hashes: bool,
+    snapshot_dir: Option<PathBuf>,
 }
 
 impl HostIo for LiveIo<'_> {
@@ -208,6 +218,28 @@ impl HostIo for LiveIo<'_> {
     fn skipped(&mut self, pos: u64, steps: u64) {
         if let Some(r) = &self.rec {
             r.borrow_mut().append(pos, Event::Skip(steps));
+        }
+    }
+    fn snapshot_taken(&mut self, snap: machine::snapshot::Snapshot) -> Option<u64> {
+        let (Some(dir), Some(r)) = (&self.snapshot_dir, &self.rec) else { return None };
+        let t = std::time::Instant::now();
+        match snap.write_in(dir) {
+            Ok((id, path)) => {
+                r.borrow_mut().append(snap.position, Event::Snapshot(id));
+                let kind = if snap.parent.is_some() { "delta" } else { "full" };
+                let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                self.console.host_note(&format!(
+                    "snapshot {} {kind} {bytes} bytes {ms:.0} ms {}",
+                    snap.position,
+                    path.display()
+                ));
+                Some(id)
+            }
+            Err(e) => {
+                self.console.host_log(&e.to_string());
+                None
+            }
         }
     }
     fn state_hash(&mut self, pos: u64, hash: u64) {
@@ -262,6 +294,15 @@ pub fn run_live(vm: &LinuxVm, opts: &RunOpts) -> Result<Outcome> {
             Some(Rc::new(RefCell::new(Recorder { log, path: path.clone(), position: 0, error: None })))
         }
     };
+    let snap_dir = match (&opts.snapshot_every, &opts.record) {
+        (Some(_), Some(log)) => {
+            let d = snapshot_dir(log);
+            std::fs::create_dir_all(&d).with_context(|| format!("cannot create '{}'", d.display()))?;
+            Some(d)
+        }
+        (Some(_), None) => bail!("--snapshot-every needs --record (snapshots go beside the log)"),
+        _ => None,
+    };
     let mut console = crate::console::StdioConsole::new();
     // The tap stays open across guest reboots.
     if let Some((name, _)) = &vm.net {
@@ -279,7 +320,13 @@ pub fn run_live(vm: &LinuxVm, opts: &RunOpts) -> Result<Outcome> {
         };
         let mut m = vm.machine(seed, entropy)?;
         m.hash_every = opts.hash_every;
-        let mut io = LiveIo { console: &mut console, rec: rec.clone(), print_hashes: opts.hash_every.is_some() };
+        m.snapshot_every = opts.snapshot_every;
+        let mut io = LiveIo {
+            console: &mut console,
+            rec: rec.clone(),
+            print_hashes: opts.hash_every.is_some(),
+            snapshot_dir: snap_dir.clone(),
+        };
         let stop = m.run_linux(&mut io, opts.max_insns)?;
         if let Some(r) = &rec {
             let mut r = r.borrow_mut();
@@ -355,6 +402,8 @@ pub struct ReplayOpts {
     /// Use this disk image instead of the recorded path.
     pub disk: Option<PathBuf>,
     pub hash_every: Option<u64>,
+    /// Start from this snapshot (and the log after its marker).
+    pub from: Option<PathBuf>,
 }
 
 /// Replay a recording. Stops with an error at the first divergence.
@@ -411,6 +460,21 @@ pub fn replay(log_path: &Path, opts: &ReplayOpts) -> Result<Outcome> {
         _ => bail!("'{}': the log does not start with a boot record", log_path.display()),
     };
     let mut m = vm.machine(seed, Box::new(ReplayEntropy(entropy.clone(), entropy_error.clone())))?;
+    if let Some(from) = &opts.from {
+        let chain = machine::snapshot::Snapshot::read_chain(from)?;
+        let id = chain.last().map(|(_, id)| *id).unwrap_or(0);
+        m.restore(&chain)?;
+        // Skip the log up to this snapshot's marker.
+        loop {
+            match next(&mut reader)? {
+                Some(Record { event: Event::Snapshot(i), .. }) if i == id => break,
+                Some(_) => {}
+                None => bail!("'{}' has no marker of snapshot '{}'", log_path.display(), from.display()),
+            }
+        }
+        entropy.borrow_mut().clear();
+        console.host_note(&format!("replay: starting from the snapshot at position {}", m.hart.position().0));
+    }
     m.hash_every = opts.hash_every;
     let mut io =
         ReplayIo { console: &mut console, frames_out: 0, print_hashes: opts.hash_every.is_some(), hashes: vec![] };
@@ -474,6 +538,7 @@ pub fn replay(log_path: &Path, opts: &ReplayOpts) -> Result<Outcome> {
                 last_good = target;
             }
             Event::Entropy(_) => unreachable!("entropy records are queued by `next`"),
+            Event::Snapshot(_) => {}
             Event::Seed(_) => bail!("'{}': a boot record in the middle of a run", log_path.display()),
             Event::End(reason) => {
                 if reason == EndReason::Reboot {

@@ -30,6 +30,7 @@ pub struct VmFile {
     pub mac: Option<String>,
     pub record: Option<PathBuf>,
     pub hash_every: Option<u64>,
+    pub snapshot_every: Option<u64>,
 }
 
 impl VmFile {

@@ -246,3 +246,55 @@ fn a_killed_recorder_leaves_a_log_that_replays() {
     let err = text(&out.stderr);
     assert!(err.contains("replay stopped at position"), "{err}");
 }
+
+/// A recording with a disk and snapshots: replay from the start and from a
+/// snapshot in the middle both end with the recorded state and the same
+/// disk image as the recorded run.
+#[test]
+fn replay_from_a_snapshot_matches_the_recording_and_its_disk() {
+    let dir = common::tmp_dir("replay-snap");
+    let _ = std::fs::remove_dir_all(dir.join("s.log.snapshots"));
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let start = dir.join("disk-at-start.img");
+    std::fs::copy(&disk, &start).unwrap();
+    let log = dir.join("s.log");
+    let script = "sleep 1; dd if=/dev/hwrng of=/dev/vda bs=4k count=4 conv=fsync 2>/dev/null; echo wrote; \
+                  sleep 1; dd if=/dev/hwrng of=/dev/vda bs=4k seek=100 count=2 conv=fsync 2>/dev/null; poweroff\n";
+    let rec = record(&log, script, &["--disk", disk.to_str().unwrap(), "--snapshot-every", "1000000000"]);
+    assert!(rec.status.success(), "{}", text(&rec.stderr));
+    let hashes = hash_lines(&rec.stderr);
+    let recorded_disk = std::fs::read(&disk).unwrap();
+    assert_ne!(recorded_disk, std::fs::read(&start).unwrap(), "the guest wrote its disk");
+    let snaps: Vec<String> =
+        text(&rec.stderr).lines().filter(|l| l.starts_with("snapshot ")).map(String::from).collect();
+    assert!(snaps.len() >= 2 && snaps[0].contains(" full ") && snaps[1].contains(" delta "), "{snaps:?}");
+
+    // From the start, on a copy of the disk as it was then.
+    let copy = dir.join("replay-disk.img");
+    std::fs::copy(&start, &copy).unwrap();
+    let out = replay(&log, &["--disk", copy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(hash_lines(&out.stderr), hashes);
+    assert_eq!(std::fs::read(&copy).unwrap(), recorded_disk, "same disk image");
+    assert_eq!(text(&out.stdout), text(&rec.stdout));
+
+    // From the second snapshot: same hashes from there on, same end, same disk.
+    let snap_path = snaps[1].split_whitespace().last().unwrap().to_string();
+    let snap_pos: u64 = snaps[1].split_whitespace().nth(1).unwrap().parse().unwrap();
+    std::fs::copy(&start, &copy).unwrap();
+    let out = replay(&log, &["--disk", copy.to_str().unwrap(), "--from", &snap_path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after: Vec<String> = hashes
+        .iter()
+        .filter(|l| !l.starts_with("hash ") || l.split(' ').nth(1).unwrap().parse::<u64>().unwrap() > snap_pos)
+        .cloned()
+        .collect();
+    assert_eq!(hash_lines(&out.stderr), after);
+    assert_eq!(std::fs::read(&copy).unwrap(), recorded_disk, "same disk image from the snapshot");
+
+    // A disk that is not the recording's starting disk is refused.
+    let out = replay(&log, &["--disk", disk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("does not hold what it held when the recording started"));
+}

@@ -181,6 +181,12 @@ pub trait HostIo {
     fn state_hash(&mut self, pos: u64, hash: u64) {
         let _ = (pos, hash);
     }
+    /// A snapshot taken at `snap.position` (every `Machine::snapshot_every`).
+    /// Returns its id if it was kept: the next snapshot is a delta of it.
+    fn snapshot_taken(&mut self, snap: snapshot::Snapshot) -> Option<u64> {
+        let _ = snap;
+        None
+    }
 }
 
 /// How a bounded run (`Machine::run_to`) ended.
@@ -217,6 +223,11 @@ pub struct Machine {
     /// Report the state hash every this many positions (`HostIo::state_hash`).
     pub hash_every: Option<u64>,
     next_hash: u64,
+    /// Hand the host a snapshot every this many positions
+    /// (`HostIo::snapshot_taken`): full the first time, then deltas.
+    pub snapshot_every: Option<u64>,
+    next_snapshot: u64,
+    last_snapshot: Option<u64>,
 }
 
 /// Positions between two checks of `tohost`.
@@ -261,6 +272,9 @@ impl Machine {
             nics: Vec::new(),
             hash_every: None,
             next_hash: 0,
+            snapshot_every: None,
+            next_snapshot: 0,
+            last_snapshot: None,
         }
     }
 
@@ -319,32 +333,44 @@ impl Machine {
         }
     }
 
-    /// Report the state hash if the position is a multiple of `hash_every`.
+    /// At a multiple of `hash_every`, report the state hash; at a multiple
+    /// of `snapshot_every`, hand the host a snapshot (hash first).
     fn maybe_hash(&mut self, io: &mut dyn HostIo) {
-        let Some(every) = self.hash_every else { return };
         let pos = self.hart.position().0;
-        if self.next_hash == 0 {
-            self.next_hash = every;
+        if let Some(every) = self.hash_every {
+            if pos == self.next_hash {
+                io.state_hash(pos, self.state_hash());
+            }
+            self.next_hash = (pos / every + 1) * every;
         }
-        if pos == self.next_hash {
-            io.state_hash(pos, self.state_hash());
-        }
-        while self.next_hash <= pos {
-            self.next_hash += every;
+        if let Some(every) = self.snapshot_every {
+            if pos == self.next_snapshot {
+                match self.snapshot(self.last_snapshot) {
+                    Ok(snap) => self.last_snapshot = io.snapshot_taken(snap),
+                    Err(e) => io.host_log(&format!("snapshot at position {pos} failed: {e}")),
+                }
+            }
+            self.next_snapshot = (pos / every + 1) * every;
         }
     }
 
-    /// The next position the run must stop at for a state hash.
+    /// The next position the run must stop at for a hash or a snapshot.
     fn hash_bound(&mut self) -> u64 {
-        match self.hash_every {
-            Some(every) => {
-                if self.next_hash == 0 {
-                    self.next_hash = every;
-                }
-                self.next_hash
+        let pos = self.hart.position().0;
+        let mut bound = u64::MAX;
+        if let Some(every) = self.hash_every {
+            if self.next_hash <= pos.saturating_sub(1) || self.next_hash == 0 {
+                self.next_hash = (pos / every + 1) * every;
             }
-            None => u64::MAX,
+            bound = bound.min(self.next_hash);
         }
+        if let Some(every) = self.snapshot_every {
+            if self.next_snapshot <= pos.saturating_sub(1) || self.next_snapshot == 0 {
+                self.next_snapshot = (pos / every + 1) * every;
+            }
+            bound = bound.min(self.next_snapshot);
+        }
+        bound
     }
 
     /// Run until position `target` with no host input and no host time

@@ -123,9 +123,52 @@ impl Snapshot {
         b
     }
 
+    /// Write into `dir` as `POSITION-ID.lss` (the name replay looks a
+    /// parent up by); returns the id and the path.
+    pub fn write_in(&self, dir: &Path) -> Result<(u64, std::path::PathBuf), SnapshotError> {
+        let body = self.body();
+        let id = xxhash_rust::xxh3::xxh3_64(&body);
+        let path = dir.join(format!("{:020}-{id:016x}.lss", self.position));
+        Self::write_body(&body, &path)?;
+        Ok((id, path))
+    }
+
+    /// The file of snapshot `id` in `dir`, if there is one.
+    pub fn find_in(dir: &Path, id: u64) -> Option<std::path::PathBuf> {
+        let suffix = format!("-{id:016x}.lss");
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(&suffix)))
+    }
+
+    /// Read the snapshot at `path` and the parents it is a delta of (from
+    /// the same directory), oldest first.
+    pub fn read_chain(path: &Path) -> Result<Vec<(Snapshot, u64)>, SnapshotError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut chain = vec![Snapshot::read(path)?];
+        while let Some(parent) = chain.last().and_then(|(s, _)| s.parent) {
+            let p = Snapshot::find_in(dir, parent).ok_or_else(|| {
+                SnapshotError::Mismatch(format!("its parent snapshot {parent:016x} is not in {}", dir.display()))
+            })?;
+            chain.push(Snapshot::read(&p)?);
+            if chain.len() > 100_000 {
+                return Err(SnapshotError::Mismatch("the chain of parents loops".into()));
+            }
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
     /// Write to `path` (via a temporary file and a rename); returns the id.
     pub fn write(&self, path: &Path) -> Result<u64, SnapshotError> {
         let body = self.body();
+        Self::write_body(&body, path)?;
+        Ok(xxhash_rust::xxh3::xxh3_64(&body))
+    }
+
+    fn write_body(body: &[u8], path: &Path) -> Result<(), SnapshotError> {
         let io = |source| SnapshotError::Io { path: path.display().to_string(), source };
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -134,12 +177,11 @@ impl Snapshot {
         head.extend_from_slice(&VERSION.to_le_bytes());
         head.extend_from_slice(&(body.len() as u64).to_le_bytes());
         f.write_all(&head).map_err(io)?;
-        f.write_all(&body).map_err(io)?;
-        f.write_all(&crc32fast::hash(&body).to_le_bytes()).map_err(io)?;
+        f.write_all(body).map_err(io)?;
+        f.write_all(&crc32fast::hash(body).to_le_bytes()).map_err(io)?;
         f.sync_data().map_err(io)?;
         drop(f);
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(xxhash_rust::xxh3::xxh3_64(&body))
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Read a snapshot; returns it and its id.

@@ -79,6 +79,9 @@ pub enum Event {
     Hash(u64),
     /// The run ended here; after `Reboot` a new machine starts at 0.
     End(EndReason),
+    /// A snapshot of the machine (this id) was taken here: replay can
+    /// start from it and the records after this one.
+    Snapshot(u64),
 }
 
 /// An event and where it took effect.
@@ -118,6 +121,7 @@ impl Record {
             Event::Entropy(bytes) => (5, bytes.clone()),
             Event::Hash(h) => (6, h.to_le_bytes().to_vec()),
             Event::End(r) => (7, vec![r.code()]),
+            Event::Snapshot(id) => (8, id.to_le_bytes().to_vec()),
         };
         b.push(kind);
         b.extend_from_slice(&self.position.to_le_bytes());
@@ -141,6 +145,7 @@ impl Record {
             5 => Event::Entropy(p.to_vec()),
             6 => Event::Hash(u64_of(p)?),
             7 if p.len() == 1 => Event::End(EndReason::from_code(p[0])?),
+            8 => Event::Snapshot(u64_of(p)?),
             _ => return None,
         };
         Some(Record { position, event })
@@ -296,6 +301,7 @@ mod tests {
             Record { position: 99, event: Event::Frame { nic: 1, data: vec![0xab; 60] } },
             Record { position: 120, event: Event::Skip(5000) },
             Record { position: 5120, event: Event::Hash(0xdead_beef) },
+            Record { position: 5120, event: Event::Snapshot(42) },
             Record { position: 6000, event: Event::End(EndReason::Reboot) },
             Record { position: 0, event: Event::Console(Vec::new()) },
             Record { position: 1, event: Event::End(EndReason::PowerOff) },
