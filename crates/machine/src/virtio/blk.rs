@@ -21,6 +21,14 @@ pub const ID_BLOCK: u32 = 2;
 pub const SECTOR: u64 = 512;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+/// Largest discard / write-zeroes range per segment, and segments per
+/// request (advertised in the configuration space).
+const MAX_RANGE_SECTORS: u32 = 1 << 16;
+const MAX_RANGE_SEGS: u32 = 32;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
@@ -39,6 +47,21 @@ pub trait BlockBackend {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
     /// Make written data durable (`fdatasync` for a file).
     fn flush(&mut self) -> std::io::Result<()>;
+    /// The range need not keep its data (it reads back as zeros after).
+    /// The default writes zeros; a file punches a hole.
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +116,17 @@ impl BlockBackend for FileBackend {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.sync_data()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        use std::os::fd::AsRawFd;
+        match fallocate(self.file.as_raw_fd(), flags, offset as i64, len as i64) {
+            Ok(()) => Ok(()),
+            // A file system without hole punching: zeros do the same job.
+            Err(nix::errno::Errno::EOPNOTSUPP) => self.write_zeroes(offset, len),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -157,9 +191,53 @@ impl Block {
                 }
                 (S_OK, n as u32)
             }
+            T_DISCARD | T_WRITE_ZEROES if self.read_only => (S_IOERR, 0),
+            T_DISCARD | T_WRITE_ZEROES => self.ranges(kind, data, ram),
             T_IN | T_OUT => (S_IOERR, 0),
             _ => (S_UNSUPP, 0),
         }
+    }
+
+    /// Discard or write zeroes over the segments the request lists
+    /// (16 B each: sector u64, num_sectors u32, flags u32).
+    fn ranges(&mut self, kind: u32, data: &[Buffer], ram: &mut Ram) -> (u8, u32) {
+        let mut segs = Vec::new();
+        for b in data {
+            if b.write || b.len % 16 != 0 {
+                return (S_IOERR, 0);
+            }
+            let mut raw = vec![0u8; b.len as usize];
+            ram.read(b.addr, &mut raw);
+            for s in raw.chunks(16) {
+                let sector = u64::from_le_bytes(s[0..8].try_into().unwrap());
+                let count = u32::from_le_bytes(s[8..12].try_into().unwrap());
+                segs.push((sector, count));
+            }
+        }
+        if segs.is_empty() || segs.len() > MAX_RANGE_SEGS as usize {
+            return (S_IOERR, 0);
+        }
+        for &(sector, count) in &segs {
+            let end = sector.checked_add(count as u64);
+            if count > MAX_RANGE_SECTORS || end.is_none_or(|e| e > self.capacity) {
+                return (S_IOERR, 0);
+            }
+        }
+        for (sector, count) in segs {
+            let (off, len) = (sector * SECTOR, count as u64 * SECTOR);
+            if len == 0 {
+                continue;
+            }
+            self.written.extend(off / CHUNK..(off + len).div_ceil(CHUNK));
+            let result =
+                if kind == T_DISCARD { self.backend.discard(off, len) } else { self.backend.write_zeroes(off, len) };
+            if let Err(e) = result {
+                let what = if kind == T_DISCARD { "discard" } else { "write-zeroes" };
+                self.errors.push(format!("{what} of {len} bytes at offset {off} failed: {e}"));
+                return (S_IOERR, 0);
+            }
+        }
+        (S_OK, 0)
     }
 
     fn transfer(&mut self, data: &[Buffer], sector: u64, ram: &mut Ram, write: bool) -> (u8, u32) {
@@ -194,7 +272,8 @@ impl VirtioDevice for Block {
         ID_BLOCK
     }
     fn features(&self) -> u64 {
-        VIRTIO_BLK_F_FLUSH | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
+        VIRTIO_BLK_F_FLUSH
+            | if self.read_only { VIRTIO_BLK_F_RO } else { VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES }
     }
     fn num_queues(&self) -> usize {
         1
@@ -219,8 +298,16 @@ impl VirtioDevice for Block {
         self.backend.write_at(data, offset)
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // Only `capacity` (u64 at offset 0) is offered.
-        let cfg = self.capacity.to_le_bytes();
+        // capacity, and the discard / write-zeroes limits (virtio 1.2,
+        // 5.2.4: struct virtio_blk_config, offsets 36..57).
+        let mut cfg = [0u8; 60];
+        cfg[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        for (at, v) in
+            [(36, MAX_RANGE_SECTORS), (40, MAX_RANGE_SEGS), (44, 1), (48, MAX_RANGE_SECTORS), (52, MAX_RANGE_SEGS)]
+        {
+            cfg[at..at + 4].copy_from_slice(&u32::to_le_bytes(v));
+        }
+        cfg[56] = 1; // write_zeroes_may_unmap
         for (i, b) in data.iter_mut().enumerate() {
             *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
         }
@@ -294,6 +381,49 @@ mod tests {
     fn disk(fail: bool) -> Block {
         let data: Vec<u8> = (0..8 * SECTOR).map(|i| (i / SECTOR) as u8).collect();
         Block::new(Box::new(MemDisk { data, fail_writes: fail, flushes: 0 }), false, "lockstep-test")
+    }
+
+    fn read_sector(d: &mut Block, ram: &mut Ram, sector: u64) -> [u8; 512] {
+        assert_eq!(d.serve(&request(ram, T_IN, sector, 512, true), ram), (S_OK, 512));
+        let mut b = [0u8; 512];
+        ram.read(DATA, &mut b);
+        b
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_ranges_and_check_bounds() {
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let mut d = disk(false);
+        assert_ne!(d.features() & VIRTIO_BLK_F_DISCARD, 0);
+        // Two segments: sectors 1..3 and 6.
+        let mut segs = Vec::new();
+        for (sector, n) in [(1u64, 2u32), (6, 1)] {
+            segs.extend_from_slice(&sector.to_le_bytes());
+            segs.extend_from_slice(&n.to_le_bytes());
+            segs.extend_from_slice(&0u32.to_le_bytes());
+        }
+        ram.write(DATA, &segs);
+        assert_eq!(d.serve(&request(&mut ram, T_DISCARD, 0, 32, false), &mut ram), (S_OK, 0));
+        for (sector, zero) in [(5, false), (1, true), (2, true), (3, false), (6, true), (7, false)] {
+            let b = read_sector(&mut d, &mut ram, sector);
+            assert_eq!(b.iter().all(|&x| x == 0), zero, "sector {sector}");
+        }
+        ram.write(DATA, &[7u64.to_le_bytes().as_slice(), &1u32.to_le_bytes(), &0u32.to_le_bytes()].concat());
+        assert_eq!(d.serve(&request(&mut ram, T_WRITE_ZEROES, 0, 16, false), &mut ram), (S_OK, 0));
+        assert!(read_sector(&mut d, &mut ram, 7).iter().all(|&x| x == 0));
+        // Past the end, or a malformed segment list: IOERR, nothing changed.
+        ram.write(DATA, &[7u64.to_le_bytes().as_slice(), &2u32.to_le_bytes(), &0u32.to_le_bytes()].concat());
+        assert_eq!(d.serve(&request(&mut ram, T_DISCARD, 0, 16, false), &mut ram).0, S_IOERR);
+        assert_eq!(d.serve(&request(&mut ram, T_DISCARD, 0, 10, false), &mut ram).0, S_IOERR);
+        assert_eq!(read_sector(&mut d, &mut ram, 4)[0], 4);
+        // Snapshots learn of the cleared chunks.
+        let delta = d.take_storage_delta().unwrap();
+        assert_eq!(
+            delta.len(),
+            1,
+            "one extent over the first 4 KiB: {:?}",
+            delta.iter().map(|e| e.0).collect::<Vec<_>>()
+        );
     }
 
     #[test]
