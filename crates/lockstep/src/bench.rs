@@ -12,7 +12,8 @@ use std::time::Instant;
 pub enum BenchKind {
     /// Guest MIPS of the built-in integer loops.
     Cpu,
-    /// Boot time of the default guest, side by side with QEMU.
+    /// Boot time of the default guest's kernel and initramfs (without its
+    /// root disk), side by side with QEMU.
     Boot,
 }
 
@@ -69,8 +70,17 @@ fn boot(args: &BenchArgs) -> Result<()> {
     let mut ours = Vec::new();
     let mut qemu = Vec::new();
     for _ in 0..args.reps {
+        // The same kernel and initramfs as QEMU's, without the root disk.
         ours.push(time_boot(
-            std::process::Command::new(&exe).arg("run").arg("--append").arg(&append).args(["--mem", "512M"]),
+            std::process::Command::new(&exe)
+                .arg("run")
+                .arg("--kernel")
+                .arg(&g.kernel)
+                .arg("--initrd")
+                .arg(&g.initrd)
+                .arg("--append")
+                .arg(&append)
+                .args(["--mem", "512M"]),
         )?);
         qemu.push(time_boot(
             std::process::Command::new("qemu-system-riscv64")

@@ -36,7 +36,8 @@ enum Command {
     /// Run the built-in demo: M-mode firmware maps a page table, drops to
     /// U-mode, runs a loop, and returns with ecall.
     Demo,
-    /// The default guest (Debian trixie riscv64 kernel + busybox initramfs).
+    /// The default guest (Debian trixie riscv64 kernel, busybox initramfs,
+    /// ext4 root disk with redis-server and an HTTP server).
     Guest {
         #[command(subcommand)]
         command: GuestCommand,
@@ -152,11 +153,20 @@ fn run(args: RunArgs) -> Result<Outcome> {
         return run_linux(kernel, args.initrd.as_deref(), append, mem, args.max_insns, &disk);
     }
     let Some(elf) = args.elf else {
-        // No kernel: the default guest, built on first use.
+        // No kernel: the default guest, built on first use; it boots from
+        // its root disk unless --disk gives another disk.
         let g = guest::build(false)?;
-        let append = args.append.as_deref().unwrap_or(guest::DEFAULT_APPEND);
+        let mut append = args.append.clone().unwrap_or_else(|| guest::DEFAULT_APPEND.to_string());
+        let mut disk = disk;
+        let _lock = if disk.is_none() {
+            disk = Some((g.disk.clone(), args.disk_readonly));
+            append.push_str(" root=/dev/vda");
+            Some(guest::lock_disk(&g.disk)?)
+        } else {
+            None
+        };
         let initrd = args.initrd.as_deref().unwrap_or(&g.initrd);
-        return run_linux(&g.kernel, Some(initrd), append, mem, args.max_insns, &disk);
+        return run_linux(&g.kernel, Some(initrd), &append, mem, args.max_insns, &disk);
     };
     let mut m = Machine::new(mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
@@ -276,12 +286,12 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
         Command::Demo => demo(),
         Command::Guest { command: GuestCommand::Build { force } } => guest::build(force).map(|g| {
-            println!("{}\n{}", g.kernel.display(), g.initrd.display());
+            println!("{}\n{}\n{}", g.kernel.display(), g.initrd.display(), g.disk.display());
             Outcome::Success
         }),
         Command::Guest { command: GuestCommand::Path } => match guest::existing() {
             Ok(Some(g)) => {
-                println!("{}\n{}", g.kernel.display(), g.initrd.display());
+                println!("{}\n{}\n{}", g.kernel.display(), g.initrd.display(), g.disk.display());
                 Ok(Outcome::Success)
             }
             Ok(None) => Err(anyhow::anyhow!("the default guest is not built: run `lockstep guest build`")),
