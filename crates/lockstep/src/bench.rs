@@ -12,8 +12,15 @@ use std::time::Instant;
 pub enum BenchKind {
     /// Guest MIPS of the built-in integer loops.
     Cpu,
-    /// Boot time of the default guest, side by side with QEMU.
+    /// Boot time of the default guest's kernel and initramfs (without its
+    /// root disk), side by side with QEMU.
     Boot,
+    /// Disk and network figures of the Debian guest (root disk, tap),
+    /// side by side with QEMU. Needs root (network namespaces).
+    Devices,
+    /// Recording overhead, log bandwidth, replay speed, snapshot size and
+    /// state-hash time. Needs root (network namespaces).
+    Record,
 }
 
 #[derive(clap::Args)]
@@ -69,8 +76,17 @@ fn boot(args: &BenchArgs) -> Result<()> {
     let mut ours = Vec::new();
     let mut qemu = Vec::new();
     for _ in 0..args.reps {
+        // The same kernel and initramfs as QEMU's, without the root disk.
         ours.push(time_boot(
-            std::process::Command::new(&exe).arg("run").arg("--append").arg(&append).args(["--mem", "512M"]),
+            std::process::Command::new(&exe)
+                .arg("run")
+                .arg("--kernel")
+                .arg(&g.kernel)
+                .arg("--initrd")
+                .arg(&g.initrd)
+                .arg("--append")
+                .arg(&append)
+                .args(["--mem", "512M"]),
         )?);
         qemu.push(time_boot(
             std::process::Command::new("qemu-system-riscv64")
@@ -119,8 +135,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.reps == 0 || args.minsns == 0 {
         bail!("--reps and --minsns must be positive");
     }
-    if args.what == BenchKind::Boot {
-        return boot(&args);
+    match args.what {
+        BenchKind::Boot => return boot(&args),
+        BenchKind::Devices => return crate::bench_guest::devices(args.reps),
+        BenchKind::Record => return crate::bench_guest::record(args.reps),
+        BenchKind::Cpu => {}
     }
     let iters = args.minsns * 1_000_000 / machine::programs::LOOP_BODY;
     let cases: [(&str, Program); 2] =

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_guest;
 mod console;
 mod cpio;
 mod guest;
@@ -43,7 +44,8 @@ enum Command {
     /// Run the built-in demo: M-mode firmware maps a page table, drops to
     /// U-mode, runs a loop, and returns with ecall.
     Demo,
-    /// The default guest (Debian trixie riscv64 kernel + busybox initramfs).
+    /// The default guest (Debian trixie riscv64 kernel, busybox initramfs,
+    /// ext4 root disk with redis-server and an HTTP server).
     Guest {
         #[command(subcommand)]
         command: GuestCommand,
@@ -245,18 +247,19 @@ fn run(args: RunArgs) -> Result<Outcome> {
         return vm::run_live(&vm, &opts);
     }
     let Some(elf) = args.elf else {
-        // No kernel: the default guest, built on first use.
+        // No kernel: the default guest, built on first use; it boots from
+        // its root disk unless --disk gives another disk.
         let g = guest::build(false)?;
-        let append = args.append.as_deref().unwrap_or(guest::DEFAULT_APPEND);
+        let mut append = args.append.clone().unwrap_or_else(|| guest::DEFAULT_APPEND.to_string());
+        let mut disk = devices.disk;
+        if disk.is_none() {
+            // The disk image is locked while it runs (FileBackend::open),
+            // so a second default run is refused, not a corrupted disk.
+            disk = Some((g.disk.clone(), args.disk_readonly));
+            append.push_str(" root=/dev/vda");
+        }
         let initrd = args.initrd.clone().unwrap_or(g.initrd);
-        let vm = LinuxVm {
-            kernel: g.kernel,
-            initrd: Some(initrd),
-            append: append.to_string(),
-            mem,
-            disk: devices.disk,
-            net: devices.net,
-        };
+        let vm = LinuxVm { kernel: g.kernel, initrd: Some(initrd), append, mem, disk, net: devices.net };
         return vm::run_live(&vm, &opts);
     };
     let mut m = Machine::new(mem);
@@ -313,12 +316,12 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
         Command::Demo => demo(),
         Command::Guest { command: GuestCommand::Build { force } } => guest::build(force).map(|g| {
-            println!("{}\n{}", g.kernel.display(), g.initrd.display());
+            println!("{}\n{}\n{}", g.kernel.display(), g.initrd.display(), g.disk.display());
             Outcome::Success
         }),
         Command::Guest { command: GuestCommand::Path } => match guest::existing() {
             Ok(Some(g)) => {
-                println!("{}\n{}", g.kernel.display(), g.initrd.display());
+                println!("{}\n{}\n{}", g.kernel.display(), g.initrd.display(), g.disk.display());
                 Ok(Outcome::Success)
             }
             Ok(None) => Err(anyhow::anyhow!("the default guest is not built: run `lockstep guest build`")),

@@ -1,11 +1,11 @@
-//! End-to-end: boot the default guest (Debian's riscv64 kernel + busybox
-//! initramfs, built by `lockstep guest build` on first use) and drive its
-//! console as a user would.
+//! End-to-end: boot the default guest (Debian's riscv64 kernel, busybox
+//! initramfs and ext4 root disk, built by `lockstep guest build` on first
+//! use) and drive its console as a user would.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 const READY: &str = "lockstep-guest: ready";
@@ -15,16 +15,33 @@ fn lockstep() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lockstep"))
 }
 
-/// Build the default guest once per test binary.
+/// Build the default guest once per test binary: (kernel, initramfs).
 fn guest() -> &'static (PathBuf, PathBuf) {
-    static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    &guest_files().0
+}
+
+/// The default guest's root disk.
+fn guest_disk() -> &'static PathBuf {
+    &guest_files().1
+}
+
+fn guest_files() -> &'static ((PathBuf, PathBuf), PathBuf) {
+    static GUEST: OnceLock<((PathBuf, PathBuf), PathBuf)> = OnceLock::new();
     GUEST.get_or_init(|| {
         let out = lockstep().args(["guest", "build"]).output().unwrap();
         assert!(out.status.success(), "guest build failed: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
-        let mut lines = text.lines();
-        (PathBuf::from(lines.next().unwrap()), PathBuf::from(lines.next().unwrap()))
+        let lines: Vec<PathBuf> = text.lines().map(PathBuf::from).collect();
+        assert_eq!(lines.len(), 3, "guest build prints kernel, initramfs and disk: {text}");
+        ((lines[0].clone(), lines[1].clone()), lines[2].clone())
     })
+}
+
+/// One guest at a time boots from the default root disk (a second `run`
+/// would be refused while the first holds it).
+fn default_disk() -> MutexGuard<'static, ()> {
+    static DISK: Mutex<()> = Mutex::new(());
+    DISK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A running guest with its console.
@@ -32,11 +49,13 @@ struct Vm {
     child: Child,
     stdin: ChildStdin,
     out: Arc<Mutex<Vec<u8>>>,
+    _disk: Option<MutexGuard<'static, ()>>,
 }
 
 impl Vm {
     fn start(extra: &[&str]) -> Vm {
         guest();
+        let disk = (!extra.iter().any(|a| *a == "--disk" || *a == "--kernel")).then(default_disk);
         let mut child = lockstep()
             .arg("run")
             .args(extra)
@@ -61,7 +80,7 @@ impl Vm {
                 }
             });
         }
-        Vm { child, stdin, out }
+        Vm { child, stdin, out, _disk: disk }
     }
 
     fn text(&self) -> String {
@@ -162,6 +181,37 @@ fn poweroff_workload_exits_zero_without_input() {
     let st = vm.wait_exit();
     assert!(st.success(), "exit {st}; console:\n{}", vm.text());
     assert!(vm.text().contains(READY));
+}
+
+/// The root disk: redis-server answers and keeps what it was told across a
+/// reboot, the HTTP server serves /srv/www, / is ext4 read-write, and a
+/// power-off leaves the image clean.
+#[test]
+fn root_disk_serves_redis_and_http_and_powers_off_clean() {
+    let mut vm = Vm::start(&[]);
+    vm.wait_for(READY);
+    vm.send("redis-cli set lockstep-key lockstep-value; echo set-done");
+    vm.wait_for("OK\r\nset-done");
+    vm.send("reboot");
+    vm.wait_for_n(READY, 2, BOOT_TIMEOUT);
+    vm.send(
+        "redis-cli get lockstep-key | tr -d '\"'; wget -qO- http://127.0.0.1/ | grep -c 'lockstep guest'; \
+         grep -c ' / ext4 rw' /proc/mounts",
+    );
+    vm.wait_for("lockstep-value\r\n1\r\n1\r\n");
+    vm.send("poweroff");
+    let st = vm.wait_exit();
+    assert!(st.success(), "exit {st}; console:\n{}", vm.text());
+    // Still holding the disk (vm is alive): nothing else writes it now.
+    let e2fsck = ["e2fsck", "/usr/sbin/e2fsck", "/sbin/e2fsck"]
+        .iter()
+        .find_map(|p| Command::new(p).arg("-fn").arg(guest_disk()).output().ok())
+        .expect("e2fsck (e2fsprogs, which the guest build needs) is installed");
+    assert!(
+        e2fsck.status.success(),
+        "the root disk is not clean after power-off:\n{}",
+        String::from_utf8_lossy(&e2fsck.stdout)
+    );
 }
 
 #[test]
