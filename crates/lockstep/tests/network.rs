@@ -108,11 +108,14 @@ fn disk_copy(name: &str) -> PathBuf {
 struct Vm {
     child: Child,
     stdin: std::process::ChildStdin,
+    /// stdout and stderr as they arrive, and each alone.
     out: Arc<Mutex<Vec<u8>>>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Vm {
-    fn start(topo: &Topology, disk: &Path) -> Vm {
+    fn start(topo: &Topology, disk: &Path, extra: &[&str]) -> Vm {
         let [kernel, initrd, _] = guest();
         let append = format!(
             "console=ttyS0 quiet cryptomgr.notests initcall_blacklist=jent_mod_init root=/dev/vda \
@@ -127,6 +130,7 @@ impl Vm {
             .arg("--disk")
             .arg(disk)
             .args(["--net", "tap:tap0", "--append", &append])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -134,9 +138,11 @@ impl Vm {
             .unwrap();
         let stdin = child.stdin.take().unwrap();
         let out = Arc::new(Mutex::new(Vec::new()));
-        for mut pipe in
-            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
-        {
+        let (stdout, stderr) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        for (mut pipe, alone) in [
+            (Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, stdout.clone()),
+            (Box::new(child.stderr.take().unwrap()), stderr.clone()),
+        ] {
             let out = out.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
@@ -145,10 +151,11 @@ impl Vm {
                         break;
                     }
                     out.lock().unwrap().extend_from_slice(&buf[..n]);
+                    alone.lock().unwrap().extend_from_slice(&buf[..n]);
                 }
             });
         }
-        Vm { child, stdin, out }
+        Vm { child, stdin, out, stdout, stderr }
     }
 
     fn text(&self) -> String {
@@ -254,7 +261,7 @@ fn debugfs_cat(img: &Path, file: &str) -> Vec<u8> {
 fn guest_serves_clients_in_a_namespace_and_its_disk_checks_clean() {
     let topo = Topology::new(1);
     let disk = disk_copy("serve");
-    let mut vm = Vm::start(&topo, &disk);
+    let mut vm = Vm::start(&topo, &disk, &[]);
     vm.wait_for(READY);
     let ip = topo.guest_ip();
 
@@ -313,7 +320,7 @@ fn guest_serves_clients_in_a_namespace_and_its_disk_checks_clean() {
 fn fsynced_data_survives_killing_the_machine_mid_write() {
     let topo = Topology::new(2);
     let disk = disk_copy("crash");
-    let mut vm = Vm::start(&topo, &disk);
+    let mut vm = Vm::start(&topo, &disk, &[]);
     vm.wait_for(READY);
     vm.send("head -c 500000 /dev/urandom > /root/kept.bin && sync /root/kept.bin && sha256sum /root/kept.bin");
     vm.wait_for("  /root/kept.bin\r\n");
@@ -336,4 +343,76 @@ fn fsynced_data_survives_killing_the_machine_mid_write() {
     let (code, report) = host_e2fsck(&disk, false);
     assert_eq!(code, 0, "clean after repair:\n{report}");
     assert_eq!(common::sha256_hex(&debugfs_cat(&disk, "/root/kept.bin")), sum);
+}
+
+/// `hash`, `position` and `state-hash` lines of a run's stderr.
+fn hash_lines(stderr: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|l| l.starts_with("hash ") || l.starts_with("position ") || l.starts_with("state-hash "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Record the Debian guest serving a client in a namespace, writing its
+/// disk and reading entropy; replay it offline (no tap, no client): same
+/// console, same hash sequence, same final disk. Then again from a snapshot
+/// taken in the middle.
+#[test]
+fn a_recorded_network_session_replays_offline_with_the_same_disk() {
+    let topo = Topology::new(3);
+    let disk = disk_copy("record");
+    let start = disk_copy("record-start");
+    let dir = common::tmp_dir("network");
+    let log = dir.join("session.log");
+    let _ = std::fs::remove_dir_all(dir.join("session.log.snapshots"));
+    let args = ["--record", log.to_str().unwrap(), "--hash-every", "200000000", "--snapshot-every", "2000000000"];
+    let mut vm = Vm::start(&topo, &disk, &args);
+    vm.wait_for(READY);
+    let addr = format!("{}:6379", topo.guest_ip());
+    let got = topo.in_client(move || {
+        let mut r = Redis::connect(&addr);
+        let blob = pseudo_random(300_000, 7);
+        r.command(&[b"SET", b"recorded", &blob]);
+        r.command(&[b"GET", b"recorded"]).unwrap() == blob
+    });
+    assert!(got);
+    vm.send("head -c 64 /dev/hwrng | od -An -tx1 | head -2; head -c 100000 /dev/urandom > /root/r.bin; sync; echo D$((1))ONE");
+    vm.wait_for("D1ONE");
+    vm.send("poweroff");
+    assert!(vm.wait_exit().success(), "{}", vm.text());
+    let console = vm.stdout.lock().unwrap().clone();
+    let stderr = vm.stderr.lock().unwrap().clone();
+    let hashes = hash_lines(&stderr);
+    assert!(hashes.len() > 10, "{hashes:?}");
+    let recorded_disk = std::fs::read(&disk).unwrap();
+
+    let replay = |from: Option<&str>| {
+        let copy = disk_copy("replayed");
+        std::fs::copy(&start, &copy).unwrap();
+        let mut c = lockstep();
+        c.arg("replay").arg(&log).arg("--disk").arg(&copy).args(["--hash-every", "200000000"]);
+        if let Some(f) = from {
+            c.args(["--from", f]);
+        }
+        let out = c.stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (out, std::fs::read(&copy).unwrap())
+    };
+    let (out, replayed_disk) = replay(None);
+    assert_eq!(hash_lines(&out.stderr), hashes, "same hash sequence and final state");
+    assert_eq!(out.stdout, console, "same console output");
+    assert!(replayed_disk == recorded_disk, "same disk image");
+
+    let snaps: Vec<String> = String::from_utf8_lossy(&stderr)
+        .lines()
+        .filter(|l| l.starts_with("snapshot "))
+        .map(|l| l.split_whitespace().last().unwrap().to_string())
+        .collect();
+    assert!(snaps.len() >= 2, "{snaps:?}");
+    let middle = &snaps[snaps.len() / 2];
+    let (out, replayed_disk) = replay(Some(middle));
+    let tail = hash_lines(&out.stderr);
+    assert!(tail.len() >= 2 && hashes.ends_with(&tail), "the hashes after the snapshot agree: {tail:?}");
+    assert!(replayed_disk == recorded_disk, "same disk image from the snapshot");
 }
