@@ -275,10 +275,16 @@ pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
     let (_, secs) =
         s.run("sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/root/bench.bin of=/dev/null bs=1M 2>/dev/null")?;
     f.disk_read_mbs = DISK_MB as f64 * 1.048_576 / secs;
-    let (out, _) = s.run("ioping -R -D -q -w 3 /root/ 2>&1 | grep iops")?;
-    f.rand_read_iops = number_before(&out, "iops").with_context(|| format!("ioping said: {out}"))?;
+    let (out, _) = s.run("ioping -R -D -q -w 3 /root/ 2>&1")?;
+    f.rand_read_iops = out
+        .lines()
+        .find(|l| l.contains("requests completed"))
+        .and_then(|l| number_before(l, "iops"))
+        .with_context(|| format!("ioping said: {out}"))?;
     s.run("rm -f /root/bench.bin; iperf3 -s -D >/dev/null 2>&1; sleep 0.5")?;
     for reverse in [false, true] {
+        // The server takes one test at a time: let it finish the last one.
+        std::thread::sleep(Duration::from_secs(1));
         let mut c = topo.client_cmd("iperf3");
         c.args(["-c", GUEST_IP, "-t", "5", "-f", "m"]);
         if reverse {
@@ -286,7 +292,9 @@ pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
         }
         let out = c.output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.contains("receiver")).with_context(|| format!("iperf3 said: {text}"))?;
+        let line = text.lines().find(|l| l.contains("receiver")).with_context(|| {
+            format!("iperf3 said: {text}{}; guest: {}", String::from_utf8_lossy(&out.stderr), tail(&s.text()))
+        })?;
         let mbits = number_before(line, "Mbits/sec").context("iperf3 rate")?;
         if reverse {
             f.net_from_guest_mbits = mbits;

@@ -66,6 +66,16 @@ impl Tap {
             };
             return Err(TapError::Attach { name: name.to_string(), source, hint });
         }
+        // No offloads: a persistent tap keeps those a previous user (QEMU)
+        // turned on, and then the kernel would hand us frames with
+        // unfinished checksums or larger than the MTU.
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is
+        // passed.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) };
+        if rc < 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(TapError::Attach { name: name.to_string(), source, hint: " (turning offloads off)" });
+        }
         let tap = Tap { file, name: name.to_string() };
         tap.set_up().map_err(|source| TapError::Up { name: name.to_string(), source })?;
         Ok(tap)
