@@ -103,7 +103,7 @@ impl StdioConsole {
         let mut reader = tap.try_clone()?;
         let tx = self.tx.clone();
         std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
+            let mut buf = vec![0u8; tap::MAX_PACKET];
             loop {
                 match reader.recv(&mut buf) {
                     Ok(n) => {

@@ -93,7 +93,8 @@ impl LinuxVm {
             m.add_virtio(Box::new(blk)).map_err(anyhow::Error::msg)?;
         }
         if let Some((_, mac)) = &self.net {
-            m.add_virtio(Box::new(machine::virtio::net::Net::new(*mac))).map_err(anyhow::Error::msg)?;
+            let nic = machine::virtio::net::Net::with_offloads(*mac);
+            m.add_virtio(Box::new(nic)).map_err(anyhow::Error::msg)?;
         }
         m.add_virtio(Box::new(machine::virtio::rng::Rng::new(entropy))).map_err(anyhow::Error::msg)?;
         m.boot_linux(&self.kernel, self.initrd.as_deref(), &self.append)?;
@@ -306,7 +307,8 @@ pub fn run_live(vm: &LinuxVm, opts: &RunOpts) -> Result<Outcome> {
     let mut console = crate::console::StdioConsole::new();
     // The tap stays open across guest reboots.
     if let Some((name, _)) = &vm.net {
-        let tap = tap::Tap::open(name)?;
+        // Offloads on both sides: the card offers them, the tap accepts them.
+        let tap = tap::Tap::open(name, true)?;
         console.add_tap(tap).with_context(|| format!("cannot read tap '{name}'"))?;
     }
     loop {

@@ -392,7 +392,7 @@ fn disk_reads_writes_and_bad_images() {
 /// function of its inputs: two runs end at the same position and state.
 #[test]
 fn guest_pings_an_in_process_peer_deterministically() {
-    use machine::virtio::net::Net;
+    use machine::virtio::net::{Net, HDR_LEN};
     use machine::virtio::netsim::Responder;
     use machine::{HostInput, HostIo};
     use std::collections::VecDeque;
@@ -417,10 +417,16 @@ fn guest_pings_an_in_process_peer_deterministically() {
             }
             self.pending.pop_front().unwrap_or(HostInput::Nothing)
         }
-        fn send_frame(&mut self, nic: usize, frame: &[u8]) {
+        fn send_frame(&mut self, nic: usize, packet: &[u8]) {
             assert_eq!(nic, 0);
+            // Frames cross the host boundary behind a 12-byte virtio-net
+            // header (all zero without offloads).
+            let (hdr, frame) = packet.split_at(HDR_LEN);
+            assert!(hdr.iter().all(|&b| b == 0));
             if let Some(reply) = self.peer.answer(frame) {
-                self.pending.push_back(HostInput::Frame { nic, data: reply });
+                let mut data = vec![0u8; HDR_LEN];
+                data.extend_from_slice(&reply);
+                self.pending.push_back(HostInput::Frame { nic, data });
             }
         }
     }

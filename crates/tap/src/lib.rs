@@ -2,9 +2,11 @@
 //!
 //! [`Tap::open`] attaches to the tap interface `NAME`, creating it if it
 //! does not exist (a created tap disappears when the last descriptor
-//! closes), and brings its link up. Each `read` returns one Ethernet frame,
-//! each `write` sends one. No packet-information prefix and no virtio-net
-//! header: offloads are off, frames are plain Ethernet.
+//! closes), and brings its link up. Each `recv` returns one frame, each
+//! `send` sends one, with a 12-byte virtio-net header in front
+//! (IFF_VNET_HDR): with offloads on, frames may be checksum-pending or TSO
+//! (up to 64 KiB) and the header says so; with offloads off the kernel
+//! finishes every frame before handing it over.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -21,6 +23,14 @@ pub enum TapError {
     #[error("cannot bring tap '{name}' up: {source}")]
     Up { name: String, source: std::io::Error },
 }
+
+/// Bytes of virtio-net header in front of every frame.
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame `recv` returns, header included (a 64 KiB TSO frame).
+pub const MAX_PACKET: usize = VNET_HDR_LEN + 65_550;
+const TUN_F_CSUM: u32 = 0x01;
+const TUN_F_TSO4: u32 = 0x02;
+const TUN_F_TSO6: u32 = 0x04;
 
 /// An open tap interface.
 #[derive(Debug)]
@@ -41,7 +51,7 @@ fn ifreq_for(name: &str) -> libc::ifreq {
 
 impl Tap {
     /// Attach to (or create) tap `name` and bring it up.
-    pub fn open(name: &str) -> Result<Tap, TapError> {
+    pub fn open(name: &str, offloads: bool) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() > 15 || name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
         {
             return Err(TapError::BadName(name.to_string()));
@@ -52,7 +62,7 @@ impl Tap {
             .open("/dev/net/tun")
             .map_err(|source| TapError::Open { name: name.to_string(), source })?;
         let mut req = ifreq_for(name);
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is and
         // which outlives the call; the descriptor is open.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
@@ -66,15 +76,21 @@ impl Tap {
             };
             return Err(TapError::Attach { name: name.to_string(), source, hint });
         }
-        // No offloads: a persistent tap keeps those a previous user (QEMU)
-        // turned on, and then the kernel would hand us frames with
-        // unfinished checksums or larger than the MTU.
+        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which
+        // points at `hdr_len` for the duration of the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) } < 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(TapError::Attach { name: name.to_string(), source, hint: " (setting the vnet header size)" });
+        }
+        // Always set, also to none: a persistent tap keeps the offloads a
+        // previous user (QEMU) turned on.
+        let flags = if offloads { TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 } else { 0 };
         // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is
         // passed.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) };
-        if rc < 0 {
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
             let source = std::io::Error::last_os_error();
-            return Err(TapError::Attach { name: name.to_string(), source, hint: " (turning offloads off)" });
+            return Err(TapError::Attach { name: name.to_string(), source, hint: " (setting offloads)" });
         }
         let tap = Tap { file, name: name.to_string() };
         tap.set_up().map_err(|source| TapError::Up { name: name.to_string(), source })?;
@@ -139,7 +155,7 @@ mod tests {
     #[test]
     fn bad_names_are_refused_before_any_syscall() {
         for n in ["", "a/b", "x:y", "with space", "sixteen-bytes-xx"] {
-            assert!(matches!(Tap::open(n), Err(TapError::BadName(_))), "{n}");
+            assert!(matches!(Tap::open(n, false), Err(TapError::BadName(_))), "{n}");
         }
     }
 
@@ -147,7 +163,7 @@ mod tests {
     fn a_tap_is_created_up_and_carries_frames() {
         // Needs root and /dev/net/tun; the CI machine has both.
         let name = format!("lstt{}", std::process::id() % 100_000);
-        let tap = match Tap::open(&name) {
+        let tap = match Tap::open(&name, true) {
             Ok(t) => t,
             Err(e) => panic!("{e}"),
         };
@@ -157,10 +173,11 @@ mod tests {
         let mut t = tap.try_clone().unwrap();
         // A frame written with no peer listening is accepted (and dropped
         // by the host stack, since it is addressed to nobody).
-        let mut frame = vec![0u8; 60];
-        frame[0..6].copy_from_slice(&[0x52, 0x54, 0, 9, 9, 9]);
-        frame[6..12].copy_from_slice(&[0x52, 0x54, 0, 1, 1, 1]);
-        frame[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+        let mut frame = vec![0u8; VNET_HDR_LEN + 60];
+        let eth = &mut frame[VNET_HDR_LEN..];
+        eth[0..6].copy_from_slice(&[0x52, 0x54, 0, 9, 9, 9]);
+        eth[6..12].copy_from_slice(&[0x52, 0x54, 0, 1, 1, 1]);
+        eth[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental ethertype
         t.send(&frame).unwrap();
         drop(t);
         drop(tap);

@@ -8,7 +8,12 @@
 //! is what the event log records, and every output frame has a position,
 //! which is what the output gate holds back.
 //!
-//! No offloads are offered yet: every frame carries a zero header.
+//! Frames cross the host boundary (input, output, the event log, the tap)
+//! with their 12-byte virtio-net header in front, exactly as a Linux tap
+//! with IFF_VNET_HDR reads and writes them. With offloads on, the guest
+//! may send and receive checksum-pending and TSO frames of up to 64 KiB,
+//! and the header says so; the tap (kernel) finishes them. With offloads
+//! off, headers are zero and frames are at most 1518 bytes.
 //!
 //! ```text
 //!  buffer: virtio_net_hdr_v1 (12 B: flags, gso_type, hdr_len, gso_size,
@@ -22,6 +27,19 @@ use crate::ram::Ram;
 use std::collections::VecDeque;
 
 pub const ID_NET: u32 = 1;
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+/// What the device offers with offloads on; the tap is told the same.
+pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
@@ -30,6 +48,8 @@ const VIRTIO_NET_S_LINK_UP: u16 = 1;
 pub const HDR_LEN: usize = 12;
 /// Largest frame carried: Ethernet with one VLAN tag, without the FCS.
 pub const MAX_FRAME: usize = 1518;
+/// Largest frame with offloads (a TSO frame: 64 KiB of IP plus headers).
+pub const MAX_GSO_FRAME: usize = 65_550;
 /// Smallest frame carried: an Ethernet header.
 pub const MIN_FRAME: usize = 14;
 /// Received frames held while the guest offers no buffers; more are
@@ -51,14 +71,30 @@ pub struct NetStats {
 
 pub struct Net {
     mac: [u8; 6],
+    offloads: bool,
     backlog: VecDeque<Vec<u8>>,
     out: Vec<Vec<u8>>,
     pub stats: NetStats,
 }
 
 impl Net {
+    /// A card without offloads.
     pub fn new(mac: [u8; 6]) -> Net {
-        Net { mac, backlog: VecDeque::new(), out: Vec::new(), stats: NetStats::default() }
+        Net { mac, offloads: false, backlog: VecDeque::new(), out: Vec::new(), stats: NetStats::default() }
+    }
+
+    /// A card offering checksum and TSO offloads (for a tap with a vnet
+    /// header and the same offloads).
+    pub fn with_offloads(mac: [u8; 6]) -> Net {
+        Net { offloads: true, ..Net::new(mac) }
+    }
+
+    fn max_frame(&self) -> usize {
+        if self.offloads {
+            MAX_GSO_FRAME
+        } else {
+            MAX_FRAME
+        }
     }
 
     /// Put backlogged frames into the receive buffers the driver offers.
@@ -66,20 +102,20 @@ impl Net {
         let mut notify = false;
         while !self.backlog.is_empty() {
             let Some(chain) = queue.pop(ram)? else { break };
-            let frame = self.backlog.pop_front().unwrap_or_default();
-            let mut hdr = [0u8; HDR_LEN];
-            hdr[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
+            let mut packet = self.backlog.pop_front().unwrap_or_default();
+            packet[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
             let room: u64 = chain.buffers.iter().filter(|b| b.write).map(|b| b.len as u64).sum();
-            let written = if room >= (HDR_LEN + frame.len()) as u64 {
-                let mut src = hdr.iter().chain(frame.iter()).copied();
+            let written = if room >= packet.len() as u64 {
+                let mut rest = &packet[..];
                 let mut total = 0u32;
                 for b in chain.buffers.iter().filter(|b| b.write) {
-                    let chunk: Vec<u8> = src.by_ref().take(b.len as usize).collect();
-                    if chunk.is_empty() {
+                    if rest.is_empty() {
                         break;
                     }
-                    ram.write(b.addr, &chunk);
+                    let (chunk, tail) = rest.split_at((b.len as usize).min(rest.len()));
+                    ram.write(b.addr, chunk);
                     total += chunk.len() as u32;
+                    rest = tail;
                 }
                 self.stats.rx_frames += 1;
                 total
@@ -98,14 +134,18 @@ impl Net {
         let mut notify = false;
         while let Some(chain) = queue.pop(ram)? {
             let mut bytes = Vec::new();
+            let max = HDR_LEN + self.max_frame();
             for b in chain.buffers.iter().filter(|b| !b.write) {
-                let take = (b.len as usize).min(HDR_LEN + MAX_FRAME - bytes.len());
+                let take = (b.len as usize).min(max - bytes.len());
                 let start = bytes.len();
                 bytes.resize(start + take, 0);
                 ram.read(b.addr, &mut bytes[start..]);
             }
             if bytes.len() >= HDR_LEN + MIN_FRAME {
-                bytes.drain(..HDR_LEN);
+                if !self.offloads {
+                    // Nothing to offload: the host gets a plain header.
+                    bytes[..HDR_LEN].fill(0);
+                }
                 self.out.push(bytes);
                 self.stats.tx_frames += 1;
             } else {
@@ -122,7 +162,7 @@ impl VirtioDevice for Net {
         ID_NET
     }
     fn features(&self) -> u64 {
-        VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | if self.offloads { OFFLOAD_FEATURES } else { 0 }
     }
     fn num_queues(&self) -> usize {
         2
@@ -143,7 +183,11 @@ impl VirtioDevice for Net {
         }
     }
     fn push_input(&mut self, data: Vec<u8>) -> Option<usize> {
-        if !(MIN_FRAME..=MAX_FRAME).contains(&data.len()) || self.backlog.len() >= RX_BACKLOG {
+        let frame = data.len().saturating_sub(HDR_LEN);
+        // Without offloads the guest cannot take a frame whose header asks
+        // for anything (a pending checksum, segmentation).
+        let acceptable = self.offloads || data.get(..HDR_LEN).is_some_and(|h| h.iter().all(|&b| b == 0));
+        if !(MIN_FRAME..=self.max_frame()).contains(&frame) || !acceptable || self.backlog.len() >= RX_BACKLOG {
             self.stats.rx_dropped += 1;
             return None;
         }
@@ -169,7 +213,7 @@ impl VirtioDevice for Net {
     }
     fn hash_state(&self, mut h: &mut dyn std::hash::Hasher) {
         use std::hash::Hash;
-        (&self.mac, &self.backlog, &self.out).hash(&mut h);
+        (&self.mac, self.offloads, &self.backlog, &self.out).hash(&mut h);
     }
 }
 
@@ -237,8 +281,8 @@ mod tests {
     fn frames_wait_for_buffers_then_arrive_in_order() {
         let (mut ram, mut q) = setup();
         let mut net = Net::new(mac_for("t"));
-        assert_eq!(net.push_input(vec![0xaa; 60]), Some(RX));
-        assert_eq!(net.push_input(vec![0xbb; 100]), Some(RX));
+        assert_eq!(net.push_input(packet(0xaa, 60)), Some(RX));
+        assert_eq!(net.push_input(packet(0xbb, 100)), Some(RX));
         // No buffers yet: the frames wait.
         assert!(!net.process(RX, &mut q, &mut ram).unwrap());
         // One buffer split in two descriptors, then a second buffer.
@@ -261,11 +305,37 @@ mod tests {
         assert_eq!(net.stats.rx_frames, 2);
     }
 
+    /// A header (zero) and a frame of `len` bytes of `byte`.
+    fn packet(byte: u8, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; HDR_LEN];
+        p.extend(std::iter::repeat_n(byte, len));
+        p
+    }
+
     #[test]
-    fn transmit_strips_the_header_and_collects_frames() {
+    fn offloads_are_offered_and_big_frames_carried_only_with_them() {
+        let plain = Net::new(mac_for("t"));
+        assert_eq!(plain.features() & OFFLOAD_FEATURES, 0);
+        let mut off = Net::with_offloads(mac_for("t"));
+        assert_eq!(off.features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
+        // A 60 KiB TSO frame whose header asks for a checksum.
+        let mut big = packet(7, 60_000);
+        big[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+        big[1] = 1; // GSO TCPv4
+        assert_eq!(off.push_input(big.clone()), Some(RX));
+        let mut plain = Net::new(mac_for("t"));
+        assert_eq!(plain.push_input(big), None, "too big, and its header asks for offloads");
+        let mut csum = packet(7, 100);
+        csum[0] = 1;
+        assert_eq!(plain.push_input(csum), None);
+    }
+
+    #[test]
+    fn transmit_keeps_the_header_and_collects_frames() {
         let (mut ram, mut q) = setup();
         let mut net = Net::new(mac_for("t"));
         let mut buf = vec![0u8; HDR_LEN];
+        buf[0] = 1; // a checksum request, which a card without offloads drops
         buf.extend((0..64).map(|i| i as u8));
         ram.write(BUF, &buf);
         put_desc(&mut ram, DESC, 0, BUF, HDR_LEN as u32, VIRTQ_DESC_F_NEXT, 1);
@@ -277,7 +347,9 @@ mod tests {
         ram.write(AVAIL + 2, &2u16.to_le_bytes());
         assert!(net.process(TX, &mut q, &mut ram).unwrap());
         let out = net.take_output();
-        assert_eq!(out, vec![(0..64).map(|i| i as u8).collect::<Vec<u8>>()]);
+        let mut want = vec![0u8; HDR_LEN];
+        want.extend((0..64).map(|i| i as u8));
+        assert_eq!(out, vec![want]);
         assert_eq!(net.stats.tx_dropped, 1);
         assert!(net.take_output().is_empty());
     }
@@ -285,12 +357,12 @@ mod tests {
     #[test]
     fn oversized_runt_and_excess_frames_are_dropped() {
         let mut net = Net::new(mac_for("t"));
-        assert_eq!(net.push_input(vec![0; MAX_FRAME + 1]), None);
-        assert_eq!(net.push_input(vec![0; 10]), None);
+        assert_eq!(net.push_input(packet(0, MAX_FRAME + 1)), None);
+        assert_eq!(net.push_input(packet(0, 10)), None);
         for _ in 0..RX_BACKLOG {
-            assert!(net.push_input(vec![0; 60]).is_some());
+            assert!(net.push_input(packet(0, 60)).is_some());
         }
-        assert_eq!(net.push_input(vec![0; 60]), None);
+        assert_eq!(net.push_input(packet(0, 60)), None);
         assert_eq!(net.stats.rx_dropped, 3);
     }
 
@@ -298,7 +370,7 @@ mod tests {
     fn a_buffer_too_small_comes_back_empty() {
         let (mut ram, mut q) = setup();
         let mut net = Net::new(mac_for("t"));
-        net.push_input(vec![1; 200]);
+        net.push_input(packet(1, 200));
         put_desc(&mut ram, DESC, 0, BUF, 100, VIRTQ_DESC_F_WRITE, 0);
         offer(&mut ram, 1);
         net.process(RX, &mut q, &mut ram).unwrap();
