@@ -132,37 +132,88 @@ fn host_seed() -> Result<[u8; 32]> {
     Ok(seed)
 }
 
+/// What the run loop hands the log-writer thread.
+enum LogMsg {
+    Record(Record),
+    /// Flush, then answer.
+    Sync(std::sync::mpsc::SyncSender<()>),
+}
+
 /// The log being written, shared by the host side and the entropy source.
+/// Encoding, checksums and writes happen on a thread of their own, so the
+/// guest does not wait for the disk; the thread flushes whenever it has
+/// nothing queued, so a killed recorder leaves a log that replays up to its
+/// last whole record.
 struct Recorder {
-    log: LogWriter<BufWriter<std::fs::File>>,
+    tx: std::sync::mpsc::SyncSender<LogMsg>,
     path: PathBuf,
     /// Position of the last record (entropy is stamped with it).
     position: u64,
-    error: Option<std::io::Error>,
+    error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
+/// Records queued for the writer thread before the run loop waits.
+const LOG_QUEUE: usize = 4096;
+
 impl Recorder {
-    fn append(&mut self, position: u64, event: Event) {
-        self.position = position;
-        if self.error.is_none() {
-            if let Err(e) = self.log.append(&Record { position, event }) {
-                self.error = Some(e);
+    fn start(mut log: LogWriter<BufWriter<std::fs::File>>, path: PathBuf) -> Recorder {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<LogMsg>(LOG_QUEUE);
+        let error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let err = error.clone();
+        std::thread::spawn(move || {
+            let mut failed = false;
+            let handle = |msg: LogMsg, log: &mut LogWriter<BufWriter<std::fs::File>>, failed: &mut bool| {
+                let result = match msg {
+                    LogMsg::Record(r) if !*failed => log.append(&r),
+                    LogMsg::Record(_) => Ok(()),
+                    LogMsg::Sync(ack) => {
+                        let r = if *failed { Ok(()) } else { log.flush() };
+                        let _ = ack.send(());
+                        r
+                    }
+                };
+                if let Err(e) = result {
+                    *failed = true;
+                    *err.lock().unwrap() = Some(e.to_string());
+                }
+            };
+            while let Ok(msg) = rx.recv() {
+                handle(msg, &mut log, &mut failed);
+                while let Ok(msg) = rx.try_recv() {
+                    handle(msg, &mut log, &mut failed);
+                }
+                if !failed {
+                    if let Err(e) = log.flush() {
+                        failed = true;
+                        *err.lock().unwrap() = Some(e.to_string());
+                    }
+                }
             }
-        }
+        });
+        Recorder { tx, path, position: 0, error }
     }
 
-    /// Push what is buffered to the file (after each run-loop slice, so a
-    /// killed recorder leaves a log that replays up to its last record).
-    fn flush(&mut self) -> Result<()> {
-        if self.error.is_none() {
-            if let Err(e) = self.log.flush() {
-                self.error = Some(e);
-            }
-        }
-        match &self.error {
+    fn append(&mut self, position: u64, event: Event) {
+        self.position = position;
+        // A send fails only if the writer thread is gone; its error is kept.
+        let _ = self.tx.send(LogMsg::Record(Record { position, event }));
+    }
+
+    /// The writer's first error, if any.
+    fn check(&self) -> Result<()> {
+        match self.error.lock().unwrap().as_ref() {
             Some(e) => bail!("cannot write the event log '{}': {e}", self.path.display()),
             None => Ok(()),
         }
+    }
+
+    /// Wait until everything appended so far is in the file.
+    fn flush(&mut self) -> Result<()> {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(LogMsg::Sync(ack)).is_ok() {
+            let _ = done.recv();
+        }
+        self.check()
     }
 }
 
@@ -195,9 +246,10 @@ impl HostIo for LiveIo<'_> {
         self.console.console_write(bytes);
     }
     fn wait(&mut self, timeout: Duration) -> HostInput {
-        if let Some(r) = &self.rec {
-            // About to wait: what is recorded so far goes to the file.
-            let _ = r.borrow_mut().flush();
+        // A log that cannot be written (disk full) stops the run: going on
+        // would leave a recording that does not replay.
+        if self.rec.as_ref().is_some_and(|r| r.borrow().check().is_err()) {
+            return HostInput::Quit;
         }
         self.console.wait(timeout)
     }
@@ -292,7 +344,7 @@ pub fn run_live(vm: &LinuxVm, opts: &RunOpts) -> Result<Outcome> {
                 .with_context(|| format!("cannot create the event log '{}'", path.display()))?;
             let log = LogWriter::new(BufWriter::new(file), &serde_json::to_vec(&meta)?)
                 .with_context(|| format!("cannot write the event log '{}'", path.display()))?;
-            Some(Rc::new(RefCell::new(Recorder { log, path: path.clone(), position: 0, error: None })))
+            Some(Rc::new(RefCell::new(Recorder::start(log, path.clone()))))
         }
     };
     let snap_dir = match (&opts.snapshot_every, &opts.record) {

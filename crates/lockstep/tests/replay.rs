@@ -225,19 +225,26 @@ fn a_killed_recorder_leaves_a_log_that_replays() {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"while true; do echo tick-$((i=i+1)); sleep 0.2; done\n").unwrap();
     let mut stdout = child.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
     let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let _ = stdout.read_to_end(&mut all);
-        all
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
     });
+    // Kill it mid-run, once the loop has visibly run a while.
     let t = Instant::now();
-    while std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) < 20_000 && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(100));
+    while !text(&seen.lock().unwrap()).contains("tick-4") && t.elapsed() < Duration::from_secs(180) {
+        std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_secs(2));
     child.kill().unwrap();
     child.wait().unwrap();
-    let recorded = text(&reader.join().unwrap());
+    reader.join().unwrap();
+    let recorded = text(&seen.lock().unwrap());
     assert!(recorded.contains("tick-3"), "stdout: {recorded}\nlog: {:?}", std::fs::metadata(&log).map(|m| m.len()));
     let out = replay(&log, &[]);
     let replayed = text(&out.stdout);
