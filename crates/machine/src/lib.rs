@@ -236,7 +236,7 @@ const TOHOST_POLL: u64 = 1 << 16;
 /// 2 ms at 400 MIPS).
 const CONSOLE_POLL: u64 = 1 << 20;
 /// How far guest time may fall behind host time while the guest is busy.
-const MAX_TIME_LAG_NS: u64 = 20_000_000;
+const MAX_TIME_LAG_NS: u64 = 500_000_000;
 /// Host inputs delivered per poll while the guest runs.
 const HOST_INPUTS_PER_POLL: usize = 64;
 /// After a panic message, let the kernel print this much more.
