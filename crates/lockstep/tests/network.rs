@@ -366,7 +366,7 @@ fn a_recorded_network_session_replays_offline_with_the_same_disk() {
     let dir = common::tmp_dir("network");
     let log = dir.join("session.log");
     let _ = std::fs::remove_dir_all(dir.join("session.log.snapshots"));
-    let args = ["--record", log.to_str().unwrap(), "--hash-every", "200000000", "--snapshot-every", "2000000000"];
+    let args = ["--record", log.to_str().unwrap(), "--hash-every", "500000000", "--snapshot-every", "1000000000"];
     let mut vm = Vm::start(&topo, &disk, &args);
     vm.wait_for(READY);
     let addr = format!("{}:6379", topo.guest_ip());
@@ -384,14 +384,14 @@ fn a_recorded_network_session_replays_offline_with_the_same_disk() {
     let console = vm.stdout.lock().unwrap().clone();
     let stderr = vm.stderr.lock().unwrap().clone();
     let hashes = hash_lines(&stderr);
-    assert!(hashes.len() > 10, "{hashes:?}");
+    assert!(hashes.len() > 4, "{hashes:?}");
     let recorded_disk = std::fs::read(&disk).unwrap();
 
     let replay = |from: Option<&str>| {
         let copy = disk_copy("replayed");
         std::fs::copy(&start, &copy).unwrap();
         let mut c = lockstep();
-        c.arg("replay").arg(&log).arg("--disk").arg(&copy).args(["--hash-every", "200000000"]);
+        c.arg("replay").arg(&log).arg("--disk").arg(&copy).args(["--hash-every", "500000000"]);
         if let Some(f) = from {
             c.args(["--from", f]);
         }
