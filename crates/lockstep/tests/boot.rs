@@ -2,11 +2,12 @@
 //! initramfs and ext4 root disk, built by `lockstep guest build` on first
 //! use) and drive its console as a user would.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 const READY: &str = "lockstep-guest: ready";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -44,11 +45,10 @@ fn default_disk() -> MutexGuard<'static, ()> {
     DISK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A running guest with its console.
+/// A running guest with its console; holds the default disk if it boots
+/// from it.
 struct Vm {
-    child: Child,
-    stdin: ChildStdin,
-    out: Arc<Mutex<Vec<u8>>>,
+    console: common::GuestConsole,
     _disk: Option<MutexGuard<'static, ()>>,
 }
 
@@ -56,89 +56,22 @@ impl Vm {
     fn start(extra: &[&str]) -> Vm {
         guest();
         let disk = (!extra.iter().any(|a| *a == "--disk" || *a == "--kernel")).then(default_disk);
-        let mut child = lockstep()
-            .arg("run")
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for mut pipe in
-            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
-        {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-        Vm { child, stdin, out, _disk: disk }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    /// Wait until `needle` has appeared `count` times on the console.
-    fn wait_for_n(&mut self, needle: &str, count: usize, timeout: Duration) {
-        let t = Instant::now();
-        while self.text().matches(needle).count() < count {
-            if t.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!("timed out waiting for {needle:?} (x{count}); console so far:\n{}", self.text());
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("lockstep exited ({st}) before {needle:?}; console:\n{}", self.text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_for(&mut self, needle: &str) {
-        self.wait_for_n(needle, 1, BOOT_TIMEOUT);
-    }
-
-    fn send(&mut self, line: &str) {
-        self.stdin.write_all(line.as_bytes()).unwrap();
-        self.stdin.write_all(b"\n").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if t.elapsed() > BOOT_TIMEOUT {
-                let _ = self.child.kill();
-                panic!("lockstep did not exit; console:\n{}", self.text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let console = common::GuestConsole::spawn(lockstep().arg("run").args(extra), BOOT_TIMEOUT);
+        Vm { console, _disk: disk }
     }
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Vm {
+    type Target = common::GuestConsole;
+    fn deref(&self) -> &common::GuestConsole {
+        &self.console
     }
 }
 
-fn host_sha256(data: &[u8]) -> String {
-    let mut c = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    c.stdin.take().unwrap().write_all(data).unwrap();
-    let out = c.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+impl std::ops::DerefMut for Vm {
+    fn deref_mut(&mut self) -> &mut common::GuestConsole {
+        &mut self.console
+    }
 }
 
 #[test]
@@ -153,7 +86,7 @@ fn boots_to_a_shell_that_runs_commands_and_powers_off() {
     let data = b"lockstep checks its guest: 0123456789 abcdefghijklmnopqrstuvwxyz\n";
     let text = std::str::from_utf8(data).unwrap().trim_end();
     vm.send(&format!("printf '%s\\n' '{text}' > /tmp/f; sha256sum /tmp/f"));
-    let want = format!("{}  /tmp/f", host_sha256(data));
+    let want = format!("{}  /tmp/f", common::sha256_hex(data));
     vm.wait_for(&want);
     // virtio-rng: the driver bound, and it serves bytes.
     vm.send("cat /sys/class/misc/hw_random/rng_current");
@@ -170,7 +103,7 @@ fn reboot_boots_again() {
     let mut vm = Vm::start(&[]);
     vm.wait_for(READY);
     vm.send("reboot");
-    vm.wait_for_n(READY, 2, BOOT_TIMEOUT);
+    vm.wait_for_n(READY, 2);
     vm.send("poweroff");
     assert!(vm.wait_exit().success());
 }
@@ -193,7 +126,7 @@ fn root_disk_serves_redis_and_http_and_powers_off_clean() {
     vm.send("redis-cli set lockstep-key lockstep-value; echo set-done");
     vm.wait_for("OK\r\nset-done");
     vm.send("reboot");
-    vm.wait_for_n(READY, 2, BOOT_TIMEOUT);
+    vm.wait_for_n(READY, 2);
     vm.send(
         "redis-cli get lockstep-key | tr -d '\"'; wget -qO- http://127.0.0.1/ | grep -c 'lockstep guest'; \
          grep -c ' / ext4 rw' /proc/mounts",
@@ -351,7 +284,7 @@ fn disk_reads_writes_and_bad_images() {
     let mut vm = Vm::start(&["--disk", img.to_str().unwrap()]);
     vm.wait_for(READY);
     vm.send("dd if=/dev/vda bs=64k 2>/dev/null | sha256sum");
-    vm.wait_for(&format!("{}  -", host_sha256(&data)));
+    vm.wait_for(&format!("{}  -", common::sha256_hex(&data)));
     vm.send("echo lockstep-disk-write | dd of=/dev/vda bs=512 seek=7 conv=sync,fsync 2>/dev/null; echo written");
     vm.wait_for("written\r\n");
     vm.send("poweroff");

@@ -17,9 +17,9 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 const READY: &str = "lockstep-guest: ready";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -105,93 +105,24 @@ fn disk_copy(name: &str) -> PathBuf {
 }
 
 /// The guest running in the host namespace with its console.
-struct Vm {
-    child: Child,
-    stdin: std::process::ChildStdin,
-    /// stdout and stderr as they arrive, and each alone.
-    out: Arc<Mutex<Vec<u8>>>,
-    stdout: Arc<Mutex<Vec<u8>>>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
+type Vm = common::GuestConsole;
 
-impl Vm {
-    fn start(topo: &Topology, disk: &Path, extra: &[&str]) -> Vm {
-        let [kernel, initrd, _] = guest();
-        let append = format!(
-            "console=ttyS0 quiet cryptomgr.notests initcall_blacklist=jent_mod_init root=/dev/vda \
-             lockstep.ip={}/24",
-            topo.guest_ip()
-        );
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &topo.host, env!("CARGO_BIN_EXE_lockstep"), "run", "--kernel"])
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(initrd)
-            .arg("--disk")
-            .arg(disk)
-            .args(["--net", "tap:tap0", "--append", &append])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let (stdout, stderr) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-        for (mut pipe, alone) in [
-            (Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, stdout.clone()),
-            (Box::new(child.stderr.take().unwrap()), stderr.clone()),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock().unwrap().extend_from_slice(&buf[..n]);
-                    alone.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-        Vm { child, stdin, out, stdout, stderr }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    fn wait_for(&self, needle: &str) {
-        let t = Instant::now();
-        while !self.text().contains(needle) {
-            assert!(t.elapsed() < BOOT_TIMEOUT, "timed out waiting for {needle:?}; console:\n{}", self.text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        self.stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(t.elapsed() < BOOT_TIMEOUT, "guest did not exit; console:\n{}", self.text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_vm(topo: &Topology, disk: &Path, extra: &[&str]) -> Vm {
+    let [kernel, initrd, _] = guest();
+    let append = format!(
+        "console=ttyS0 quiet cryptomgr.notests initcall_blacklist=jent_mod_init root=/dev/vda lockstep.ip={}/24",
+        topo.guest_ip()
+    );
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &topo.host, env!("CARGO_BIN_EXE_lockstep"), "run", "--kernel"])
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .arg("--disk")
+        .arg(disk)
+        .args(["--net", "tap:tap0", "--append", &append])
+        .args(extra);
+    common::GuestConsole::spawn(&mut cmd, BOOT_TIMEOUT)
 }
 
 /// A minimal RESP client for the guest's redis-server.
@@ -261,7 +192,7 @@ fn debugfs_cat(img: &Path, file: &str) -> Vec<u8> {
 fn guest_serves_clients_in_a_namespace_and_its_disk_checks_clean() {
     let topo = Topology::new(1);
     let disk = disk_copy("serve");
-    let mut vm = Vm::start(&topo, &disk, &[]);
+    let mut vm = start_vm(&topo, &disk, &[]);
     vm.wait_for(READY);
     let ip = topo.guest_ip();
 
@@ -320,7 +251,7 @@ fn guest_serves_clients_in_a_namespace_and_its_disk_checks_clean() {
 fn fsynced_data_survives_killing_the_machine_mid_write() {
     let topo = Topology::new(2);
     let disk = disk_copy("crash");
-    let mut vm = Vm::start(&topo, &disk, &[]);
+    let mut vm = start_vm(&topo, &disk, &[]);
     vm.wait_for(READY);
     vm.send("head -c 500000 /dev/urandom > /root/kept.bin && sync /root/kept.bin && sha256sum /root/kept.bin");
     vm.wait_for("  /root/kept.bin\r\n");
@@ -367,7 +298,7 @@ fn a_recorded_network_session_replays_offline_with_the_same_disk() {
     let log = dir.join("session.log");
     let _ = std::fs::remove_dir_all(dir.join("session.log.snapshots"));
     let args = ["--record", log.to_str().unwrap(), "--hash-every", "500000000", "--snapshot-every", "1000000000"];
-    let mut vm = Vm::start(&topo, &disk, &args);
+    let mut vm = start_vm(&topo, &disk, &args);
     vm.wait_for(READY);
     let addr = format!("{}:6379", topo.guest_ip());
     let got = topo.in_client(move || {

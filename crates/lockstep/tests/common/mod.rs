@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub const CROSS_GCC: &str = "riscv64-linux-gnu-gcc";
 
@@ -82,4 +84,97 @@ pub fn require_root_net() {
     assert!(Path::new("/dev/net/tun").exists(), "network tests need /dev/net/tun");
     let ok = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(ok, "`ip` is missing: run `bash scripts/test-deps.sh` (the README's test command does)");
+}
+
+/// A guest's `lockstep run` driven through its console: stdin to type on,
+/// stdout and stderr captured as they arrive (together, and each alone).
+/// The process is killed when this is dropped.
+pub struct GuestConsole {
+    pub child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: Arc<Mutex<Vec<u8>>>,
+    pub stdout: Arc<Mutex<Vec<u8>>>,
+    pub stderr: Arc<Mutex<Vec<u8>>>,
+    /// How long each wait may take.
+    timeout: Duration,
+}
+
+impl GuestConsole {
+    pub fn spawn(cmd: &mut Command, timeout: Duration) -> GuestConsole {
+        use std::io::Read;
+        use std::process::Stdio;
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let (stdout, stderr) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        for (mut pipe, alone) in [
+            (Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, stdout.clone()),
+            (Box::new(child.stderr.take().unwrap()), stderr.clone()),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n]);
+                    alone.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        GuestConsole { child, stdin, out, stdout, stderr, timeout }
+    }
+
+    /// Everything printed so far, stdout and stderr as they arrived.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Wait until `needle` has appeared `count` times.
+    pub fn wait_for_n(&mut self, needle: &str, count: usize) {
+        let t = Instant::now();
+        while self.text().matches(needle).count() < count {
+            if t.elapsed() > self.timeout {
+                let _ = self.child.kill();
+                panic!("timed out waiting for {needle:?} (x{count}); console so far:\n{}", self.text());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("lockstep exited ({st}) before {needle:?}; console:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_for(&mut self, needle: &str) {
+        self.wait_for_n(needle, 1);
+    }
+
+    /// Type a line.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        self.stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > self.timeout {
+                let _ = self.child.kill();
+                panic!("lockstep did not exit; console:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for GuestConsole {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
