@@ -10,9 +10,14 @@ mod bench;
 mod bench_guest;
 mod console;
 mod cpio;
+mod demo;
 mod guest;
+mod metrics;
+mod netlab;
+mod pair;
 mod vm;
 mod vmfile;
+mod workload;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -38,12 +43,25 @@ enum Command {
     /// guest writes its disk again: give a copy of the disk as it was when
     /// the recording started.
     Replay(ReplayArgs),
+    /// Run a VM as the primary of a fault-tolerant pair: it boots the guest,
+    /// streams its event log to the secondary (`--peer`), and holds every
+    /// network frame until the secondary has acknowledged the log up to it.
+    Primary(Box<PairArgs>),
+    /// Run a VM as the secondary of a pair (`--listen`): it replays the
+    /// primary's log on its own disk replica and goes live in its place
+    /// when the primary is lost and it wins arbitration.
+    Secondary(Box<PairArgs>),
+    /// Show each side of a pair: role, epoch, position, lag, log rate,
+    /// output hold time, heartbeats, protected or not.
+    Status(StatusArgs),
     /// Print guest MIPS for the built-in integer loops (M-mode, and U-mode
     /// under Sv39 paging).
     Bench(bench::BenchArgs),
-    /// Run the built-in demo: M-mode firmware maps a page table, drops to
-    /// U-mode, runs a loop, and returns with ecall.
-    Demo,
+    /// The main job: a protected pair of the default guest on this machine
+    /// (in network namespaces it builds and removes; needs root) with a live
+    /// redis client; the primary is killed and the secondary takes over.
+    /// `--bare-metal`: the small M-mode/U-mode CPU demo instead.
+    Demo(DemoArgs),
     /// The default guest (Debian trixie riscv64 kernel, busybox initramfs,
     /// ext4 root disk with redis-server and an HTTP server).
     Guest {
@@ -117,6 +135,62 @@ struct RunArgs {
     /// from any of them (`replay --from`).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "elf")]
     snapshot_every: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct PairArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Primary: the secondary's log channel, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: Option<String>,
+    /// Secondary: where to wait for the primary, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Who decides which side goes on alone: `file:PATH` (pairs on one
+    /// host; default: a file for this VM in the temp directory) or
+    /// `etcd:http://HOST:PORT`.
+    #[arg(long, value_name = "SPEC")]
+    arbiter: Option<String>,
+    /// Serve `/metrics` (Prometheus) and `/status` (JSON) on HOST:PORT
+    /// (default 127.0.0.1:9540 for the primary, 9541 for the secondary,
+    /// skipped with a warning if taken).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+    /// Heartbeat interval on the log channel.
+    #[arg(long, value_name = "MS")]
+    heartbeat_ms: Option<u64>,
+    /// Silence after which the peer is lost.
+    #[arg(long, value_name = "MS")]
+    timeout_ms: Option<u64>,
+    /// The primary waits while the secondary's execution lags by more than
+    /// this many positions (bounds failover time; 1 position = 1 ns of
+    /// guest time).
+    #[arg(long, value_name = "N")]
+    max_lag: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// SIGKILL the primary after this many seconds of client traffic.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    kill_after: u64,
+    /// Keep the client going this long after the takeover.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    after: u64,
+    /// Run the bare-metal CPU demo (Sv39, U-mode loop) instead.
+    #[arg(long)]
+    bare_metal: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Status endpoints to ask (the sides' --metrics addresses).
+    #[arg(value_name = "HOST:PORT", default_values = ["127.0.0.1:9540", "127.0.0.1:9541"])]
+    addrs: Vec<String>,
+    /// One JSON object per side, one per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -224,44 +298,53 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-fn run(args: RunArgs) -> Result<Outcome> {
-    let args = args.merge_vm_file()?;
+/// The Linux VM the arguments describe: `--kernel`, or the default guest
+/// (built on first use) when neither a kernel nor an ELF is given.
+fn linux_vm(args: &RunArgs) -> Result<Option<LinuxVm>> {
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
     let devices = args.devices()?;
-    let opts = RunOpts {
-        max_insns: args.max_insns,
-        record: args.record.clone(),
-        hash_every: args.hash_every,
-        snapshot_every: args.snapshot_every,
-    };
     if let Some(kernel) = &args.kernel {
         let append = args.append.as_deref().unwrap_or("console=ttyS0");
-        let vm = LinuxVm {
+        return Ok(Some(LinuxVm {
             kernel: kernel.clone(),
             initrd: args.initrd.clone(),
             append: append.to_string(),
             mem,
             disk: devices.disk,
             net: devices.net,
-        };
+        }));
+    }
+    if args.elf.is_some() {
+        return Ok(None);
+    }
+    // No kernel: the default guest, built on first use; it boots from its
+    // root disk unless --disk gives another disk.
+    let g = guest::build(false)?;
+    let mut append = args.append.clone().unwrap_or_else(|| guest::DEFAULT_APPEND.to_string());
+    let mut disk = devices.disk;
+    if disk.is_none() {
+        // The disk image is locked while it runs (FileBackend::open), so a
+        // second default run is refused, not a corrupted disk.
+        disk = Some((g.disk.clone(), args.disk_readonly));
+        append.push_str(" root=/dev/vda");
+    }
+    let initrd = args.initrd.clone().unwrap_or(g.initrd);
+    Ok(Some(LinuxVm { kernel: g.kernel, initrd: Some(initrd), append, mem, disk, net: devices.net }))
+}
+
+fn run(args: RunArgs) -> Result<Outcome> {
+    let args = args.merge_vm_file()?;
+    let mem = args.mem.unwrap_or(DEFAULT_MEM);
+    let opts = RunOpts {
+        max_insns: args.max_insns,
+        record: args.record.clone(),
+        hash_every: args.hash_every,
+        snapshot_every: args.snapshot_every,
+    };
+    if let Some(vm) = linux_vm(&args)? {
         return vm::run_live(&vm, &opts);
     }
-    let Some(elf) = args.elf else {
-        // No kernel: the default guest, built on first use; it boots from
-        // its root disk unless --disk gives another disk.
-        let g = guest::build(false)?;
-        let mut append = args.append.clone().unwrap_or_else(|| guest::DEFAULT_APPEND.to_string());
-        let mut disk = devices.disk;
-        if disk.is_none() {
-            // The disk image is locked while it runs (FileBackend::open),
-            // so a second default run is refused, not a corrupted disk.
-            disk = Some((g.disk.clone(), args.disk_readonly));
-            append.push_str(" root=/dev/vda");
-        }
-        let initrd = args.initrd.clone().unwrap_or(g.initrd);
-        let vm = LinuxVm { kernel: g.kernel, initrd: Some(initrd), append, mem, disk, net: devices.net };
-        return vm::run_live(&vm, &opts);
-    };
+    let Some(elf) = args.elf else { unreachable!("linux_vm covers every run without an ELF") };
     let mut m = Machine::new(mem);
     let loaded = loader::load_elf(&elf, &mut m.board.ram)?;
     let tohost = loaded
@@ -284,6 +367,91 @@ fn run(args: RunArgs) -> Result<Outcome> {
             m.hart.pc()
         ),
     }
+}
+
+/// Which side of a pair to run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Secondary,
+}
+
+fn pair(args: PairArgs, side: Side) -> Result<Outcome> {
+    let vm_path = args.run.vm.clone();
+    let file = match &vm_path {
+        Some(p) => Some(vmfile::VmFile::load(p)?),
+        None => None,
+    };
+    let run = args.run.merge_vm_file()?;
+    if run.elf.is_some() || run.record.is_some() || run.snapshot_every.is_some() {
+        bail!(
+            "a pair runs a Linux VM and ships its log to the peer: --elf, --record and --snapshot-every do not apply"
+        );
+    }
+    let f = file.unwrap_or_default();
+    let (addr, what) = match side {
+        Side::Primary => (args.peer.or(f.peer), "the primary needs --peer HOST:PORT (the secondary's --listen)"),
+        Side::Secondary => (args.listen.or(f.listen), "the secondary needs --listen HOST:PORT"),
+    };
+    let addr = addr.context(what)?;
+    let defaults = ft::PairConfig::default();
+    let cfg = ft::PairConfig {
+        heartbeat: std::time::Duration::from_millis(
+            args.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(defaults.heartbeat.as_millis() as u64).max(1),
+        ),
+        timeout: std::time::Duration::from_millis(
+            args.timeout_ms.or(f.timeout_ms).unwrap_or(defaults.timeout.as_millis() as u64).max(1),
+        ),
+        max_lag: args.max_lag.or(f.max_lag).unwrap_or(defaults.max_lag),
+        connect_timeout: defaults.connect_timeout,
+    };
+    if cfg.timeout <= cfg.heartbeat {
+        bail!("--timeout-ms must be longer than --heartbeat-ms");
+    }
+    let mut metrics = args.metrics.or(f.metrics);
+    if metrics.is_none() {
+        let default = if side == Side::Primary { "127.0.0.1:9540" } else { "127.0.0.1:9541" };
+        match std::net::TcpListener::bind(default) {
+            Ok(_) => metrics = Some(default.to_string()),
+            Err(e) => eprintln!("lockstep: warning: no status endpoint ({default}: {e}); use --metrics HOST:PORT"),
+        }
+    }
+    let opts = pair::PairOpts {
+        addr,
+        arbiter: args.arbiter.or(f.arbiter),
+        cfg,
+        metrics,
+        hash_every: run.hash_every,
+        max_insns: run.max_insns,
+    };
+    let vm = linux_vm(&run)?.context("a pair needs a Linux VM")?;
+    match side {
+        Side::Primary => pair::run_primary(&vm, &opts),
+        Side::Secondary => pair::run_secondary(&vm, &opts),
+    }
+}
+
+fn status(args: StatusArgs) -> Result<Outcome> {
+    let mut answered = 0;
+    for addr in &args.addrs {
+        match metrics::fetch(addr) {
+            Ok(s) if args.json => {
+                let mut v = serde_json::to_value(&s)?;
+                v["endpoint"] = serde_json::Value::String(addr.clone());
+                println!("{v}");
+                answered += 1;
+            }
+            Ok(s) => {
+                println!("{}", metrics::describe(addr, &s));
+                answered += 1;
+            }
+            Err(e) => eprintln!("lockstep: {e:#}"),
+        }
+    }
+    if answered == 0 {
+        bail!("no side of a pair answered (asked {})", args.addrs.join(", "));
+    }
+    Ok(Outcome::Success)
 }
 
 fn demo() -> Result<Outcome> {
@@ -313,8 +481,14 @@ fn main() -> ExitCode {
         Command::Replay(a) => {
             vm::replay(&a.log, &vm::ReplayOpts { disk: a.disk, hash_every: a.hash_every, from: a.from })
         }
+        Command::Primary(a) => pair(*a, Side::Primary),
+        Command::Secondary(a) => pair(*a, Side::Secondary),
+        Command::Status(a) => status(a),
         Command::Bench(a) => bench::run(a).map(|_| Outcome::Success),
-        Command::Demo => demo(),
+        Command::Demo(a) if a.bare_metal => demo(),
+        Command::Demo(a) => {
+            demo::run(&demo::DemoOpts { kill_after: a.kill_after, after: a.after }).map(|_| Outcome::Success)
+        }
         Command::Guest { command: GuestCommand::Build { force } } => guest::build(force).map(|g| {
             println!("{}\n{}\n{}", g.kernel.display(), g.initrd.display(), g.disk.display());
             Outcome::Success

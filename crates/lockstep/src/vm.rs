@@ -84,7 +84,7 @@ pub fn file_hash(path: &Path) -> Result<String> {
 
 impl LinuxVm {
     /// A machine with this VM's devices, not yet booted.
-    fn machine(&self, seed: [u8; 32], entropy: Box<dyn EntropySource>) -> Result<Machine> {
+    pub(crate) fn machine(&self, seed: [u8; 32], entropy: Box<dyn EntropySource>) -> Result<Machine> {
         let mut m = Machine::new_firmware(self.mem);
         m.rng_seed = Some(seed);
         if let Some((path, read_only)) = &self.disk {
@@ -103,10 +103,10 @@ impl LinuxVm {
 }
 
 /// The host's random source behind virtio-rng.
-struct HostEntropy(std::fs::File);
+pub(crate) struct HostEntropy(std::fs::File);
 
 impl HostEntropy {
-    fn open() -> Result<HostEntropy> {
+    pub(crate) fn open() -> Result<HostEntropy> {
         Ok(HostEntropy(std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom for virtio-rng")?))
     }
 }
@@ -123,7 +123,7 @@ impl EntropySource for HostEntropy {
 }
 
 /// 32 bytes from the host's random source, for the guest's rng-seed.
-fn host_seed() -> Result<[u8; 32]> {
+pub(crate) fn host_seed() -> Result<[u8; 32]> {
     use std::io::Read;
     let mut seed = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -234,11 +234,20 @@ impl EntropySource for RecordingEntropy {
 }
 
 /// The live host side, optionally recording what reaches the guest.
-struct LiveIo<'a> {
-    console: &'a mut crate::console::StdioConsole,
+pub(crate) struct LiveIo<'a> {
+    pub(crate) console: &'a mut crate::console::StdioConsole,
     rec: Option<SharedRecorder>,
-    print_hashes: bool,
+    pub(crate) print_hashes: bool,
     snapshot_dir: Option<PathBuf>,
+    /// Where the run loop is, for a status endpoint.
+    pub(crate) position: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl<'a> LiveIo<'a> {
+    /// A live host side that records nothing.
+    pub(crate) fn plain(console: &'a mut crate::console::StdioConsole) -> LiveIo<'a> {
+        LiveIo { console, rec: None, print_hashes: false, snapshot_dir: None, position: None }
+    }
 }
 
 impl HostIo for LiveIo<'_> {
@@ -255,6 +264,11 @@ impl HostIo for LiveIo<'_> {
     }
     fn send_frame(&mut self, nic: usize, frame: &[u8]) {
         self.console.send_frame(nic, frame);
+    }
+    fn progress(&mut self, pos: u64) {
+        if let Some(p) = &self.position {
+            p.store(pos, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     fn host_log(&mut self, line: &str) {
         self.console.host_log(line);
@@ -305,7 +319,7 @@ impl HostIo for LiveIo<'_> {
     }
 }
 
-fn end_reason(stop: Stop) -> EndReason {
+pub(crate) fn end_reason(stop: Stop) -> EndReason {
     match stop {
         Stop::PowerOff => EndReason::PowerOff,
         Stop::Reboot => EndReason::Reboot,
@@ -316,7 +330,7 @@ fn end_reason(stop: Stop) -> EndReason {
 }
 
 /// The closing lines both modes print: where the run ended and its state.
-fn print_final(console: &mut crate::console::StdioConsole, m: &Machine) {
+pub(crate) fn print_final(console: &mut crate::console::StdioConsole, m: &Machine) {
     console.host_note(&format!("position {}", m.hart.position().0));
     console.host_note(&format!("state-hash {:016x}", m.state_hash()));
 }
@@ -380,6 +394,7 @@ pub fn run_live(vm: &LinuxVm, opts: &RunOpts) -> Result<Outcome> {
             rec: rec.clone(),
             print_hashes: opts.hash_every.is_some(),
             snapshot_dir: snap_dir.clone(),
+            position: None,
         };
         let stop = m.run_linux(&mut io, opts.max_insns)?;
         if let Some(r) = &rec {
@@ -622,7 +637,7 @@ pub fn replay(log_path: &Path, opts: &ReplayOpts) -> Result<Outcome> {
 
 /// `Machine::run_to`, stopping at each multiple of `hash_every` to report
 /// the state hash as a live run does.
-fn run_to_hashing(m: &mut Machine, io: &mut ReplayIo, target: u64) -> Result<RunTo> {
+pub(crate) fn run_to_hashing(m: &mut Machine, io: &mut dyn HostIo, target: u64) -> Result<RunTo> {
     loop {
         let pos = m.hart.position().0;
         let bound = match m.hash_every {

@@ -31,6 +31,14 @@ pub struct VmFile {
     pub record: Option<PathBuf>,
     pub hash_every: Option<u64>,
     pub snapshot_every: Option<u64>,
+    // Pair settings (`lockstep primary` / `secondary`).
+    pub peer: Option<String>,
+    pub listen: Option<String>,
+    pub arbiter: Option<String>,
+    pub metrics: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub max_lag: Option<u64>,
 }
 
 impl VmFile {

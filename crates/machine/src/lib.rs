@@ -160,6 +160,13 @@ pub trait HostIo {
     fn console_write(&mut self, bytes: &[u8]);
     /// Wait up to `timeout` for input (zero: just poll).
     fn wait(&mut self, timeout: Duration) -> HostInput;
+    /// The run loop reached `pos`: every input before it has been
+    /// reported through `delivered`/`skipped`, and output reported next
+    /// (`send_frame`) was produced before it. Called once per run-loop
+    /// slice, before that slice's output.
+    fn progress(&mut self, pos: u64) {
+        let _ = pos;
+    }
     /// A frame the guest sent on network card `nic`.
     fn send_frame(&mut self, nic: usize, frame: &[u8]) {
         let _ = (nic, frame);
@@ -315,6 +322,14 @@ impl Machine {
             io.delivered(self.hart.position().0, &input);
         }
         self.inject(input)
+    }
+
+    /// Let guest time follow host time from now on, starting from the
+    /// current guest time (a replica going live: the guest sees a pause,
+    /// not a jump).
+    pub fn resync_clock(&mut self) {
+        self.epoch = None;
+        self.realtime = true;
     }
 
     /// Move guest time on by `steps` positions without running (idle).
@@ -681,6 +696,7 @@ impl Machine {
             }
             let bound = self.hash_bound();
             let stop = self.step(limit.min(now + CONSOLE_POLL).min(bound))?;
+            io.progress(self.hart.position().0);
             self.flush_output(io);
             self.maybe_hash(io);
             if let Some(stop) = stop {

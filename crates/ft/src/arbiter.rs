@@ -1,0 +1,300 @@
+//! Arbitration: who may run the VM after the pair loses contact.
+//!
+//! The arbiter holds one record per VM: the current **epoch** and the side
+//! that owns it. Starting a pair, going live (secondary) and going on alone
+//! (primary) each need a compare-and-swap from the epoch the side knows to
+//! the next one; of two sides that lost each other exactly one can win, and
+//! the loser stops its guest. The epoch travels in every message on the log
+//! channel as a fencing token.
+//!
+//! Two arbiters: a file (for pairs on one host; an exclusive `flock` makes
+//! the read-compare-write atomic) and etcd (pairs on two hosts), through its
+//! v3 JSON gateway: a transaction comparing the key's `mod_revision`, which
+//! is etcd's documented fencing primitive. Leases are not used: a lease is
+//! kept alive by clocks, and no lease is short enough for sub-second failover.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Who holds which epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub epoch: u64,
+    pub owner: String,
+}
+
+/// The outcome of a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This side now owns this epoch.
+    Won(u64),
+    /// Someone else moved the epoch first.
+    Lost(Holder),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArbiterError {
+    #[error("arbiter {0} is unreachable: {1}")]
+    Unreachable(String, String),
+    #[error("arbiter {0} holds something that is not an epoch record: {1}")]
+    Corrupt(String, String),
+}
+
+pub trait Arbiter: Send + Sync {
+    /// What and where it is, for messages.
+    fn describe(&self) -> String;
+    /// The current holder, if any epoch was ever claimed.
+    fn read(&self) -> Result<Option<Holder>, ArbiterError>;
+    /// If the current epoch is `expected` (0: none yet), make it
+    /// `expected + 1`, owned by `owner`.
+    fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError>;
+}
+
+/// Parse an arbiter spec: `file:PATH` or `etcd:http://HOST:PORT`.
+pub fn from_spec(spec: &str, vm_id: &str) -> Result<Box<dyn Arbiter>, String> {
+    if let Some(path) = spec.strip_prefix("file:") {
+        if path.is_empty() {
+            return Err("--arbiter file: needs a path (file:/run/lockstep/vm.epoch)".into());
+        }
+        Ok(Box::new(FileArbiter::new(path)))
+    } else if let Some(url) = spec.strip_prefix("etcd:") {
+        if !url.starts_with("http://") {
+            return Err(format!("--arbiter etcd:{url}: expected etcd:http://HOST:PORT"));
+        }
+        Ok(Box::new(EtcdArbiter::new(url, &format!("/lockstep/{vm_id}/epoch"))))
+    } else {
+        Err(format!("--arbiter '{spec}': expected file:PATH or etcd:http://HOST:PORT"))
+    }
+}
+
+/// The epoch in a file, for pairs on one host.
+pub struct FileArbiter {
+    path: PathBuf,
+}
+
+impl FileArbiter {
+    pub fn new(path: impl AsRef<Path>) -> FileArbiter {
+        FileArbiter { path: path.as_ref().to_path_buf() }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> ArbiterError {
+        ArbiterError::Unreachable(self.describe(), e.to_string())
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    fn read_unlocked(&self) -> Result<Option<Holder>, ArbiterError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ArbiterError::Corrupt(self.describe(), e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+impl Arbiter for FileArbiter {
+    fn describe(&self) -> String {
+        format!("file '{}'", self.path.display())
+    }
+
+    fn read(&self) -> Result<Option<Holder>, ArbiterError> {
+        self.read_unlocked()
+    }
+
+    fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| self.err(e))?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.lock_path())
+            .map_err(|e| self.err(e))?;
+        lock.lock().map_err(|e| self.err(e))?;
+        let current = self.read_unlocked()?;
+        let epoch = current.as_ref().map_or(0, |h| h.epoch);
+        if epoch != expected {
+            return Ok(Claim::Lost(current.unwrap_or(Holder { epoch: 0, owner: String::new() })));
+        }
+        let next = Holder { epoch: expected + 1, owner: owner.to_string() };
+        // Write a new file and rename it over the old: a crash leaves the
+        // old record or the new one, never half of one.
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| self.err(e))?;
+        f.write_all(&serde_json::to_vec(&next).unwrap()).map_err(|e| self.err(e))?;
+        f.sync_all().map_err(|e| self.err(e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.err(e))?;
+        Ok(Claim::Won(next.epoch))
+    }
+}
+
+/// The epoch under a key in etcd (v3 JSON gateway).
+pub struct EtcdArbiter {
+    url: String,
+    key: String,
+    agent: ureq::Agent,
+}
+
+#[derive(Deserialize)]
+struct KeyValue {
+    #[serde(default)]
+    mod_revision: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RangeResponse {
+    #[serde(default)]
+    kvs: Vec<KeyValue>,
+}
+
+#[derive(Deserialize)]
+struct TxnResponse {
+    #[serde(default)]
+    succeeded: bool,
+}
+
+impl EtcdArbiter {
+    pub fn new(url: &str, key: &str) -> EtcdArbiter {
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
+        EtcdArbiter { url: url.trim_end_matches('/').to_string(), key: key.to_string(), agent }
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn post(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value, ArbiterError> {
+        let resp = self
+            .agent
+            .post(&format!("{}{path}", self.url))
+            .send_json(body)
+            .map_err(|e| ArbiterError::Unreachable(self.describe(), e.to_string()))?;
+        resp.into_json().map_err(|e| ArbiterError::Unreachable(self.describe(), e.to_string()))
+    }
+
+    /// The holder and the key's mod_revision.
+    fn range(&self) -> Result<Option<(Holder, String)>, ArbiterError> {
+        let v = self.post("/v3/kv/range", serde_json::json!({ "key": Self::b64(self.key.as_bytes()) }))?;
+        let r: RangeResponse =
+            serde_json::from_value(v).map_err(|e| ArbiterError::Corrupt(self.describe(), e.to_string()))?;
+        let Some(kv) = r.kvs.into_iter().next() else { return Ok(None) };
+        let corrupt = |e: String| ArbiterError::Corrupt(self.describe(), e);
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(kv.value.unwrap_or_default())
+            .map_err(|e| corrupt(e.to_string()))?;
+        let holder: Holder = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some((holder, kv.mod_revision.unwrap_or_default())))
+    }
+}
+
+impl Arbiter for EtcdArbiter {
+    fn describe(&self) -> String {
+        format!("etcd {} key {}", self.url, self.key)
+    }
+
+    fn read(&self) -> Result<Option<Holder>, ArbiterError> {
+        Ok(self.range()?.map(|(h, _)| h))
+    }
+
+    fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError> {
+        let current = self.range()?;
+        let epoch = current.as_ref().map_or(0, |(h, _)| h.epoch);
+        if epoch != expected {
+            let holder = current.map(|(h, _)| h).unwrap_or(Holder { epoch: 0, owner: String::new() });
+            return Ok(Claim::Lost(holder));
+        }
+        let key = Self::b64(self.key.as_bytes());
+        let next = Holder { epoch: expected + 1, owner: owner.to_string() };
+        // The swap happens only if nobody wrote the key since we read it.
+        let compare = match &current {
+            Some((_, rev)) => serde_json::json!({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": rev}),
+            None => serde_json::json!({"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}),
+        };
+        let txn = serde_json::json!({
+            "compare": [compare],
+            "success": [{"request_put": {"key": key, "value": Self::b64(&serde_json::to_vec(&next).unwrap())}}],
+        });
+        let v = self.post("/v3/kv/txn", txn)?;
+        let r: TxnResponse =
+            serde_json::from_value(v).map_err(|e| ArbiterError::Corrupt(self.describe(), e.to_string()))?;
+        if r.succeeded {
+            Ok(Claim::Won(next.epoch))
+        } else {
+            let holder = self.read()?.unwrap_or(Holder { epoch: 0, owner: String::new() });
+            Ok(Claim::Lost(holder))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ft-arbiter-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d.join("vm.epoch")
+    }
+
+    #[test]
+    fn file_arbiter_compare_and_swap() {
+        let a = FileArbiter::new(tmp("cas"));
+        assert_eq!(a.read().unwrap(), None);
+        assert_eq!(a.claim(0, "primary").unwrap(), Claim::Won(1));
+        assert_eq!(a.claim(0, "secondary").unwrap(), Claim::Lost(Holder { epoch: 1, owner: "primary".into() }));
+        assert_eq!(a.claim(1, "secondary").unwrap(), Claim::Won(2));
+        assert_eq!(a.claim(1, "primary").unwrap(), Claim::Lost(Holder { epoch: 2, owner: "secondary".into() }));
+        assert_eq!(a.read().unwrap(), Some(Holder { epoch: 2, owner: "secondary".into() }));
+    }
+
+    /// Many threads claim the same epoch at once: exactly one wins.
+    #[test]
+    fn exactly_one_concurrent_claim_wins() {
+        let path = tmp("race");
+        FileArbiter::new(&path).claim(0, "start").unwrap();
+        let outcomes: Vec<Claim> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let path = path.clone();
+                    s.spawn(move || FileArbiter::new(&path).claim(1, &format!("t{i}")).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners = outcomes.iter().filter(|c| **c == Claim::Won(2)).count();
+        assert_eq!(winners, 1, "{outcomes:?}");
+        let holder = FileArbiter::new(&path).read().unwrap().unwrap();
+        assert_eq!(holder.epoch, 2);
+    }
+
+    #[test]
+    fn damaged_file_and_bad_specs_are_named() {
+        let path = tmp("bad");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"garbage").unwrap();
+        let e = FileArbiter::new(&path).claim(0, "p").unwrap_err();
+        assert!(e.to_string().contains("not an epoch record"), "{e}");
+        assert!(from_spec("nfs:/x", "v").is_err());
+        assert!(from_spec("etcd:127.0.0.1:2379", "v").is_err());
+        assert!(from_spec("file:", "v").is_err());
+    }
+
+    #[test]
+    fn unreachable_etcd_is_an_error_not_a_verdict() {
+        // Port 9 (discard) on loopback: nothing listens.
+        let a = EtcdArbiter::new("http://127.0.0.1:9", "/lockstep/t/epoch");
+        assert!(matches!(a.claim(0, "p"), Err(ArbiterError::Unreachable(..))));
+    }
+}

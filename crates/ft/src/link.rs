@@ -1,0 +1,654 @@
+//! The two ends of the log channel, with heartbeats, failure detection and
+//! the primary's arbitration. The run loops (with the CLI) call in here:
+//! the primary hands over records, progress marks and output; the secondary
+//! takes records and marks out and reports what it has executed.
+
+use crate::arbiter::{Arbiter, Claim, Holder};
+use crate::gate::OutputGate;
+use crate::wire::{self, Hello, Message, WireError};
+use crate::{PairConfig, State, Status};
+use replay::Record;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("cannot reach the secondary at {addr} within {secs} s: {why}")]
+    Unreachable { addr: String, secs: u64, why: String },
+    #[error("the peer at {addr}: {err}")]
+    Wire { addr: String, err: WireError },
+    #[error("the secondary refused to pair: {0}")]
+    RefusedByPeer(String),
+    #[error("refused to pair with the primary at {addr}: {why}")]
+    Refused { addr: String, why: String },
+    #[error("cannot listen on {addr}: {err}")]
+    Listen { addr: String, err: std::io::Error },
+    #[error("{0}")]
+    Arbiter(#[from] crate::arbiter::ArbiterError),
+    #[error("the arbiter's epoch moved while this primary started (now {0} held by '{1}')")]
+    EpochMoved(u64, String),
+}
+
+/// State both threads and the run loop see.
+pub struct Shared {
+    status: Mutex<Status>,
+    cond: Condvar,
+    /// Things that happened, for the run loop to print.
+    notes: Mutex<Vec<String>>,
+    /// For the log rate: (when, bytes) at the last status read.
+    rate: Mutex<(Instant, u64)>,
+}
+
+impl Shared {
+    fn new(role: &str, epoch: u64) -> Arc<Shared> {
+        let status =
+            Status { role: role.into(), state: Some(State::Protected), protected: true, epoch, ..Status::default() };
+        Arc::new(Shared {
+            status: Mutex::new(status),
+            cond: Condvar::new(),
+            notes: Mutex::new(Vec::new()),
+            rate: Mutex::new((Instant::now(), 0)),
+        })
+    }
+
+    fn note(&self, line: String) {
+        self.status.lock().unwrap().note = line.clone();
+        self.notes.lock().unwrap().push(line);
+    }
+
+    /// Lines to print since the last call.
+    pub fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap())
+    }
+
+    pub fn state(&self) -> State {
+        self.status.lock().unwrap().state.unwrap_or(State::Pairing)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap());
+        self.cond.notify_all();
+    }
+
+    /// A copy of the figures, with the log rate over the time since the
+    /// previous call.
+    pub fn status(&self) -> Status {
+        let mut s = self.status.lock().unwrap().clone();
+        let mut rate = self.rate.lock().unwrap();
+        let dt = rate.0.elapsed().as_secs_f64();
+        if dt >= 0.5 {
+            let bytes = s.log_bytes.saturating_sub(rate.1);
+            self.status.lock().unwrap().log_bytes_per_sec = bytes as f64 / dt;
+            s.log_bytes_per_sec = bytes as f64 / dt;
+            *rate = (Instant::now(), s.log_bytes);
+        }
+        s
+    }
+}
+
+fn owner_name(role: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{role}@{}:{}", host.trim(), std::process::id())
+}
+
+enum Out {
+    Record(Record),
+    Through(u64),
+}
+
+/// The primary's end.
+pub struct PrimaryLink {
+    pub shared: Arc<Shared>,
+    pub gate: Arc<OutputGate>,
+    out: Sender<Out>,
+    cfg: PairConfig,
+    last_through: u64,
+    position: u64,
+}
+
+impl PrimaryLink {
+    /// Claim the next epoch, connect to the secondary at `peer` and pair.
+    pub fn connect(
+        peer: &str,
+        hello: Hello,
+        arbiter: Arc<dyn Arbiter>,
+        gate: Arc<OutputGate>,
+        cfg: PairConfig,
+    ) -> Result<PrimaryLink, PairError> {
+        let owner = owner_name("primary");
+        let current = arbiter.read()?.map_or(0, |h| h.epoch);
+        let epoch = match arbiter.claim(current, &owner)? {
+            Claim::Won(e) => e,
+            Claim::Lost(h) => return Err(PairError::EpochMoved(h.epoch, h.owner)),
+        };
+        let started = Instant::now();
+        let stream = loop {
+            let err = match peer.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(addr)) => match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                    Ok(s) => break s,
+                    Err(e) => e.to_string(),
+                },
+                Ok(None) => "no address".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() >= cfg.connect_timeout {
+                return Err(PairError::Unreachable {
+                    addr: peer.into(),
+                    secs: cfg.connect_timeout.as_secs(),
+                    why: err,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let wire_err = |err: WireError| PairError::Wire { addr: peer.into(), err };
+        let _ = stream.set_nodelay(true);
+        // The secondary builds the machine and hashes its disk before it
+        // answers: give it time.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        let mut w = stream.try_clone().map_err(|e| wire_err(e.into()))?;
+        let mut r = BufReader::new(stream.try_clone().map_err(|e| wire_err(e.into()))?);
+        wire::write_preamble(&mut w).map_err(|e| wire_err(e.into()))?;
+        wire::read_preamble(&mut r).map_err(wire_err)?;
+        wire::write_message(&mut w, epoch, &Message::Hello(hello)).map_err(|e| wire_err(e.into()))?;
+        match wire::read_message(&mut r).map_err(wire_err)? {
+            (e, Message::Welcome) if e == epoch => {}
+            (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
+            (e, m) => {
+                return Err(wire_err(WireError::Malformed(format!(
+                    "expected a welcome at epoch {epoch}, got {m:?} at {e}"
+                ))))
+            }
+        }
+        let _ = stream.set_read_timeout(None);
+        let shared = Shared::new("primary", epoch);
+        shared.note(format!("paired with the secondary at {peer}, epoch {epoch}: the VM is protected"));
+        let (out, rx) = mpsc::channel();
+        let heard = Arc::new(Mutex::new(Instant::now()));
+        let lost = Arc::new(AtomicBool::new(false));
+        let ctx = Lost {
+            shared: shared.clone(),
+            arbiter,
+            gate: gate.clone(),
+            stream: stream.try_clone().ok().map(Arc::new),
+            lost,
+            owner,
+        };
+        {
+            let (ctx, heard) = (ctx.clone(), heard.clone());
+            std::thread::spawn(move || send_loop(w, rx, ctx, heard, cfg));
+        }
+        std::thread::spawn(move || ack_loop(r, ctx, heard, epoch));
+        Ok(PrimaryLink { shared, gate, out, cfg, last_through: 0, position: 0 })
+    }
+
+    fn protected(&self) -> bool {
+        self.shared.state() == State::Protected
+    }
+
+    /// A record of the log, in order.
+    pub fn record(&mut self, record: Record) {
+        if self.protected() {
+            let _ = self.out.send(Out::Record(record));
+        }
+    }
+
+    /// The run loop reached `position`: every record before it is handed
+    /// over.
+    pub fn progress(&mut self, position: u64) {
+        self.position = position;
+        if position > self.last_through && self.protected() {
+            self.last_through = position;
+            let _ = self.out.send(Out::Through(position));
+        }
+        self.shared.status.lock().unwrap().position = position;
+    }
+
+    /// A frame produced at the last progress position.
+    pub fn output(&self, nic: usize, frame: &[u8]) {
+        self.gate.push(self.position, nic, frame);
+    }
+
+    /// Flow control: wait while the secondary's execution lags by more
+    /// than `max_lag` (until it catches up to half of that, or the pair
+    /// breaks).
+    pub fn throttle(&mut self) {
+        let mut s = self.shared.status.lock().unwrap();
+        let lag = |s: &Status| self.position.saturating_sub(s.peer_position);
+        if s.state != Some(State::Protected) || lag(&s) <= self.cfg.max_lag {
+            return;
+        }
+        let t = Instant::now();
+        while s.state == Some(State::Protected) && lag(&s) > self.cfg.max_lag / 2 {
+            s = self.shared.cond.wait_timeout(s, self.cfg.heartbeat).unwrap().0;
+        }
+        s.throttled_ms += t.elapsed().as_millis() as u64;
+    }
+
+    pub fn state(&self) -> State {
+        self.shared.state()
+    }
+
+    /// The run ended at `end` (its end record is queued): wait until the
+    /// secondary holds it, or `timeout`, or the pair breaks.
+    pub fn finish(&mut self, end: u64, timeout: Duration) {
+        self.progress(end + 1);
+        let t = Instant::now();
+        while self.protected() && self.gate.acked() <= end && t.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// What a side needs to handle the loss of its peer.
+#[derive(Clone)]
+struct Lost {
+    shared: Arc<Shared>,
+    arbiter: Arc<dyn Arbiter>,
+    gate: Arc<OutputGate>,
+    stream: Option<Arc<TcpStream>>,
+    lost: Arc<AtomicBool>,
+    owner: String,
+}
+
+impl Lost {
+    /// The secondary is gone (once): cut the channel, then claim the next
+    /// epoch; run alone if it is ours, stop if the secondary took it.
+    fn peer_lost(&self, why: String) {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(s) = &self.stream {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let epoch = self.shared.status.lock().unwrap().epoch;
+        self.shared.note(format!("lost the secondary: {why}; asking the arbiter ({})", self.arbiter.describe()));
+        self.shared.update(|s| {
+            s.state = Some(State::Arbitrating);
+            s.protected = false;
+        });
+        let ctx = self.clone();
+        std::thread::spawn(move || {
+            let mut told = false;
+            loop {
+                match ctx.arbiter.claim(epoch, &ctx.owner) {
+                    Ok(Claim::Won(e)) => {
+                        ctx.gate.open();
+                        ctx.shared.update(|s| {
+                            s.state = Some(State::Alone);
+                            s.epoch = e;
+                        });
+                        ctx.shared.note(format!("won epoch {e}: running alone, the VM is NOT PROTECTED"));
+                        return;
+                    }
+                    Ok(Claim::Lost(Holder { epoch, owner })) => {
+                        let dropped = ctx.gate.discard();
+                        ctx.shared.update(|s| s.state = Some(State::Stopped));
+                        ctx.shared.note(format!(
+                            "lost arbitration: epoch {epoch} belongs to '{owner}'; stopping this guest \
+                             ({dropped} unacknowledged frames never left)"
+                        ));
+                        return;
+                    }
+                    Err(e) if !told => {
+                        told = true;
+                        ctx.shared.note(format!("{e}; holding output and retrying"));
+                    }
+                    Err(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+}
+
+/// The primary's sender: batches records and marks, heartbeats when quiet,
+/// and watches for silence from the secondary.
+fn send_loop(w: TcpStream, rx: Receiver<Out>, ctx: Lost, heard: Arc<Mutex<Instant>>, cfg: PairConfig) {
+    let mut w = BufWriter::with_capacity(1 << 16, w);
+    let mut through = 0u64;
+    let mut missed_at = Instant::now();
+    loop {
+        let first = match rx.recv_timeout(cfg.heartbeat) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if ctx.lost.load(Ordering::SeqCst) {
+            return;
+        }
+        let silent = heard.lock().unwrap().elapsed();
+        if silent >= cfg.timeout {
+            ctx.peer_lost(format!("no word from it for {} ms", silent.as_millis()));
+            return;
+        }
+        if silent >= cfg.heartbeat && missed_at.elapsed() >= cfg.heartbeat {
+            missed_at = Instant::now();
+            ctx.shared.status.lock().unwrap().missed_heartbeats += 1;
+        }
+        let epoch = ctx.shared.status.lock().unwrap().epoch;
+        let mut records = Vec::new();
+        let mut size = 0usize;
+        let mut sent = 0usize;
+        let mut next = first;
+        loop {
+            match next {
+                Some(Out::Record(r)) => {
+                    size += 16
+                        + match &r.event {
+                            replay::Event::Frame { data, .. } => data.len(),
+                            replay::Event::Console(b) | replay::Event::Entropy(b) => b.len(),
+                            _ => 8,
+                        };
+                    records.push(r);
+                    if size >= wire::BATCH_BYTES {
+                        let bytes = Message::Records(std::mem::take(&mut records)).encode(epoch);
+                        sent += bytes.len();
+                        if w.write_all(&bytes).is_err() {
+                            break;
+                        }
+                        size = 0;
+                    }
+                }
+                Some(Out::Through(p)) => through = p,
+                None => break,
+            }
+            next = rx.try_recv().ok();
+        }
+        let mut batch = Vec::new();
+        if !records.is_empty() {
+            batch.extend(Message::Records(records).encode(epoch));
+        }
+        // Always a mark: it is also the heartbeat.
+        batch.extend(Message::Through(through).encode(epoch));
+        sent += batch.len();
+        if let Err(e) = w.write_all(&batch).and_then(|_| w.flush()) {
+            ctx.peer_lost(format!("the log channel failed: {e}"));
+            return;
+        }
+        ctx.shared.status.lock().unwrap().log_bytes += sent as u64;
+    }
+}
+
+/// The primary's receiver: acks release output.
+fn ack_loop(mut r: BufReader<TcpStream>, ctx: Lost, heard: Arc<Mutex<Instant>>, epoch: u64) {
+    loop {
+        match wire::read_message(&mut r) {
+            Ok((e, Message::Ack { received, executed })) if e == epoch => {
+                *heard.lock().unwrap() = Instant::now();
+                ctx.gate.acknowledge(received);
+                ctx.shared.update(|s| {
+                    s.peer_position = s.peer_position.max(executed);
+                    s.lag_positions = s.position.saturating_sub(s.peer_position);
+                    s.lag_ms = s.lag_positions as f64 / 1e6;
+                });
+            }
+            Ok((_, Message::Refuse(why))) => return ctx.peer_lost(format!("it refused to go on: {why}")),
+            Ok((e, m)) => {
+                return ctx.peer_lost(format!("it sent {m:?} at epoch {e} (paired at epoch {epoch}); dropped"));
+            }
+            Err(WireError::Closed) => return ctx.peer_lost("it closed the log channel".into()),
+            Err(e) => return ctx.peer_lost(format!("{e}")),
+        }
+    }
+}
+
+/// What the secondary's run loop gets from the channel.
+#[derive(Debug)]
+pub enum Incoming {
+    Records(Vec<Record>),
+    /// Every record before this position has arrived.
+    Through(u64),
+    /// The primary is gone (why).
+    Lost(String),
+}
+
+/// The secondary's end.
+pub struct SecondaryLink {
+    pub shared: Arc<Shared>,
+    pub rx: Receiver<Incoming>,
+    executed: Arc<AtomicU64>,
+    pub epoch: u64,
+    pub peer: String,
+    arbiter: Arc<dyn Arbiter>,
+}
+
+/// Bind the secondary's listening socket.
+pub fn listen(addr: &str) -> Result<TcpListener, PairError> {
+    TcpListener::bind(addr).map_err(|err| PairError::Listen { addr: addr.into(), err })
+}
+
+impl SecondaryLink {
+    /// Wait for a primary on `listener` and pair with it if `check` accepts
+    /// its hello. Connections that are not lockstep primaries, speak another
+    /// version or an old epoch are refused and waited past (`log` says
+    /// so); a primary of another VM or disk ends the wait with an error.
+    pub fn accept(
+        listener: TcpListener,
+        arbiter: Arc<dyn Arbiter>,
+        cfg: PairConfig,
+        check: &mut dyn FnMut(&Hello) -> Result<(), String>,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<SecondaryLink, PairError> {
+        loop {
+            let (stream, from) = listener.accept().map_err(|err| PairError::Listen { addr: "?".into(), err })?;
+            let from = from.to_string();
+            let _ = stream.set_nodelay(true);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let (Ok(mut w), Ok(r)) = (stream.try_clone(), stream.try_clone()) else { continue };
+            let mut r = BufReader::new(r);
+            let hello = wire::write_preamble(&mut w)
+                .map_err(WireError::from)
+                .and_then(|_| wire::read_preamble(&mut r))
+                .and_then(|_| wire::read_message(&mut r));
+            let (epoch, hello) = match hello {
+                Ok((e, Message::Hello(h))) => (e, h),
+                Ok((_, m)) => {
+                    log(&format!("refused a connection from {from}: it sent {m:?} before a hello"));
+                    continue;
+                }
+                Err(e) => {
+                    log(&format!("refused a connection from {from}: {e}"));
+                    continue;
+                }
+            };
+            let current = arbiter.read()?;
+            if current.as_ref().map(|h| h.epoch) != Some(epoch) {
+                let why = match current {
+                    Some(h) => format!(
+                        "stale epoch: the primary speaks for epoch {epoch}, the arbiter is at epoch {} held by '{}'",
+                        h.epoch, h.owner
+                    ),
+                    None => {
+                        format!("the primary speaks for epoch {epoch}, the arbiter ({}) has none", arbiter.describe())
+                    }
+                };
+                let _ = wire::write_message(&mut w, 0, &Message::Refuse(why.clone()));
+                log(&format!("refused the primary at {from}: {why}"));
+                continue;
+            }
+            if let Err(why) = check(&hello) {
+                let _ = wire::write_message(&mut w, epoch, &Message::Refuse(why.clone()));
+                return Err(PairError::Refused { addr: from, why });
+            }
+            wire::write_message(&mut w, epoch, &Message::Welcome)
+                .map_err(|e| PairError::Wire { addr: from.clone(), err: e.into() })?;
+            let _ = stream.set_read_timeout(None);
+            let shared = Shared::new("secondary", epoch);
+            shared.note(format!("paired with the primary at {from}, epoch {epoch}: replaying its log"));
+            let (tx, rx) = mpsc::channel();
+            let executed = Arc::new(AtomicU64::new(0));
+            let received = Arc::new(AtomicU64::new(0));
+            let heard = Arc::new(Mutex::new(Instant::now()));
+            let lost = Arc::new(AtomicBool::new(false));
+            let writer = Arc::new(Mutex::new(w));
+            let end = SecondaryEnd {
+                shared: shared.clone(),
+                tx,
+                lost,
+                stream: Arc::new(stream),
+                writer,
+                executed: executed.clone(),
+                received,
+                heard,
+                epoch,
+            };
+            {
+                let end = end.clone();
+                std::thread::spawn(move || end.receive_loop(r));
+            }
+            std::thread::spawn(move || end.heartbeat_loop(cfg));
+            std::thread::spawn(move || refuse_latecomers(listener, epoch, from));
+            return Ok(SecondaryLink { shared, rx, executed, epoch, peer: String::new(), arbiter });
+        }
+    }
+
+    /// The run loop executed up to `position`.
+    pub fn executed(&self, position: u64) {
+        self.executed.store(position, Ordering::Relaxed);
+        self.shared.status.lock().unwrap().position = position;
+    }
+
+    /// Ask the arbiter for the next epoch (retrying while it is
+    /// unreachable); `Won` means go live.
+    pub fn claim(&self, log: &mut dyn FnMut(&str)) -> Claim {
+        self.shared.update(|s| {
+            s.state = Some(State::Arbitrating);
+            s.protected = false;
+        });
+        let mut told = false;
+        loop {
+            match self.arbiter.claim(self.epoch, &owner_name("secondary")) {
+                Ok(c) => {
+                    self.shared.update(|s| {
+                        s.state = Some(if matches!(c, Claim::Won(_)) { State::Alone } else { State::Stopped });
+                        if let Claim::Won(e) = c {
+                            s.epoch = e;
+                        }
+                    });
+                    return c;
+                }
+                Err(e) => {
+                    if !told {
+                        log(&format!("{e}; not going live, retrying"));
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+/// After pairing: anyone else who connects is told so and dropped.
+fn refuse_latecomers(listener: TcpListener, epoch: u64, peer: String) {
+    for stream in listener.incoming().flatten() {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut s = stream;
+        let _ = wire::write_preamble(&mut s);
+        let why = format!("this secondary is already paired with {peer} at epoch {epoch}");
+        let _ = wire::write_message(&mut s, epoch, &Message::Refuse(why));
+    }
+}
+
+#[derive(Clone)]
+struct SecondaryEnd {
+    shared: Arc<Shared>,
+    tx: Sender<Incoming>,
+    lost: Arc<AtomicBool>,
+    stream: Arc<TcpStream>,
+    writer: Arc<Mutex<TcpStream>>,
+    executed: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    heard: Arc<Mutex<Instant>>,
+    epoch: u64,
+}
+
+impl SecondaryEnd {
+    fn lose(&self, why: String) {
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            let _ = self.stream.shutdown(Shutdown::Both);
+            let _ = self.tx.send(Incoming::Lost(why));
+        }
+    }
+
+    fn ack(&self) -> std::io::Result<()> {
+        let msg = Message::Ack {
+            received: self.received.load(Ordering::Relaxed),
+            executed: self.executed.load(Ordering::Relaxed),
+        };
+        wire::write_message(&mut *self.writer.lock().unwrap(), self.epoch, &msg)
+    }
+
+    fn receive_loop(self, mut r: BufReader<TcpStream>) {
+        loop {
+            let (epoch, msg) = match wire::read_message(&mut r) {
+                Ok(m) => m,
+                Err(WireError::Closed) => return self.lose("it closed the log channel".into()),
+                Err(e) => return self.lose(e.to_string()),
+            };
+            *self.heard.lock().unwrap() = Instant::now();
+            if epoch != self.epoch {
+                return self.lose(format!("it sent a message of epoch {epoch}, paired at epoch {}", self.epoch));
+            }
+            let size = match &msg {
+                Message::Records(r) => r.len() as u64 * 16,
+                _ => 16,
+            };
+            match msg {
+                Message::Records(records) => {
+                    let bytes: u64 = records
+                        .iter()
+                        .map(|r| match &r.event {
+                            replay::Event::Frame { data, .. } => data.len() as u64,
+                            replay::Event::Console(b) | replay::Event::Entropy(b) => b.len() as u64,
+                            _ => 8,
+                        })
+                        .sum();
+                    self.shared.status.lock().unwrap().log_bytes += bytes + size;
+                    if self.tx.send(Incoming::Records(records)).is_err() {
+                        return;
+                    }
+                }
+                Message::Through(p) => {
+                    self.received.fetch_max(p, Ordering::Relaxed);
+                    self.shared.update(|s| {
+                        s.peer_position = s.peer_position.max(p);
+                        s.log_bytes += size;
+                        s.lag_positions = s.peer_position.saturating_sub(s.position);
+                        s.lag_ms = s.lag_positions as f64 / 1e6;
+                    });
+                    if self.tx.send(Incoming::Through(p)).is_err() {
+                        return;
+                    }
+                    if let Err(e) = self.ack() {
+                        return self.lose(format!("cannot acknowledge: {e}"));
+                    }
+                }
+                Message::Refuse(why) => return self.lose(format!("it ended the pair: {why}")),
+                m => return self.lose(format!("it sent {m:?} on a paired channel")),
+            }
+        }
+    }
+
+    fn heartbeat_loop(self, cfg: PairConfig) {
+        let mut last_missed = Instant::now();
+        while !self.lost.load(Ordering::SeqCst) {
+            std::thread::sleep(cfg.heartbeat);
+            let silent = self.heard.lock().unwrap().elapsed();
+            if silent >= cfg.timeout {
+                return self.lose(format!("no word from it for {} ms", silent.as_millis()));
+            }
+            if silent >= cfg.heartbeat && last_missed.elapsed() >= cfg.heartbeat {
+                last_missed = Instant::now();
+                self.shared.status.lock().unwrap().missed_heartbeats += 1;
+            }
+            if let Err(e) = self.ack() {
+                return self.lose(format!("cannot send a heartbeat: {e}"));
+            }
+        }
+    }
+}

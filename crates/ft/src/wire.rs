@@ -1,0 +1,329 @@
+//! The pair's wire protocol on the log channel (one TCP connection).
+//!
+//! A connection starts with a preamble from each side: the magic `LSFT` and
+//! the protocol version, so a peer of another version, or something that is
+//! not a lockstep endpoint at all, is named as such before anything else is
+//! read. Then messages follow, each framed as
+//!
+//! ```text
+//! len: u32 LE (of what follows the checksum) | crc32: u32 LE | kind: u8 | epoch: u64 LE | payload
+//! ```
+//!
+//! The epoch is the arbiter's fencing token: a receiver refuses messages
+//! from an older epoch than its own.
+
+use replay::Record;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+
+pub const MAGIC: [u8; 4] = *b"LSFT";
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest message accepted (a batch of records is cut well below).
+pub const MAX_MESSAGE: usize = 16 << 20;
+/// Records per batch are cut at about this many bytes.
+pub const BATCH_BYTES: usize = 1 << 20;
+
+/// What the primary tells the secondary when it connects: enough to refuse
+/// a pairing of two different VMs or two different disks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// A hash of the VM description (kernel, initrd, command line, memory,
+    /// MAC), not of paths.
+    pub vm_id: String,
+    /// xxh3 of the disk image's contents, if the VM has a disk.
+    pub disk_hash: Option<String>,
+    /// The boot seed the primary will log, so the secondary can build the
+    /// same initial machine and compare its state.
+    pub seed: [u8; 32],
+    /// The initial machine's state hash (position 0, with `seed`).
+    pub state_hash: u64,
+    /// The guest's MAC address: the secondary's card takes the same one.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// One message on the log channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Primary → secondary: who I am (the epoch is in the frame).
+    Hello(Hello),
+    /// Secondary → primary: paired.
+    Welcome,
+    /// Either way: no (and why), then the connection closes.
+    Refuse(String),
+    /// Primary → secondary: log records, in order.
+    Records(Vec<Record>),
+    /// Primary → secondary: every record before this position has been
+    /// sent; also the primary's heartbeat.
+    Through(u64),
+    /// Secondary → primary: the log is received up to (not including)
+    /// `received` and executed up to `executed`; also the secondary's
+    /// heartbeat.
+    Ack { received: u64, executed: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("the peer is not a lockstep pair endpoint (it sent {0:02x?} where the preamble belongs)")]
+    NotLockstep(Vec<u8>),
+    #[error("the peer speaks pair protocol version {0}, this lockstep speaks version {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("the peer sent a message of {0} bytes (the limit is {MAX_MESSAGE})")]
+    TooLarge(usize),
+    #[error("the peer sent a message with a bad checksum")]
+    Checksum,
+    #[error("the peer sent a malformed message: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WireError {
+    /// Did the read time out (no data within the socket's read timeout)?
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, WireError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    }
+}
+
+/// Write this side's preamble.
+pub fn write_preamble(w: &mut impl Write) -> std::io::Result<()> {
+    let mut b = MAGIC.to_vec();
+    b.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Read and check the peer's preamble.
+pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
+    let mut b = [0u8; 8];
+    read_full(r, &mut b)?;
+    if b[..4] != MAGIC {
+        return Err(WireError::NotLockstep(b.to_vec()));
+    }
+    let version = u32::from_le_bytes(b[4..].try_into().unwrap());
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::Version(version));
+    }
+    Ok(())
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(WireError::Closed),
+        Err(e) => Err(WireError::Io(e)),
+    }
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Hello(_) => 1,
+            Message::Welcome => 2,
+            Message::Refuse(_) => 3,
+            Message::Records(_) => 4,
+            Message::Through(_) => 5,
+            Message::Ack { .. } => 6,
+        }
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        match self {
+            Message::Hello(h) => serde_json::to_vec(h).expect("a Hello always serializes"),
+            Message::Welcome => vec![],
+            Message::Refuse(why) => why.as_bytes().to_vec(),
+            Message::Records(records) => {
+                let mut p = Vec::new();
+                for r in records {
+                    let body = r.encode_body();
+                    p.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                    p.extend_from_slice(&body);
+                }
+                p
+            }
+            Message::Through(pos) => pos.to_le_bytes().to_vec(),
+            Message::Ack { received, executed } => {
+                let mut p = received.to_le_bytes().to_vec();
+                p.extend_from_slice(&executed.to_le_bytes());
+                p
+            }
+        }
+    }
+
+    fn parse(kind: u8, p: &[u8]) -> Result<Message, WireError> {
+        let bad = |what: &str| WireError::Malformed(what.to_string());
+        let u64_at = |p: &[u8], at: usize| -> Result<u64, WireError> {
+            p.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).ok_or_else(|| bad("short integer"))
+        };
+        Ok(match kind {
+            1 => Message::Hello(serde_json::from_slice(p).map_err(|e| bad(&format!("hello: {e}")))?),
+            2 if p.is_empty() => Message::Welcome,
+            3 => Message::Refuse(String::from_utf8_lossy(p).into_owned()),
+            4 => {
+                let mut records = Vec::new();
+                let mut rest = p;
+                while !rest.is_empty() {
+                    let len = rest.get(..4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize);
+                    let len = len.ok_or_else(|| bad("record length cut short"))?;
+                    let body = rest.get(4..4 + len).ok_or_else(|| bad("record cut short"))?;
+                    records.push(Record::decode_body(body).ok_or_else(|| bad("invalid record"))?);
+                    rest = &rest[4 + len..];
+                }
+                Message::Records(records)
+            }
+            5 if p.len() == 8 => Message::Through(u64_at(p, 0)?),
+            6 if p.len() == 16 => Message::Ack { received: u64_at(p, 0)?, executed: u64_at(p, 8)? },
+            k => return Err(WireError::Malformed(format!("unknown kind {k} or wrong length {}", p.len()))),
+        })
+    }
+
+    /// The framed bytes of this message at `epoch`.
+    pub fn encode(&self, epoch: u64) -> Vec<u8> {
+        let mut body = vec![self.kind()];
+        body.extend_from_slice(&epoch.to_le_bytes());
+        body.extend_from_slice(&self.payload());
+        let mut out = Vec::with_capacity(body.len() + 8);
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+/// Write one message and flush.
+pub fn write_message(w: &mut impl Write, epoch: u64, msg: &Message) -> std::io::Result<()> {
+    w.write_all(&msg.encode(epoch))?;
+    w.flush()
+}
+
+/// Read one message: its epoch and content.
+pub fn read_message(r: &mut impl Read) -> Result<(u64, Message), WireError> {
+    let mut head = [0u8; 8];
+    read_full(r, &mut head)?;
+    let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    if len < 9 {
+        return Err(WireError::Malformed(format!("a message of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    read_full(r, &mut body)?;
+    if crc32fast::hash(&body) != crc {
+        return Err(WireError::Checksum);
+    }
+    let epoch = u64::from_le_bytes(body[1..9].try_into().unwrap());
+    Ok((epoch, Message::parse(body[0], &body[9..])?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replay::Event;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                vm_id: "v".into(),
+                disk_hash: Some("d".into()),
+                seed: [7; 32],
+                state_hash: 9,
+                mac: None,
+            }),
+            Message::Welcome,
+            Message::Refuse("no".into()),
+            Message::Records(vec![
+                Record { position: 5, event: Event::Console(b"hi".to_vec()) },
+                Record { position: 9, event: Event::Frame { nic: 0, data: vec![1; 100] } },
+                Record { position: 9, event: Event::Skip(1000) },
+            ]),
+            Message::Records(vec![]),
+            Message::Through(1 << 40),
+            Message::Ack { received: 3, executed: 2 },
+        ]
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let mut stream = Vec::new();
+        write_preamble(&mut stream).unwrap();
+        for (i, m) in samples().iter().enumerate() {
+            write_message(&mut stream, i as u64, m).unwrap();
+        }
+        let mut r = &stream[..];
+        read_preamble(&mut r).unwrap();
+        for (i, m) in samples().iter().enumerate() {
+            assert_eq!(read_message(&mut r).unwrap(), (i as u64, m.clone()));
+        }
+        assert!(matches!(read_message(&mut r), Err(WireError::Closed)));
+    }
+
+    #[test]
+    fn preamble_names_version_and_strangers() {
+        let mut other = MAGIC.to_vec();
+        other.extend_from_slice(&7u32.to_le_bytes());
+        let e = read_preamble(&mut &other[..]).unwrap_err();
+        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 1");
+        let e = read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]).unwrap_err();
+        assert!(matches!(e, WireError::NotLockstep(_)), "{e}");
+    }
+
+    #[test]
+    fn oversized_and_damaged_messages_are_refused() {
+        let mut big = ((MAX_MESSAGE + 1) as u32).to_le_bytes().to_vec();
+        big.extend_from_slice(&[0; 4]);
+        assert!(matches!(read_message(&mut &big[..]), Err(WireError::TooLarge(_))));
+        let mut m = Message::Through(77).encode(1);
+        let last = m.len() - 1;
+        m[last] ^= 1;
+        assert!(matches!(read_message(&mut &m[..]), Err(WireError::Checksum)));
+    }
+
+    /// Random bytes, and valid messages with random bytes flipped or cut,
+    /// give an error or a message, never a panic or a huge allocation.
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (mut errors, mut oks) = (0, 0);
+        for round in 0..20_000 {
+            let mut bytes: Vec<u8> = if round % 2 == 0 {
+                (0..next() % 64).map(|_| next() as u8).collect()
+            } else {
+                let all = samples();
+                all[(next() % all.len() as u64) as usize].encode(next() % 4)
+            };
+            if !bytes.is_empty() && round % 3 != 0 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] ^= 1 << (next() % 8);
+            }
+            if round % 5 == 0 {
+                bytes.truncate((next() % (bytes.len() as u64 + 1)) as usize);
+            }
+            match read_message(&mut &bytes[..]) {
+                Ok(_) => oks += 1,
+                Err(_) => errors += 1,
+            }
+        }
+        assert!(errors > 1000 && oks > 100, "errors {errors}, oks {oks}");
+    }
+
+    #[test]
+    fn a_corrupt_record_inside_a_valid_frame_is_malformed() {
+        // Kind 4 with a record length pointing past the end, checksum valid.
+        let mut body = vec![4u8];
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&100u32.to_le_bytes());
+        let mut m = (body.len() as u32).to_le_bytes().to_vec();
+        m.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        m.extend_from_slice(&body);
+        assert!(matches!(read_message(&mut &m[..]), Err(WireError::Malformed(_))));
+    }
+}

@@ -1,0 +1,120 @@
+//! A pair's network in namespaces, for the demo, the benchmarks and the
+//! tests (which include this file): nothing touches the host's own
+//! interfaces, and everything is removed on drop.
+//!
+//! ```text
+//!  client ns            bridge ns              primary ns              secondary ns
+//!  cli0 10.N.0.1 ─── br0 ─┬─ to primary ──── up0 ─ br0 ─ tap0 (guest)
+//!                         └─ to secondary ─────────────────────── up0 ─ br0 ─ tap0 (guest)
+//!                                                log0 10.N.1.1 ─────────── log0 10.N.1.2
+//! ```
+//!
+//! The guest is 10.N.0.2 behind whichever tap is live; the log channel has
+//! a veth of its own, so it can be cut or slowed without touching the
+//! guest's network.
+
+use std::process::Command;
+
+pub struct PairNet {
+    pub client: String,
+    pub bridge: String,
+    pub primary: String,
+    pub secondary: String,
+    /// The N of 10.N.0.0/24.
+    pub net: u8,
+}
+
+fn sh(cmd: &str) -> Result<(), String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+impl PairNet {
+    /// Build it; `tag` keeps concurrent users apart, `net` picks the subnet.
+    pub fn new(tag: &str, net: u8) -> Result<PairNet, String> {
+        let n = PairNet {
+            client: format!("ls{tag}-c"),
+            bridge: format!("ls{tag}-b"),
+            primary: format!("ls{tag}-p"),
+            secondary: format!("ls{tag}-s"),
+            net,
+        };
+        // Leftovers of a killed earlier run with the same tag.
+        n.remove();
+        let (c, b, p, s) = (&n.client, &n.bridge, &n.primary, &n.secondary);
+        let mut script = vec![format!("ip netns add {c} && ip netns add {b} && ip netns add {p} && ip netns add {s}")];
+        for ns in [c, b, p, s] {
+            script.push(format!("ip -n {ns} link set lo up"));
+        }
+        script.push(format!("ip -n {b} link add br0 type bridge && ip -n {b} link set br0 up"));
+        script.push(format!(
+            "ip -n {b} link add tocli type veth peer name cli0 netns {c} && ip -n {b} link set tocli master br0 up && \
+             ip -n {c} addr add 10.{net}.0.1/24 dev cli0 && ip -n {c} link set cli0 up"
+        ));
+        for (side, ns) in [("p", p), ("s", s)] {
+            script.push(format!(
+                "ip -n {b} link add to{side} type veth peer name up0 netns {ns} && ip -n {b} link set to{side} master br0 up && \
+                 ip -n {ns} link add br0 type bridge && ip -n {ns} link set br0 up && \
+                 ip -n {ns} link set up0 master br0 up && \
+                 ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} link set tap0 master br0 up"
+            ));
+        }
+        script.push(format!(
+            "ip -n {p} link add log0 type veth peer name log0 netns {s} && \
+             ip -n {p} addr add 10.{net}.1.1/24 dev log0 && ip -n {p} link set log0 up && \
+             ip -n {s} addr add 10.{net}.1.2/24 dev log0 && ip -n {s} link set log0 up"
+        ));
+        for cmd in script {
+            if let Err(e) = sh(&cmd) {
+                n.remove();
+                return Err(e);
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn guest_ip(&self) -> String {
+        format!("10.{}.0.2", self.net)
+    }
+
+    /// The secondary's log-channel address, for `--listen` and `--peer`.
+    pub fn log_addr(&self, port: u16) -> String {
+        format!("10.{}.1.2:{port}", self.net)
+    }
+
+    /// `prog` run inside namespace `ns`.
+    pub fn exec(ns: &str, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, prog]);
+        c
+    }
+
+    /// Cut the log link (both ways) or heal it.
+    pub fn set_log_link(&self, up: bool) -> Result<(), String> {
+        let state = if up { "up" } else { "down" };
+        sh(&format!("ip -n {} link set log0 {state}", self.primary))
+    }
+
+    /// Delay and loss on both ends of the log link (`tc netem`).
+    pub fn netem_log(&self, delay_ms: u32, loss_pct: f32) -> Result<(), String> {
+        for ns in [&self.primary, &self.secondary] {
+            sh(&format!("tc -n {ns} qdisc replace dev log0 root netem delay {delay_ms}ms loss {loss_pct}%"))?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self) {
+        for ns in [&self.client, &self.bridge, &self.primary, &self.secondary] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(std::process::Stdio::null()).status();
+        }
+    }
+}
+
+impl Drop for PairNet {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

@@ -1,0 +1,761 @@
+//! The two sides of a fault-tolerant pair: the run loops around `ft`.
+//!
+//! The primary runs the guest live, as `run --record` does, but its log
+//! goes to the secondary ([`ft::link::PrimaryLink`]) and its network output
+//! waits in the output gate until the secondary has acknowledged the log
+//! up to where that output was produced. The secondary builds the same
+//! machine and replays the log as it arrives, never running past what it
+//! has received. When the primary is lost and the secondary wins the next
+//! epoch, it replays what it holds, goes live at exactly that position on
+//! its own tap, and announces the guest's addresses so the bridge and the
+//! clients' neighbours learn the new port.
+
+use crate::console::StdioConsole;
+use crate::vm::{self, end_reason, print_final, run_to_hashing, HostEntropy, LinuxVm, LiveIo, Outcome};
+use anyhow::{bail, Context, Result};
+use ft::arbiter::{Arbiter, Claim};
+use ft::gate::{FrameSink, OutputGate};
+use ft::link::{Incoming, PrimaryLink, SecondaryLink, Shared};
+use ft::wire::Hello;
+use ft::{PairConfig, State, Status};
+use machine::virtio::rng::EntropySource;
+use machine::{HostInput, HostIo, RunTo, Stop};
+use replay::{EndReason, Event, Record};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Options of either side.
+pub struct PairOpts {
+    /// Primary: the secondary's address. Secondary: the address to listen on.
+    pub addr: String,
+    /// `file:PATH` or `etcd:http://HOST:PORT` (default: a file for this VM
+    /// in the temp directory, for pairs on one host).
+    pub arbiter: Option<String>,
+    pub cfg: PairConfig,
+    /// Serve `/metrics` and `/status` here.
+    pub metrics: Option<String>,
+    pub hash_every: Option<u64>,
+    pub max_insns: Option<u64>,
+}
+
+/// What makes two VM descriptions the same VM: the kernel's and initrd's
+/// contents, the command line, memory, and which devices exist (not paths,
+/// tap names or MACs: each side has its own replica and tap).
+fn vm_identity(vm: &LinuxVm) -> Result<String> {
+    let text = format!(
+        "{}|{}|{}|{}|{}|{}",
+        vm::file_hash(&vm.kernel)?,
+        vm.initrd.as_deref().map(vm::file_hash).transpose()?.unwrap_or_default(),
+        vm.append,
+        vm.mem,
+        vm.disk.as_ref().map_or("nodisk", |(_, ro)| if *ro { "ro" } else { "rw" }),
+        vm.net.is_some(),
+    );
+    Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes())))
+}
+
+fn arbiter_for(opts: &PairOpts, vm_id: &str) -> Result<Arc<dyn Arbiter>> {
+    let spec = match &opts.arbiter {
+        Some(s) => s.clone(),
+        None => format!("file:{}", std::env::temp_dir().join(format!("lockstep-{vm_id}.epoch")).display()),
+    };
+    Ok(Arc::from(ft::arbiter::from_spec(&spec, vm_id).map_err(anyhow::Error::msg)?))
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The primary's log, shared by its host side and its entropy source.
+struct PrimarySide {
+    link: PrimaryLink,
+    /// Position of the last record (entropy is stamped with it).
+    last: u64,
+}
+
+impl PrimarySide {
+    fn record(&mut self, position: u64, event: Event) {
+        self.last = position;
+        self.link.record(Record { position, event });
+    }
+}
+
+struct PrimaryIo<'a> {
+    console: &'a mut StdioConsole,
+    side: Rc<RefCell<PrimarySide>>,
+    print_hashes: bool,
+    /// The pair's policy stopped this side (lost arbitration).
+    fenced: bool,
+}
+
+impl PrimaryIo<'_> {
+    fn print_notes(&mut self) {
+        let notes = self.side.borrow().link.shared.take_notes();
+        for n in notes {
+            self.console.host_note(&format!("lockstep: {n}"));
+        }
+    }
+}
+
+impl HostIo for PrimaryIo<'_> {
+    fn console_write(&mut self, bytes: &[u8]) {
+        self.console.console_write(bytes);
+    }
+    fn wait(&mut self, timeout: Duration) -> HostInput {
+        self.print_notes();
+        if self.side.borrow().link.state() == State::Stopped {
+            self.fenced = true;
+            return HostInput::Quit;
+        }
+        if timeout.is_zero() {
+            self.side.borrow_mut().link.throttle();
+        }
+        self.console.wait(timeout)
+    }
+    fn progress(&mut self, pos: u64) {
+        self.side.borrow_mut().link.progress(pos);
+    }
+    fn send_frame(&mut self, nic: usize, frame: &[u8]) {
+        self.side.borrow().link.output(nic, frame);
+    }
+    fn host_log(&mut self, line: &str) {
+        self.console.host_log(line);
+    }
+    fn delivered(&mut self, pos: u64, input: &HostInput) {
+        let event = match input {
+            HostInput::Console(b) => Event::Console(b.clone()),
+            HostInput::Frame { nic, data } => Event::Frame { nic: *nic as u8, data: data.clone() },
+            HostInput::Nothing | HostInput::Quit => return,
+        };
+        self.side.borrow_mut().record(pos, event);
+    }
+    fn skipped(&mut self, pos: u64, steps: u64) {
+        self.side.borrow_mut().record(pos, Event::Skip(steps));
+    }
+    fn state_hash(&mut self, pos: u64, hash: u64) {
+        self.side.borrow_mut().record(pos, Event::Hash(hash));
+        if self.print_hashes {
+            self.console.host_note(&format!("hash {pos} {hash:016x}"));
+        }
+    }
+}
+
+/// The figures of one side for `/status` and `/metrics`.
+fn status_fn(shared: Arc<Shared>, gate: Option<Arc<OutputGate>>) -> impl Fn() -> Status + Send + Sync + 'static {
+    move || {
+        let mut s = shared.status();
+        if let Some(g) = &gate {
+            let st = g.stats();
+            s.frames_held = st.held_now;
+            s.frames_released = st.released;
+            s.hold_us_mean = st.hold_us_mean;
+            s.hold_us_max = st.hold_us_max;
+        }
+        s
+    }
+}
+
+/// Run the primary of a pair.
+pub fn run_primary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
+    let vm_id = vm_identity(vm)?;
+    let arbiter = arbiter_for(opts, &vm_id)?;
+    let mut console = StdioConsole::new();
+    let mut sinks: Vec<Box<dyn FrameSink>> = Vec::new();
+    if let Some((name, _)) = &vm.net {
+        let tap = tap::Tap::open(name, true)?;
+        sinks.push(Box::new(tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?));
+        console.add_tap(tap).with_context(|| format!("cannot read tap '{name}'"))?;
+    }
+    let gate = Arc::new(OutputGate::new(sinks));
+    let seed = vm::host_seed()?;
+    let disk_hash = vm.disk.as_ref().map(|(p, _)| vm::file_hash(p)).transpose()?;
+    // The machine needs its entropy source before the link exists; the
+    // source finds the link through this cell.
+    let side: Rc<RefCell<Option<Rc<RefCell<PrimarySide>>>>> = Rc::new(RefCell::new(None));
+    struct Deferred(Rc<RefCell<Option<Rc<RefCell<PrimarySide>>>>>, HostEntropy);
+    impl EntropySource for Deferred {
+        fn fill(&mut self, buf: &mut [u8]) {
+            self.1.fill(buf);
+            if let Some(side) = self.0.borrow().as_ref() {
+                let mut s = side.borrow_mut();
+                let pos = s.last;
+                s.record(pos, Event::Entropy(buf.to_vec()));
+            }
+        }
+    }
+    let mut m = vm.machine(seed, Box::new(Deferred(side.clone(), HostEntropy::open()?)))?;
+    m.hash_every = opts.hash_every;
+    let hello = Hello {
+        vm_id: vm_id.clone(),
+        disk_hash,
+        seed,
+        state_hash: m.state_hash(),
+        mac: vm.net.as_ref().map(|(_, mac)| *mac),
+    };
+    console.host_note(&format!(
+        "lockstep: primary: waiting for the secondary at {} (arbiter {})",
+        opts.addr,
+        arbiter.describe()
+    ));
+    let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg)?;
+    let shared = link.shared.clone();
+    if let Some(addr) = &opts.metrics {
+        crate::metrics::serve(addr, Box::new(status_fn(shared.clone(), Some(gate.clone()))))?;
+    }
+    let s = Rc::new(RefCell::new(PrimarySide { link, last: 0 }));
+    *side.borrow_mut() = Some(s.clone());
+    s.borrow_mut().record(0, Event::Seed(seed));
+    loop {
+        let mut io = PrimaryIo {
+            console: &mut console,
+            side: s.clone(),
+            print_hashes: opts.hash_every.is_some(),
+            fenced: false,
+        };
+        let stop = m.run_linux(&mut io, opts.max_insns)?;
+        io.print_notes();
+        let fenced = io.fenced;
+        drop(io);
+        if fenced {
+            print_final(&mut console, &m);
+            bail!("{}", shared.status().note);
+        }
+        let end = m.hart.position().0;
+        s.borrow_mut().record(end, Event::End(end_reason(stop)));
+        if stop == Stop::Reboot {
+            let seed = vm::host_seed()?;
+            s.borrow_mut().record(0, Event::Seed(seed));
+            m = vm.machine(seed, Box::new(Deferred(side.clone(), HostEntropy::open()?)))?;
+            m.hash_every = opts.hash_every;
+            continue;
+        }
+        // Let the secondary have the end before this side goes.
+        s.borrow_mut().link.finish(end, Duration::from_secs(5));
+        print_final(&mut console, &m);
+        return match stop {
+            Stop::Quit if console.signalled() => bail!("stopped by a signal"),
+            Stop::PowerOff | Stop::Quit => Ok(Outcome::Success),
+            Stop::Panic => {
+                eprintln!("lockstep: the guest kernel panicked (its message is above)");
+                Ok(Outcome::GuestFailure)
+            }
+            Stop::Reboot => unreachable!(),
+            Stop::Limit => bail!("instruction limit of {} reached", opts.max_insns.unwrap_or(0)),
+        };
+    }
+}
+
+/// The secondary's entropy: the log's bytes while it replays, the host's
+/// once it is live.
+struct ReplicaEntropy {
+    queue: Rc<RefCell<VecDeque<Vec<u8>>>>,
+    error: Rc<RefCell<Option<String>>>,
+    live: Rc<Cell<bool>>,
+    host: HostEntropy,
+}
+
+impl EntropySource for ReplicaEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        if self.live.get() {
+            return self.host.fill(buf);
+        }
+        match self.queue.borrow_mut().pop_front() {
+            Some(bytes) if bytes.len() == buf.len() => buf.copy_from_slice(&bytes),
+            other => {
+                buf.fill(0);
+                let got = other.map_or("none".to_string(), |b| format!("{} bytes", b.len()));
+                self.error
+                    .borrow_mut()
+                    .get_or_insert(format!("the guest drew {} entropy bytes where the log has {got}", buf.len()));
+            }
+        }
+    }
+}
+
+/// The secondary's host side while it replays: console output shown,
+/// network output suppressed (but read for the guest's addresses).
+struct ReplicaIo<'a> {
+    console: &'a mut StdioConsole,
+    mac: Option<[u8; 6]>,
+    addresses: Vec<IpAddr>,
+    print_hashes: bool,
+}
+
+impl HostIo for ReplicaIo<'_> {
+    fn console_write(&mut self, bytes: &[u8]) {
+        self.console.console_write(bytes);
+    }
+    fn wait(&mut self, _: Duration) -> HostInput {
+        HostInput::Nothing
+    }
+    fn send_frame(&mut self, _: usize, frame: &[u8]) {
+        if let Some(mac) = self.mac {
+            if let Some(ip) = announce::source_address(frame, &mac) {
+                if !self.addresses.contains(&ip) {
+                    self.addresses.push(ip);
+                }
+            }
+        }
+    }
+    fn host_log(&mut self, line: &str) {
+        self.console.host_log(line);
+    }
+    fn state_hash(&mut self, pos: u64, hash: u64) {
+        if self.print_hashes {
+            self.console.host_note(&format!("hash {pos} {hash:016x}"));
+        }
+    }
+}
+
+/// How the secondary's replay ended.
+enum ReplayEnd {
+    /// The primary ended the VM (the log's end record).
+    Ended(EndReason),
+    /// The primary is lost (why).
+    Lost(String),
+}
+
+/// Run the secondary of a pair.
+pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
+    let vm_id = vm_identity(vm)?;
+    let arbiter = arbiter_for(opts, &vm_id)?;
+    let listener = ft::link::listen(&opts.addr)?;
+    let mut console = StdioConsole::new();
+    // Opened now so a bad tap is an error before pairing; read only once live.
+    let mut tap = match &vm.net {
+        Some((name, _)) => Some(tap::Tap::open(name, true)?),
+        None => None,
+    };
+    let queue = Rc::new(RefCell::new(VecDeque::new()));
+    let entropy_error = Rc::new(RefCell::new(None::<String>));
+    let live = Rc::new(Cell::new(false));
+    let entropy = || -> Result<Box<dyn EntropySource>> {
+        Ok(Box::new(ReplicaEntropy {
+            queue: queue.clone(),
+            error: entropy_error.clone(),
+            live: live.clone(),
+            host: HostEntropy::open()?,
+        }))
+    };
+    let disk_hash = vm.disk.as_ref().map(|(p, _)| vm::file_hash(p)).transpose()?;
+    let mut vm = vm.clone();
+    let mut built = None;
+    let mut build_error = None;
+    console.host_note(&format!("lockstep: secondary: listening on {} (arbiter {})", opts.addr, arbiter.describe()));
+    let mut check = |h: &Hello| -> Result<(), String> {
+        if h.vm_id != vm_id {
+            return Err(format!(
+                "the primary runs another VM (identity {}, this secondary's is {vm_id}: kernel, initrd, command line, \
+                 memory or devices differ)",
+                h.vm_id
+            ));
+        }
+        if h.disk_hash != disk_hash {
+            return Err(format!(
+                "the disk replicas differ (primary {}, secondary {}): copy the primary's image first",
+                h.disk_hash.as_deref().unwrap_or("none"),
+                disk_hash.as_deref().unwrap_or("none")
+            ));
+        }
+        // Same guest MAC on both sides: the secondary takes over the address.
+        if let (Some((_, mac)), Some(theirs)) = (&mut vm.net, h.mac) {
+            *mac = theirs;
+        }
+        let m = entropy().and_then(|e| vm.machine(h.seed, e)).map_err(|e| {
+            let msg = format!("cannot build the machine: {e:#}");
+            build_error = Some(msg.clone());
+            msg
+        })?;
+        let mine = m.state_hash();
+        if mine != h.state_hash {
+            return Err(format!(
+                "the initial machine states differ (primary {:016x}, secondary {mine:016x})",
+                h.state_hash
+            ));
+        }
+        built = Some((m, h.seed));
+        Ok(())
+    };
+    let mut log = |line: &str| eprintln!("lockstep: {line}");
+    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, &mut log)?;
+    let (mut m, _) = built.take().context("paired without a machine")?;
+    m.hash_every = opts.hash_every;
+    let position = Arc::new(AtomicU64::new(0));
+    if let Some(addr) = &opts.metrics {
+        let shared = link.shared.clone();
+        let pos = position.clone();
+        let f = status_fn(shared, None);
+        crate::metrics::serve(
+            addr,
+            Box::new(move || {
+                let mut s = f();
+                if s.state == Some(State::Alone) {
+                    s.position = pos.load(Ordering::Relaxed);
+                }
+                s
+            }),
+        )?;
+    }
+    for n in link.shared.take_notes() {
+        console.host_note(&format!("lockstep: {n}"));
+    }
+    let mac = vm.net.as_ref().map(|(_, mac)| *mac);
+    let mut io =
+        ReplicaIo { console: &mut console, mac, addresses: Vec::new(), print_hashes: opts.hash_every.is_some() };
+    let mut pending: VecDeque<Record> = VecDeque::new();
+    let mut through = 0u64;
+    let mut last_good = 0u64;
+    let mut lost: Option<String> = None;
+    // The first record is the boot seed the machine was built with.
+    let end = 'replay: loop {
+        // Take in everything that has arrived.
+        loop {
+            let msg = if lost.is_some() { break } else { link.rx.try_recv() };
+            match msg {
+                Ok(Incoming::Records(records)) => {
+                    for r in records {
+                        match r.event {
+                            Event::Entropy(bytes) => queue.borrow_mut().push_back(bytes),
+                            _ => pending.push_back(r),
+                        }
+                    }
+                }
+                Ok(Incoming::Through(p)) => through = through.max(p),
+                Ok(Incoming::Lost(why)) => lost = Some(why),
+                Err(_) => break,
+            }
+        }
+        if io.console.signalled() {
+            bail!("stopped by a signal");
+        }
+        let pos = m.hart.position().0;
+        link.executed(pos);
+        // After the loss: replay everything held, then stop there.
+        let target = match pending.front() {
+            Some(r) => r.position,
+            None if lost.is_some() => break 'replay ReplayEnd::Lost(lost.take().unwrap()),
+            None => through,
+        };
+        if pos < target {
+            // In slices, so acks report execution as it goes.
+            let r = run_to_hashing(&mut m, &mut io, target.min(pos + (1 << 22)))?;
+            if let Some(e) = entropy_error.borrow().as_ref() {
+                bail!("replay diverged between positions {last_good} and {}: {e}", m.hart.position().0);
+            }
+            let now = m.hart.position().0;
+            match r {
+                RunTo::Reached => continue,
+                RunTo::Idle if pending.is_empty() => {
+                    // Waiting for the log like the guest waits for time.
+                    if let Ok(msg) = link.rx.recv_timeout(Duration::from_millis(20)) {
+                        requeue(msg, &mut pending, &queue, &mut through, &mut lost);
+                    }
+                    continue;
+                }
+                RunTo::Idle => bail!(
+                    "replay diverged between positions {last_good} and {now}: the guest idles at {now} but the \
+                     log's next event is at {target}"
+                ),
+                RunTo::Stopped(stop) => match pending.front() {
+                    Some(Record { event: Event::End(reason), position })
+                        if *reason == end_reason(stop) && *position == now => {}
+                    _ => bail!(
+                        "replay diverged between positions {last_good} and {now}: the guest stopped ({stop:?}) where \
+                         the log continues"
+                    ),
+                },
+            }
+        }
+        let Some(rec) = pending.front().filter(|r| r.position <= m.hart.position().0).cloned() else {
+            // Everything received is executed: wait for more.
+            match link.rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(msg) => requeue(msg, &mut pending, &queue, &mut through, &mut lost),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => lost = Some("the log channel closed".into()),
+            }
+            continue;
+        };
+        pending.pop_front();
+        match rec.event {
+            Event::Console(b) => {
+                m.inject(HostInput::Console(b));
+            }
+            Event::Frame { nic, data } => {
+                m.inject(HostInput::Frame { nic: nic as usize, data });
+            }
+            Event::Skip(n) => {
+                m.skip(n);
+                let pos = m.hart.position().0;
+                if m.hash_every.is_some_and(|every| pos.is_multiple_of(every)) {
+                    let h = m.state_hash();
+                    io.state_hash(pos, h);
+                }
+            }
+            Event::Hash(h) => {
+                let mine = m.state_hash();
+                if mine != h {
+                    bail!(
+                        "replay diverged between positions {last_good} and {}: state hash {mine:016x}, the primary's \
+                         {h:016x}; this secondary resigns",
+                        rec.position
+                    );
+                }
+                last_good = rec.position;
+            }
+            Event::Seed(_) if rec.position == 0 && m.hart.position().0 == 0 => {}
+            Event::Seed(_) => bail!("the primary's log has a boot record in the middle of a run"),
+            Event::Entropy(_) | Event::Snapshot(_) => {}
+            Event::End(EndReason::Reboot) => {
+                let Some(Record { event: Event::Seed(seed), .. }) = pending.pop_front().or_else(|| {
+                    // The seed follows the end in the same batch or the next.
+                    match link.rx.recv_timeout(Duration::from_secs(5)) {
+                        Ok(Incoming::Records(mut rs)) if !rs.is_empty() => Some(rs.remove(0)),
+                        _ => None,
+                    }
+                }) else {
+                    bail!("the primary's log has a reboot without a boot record after it");
+                };
+                m = vm.machine(seed, entropy()?)?;
+                m.hash_every = opts.hash_every;
+                last_good = 0;
+            }
+            Event::End(reason) => break 'replay ReplayEnd::Ended(reason),
+        }
+    };
+    let addresses = std::mem::take(&mut io.addresses);
+    drop(io);
+    let why = match end {
+        ReplayEnd::Ended(reason) => {
+            for n in link.shared.take_notes() {
+                console.host_note(&format!("lockstep: {n}"));
+            }
+            console.host_note(&format!("lockstep: the primary ended the VM ({reason:?}); the secondary stops with it"));
+            print_final(&mut console, &m);
+            return Ok(if reason == EndReason::Panic { Outcome::GuestFailure } else { Outcome::Success });
+        }
+        ReplayEnd::Lost(why) => why,
+    };
+    let pos = m.hart.position().0;
+    console.host_note(&format!(
+        "lockstep: lost the primary: {why}; replayed its log to position {pos}; asking the arbiter ({})",
+        arbiter.describe()
+    ));
+    let mut log = |line: &str| eprintln!("lockstep: {line}");
+    match link.claim(&mut log) {
+        Claim::Won(epoch) => {
+            console.host_note(&format!("lockstep: won epoch {epoch}: going live at position {pos} (NOT PROTECTED)"));
+        }
+        Claim::Lost(h) => {
+            print_final(&mut console, &m);
+            bail!("lost arbitration: epoch {} belongs to '{}'; this secondary stops", h.epoch, h.owner);
+        }
+    }
+    // Live: the host's entropy, the host's clock, the tap.
+    live.set(true);
+    m.resync_clock();
+    if let (Some(t), Some(mac)) = (tap.take(), mac) {
+        let name = t.name().to_string();
+        let announcer = t.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
+        console.add_tap(t).with_context(|| format!("cannot read tap '{name}'"))?;
+        announce::spawn(announcer, mac, addresses.clone());
+        let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+        console.host_note(&format!(
+            "lockstep: announcing {} ({}) on tap '{name}'",
+            mac_text(&mac),
+            if list.is_empty() { "no address seen yet".to_string() } else { list.join(", ") }
+        ));
+    }
+    let mut live_io = LiveIo::plain(&mut console);
+    live_io.position = Some(position);
+    live_io.print_hashes = opts.hash_every.is_some();
+    let stop = m.run_linux(&mut live_io, opts.max_insns)?;
+    drop(live_io);
+    print_final(&mut console, &m);
+    match stop {
+        Stop::Quit if console.signalled() => bail!("stopped by a signal"),
+        Stop::PowerOff | Stop::Quit => Ok(Outcome::Success),
+        Stop::Reboot => bail!("the guest rebooted after failover; rebooting a failed-over VM is not supported yet"),
+        Stop::Panic => {
+            eprintln!("lockstep: the guest kernel panicked (its message is above)");
+            Ok(Outcome::GuestFailure)
+        }
+        Stop::Limit => bail!("instruction limit of {} reached", opts.max_insns.unwrap_or(0)),
+    }
+}
+
+fn requeue(
+    msg: Incoming,
+    pending: &mut VecDeque<Record>,
+    queue: &Rc<RefCell<VecDeque<Vec<u8>>>>,
+    through: &mut u64,
+    lost: &mut Option<String>,
+) {
+    match msg {
+        Incoming::Records(records) => {
+            for r in records {
+                match r.event {
+                    Event::Entropy(bytes) => queue.borrow_mut().push_back(bytes),
+                    _ => pending.push_back(r),
+                }
+            }
+        }
+        Incoming::Through(p) => *through = (*through).max(p),
+        Incoming::Lost(why) => *lost = Some(why),
+    }
+}
+
+/// Telling the network where the guest is now.
+pub mod announce {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    const VNET_HDR: usize = tap::VNET_HDR_LEN;
+
+    /// The guest's own IP address in a frame it sent, if it has one.
+    pub fn source_address(frame: &[u8], mac: &[u8; 6]) -> Option<IpAddr> {
+        let eth = frame.get(VNET_HDR..)?;
+        if eth.get(6..12)? != mac {
+            return None;
+        }
+        let ethertype = u16::from_be_bytes([*eth.get(12)?, *eth.get(13)?]);
+        let payload = &eth[14..];
+        let ip = match ethertype {
+            0x0806 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(payload.get(14..18)?).ok()?)),
+            0x0800 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(payload.get(12..16)?).ok()?)),
+            0x86dd => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(payload.get(8..24)?).ok()?)),
+            _ => return None,
+        };
+        (!ip.is_unspecified()).then_some(ip)
+    }
+
+    fn ethernet(dst: [u8; 6], src: &[u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR];
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(src);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A RARP request for `mac` (what QEMU and ESXi send: it needs no IP).
+    pub fn rarp(mac: &[u8; 6]) -> Vec<u8> {
+        let mut p = vec![0, 1, 8, 0, 6, 4, 0, 3];
+        p.extend_from_slice(mac);
+        p.extend_from_slice(&[0; 4]);
+        p.extend_from_slice(mac);
+        p.extend_from_slice(&[0; 4]);
+        ethernet([0xff; 6], mac, 0x8035, &p)
+    }
+
+    /// A gratuitous ARP request: sender and target are the guest's address.
+    pub fn garp(mac: &[u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+        let mut p = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        p.extend_from_slice(mac);
+        p.extend_from_slice(&ip.octets());
+        p.extend_from_slice(&[0; 6]);
+        p.extend_from_slice(&ip.octets());
+        ethernet([0xff; 6], mac, 0x0806, &p)
+    }
+
+    /// An unsolicited neighbour advertisement (override set) to all nodes.
+    pub fn unsolicited_na(mac: &[u8; 6], ip: Ipv6Addr) -> Vec<u8> {
+        let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+        icmp.extend_from_slice(&ip.octets());
+        icmp.extend_from_slice(&[2, 1]);
+        icmp.extend_from_slice(mac);
+        // Checksum over the pseudo-header and the message.
+        let mut sum = 0u32;
+        let mut add = |b: &[u8]| {
+            for c in b.chunks(2) {
+                sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+            }
+        };
+        add(&ip.octets());
+        add(&dst.octets());
+        add(&(icmp.len() as u32).to_be_bytes());
+        add(&[0, 0, 0, 58]);
+        add(&icmp);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        icmp[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let mut ip6 = vec![0x60, 0, 0, 0];
+        ip6.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        ip6.extend_from_slice(&[58, 255]);
+        ip6.extend_from_slice(&ip.octets());
+        ip6.extend_from_slice(&dst.octets());
+        ip6.extend_from_slice(&icmp);
+        ethernet([0x33, 0x33, 0, 0, 0, 1], mac, 0x86dd, &ip6)
+    }
+
+    /// The frames of one announcement round.
+    pub fn frames(mac: &[u8; 6], addresses: &[IpAddr]) -> Vec<Vec<u8>> {
+        let mut out = vec![rarp(mac)];
+        for a in addresses {
+            out.push(match a {
+                IpAddr::V4(v4) => garp(mac, *v4),
+                IpAddr::V6(v6) => unsolicited_na(mac, *v6),
+            });
+        }
+        out
+    }
+
+    /// Announce at once, then again after 50, 150, 300 and 500 ms (as
+    /// QEMU's announce rounds), in case the first frames meet a bridge or
+    /// neighbour that is not ready.
+    pub fn spawn(mut tap: tap::Tap, mac: [u8; 6], addresses: Vec<IpAddr>) {
+        std::thread::spawn(move || {
+            let mut last = 0;
+            for at in [0u64, 50, 150, 300, 500] {
+                std::thread::sleep(std::time::Duration::from_millis(at - last));
+                last = at;
+                for f in frames(&mac, &addresses) {
+                    let _ = tap.send(&f);
+                }
+            }
+        });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
+        #[test]
+        fn addresses_are_learned_from_the_guests_own_frames() {
+            let ip = Ipv4Addr::new(10, 0, 0, 2);
+            assert_eq!(source_address(&garp(&MAC, ip), &MAC), Some(IpAddr::V4(ip)));
+            let v6: Ipv6Addr = "fe80::5054:ff:fe01:203".parse().unwrap();
+            assert_eq!(source_address(&unsolicited_na(&MAC, v6), &MAC), Some(IpAddr::V6(v6)));
+            // Someone else's frame, or no address: nothing.
+            assert_eq!(source_address(&garp(&[1; 6], ip), &MAC), None);
+            assert_eq!(source_address(&rarp(&MAC), &MAC), None);
+            assert_eq!(source_address(&[0; 20], &MAC), None);
+        }
+
+        #[test]
+        fn neighbour_advertisement_checksum_verifies() {
+            let v6: Ipv6Addr = "fd00::2".parse().unwrap();
+            let f = unsolicited_na(&MAC, v6);
+            let ip6 = &f[VNET_HDR + 14..];
+            let icmp = &ip6[40..];
+            let mut sum = 0u32;
+            for b in [&ip6[8..24], &ip6[24..40], &(icmp.len() as u32).to_be_bytes()[..], &[0, 0, 0, 58][..], icmp] {
+                for c in b.chunks(2) {
+                    sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+                }
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            assert_eq!(sum, 0xffff, "a valid checksum sums to all ones");
+            assert_eq!(icmp[0], 136);
+        }
+    }
+}
