@@ -34,8 +34,8 @@ pub struct PairConfig {
 impl Default for PairConfig {
     fn default() -> PairConfig {
         PairConfig {
-            heartbeat: Duration::from_millis(20),
-            timeout: Duration::from_millis(150),
+            heartbeat: Duration::from_millis(25),
+            timeout: Duration::from_millis(250),
             max_lag: 100_000_000,
             connect_timeout: Duration::from_secs(60),
         }

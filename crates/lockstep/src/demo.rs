@@ -4,117 +4,13 @@
 //! removes (`netlab`); the disks are sparse copies of the guest's root disk.
 
 use crate::netlab::PairNet;
+use crate::pairlab::{in_netns, GuestPaths, Pair, LOG_PORT};
 use crate::workload::Writer;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-pub const GUEST_MAC: &str = "52:54:00:4c:53:50";
-pub const LOG_PORT: u16 = 7300;
-
-/// The two processes of a pair in their namespaces, with their output in
-/// files (`primary.out`/`.err`, `secondary.out`/`.err` in `dir`).
-pub struct Pair {
-    pub primary: Child,
-    pub secondary: Child,
-    pub dir: PathBuf,
-}
-
-/// Sparse copies of the guest's root disk, one per side.
-pub fn replicas(disk: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let (p, s) = (dir.join("primary.img"), dir.join("secondary.img"));
-    for copy in [&p, &s] {
-        let ok = Command::new("cp").arg("--sparse=always").arg(disk).arg(copy).status()?.success();
-        if !ok {
-            bail!("cannot copy '{}' to '{}'", disk.display(), copy.display());
-        }
-    }
-    Ok((p, s))
-}
-
-impl Pair {
-    /// Start secondary, then primary, of the default guest on `net`.
-    pub fn start(net: &PairNet, dir: &Path, extra: &[&str]) -> Result<Pair> {
-        let g = crate::guest::build(false)?;
-        let (pdisk, sdisk) = replicas(&g.disk, dir)?;
-        let exe = std::env::current_exe()?;
-        let append = format!("{} root=/dev/vda lockstep.ip={}/24", crate::guest::DEFAULT_APPEND, net.guest_ip());
-        let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
-        let spawn = |ns: &str, role: &str, disk: &Path, addr_flag: &str, metrics: &str| -> Result<Child> {
-            let mut c = PairNet::exec(ns, exe.to_str().unwrap());
-            c.arg(role)
-                .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
-                .args(["--append", &append, "--disk", disk.to_str().unwrap()])
-                .args(["--net", "tap:tap0", "--mac", GUEST_MAC, addr_flag, &net.log_addr(LOG_PORT)])
-                .args(["--arbiter", &arbiter, "--metrics", metrics])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(std::fs::File::create(dir.join(format!("{role}.out")))?)
-                .stderr(std::fs::File::create(dir.join(format!("{role}.err")))?);
-            c.spawn().with_context(|| format!("cannot start the {role}"))
-        };
-        let secondary = spawn(&net.secondary, "secondary", &sdisk, "--listen", "127.0.0.1:9541")?;
-        let primary = spawn(&net.primary, "primary", &pdisk, "--peer", "127.0.0.1:9540")?;
-        Ok(Pair { primary, secondary, dir: dir.to_path_buf() })
-    }
-
-    pub fn text(&self, file: &str) -> String {
-        std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
-    }
-
-    /// Wait until `file` contains `needle`, or fail after `timeout` (or
-    /// when both sides have exited).
-    pub fn wait_for(&mut self, file: &str, needle: &str, timeout: Duration) -> Result<()> {
-        let t = Instant::now();
-        while !self.text(file).contains(needle) {
-            if t.elapsed() > timeout {
-                bail!("no '{needle}' in {file} after {} s: {}", timeout.as_secs(), self.tails());
-            }
-            let p = self.primary.try_wait()?.is_some();
-            let s = self.secondary.try_wait()?.is_some();
-            if p && s {
-                bail!("both sides exited before '{needle}': {}", self.tails());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
-    pub fn tails(&self) -> String {
-        let tail = |f: &str| {
-            let t = self.text(f);
-            let lines: Vec<&str> = t.lines().collect();
-            lines[lines.len().saturating_sub(6)..].join(" | ")
-        };
-        format!("primary: {} ;; secondary: {}", tail("primary.err"), tail("secondary.err"))
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for c in [&mut self.primary, &mut self.secondary] {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Run `f` on a thread inside network namespace `ns`.
-pub fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<Result<T>> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || -> Result<T> {
-        let file = std::fs::File::open(&path).with_context(|| format!("no namespace {path}"))?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(f())
-    })
-}
 
 /// What the client saw.
 #[derive(Default)]
@@ -147,7 +43,9 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
         net.client,
         net.log_addr(LOG_PORT)
     ));
-    let mut pair = Pair::start(&net, &dir, &[])?;
+    let g = crate::guest::build(false)?;
+    let paths = GuestPaths { kernel: g.kernel, initrd: g.initrd, disk: g.disk, append: crate::guest::DEFAULT_APPEND.into() };
+    let mut pair = Pair::start(&std::env::current_exe()?, &paths, &net, &dir, &[])?;
     say(&format!("started secondary and primary (their output is in {})", dir.display()));
     pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(120))?;
     say("paired: the primary ships its log, the secondary replays it");

@@ -14,6 +14,7 @@ mod demo;
 mod guest;
 mod metrics;
 mod netlab;
+mod pairlab;
 mod pair;
 mod vm;
 mod vmfile;

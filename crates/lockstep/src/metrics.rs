@@ -23,7 +23,14 @@ pub fn serve(addr: &str, status: StatusFn) -> Result<()> {
 fn answer(mut stream: TcpStream, status: &StatusFn) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
-    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    reader.read_line(&mut line)?;
+    // Read the rest of the request head: closing with unread bytes would
+    // reset the connection under the client's feet.
+    let mut header = String::new();
+    while reader.read_line(&mut header)? > 2 {
+        header.clear();
+    }
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (code, kind, body) = match path {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", status().prometheus()),
@@ -43,7 +50,7 @@ pub fn fetch(addr: &str) -> Result<Status> {
     let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(2))
         .with_context(|| format!("no lockstep side answers on {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    s.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text).with_context(|| format!("reading the status from {addr}"))?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");

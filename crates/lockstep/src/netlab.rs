@@ -93,15 +93,28 @@ impl PairNet {
     }
 
     /// Cut the log link (both ways) or heal it.
+    #[allow(dead_code)] // the pair tests use it; the binary does not
     pub fn set_log_link(&self, up: bool) -> Result<(), String> {
         let state = if up { "up" } else { "down" };
         sh(&format!("ip -n {} link set log0 {state}", self.primary))
     }
 
-    /// Delay and loss on both ends of the log link (`tc netem`).
-    pub fn netem_log(&self, delay_ms: u32, loss_pct: f32) -> Result<(), String> {
+    /// A slow, lossy log link: both ends capped at `rate_kbit` (a token
+    /// bucket, whose queue adds delay under load) and dropping `loss_pct`
+    /// of their outgoing packets at random (nftables `numgen`). netem would
+    /// be the usual tool, but kernels without `sch_netem` (this project's
+    /// CI kernel among them) are common; these two are built in more often.
+    #[allow(dead_code)] // the pair tests use it; the binary does not
+    pub fn impair_log(&self, rate_kbit: u32, loss_pct: f32) -> Result<(), String> {
+        let per_mille = (loss_pct * 10.0).round() as u32;
         for ns in [&self.primary, &self.secondary] {
-            sh(&format!("tc -n {ns} qdisc replace dev log0 root netem delay {delay_ms}ms loss {loss_pct}%"))?;
+            sh(&format!(
+                "tc -n {ns} qdisc replace dev log0 root tbf rate {rate_kbit}kbit burst 32kbit latency 200ms"
+            ))?;
+            sh(&format!(
+                "ip netns exec {ns} nft 'add table inet lossy; add chain inet lossy out {{ type filter hook output priority 0; }}; \
+                 add rule inet lossy out oifname \"log0\" numgen random mod 1000 < {per_mille} drop'"
+            ))?;
         }
         Ok(())
     }

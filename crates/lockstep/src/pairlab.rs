@@ -1,0 +1,123 @@
+//! Running a pair of the default guest in a `netlab` network: the demo,
+//! the pair benchmarks and the pair tests (which include this file) start
+//! and watch the two sides the same way.
+
+use crate::netlab::PairNet;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The guest's files and base command line.
+pub struct GuestPaths {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+    pub append: String,
+}
+
+pub const GUEST_MAC: &str = "52:54:00:4c:53:50";
+pub const LOG_PORT: u16 = 7300;
+
+/// The two processes of a pair in their namespaces, with their output in
+/// files (`primary.out`/`.err`, `secondary.out`/`.err` in `dir`).
+pub struct Pair {
+    pub primary: Child,
+    pub secondary: Child,
+    pub dir: PathBuf,
+}
+
+/// Sparse copies of the guest's root disk, one per side.
+pub fn replicas(disk: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (p, s) = (dir.join("primary.img"), dir.join("secondary.img"));
+    for copy in [&p, &s] {
+        let ok = Command::new("cp").arg("--sparse=always").arg(disk).arg(copy).status()?.success();
+        if !ok {
+            bail!("cannot copy '{}' to '{}'", disk.display(), copy.display());
+        }
+    }
+    Ok((p, s))
+}
+
+impl Pair {
+    /// Start secondary, then primary, of the guest `g` on `net`, with
+    /// `lockstep` binary `exe`; `extra` flags go to both sides.
+    pub fn start(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path, extra: &[&str]) -> Result<Pair> {
+        let (pdisk, sdisk) = replicas(&g.disk, dir)?;
+        let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
+        let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
+        let spawn = |ns: &str, role: &str, disk: &Path, addr_flag: &str, metrics: &str| -> Result<Child> {
+            let mut c = PairNet::exec(ns, exe.to_str().unwrap());
+            c.arg(role)
+                .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
+                .args(["--append", &append, "--disk", disk.to_str().unwrap()])
+                .args(["--net", "tap:tap0", "--mac", GUEST_MAC, addr_flag, &net.log_addr(LOG_PORT)])
+                .args(["--metrics", metrics])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(dir.join(format!("{role}.out")))?)
+                .stderr(std::fs::File::create(dir.join(format!("{role}.err")))?);
+            if !extra.contains(&"--arbiter") {
+                c.args(["--arbiter", &arbiter]);
+            }
+            c.spawn().with_context(|| format!("cannot start the {role}"))
+        };
+        let secondary = spawn(&net.secondary, "secondary", &sdisk, "--listen", "127.0.0.1:9541")?;
+        let primary = spawn(&net.primary, "primary", &pdisk, "--peer", "127.0.0.1:9540")?;
+        Ok(Pair { primary, secondary, dir: dir.to_path_buf() })
+    }
+
+    pub fn text(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
+    }
+
+    /// Wait until `file` contains `needle`, or fail after `timeout` (or
+    /// when both sides have exited).
+    pub fn wait_for(&mut self, file: &str, needle: &str, timeout: Duration) -> Result<()> {
+        let t = Instant::now();
+        while !self.text(file).contains(needle) {
+            if t.elapsed() > timeout {
+                bail!("no '{needle}' in {file} after {} s: {}", timeout.as_secs(), self.tails());
+            }
+            let p = self.primary.try_wait()?.is_some();
+            let s = self.secondary.try_wait()?.is_some();
+            if p && s {
+                bail!("both sides exited before '{needle}': {}", self.tails());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn tails(&self) -> String {
+        let tail = |f: &str| {
+            let t = self.text(f);
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(6)..].join(" | ")
+        };
+        format!("primary: {} ;; secondary: {}", tail("primary.err"), tail("secondary.err"))
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for c in [&mut self.primary, &mut self.secondary] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Run `f` on a thread inside network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&path).with_context(|| format!("no namespace {path}"))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(f())
+    })
+}
+

@@ -1,0 +1,430 @@
+//! End to end: fault-tolerant pairs of the default Debian guest in network
+//! namespaces the tests build and remove (`src/netlab.rs`: client, bridge,
+//! primary and secondary namespaces, each side's tap on the guest network,
+//! and a veth of its own for the log channel), with a client doing numbered
+//! writes and read-backs over one TCP connection to the guest's redis
+//! (`src/workload.rs`). Processes are killed with SIGKILL, the log link is
+//! cut and slowed with `ip link` and `tc netem`, and etcd is a real server.
+//! Needs root. Pair tests run one at a time (each runs two emulators).
+
+mod common;
+#[path = "../src/netlab.rs"]
+#[allow(dead_code)]
+mod netlab;
+#[path = "../src/pairlab.rs"]
+#[allow(dead_code)]
+mod pairlab;
+#[path = "../src/workload.rs"]
+#[allow(dead_code)]
+mod workload;
+
+use netlab::PairNet;
+use pairlab::{in_netns, GuestPaths, Pair};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use workload::Writer;
+
+const READY: &str = "lockstep-guest: ready";
+const BOOT: Duration = Duration::from_secs(240);
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lockstep"))
+}
+
+/// One pair at a time: two emulators already fill this machine's cores.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn guest() -> &'static GuestPaths {
+    static GUEST: OnceLock<GuestPaths> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let out = Command::new(exe()).args(["guest", "build"]).output().unwrap();
+        assert!(out.status.success(), "guest build failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let l: Vec<PathBuf> = text.lines().map(PathBuf::from).collect();
+        GuestPaths {
+            kernel: l[0].clone(),
+            initrd: l[1].clone(),
+            disk: l[2].clone(),
+            append: "console=ttyS0 quiet cryptomgr.notests initcall_blacklist=jent_mod_init".into(),
+        }
+    })
+}
+
+/// A client on its own thread in the client namespace: numbered steps
+/// until told to stop, then every acknowledged write read back.
+struct Client {
+    acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<anyhow::Result<Result<Writer, String>>>,
+}
+
+impl Client {
+    fn start(net: &PairNet) -> Client {
+        let addr = format!("{}:6379", net.guest_ip());
+        let (acked, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (a, s) = (acked.clone(), stop.clone());
+        let handle = in_netns(&net.client, move || -> Result<Writer, String> {
+            let mut w = Writer::connect(&addr, Duration::from_secs(30)).map_err(|e| format!("connect: {e}"))?;
+            while !s.load(Ordering::Relaxed) {
+                w.step()?;
+                a.store(w.acked, Ordering::Relaxed);
+            }
+            w.verify_all()?;
+            Ok(w)
+        });
+        Client { acked, stop, handle }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Wait for `n` more acknowledged steps (the client must not have
+    /// failed), at most `timeout`.
+    fn advance(&self, n: u64, timeout: Duration, pair: &Pair) {
+        let target = self.acked() + n;
+        let t = Instant::now();
+        while self.acked() < target {
+            assert!(!self.handle.is_finished(), "the client stopped early; {}", pair.tails());
+            assert!(t.elapsed() < timeout, "the client made no progress in {timeout:?}: {}", pair.tails());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stop, read everything back; panics on any client error.
+    fn finish(self, pair: &Pair) -> Writer {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.join().unwrap().unwrap() {
+            Ok(w) => w,
+            Err(e) => panic!("client: {e}\n{}", pair.tails()),
+        }
+    }
+}
+
+fn start(tag: &str, net_id: u8, extra: &[&str]) -> (PairNet, Pair, PathBuf) {
+    common::require_root_net();
+    let dir = common::tmp_dir(&format!("pair-{tag}"));
+    let net = PairNet::new(tag, net_id).unwrap();
+    let mut pair = Pair::start(&exe(), guest(), &net, &dir, extra).unwrap();
+    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    (net, pair, dir)
+}
+
+/// `lockstep status --json` for the side in namespace `ns`.
+fn status(ns: &str, port: u16) -> serde_json::Value {
+    let out = PairNet::exec(ns, exe().to_str().unwrap())
+        .args(["status", "--json", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < timeout, "process did not exit within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("random seed {s}");
+    s
+}
+
+/// 1. SIGKILL the primary mid-stream, at random moments: the connection is
+///    never reset, every acknowledged write is there afterwards, and the
+///    stream goes on through the secondary. State hashes are exchanged on
+///    the way, so a divergence would stop the secondary.
+#[test]
+fn killing_the_primary_mid_stream_loses_no_acknowledged_write() {
+    let _one = serial();
+    let mut rng = seed();
+    for round in 0..2 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let (net, mut pair, _dir) = start(&format!("k{round}"), 80 + round, &["--hash-every", "500000000"]);
+        let client = Client::start(&net);
+        client.advance(20, BOOT, &pair);
+        // Kill somewhere in the next 0-2 s of writes.
+        std::thread::sleep(Duration::from_millis(rng % 2000));
+        let before = client.acked();
+        pair.primary.kill().unwrap();
+        pair.primary.wait().unwrap();
+        client.advance(50, Duration::from_secs(60), &pair);
+        let w = client.finish(&pair);
+        assert!(w.acked >= before + 50);
+        let s = pair.text("secondary.err");
+        assert!(s.contains("lost the primary") && s.contains("going live at position"), "{s}");
+        assert!(s.contains("announcing 52:54:00:4c:53:50 (10."), "the secondary announces the learned address: {s}");
+        let st = status(&net.secondary, 9541);
+        assert_eq!(st["state"], "alone", "{st}");
+        assert_eq!(st["protected"], false);
+        assert_eq!(st["epoch"], 2, "one epoch for the pair, the next for the takeover: {st}");
+        eprintln!("round {round}: killed after {before} writes; {} acknowledged in all, longest pause {:?}", w.acked, w.max_gap);
+        drop(pair);
+        drop(net);
+    }
+}
+
+/// 2. SIGKILL the secondary: the primary wins the next epoch, releases its
+///    held output and goes on alone; nothing is lost; `status` says so.
+#[test]
+fn killing_the_secondary_leaves_the_primary_alone_and_unprotected() {
+    let _one = serial();
+    let (net, mut pair, _dir) = start("ks", 90, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair);
+    let st = status(&net.primary, 9540);
+    assert_eq!((st["role"].as_str(), st["state"].as_str(), st["protected"].as_bool()), (Some("primary"), Some("protected"), Some(true)), "{st}");
+    assert!(st["frames_released"].as_u64().unwrap() > 0, "{st}");
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    client.advance(50, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    let p = pair.text("primary.err");
+    assert!(p.contains("lost the secondary") && p.contains("running alone, the VM is NOT PROTECTED"), "{p}");
+    let st = status(&net.primary, 9540);
+    assert_eq!((st["state"].as_str(), st["protected"].as_bool(), st["epoch"].as_u64()), (Some("alone"), Some(false), Some(2)), "{st}");
+    // The Prometheus endpoint carries the same figures.
+    let metrics = PairNet::exec(&net.primary, "sh")
+        .args(["-c", "exec 3<>/dev/tcp/127.0.0.1/9540 2>/dev/null || exit 1; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(text.contains("lockstep_protected{role=\"primary\"} 0"), "{text}");
+    eprintln!("{} writes, longest pause {:?}", w.acked, w.max_gap);
+}
+
+/// 3. Cut the log link with both sides alive: exactly one side goes on
+///    (the other loses arbitration and stops), and the client, whose every
+///    reply checks the guest's own write counter, never sees two guests.
+#[test]
+fn cutting_the_log_link_leaves_exactly_one_side() {
+    let _one = serial();
+    let (net, mut pair, _dir) = start("cut", 91, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair);
+    net.set_log_link(false).unwrap();
+    // One of the two exits, having lost arbitration.
+    let t = Instant::now();
+    let (loser, winner) = loop {
+        if let Some(s) = pair.primary.try_wait().unwrap() {
+            break (("primary", s), "secondary");
+        }
+        if let Some(s) = pair.secondary.try_wait().unwrap() {
+            break (("secondary", s), "primary");
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "neither side stopped: {}", pair.tails());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!loser.1.success());
+    let err = pair.text(&format!("{}.err", loser.0));
+    assert!(err.contains("lost arbitration"), "{}: {err}", loser.0);
+    client.advance(50, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    let won = pair.text(&format!("{winner}.err"));
+    assert!(won.contains("won epoch 2"), "{winner}: {won}");
+    let live = if winner == "primary" { &mut pair.primary } else { &mut pair.secondary };
+    assert!(live.try_wait().unwrap().is_none(), "the winner ({winner}) still runs");
+    eprintln!("the {winner} won; {} writes, longest pause {:?}", w.acked, w.max_gap);
+}
+
+/// 4. A slow, lossy log link (both ends capped at 2 Mbit/s with a queue,
+///    and 2 % of packets dropped; `netlab::impair_log` says why not netem):
+///    still protected, nothing lost, only slower; then a primary kill still
+///    fails over cleanly.
+#[test]
+fn a_slow_lossy_log_link_is_correct_but_slower() {
+    let _one = serial();
+    // Retransmissions on a lossy link take hundreds of ms: a longer timeout.
+    let (net, mut pair, _dir) = start("slow", 92, &["--timeout-ms", "3000", "--heartbeat-ms", "50"]);
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair);
+    let fast = client.acked();
+    std::thread::sleep(Duration::from_secs(2));
+    let fast_rate = (client.acked() - fast) as f64 / 2.0;
+    net.impair_log(2000, 2.0).unwrap();
+    let slow = client.acked();
+    std::thread::sleep(Duration::from_secs(3));
+    let slow_rate = (client.acked() - slow) as f64 / 3.0;
+    client.advance(10, Duration::from_secs(60), &pair);
+    let st = status(&net.primary, 9540);
+    assert_eq!(st["protected"], true, "no failover on a slow link: {st}");
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    client.advance(20, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    eprintln!("steps/s: {fast_rate:.0} on a clean link, {slow_rate:.0} at 2 Mbit/s with 2% loss; {} writes", w.acked);
+    assert!(slow_rate < fast_rate, "the output rule makes each reply wait a log round trip");
+}
+
+/// The etcd binary the test dependencies unpacked (or one on PATH).
+fn etcd_binary() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/etcd/usr/bin/etcd");
+    if local.exists() {
+        return local;
+    }
+    let which = Command::new("sh").args(["-c", "command -v etcd"]).output().unwrap();
+    assert!(which.status.success(), "etcd is missing: run `bash scripts/test-deps.sh` (the README's test command does)");
+    PathBuf::from(String::from_utf8(which.stdout).unwrap().trim())
+}
+
+/// 5. The same failover with etcd as the arbiter: a real etcd server (in
+///    the primary's namespace, on the log link's address, so it outlives
+///    the killed primary and the secondary reaches it), the epoch key moved
+///    by compare-and-swap.
+#[test]
+fn etcd_arbitrates_a_failover() {
+    let _one = serial();
+    common::require_root_net();
+    let dir = common::tmp_dir("pair-etcd");
+    let net = PairNet::new("etcd", 93).unwrap();
+    let ip = "10.93.1.1";
+    let data = dir.join("etcd-data");
+    let etcd = PairNet::exec(&net.primary, etcd_binary().to_str().unwrap())
+        .args(["--name", "t", "--data-dir", data.to_str().unwrap()])
+        .args(["--listen-client-urls", &format!("http://{ip}:23790"), "--advertise-client-urls", &format!("http://{ip}:23790")])
+        .args(["--listen-peer-urls", &format!("http://{ip}:23800"), "--initial-advertise-peer-urls", &format!("http://{ip}:23800")])
+        .args(["--initial-cluster", &format!("t=http://{ip}:23800"), "--logger", "zap", "--log-level", "error"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.err")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _etcd = Kill(etcd);
+    let t = Instant::now();
+    let url = format!("http://{ip}:23790");
+    let curl_json = |path: &str, body: &str| -> String {
+        let req = format!(
+            "exec 3<>/dev/tcp/{ip}/23790 || exit 1; printf 'POST {path} HTTP/1.0\\r\\nContent-Type: application/json\\r\\nContent-Length: {}\\r\\n\\r\\n%s' '{body}' >&3; cat <&3",
+            body.len()
+        );
+        let out = PairNet::exec(&net.primary, "bash").args(["-c", &req]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    while !curl_json("/v3/kv/range", "{\"key\":\"eA==\"}").contains("header") {
+        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not come up: {}", std::fs::read_to_string(dir.join("etcd.err")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let arbiter = format!("etcd:{url}");
+    let mut pair = Pair::start(&exe(), guest(), &net, &dir, &["--arbiter", &arbiter]).unwrap();
+    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair);
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    client.advance(30, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    let s = pair.text("secondary.err");
+    assert!(s.contains(&format!("asking the arbiter (etcd {url} key /lockstep/")) && s.contains("won epoch 2"), "{s}");
+    // The key itself says epoch 2, owned by the secondary.
+    let range = curl_json("/v3/kv/range", "{\"key\":\"L2xvY2tzdGVw\",\"range_end\":\"L2xvY2tzdGVx\"}");
+    let value = range.split("\"value\":\"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("");
+    let decoded = Command::new("sh").args(["-c", &format!("echo {value} | base64 -d")]).output().unwrap();
+    let holder = String::from_utf8_lossy(&decoded.stdout).into_owned();
+    assert!(holder.contains("\"epoch\":2") && holder.contains("secondary@"), "etcd holds {holder} ({range})");
+    eprintln!("{} writes through an etcd-arbitrated failover", w.acked);
+    drop(pair);
+}
+
+/// Bad peers, without booting a guest: a pair of another VM or another
+/// disk is refused with both values named; a stranger, another protocol
+/// version or a stale epoch is refused while the secondary keeps waiting.
+#[test]
+fn mismatched_and_garbage_peers_are_refused_clearly() {
+    let g = guest();
+    let dir = common::tmp_dir("pair-refuse");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    std::fs::write(&a, vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![2u8; 1 << 20]).unwrap();
+    let side = |role: &str, disk: &Path, append: &str, addr: &str, port: u16| {
+        let mut c = Command::new(exe());
+        c.arg(role)
+            .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
+            .args(["--append", append, "--disk", disk.to_str().unwrap(), "--mem", "128M"])
+            .args([if role == "primary" { "--peer" } else { "--listen" }, addr])
+            .args(["--arbiter", &format!("file:{}", dir.join(format!("epoch-{}", addr.replace(':', "_"))).display())])
+            .args(["--metrics", &format!("127.0.0.1:{port}")]);
+        c
+    };
+    // Another command line: another VM.
+    let addr = "127.0.0.1:47311";
+    let mut sec = side("secondary", &a, "console=ttyS0", addr, 47411).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A stranger and a peer of protocol version 9 first: refused, still listening.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut v9 = ft::wire::MAGIC.to_vec();
+    v9.extend_from_slice(&9u32.to_le_bytes());
+    s.write_all(&v9).unwrap();
+    let _ = s.read_to_end(&mut sink);
+    // A hello for an epoch the arbiter never gave.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    ft::wire::write_preamble(&mut s).unwrap();
+    let hello = ft::wire::Hello { vm_id: "x".into(), disk_hash: None, seed: [0; 32], state_hash: 0, mac: None };
+    ft::wire::write_message(&mut s, 7, &ft::wire::Message::Hello(hello)).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    ft::wire::read_preamble(&mut r).unwrap();
+    match ft::wire::read_message(&mut r).unwrap().1 {
+        ft::wire::Message::Refuse(why) => assert!(why.contains("epoch 7"), "{why}"),
+        m => panic!("expected a refusal, got {m:?}"),
+    }
+    let out = side("primary", &a, "console=ttyS0 quiet", addr, 47412).output().unwrap();
+    let perr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{perr}");
+    assert!(perr.contains("the secondary refused to pair: the primary runs another VM"), "{perr}");
+    assert_eq!(wait_exit(&mut sec, Duration::from_secs(30)).code(), Some(2));
+    let mut serr = String::new();
+    sec.stderr.take().unwrap().read_to_string(&mut serr).unwrap();
+    assert!(serr.contains("is not a lockstep pair endpoint"), "{serr}");
+    assert!(serr.contains("speaks pair protocol version 9, this lockstep speaks version 1"), "{serr}");
+    assert!(serr.contains("stale epoch") || serr.contains("has none"), "{serr}");
+    assert!(serr.contains("refused to pair with the primary at 127.0.0.1:"), "{serr}");
+    assert!(!serr.contains("panicked"), "{serr}");
+    // Another disk: named, both hashes given.
+    let addr = "127.0.0.1:47312";
+    let mut sec = side("secondary", &b, "console=ttyS0", addr, 47413).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let out = side("primary", &a, "console=ttyS0", addr, 47414).output().unwrap();
+    let perr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(perr.contains("the disk replicas differ (primary "), "{perr}");
+    assert_eq!(wait_exit(&mut sec, Duration::from_secs(30)).code(), Some(2));
+    // A primary whose peer is not a lockstep secondary.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_addr = fake.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = fake.accept() {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let out = side("primary", &a, "console=ttyS0", &fake_addr, 47415).output().unwrap();
+    let perr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{perr}");
+    assert!(perr.contains("is not a lockstep pair endpoint"), "{perr}");
+    assert_eq!(perr.lines().filter(|l| l.starts_with("lockstep: error")).count(), 1, "{perr}");
+}
