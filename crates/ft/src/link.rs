@@ -525,8 +525,14 @@ impl SecondaryLink {
                 Ok(c) => {
                     self.shared.update(|s| {
                         s.state = Some(if matches!(c, Claim::Won(_)) { State::Alone } else { State::Stopped });
-                        if let Claim::Won(e) = c {
-                            s.epoch = e;
+                        match &c {
+                            Claim::Won(e) => {
+                                s.epoch = *e;
+                                s.note = format!("won epoch {e}: live, the VM is NOT PROTECTED");
+                            }
+                            Claim::Lost(h) => {
+                                s.note = format!("lost arbitration: epoch {} belongs to '{}'", h.epoch, h.owner)
+                            }
                         }
                     });
                     return c;

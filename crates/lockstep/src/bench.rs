@@ -21,6 +21,10 @@ pub enum BenchKind {
     /// Recording overhead, log bandwidth, replay speed, snapshot size and
     /// state-hash time. Needs root (network namespaces).
     Record,
+    /// The fault-tolerant pair against the same guest alone: CPU-bound and
+    /// request/response throughput, added latency, log rate, backup lag,
+    /// and failover time over `--kills` SIGKILLs. Needs root.
+    Pair,
 }
 
 #[derive(clap::Args)]
@@ -34,6 +38,9 @@ pub struct BenchArgs {
     /// Runs per case.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// `bench pair`: how many primary kills to time.
+    #[arg(long, default_value_t = 10)]
+    kills: usize,
 }
 
 /// Time from start to the ready line and to exit, for one command.
@@ -139,6 +146,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Boot => return boot(&args),
         BenchKind::Devices => return crate::bench_guest::devices(args.reps),
         BenchKind::Record => return crate::bench_guest::record(args.reps),
+        BenchKind::Pair => return crate::bench_pair::pair(args.reps, args.kills),
         BenchKind::Cpu => {}
     }
     let iters = args.minsns * 1_000_000 / machine::programs::LOOP_BODY;

@@ -44,7 +44,8 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
         net.log_addr(LOG_PORT)
     ));
     let g = crate::guest::build(false)?;
-    let paths = GuestPaths { kernel: g.kernel, initrd: g.initrd, disk: g.disk, append: crate::guest::DEFAULT_APPEND.into() };
+    let paths =
+        GuestPaths { kernel: g.kernel, initrd: g.initrd, disk: g.disk, append: crate::guest::DEFAULT_APPEND.into() };
     let mut pair = Pair::start(&std::env::current_exe()?, &paths, &net, &dir, &[])?;
     say(&format!("started secondary and primary (their output is in {})", dir.display()));
     pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(120))?;

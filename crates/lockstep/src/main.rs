@@ -8,14 +8,15 @@
 
 mod bench;
 mod bench_guest;
+mod bench_pair;
 mod console;
 mod cpio;
 mod demo;
 mod guest;
 mod metrics;
 mod netlab;
-mod pairlab;
 mod pair;
+mod pairlab;
 mod vm;
 mod vmfile;
 mod workload;

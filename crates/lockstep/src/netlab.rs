@@ -108,9 +108,7 @@ impl PairNet {
     pub fn impair_log(&self, rate_kbit: u32, loss_pct: f32) -> Result<(), String> {
         let per_mille = (loss_pct * 10.0).round() as u32;
         for ns in [&self.primary, &self.secondary] {
-            sh(&format!(
-                "tc -n {ns} qdisc replace dev log0 root tbf rate {rate_kbit}kbit burst 32kbit latency 200ms"
-            ))?;
+            sh(&format!("tc -n {ns} qdisc replace dev log0 root tbf rate {rate_kbit}kbit burst 32kbit latency 200ms"))?;
             sh(&format!(
                 "ip netns exec {ns} nft 'add table inet lossy; add chain inet lossy out {{ type filter hook output priority 0; }}; \
                  add rule inet lossy out oifname \"log0\" numgen random mod 1000 < {per_mille} drop'"

@@ -121,3 +121,22 @@ pub fn in_netns<T: Send + 'static>(
     })
 }
 
+/// The same guest alone (`lockstep run`) in the primary's namespace, on
+/// the primary's tap: the baseline for the pair's figures.
+pub fn start_solo(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path) -> Result<Child> {
+    let disk = dir.join("solo.img");
+    let ok = Command::new("cp").arg("--sparse=always").arg(&g.disk).arg(&disk).status()?.success();
+    if !ok {
+        bail!("cannot copy '{}'", g.disk.display());
+    }
+    let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
+    let mut c = PairNet::exec(&net.primary, exe.to_str().unwrap());
+    c.arg("run")
+        .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
+        .args(["--append", &append, "--disk", disk.to_str().unwrap()])
+        .args(["--net", "tap:tap0", "--mac", GUEST_MAC])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("solo.out"))?)
+        .stderr(std::fs::File::create(dir.join("solo.err"))?);
+    c.spawn().context("cannot start the solo run")
+}

@@ -70,7 +70,7 @@ impl Redis {
 /// The value written at step `i` (long enough to span a few segments now
 /// and then).
 pub fn value_of(i: u64) -> Vec<u8> {
-    let len = if i % 50 == 0 { 4000 } else { 40 };
+    let len = if i.is_multiple_of(50) { 4000 } else { 40 };
     (0..len).map(|k| b'a' + ((i * 7 + k as u64) % 26) as u8).collect()
 }
 
@@ -124,7 +124,7 @@ impl Writer {
             Reply::Simple(s) if s == "OK" => {}
             r => return Err(format!("step {i}: SET answered {r:?}")),
         }
-        if i % 8 == 0 {
+        if i.is_multiple_of(8) {
             let back = format!("lockstep:w:{}", i / 2);
             match self.redis.command(&[b"GET", back.as_bytes()]).map_err(err)? {
                 Reply::Bulk(Some(v)) if v == value_of(i / 2) => {}

@@ -109,12 +109,18 @@ impl Client {
 
 fn start(tag: &str, net_id: u8, extra: &[&str]) -> (PairNet, Pair, PathBuf) {
     common::require_root_net();
-    let dir = common::tmp_dir(&format!("pair-{tag}"));
+    let dir = fresh_dir(&format!("pair-{tag}"));
     let net = PairNet::new(tag, net_id).unwrap();
     let mut pair = Pair::start(&exe(), guest(), &net, &dir, extra).unwrap();
     pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
     pair.wait_for("primary.out", READY, BOOT).unwrap();
     (net, pair, dir)
+}
+
+/// An empty directory for one test (no arbiter epoch left from a run before).
+fn fresh_dir(name: &str) -> PathBuf {
+    let _ = std::fs::remove_dir_all(common::tmp_dir(name));
+    common::tmp_dir(name)
 }
 
 /// `lockstep status --json` for the side in namespace `ns`.
@@ -174,7 +180,10 @@ fn killing_the_primary_mid_stream_loses_no_acknowledged_write() {
         assert_eq!(st["state"], "alone", "{st}");
         assert_eq!(st["protected"], false);
         assert_eq!(st["epoch"], 2, "one epoch for the pair, the next for the takeover: {st}");
-        eprintln!("round {round}: killed after {before} writes; {} acknowledged in all, longest pause {:?}", w.acked, w.max_gap);
+        eprintln!(
+            "round {round}: killed after {before} writes; {} acknowledged in all, longest pause {:?}",
+            w.acked, w.max_gap
+        );
         drop(pair);
         drop(net);
     }
@@ -189,7 +198,11 @@ fn killing_the_secondary_leaves_the_primary_alone_and_unprotected() {
     let client = Client::start(&net);
     client.advance(30, BOOT, &pair);
     let st = status(&net.primary, 9540);
-    assert_eq!((st["role"].as_str(), st["state"].as_str(), st["protected"].as_bool()), (Some("primary"), Some("protected"), Some(true)), "{st}");
+    assert_eq!(
+        (st["role"].as_str(), st["state"].as_str(), st["protected"].as_bool()),
+        (Some("primary"), Some("protected"), Some(true)),
+        "{st}"
+    );
     assert!(st["frames_released"].as_u64().unwrap() > 0, "{st}");
     pair.secondary.kill().unwrap();
     pair.secondary.wait().unwrap();
@@ -198,9 +211,13 @@ fn killing_the_secondary_leaves_the_primary_alone_and_unprotected() {
     let p = pair.text("primary.err");
     assert!(p.contains("lost the secondary") && p.contains("running alone, the VM is NOT PROTECTED"), "{p}");
     let st = status(&net.primary, 9540);
-    assert_eq!((st["state"].as_str(), st["protected"].as_bool(), st["epoch"].as_u64()), (Some("alone"), Some(false), Some(2)), "{st}");
+    assert_eq!(
+        (st["state"].as_str(), st["protected"].as_bool(), st["epoch"].as_u64()),
+        (Some("alone"), Some(false), Some(2)),
+        "{st}"
+    );
     // The Prometheus endpoint carries the same figures.
-    let metrics = PairNet::exec(&net.primary, "sh")
+    let metrics = PairNet::exec(&net.primary, "bash")
         .args(["-c", "exec 3<>/dev/tcp/127.0.0.1/9540 2>/dev/null || exit 1; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"])
         .output()
         .unwrap();
@@ -279,7 +296,10 @@ fn etcd_binary() -> PathBuf {
         return local;
     }
     let which = Command::new("sh").args(["-c", "command -v etcd"]).output().unwrap();
-    assert!(which.status.success(), "etcd is missing: run `bash scripts/test-deps.sh` (the README's test command does)");
+    assert!(
+        which.status.success(),
+        "etcd is missing: run `bash scripts/test-deps.sh` (the README's test command does)"
+    );
     PathBuf::from(String::from_utf8(which.stdout).unwrap().trim())
 }
 
@@ -291,14 +311,24 @@ fn etcd_binary() -> PathBuf {
 fn etcd_arbitrates_a_failover() {
     let _one = serial();
     common::require_root_net();
-    let dir = common::tmp_dir("pair-etcd");
+    let dir = fresh_dir("pair-etcd");
     let net = PairNet::new("etcd", 93).unwrap();
     let ip = "10.93.1.1";
     let data = dir.join("etcd-data");
     let etcd = PairNet::exec(&net.primary, etcd_binary().to_str().unwrap())
         .args(["--name", "t", "--data-dir", data.to_str().unwrap()])
-        .args(["--listen-client-urls", &format!("http://{ip}:23790"), "--advertise-client-urls", &format!("http://{ip}:23790")])
-        .args(["--listen-peer-urls", &format!("http://{ip}:23800"), "--initial-advertise-peer-urls", &format!("http://{ip}:23800")])
+        .args([
+            "--listen-client-urls",
+            &format!("http://{ip}:23790"),
+            "--advertise-client-urls",
+            &format!("http://{ip}:23790"),
+        ])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://{ip}:23800"),
+            "--initial-advertise-peer-urls",
+            &format!("http://{ip}:23800"),
+        ])
         .args(["--initial-cluster", &format!("t=http://{ip}:23800"), "--logger", "zap", "--log-level", "error"])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("etcd.err")).unwrap())
@@ -323,7 +353,11 @@ fn etcd_arbitrates_a_failover() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     while !curl_json("/v3/kv/range", "{\"key\":\"eA==\"}").contains("header") {
-        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not come up: {}", std::fs::read_to_string(dir.join("etcd.err")).unwrap_or_default());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "etcd did not come up: {}",
+            std::fs::read_to_string(dir.join("etcd.err")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let arbiter = format!("etcd:{url}");
@@ -354,7 +388,7 @@ fn etcd_arbitrates_a_failover() {
 #[test]
 fn mismatched_and_garbage_peers_are_refused_clearly() {
     let g = guest();
-    let dir = common::tmp_dir("pair-refuse");
+    let dir = fresh_dir("pair-refuse");
     let (a, b) = (dir.join("a.img"), dir.join("b.img"));
     std::fs::write(&a, vec![1u8; 1 << 20]).unwrap();
     std::fs::write(&b, vec![2u8; 1 << 20]).unwrap();
@@ -370,7 +404,8 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     };
     // Another command line: another VM.
     let addr = "127.0.0.1:47311";
-    let mut sec = side("secondary", &a, "console=ttyS0", addr, 47411).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut sec =
+        side("secondary", &a, "console=ttyS0", addr, 47411).stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // A stranger and a peer of protocol version 9 first: refused, still listening.
     use std::io::{Read, Write};
@@ -408,7 +443,8 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     assert!(!serr.contains("panicked"), "{serr}");
     // Another disk: named, both hashes given.
     let addr = "127.0.0.1:47312";
-    let mut sec = side("secondary", &b, "console=ttyS0", addr, 47413).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut sec =
+        side("secondary", &b, "console=ttyS0", addr, 47413).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let out = side("primary", &a, "console=ttyS0", addr, 47414).output().unwrap();
     let perr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(perr.contains("the disk replicas differ (primary "), "{perr}");

@@ -1,0 +1,218 @@
+//! `bench pair`: the fault-tolerant pair against the same guest running
+//! alone, side by side in one run (alternating), on this machine.
+//!
+//! - CPU-bound: a Lua loop inside the guest's redis (`EVAL`), timed from
+//!   the client: FT/solo throughput.
+//! - Request/response: redis `PING` round trips on one connection:
+//!   FT/solo throughput and the latency the output rule adds.
+//! - Log bandwidth, backup lag and output hold time from the primary's
+//!   status endpoint.
+//! - Failover: SIGKILL of the primary under the numbered-write client, time
+//!   to the client's next acknowledged write, over `--kills` fresh pairs.
+
+use crate::bench_guest::median;
+use crate::netlab::PairNet;
+use crate::pairlab::{in_netns, start_solo, GuestPaths, Pair};
+use crate::workload::{Redis, Reply, Writer};
+use anyhow::{anyhow, bail, Context, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const LUA: &str = "local x = 0 for i = 1, 3000000 do x = x + i % 7 end return x";
+const PINGS: usize = 3000;
+
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    cpu_secs: f64,
+    ops_per_sec: f64,
+    median_us: f64,
+    p99_us: f64,
+    log_bytes_per_sec: f64,
+    lag_ms: f64,
+    hold_us: f64,
+}
+
+fn client_measure(addr: String) -> Result<(f64, f64, f64, f64), String> {
+    let mut r = Redis::connect(&addr, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    let mut cpu = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        match r.command(&[b"EVAL", LUA.as_bytes(), b"0"]).map_err(|e| e.to_string())? {
+            Reply::Int(_) => cpu.push(t.elapsed().as_secs_f64()),
+            other => return Err(format!("EVAL answered {other:?}")),
+        }
+    }
+    let mut lat = Vec::with_capacity(PINGS);
+    let t = Instant::now();
+    for _ in 0..PINGS {
+        let t1 = Instant::now();
+        match r.command(&[b"PING"]).map_err(|e| e.to_string())? {
+            Reply::Simple(s) if s == "PONG" => lat.push(t1.elapsed().as_secs_f64() * 1e6),
+            other => return Err(format!("PING answered {other:?}")),
+        }
+    }
+    let ops = PINGS as f64 / t.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p99 = lat[lat.len() * 99 / 100];
+    Ok((median(&mut cpu), ops, median(&mut lat), p99))
+}
+
+fn primary_status(net: &PairNet) -> Result<ft::Status> {
+    in_netns(&net.primary, || crate::metrics::fetch("127.0.0.1:9540"))
+        .join()
+        .map_err(|_| anyhow!("status thread panicked"))??
+}
+
+fn measure(net: &PairNet, paired: bool) -> Result<Figures> {
+    let before = if paired { Some((primary_status(net)?, Instant::now())) } else { None };
+    let addr = format!("{}:6379", net.guest_ip());
+    let (cpu_secs, ops_per_sec, median_us, p99_us) = in_netns(&net.client, move || client_measure(addr))
+        .join()
+        .map_err(|_| anyhow!("client thread panicked"))??
+        .map_err(|e| anyhow!("client: {e}"))?;
+    let mut f = Figures { cpu_secs, ops_per_sec, median_us, p99_us, ..Figures::default() };
+    if let Some((s0, t0)) = before {
+        let s1 = primary_status(net)?;
+        f.log_bytes_per_sec = (s1.log_bytes - s0.log_bytes) as f64 / t0.elapsed().as_secs_f64();
+        f.lag_ms = s1.lag_ms;
+        f.hold_us = s1.hold_us_mean;
+    }
+    Ok(f)
+}
+
+fn wait_file(dir: &std::path::Path, file: &str, needle: &str, child: &mut std::process::Child) -> Result<()> {
+    let t = Instant::now();
+    while !std::fs::read_to_string(dir.join(file)).unwrap_or_default().contains(needle) {
+        if child.try_wait()?.is_some() || t.elapsed() > Duration::from_secs(180) {
+            bail!("no '{needle}' in {file}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One failover: seconds from SIGKILL to the client's next acknowledged write.
+fn failover_once(
+    exe: &std::path::Path,
+    g: &GuestPaths,
+    net: &PairNet,
+    dir: &std::path::Path,
+    delay: Duration,
+) -> Result<f64> {
+    let mut pair = Pair::start(exe, g, net, dir, &[])?;
+    pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
+    pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+    let acks: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = format!("{}:6379", net.guest_ip());
+    let client = {
+        let (acks, stop) = (acks.clone(), stop.clone());
+        in_netns(&net.client, move || -> Result<u64, String> {
+            let mut w = Writer::connect(&addr, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+            while !stop.load(Ordering::Relaxed) {
+                w.step()?;
+                acks.lock().unwrap().push(Instant::now());
+            }
+            w.verify_all()?;
+            Ok(w.acked)
+        })
+    };
+    while acks.lock().unwrap().len() < 20 {
+        if client.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(delay);
+    pair.primary.kill()?;
+    let killed = Instant::now();
+    let next = loop {
+        if let Some(t) = acks.lock().unwrap().iter().find(|t| **t > killed) {
+            break *t;
+        }
+        if client.is_finished() || killed.elapsed() > Duration::from_secs(60) {
+            stop.store(true, Ordering::Relaxed);
+            let r = client.join().map_err(|_| anyhow!("client panicked"))?;
+            bail!("no write acknowledged after the kill ({:?}): {}", r.map(|r| r.err()), pair.tails());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    client.join().map_err(|_| anyhow!("client panicked"))??.map_err(|e| anyhow!("client: {e}"))?;
+    Ok(next.duration_since(killed).as_secs_f64())
+}
+
+pub fn pair(reps: usize, kills: usize) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("bench pair builds network namespaces: run it as root");
+    }
+    let exe = std::env::current_exe()?;
+    let built = crate::guest::build(false)?;
+    let g = GuestPaths {
+        kernel: built.kernel,
+        initrd: built.initrd,
+        disk: built.disk,
+        append: crate::guest::DEFAULT_APPEND.into(),
+    };
+    let dir = std::env::temp_dir().join(format!("lockstep-bench-pair-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let net = PairNet::new("bench", 79).map_err(|e| anyhow!(e))?;
+    let (mut solo, mut ft) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        let mut child = start_solo(&exe, &g, &net, &dir)?;
+        wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
+        let f = measure(&net, false);
+        let _ = child.kill();
+        let _ = child.wait();
+        solo.push(f?);
+        let mut pair = Pair::start(&exe, &g, &net, &dir, &[])?;
+        pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
+        pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+        ft.push(measure(&net, true)?);
+        drop(pair);
+        eprintln!("bench pair: rep {} of {reps} done", rep + 1);
+    }
+    let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let (s_cpu, f_cpu) = (med(&solo, |f| f.cpu_secs), med(&ft, |f| f.cpu_secs));
+    let (s_ops, f_ops) = (med(&solo, |f| f.ops_per_sec), med(&ft, |f| f.ops_per_sec));
+    let (s_med, f_med) = (med(&solo, |f| f.median_us), med(&ft, |f| f.median_us));
+    let (s_p99, f_p99) = (med(&solo, |f| f.p99_us), med(&ft, |f| f.p99_us));
+    println!("pair vs solo, same guest and tap, medians of {reps} alternating runs:");
+    println!("| | solo | FT pair | FT/solo |");
+    println!("|---|---|---|---|");
+    println!("| CPU-bound (redis EVAL Lua loop), s | {s_cpu:.3} | {f_cpu:.3} | {:.3} |", s_cpu / f_cpu);
+    println!("| request/response (redis PING), ops/s | {s_ops:.0} | {f_ops:.0} | {:.3} |", f_ops / s_ops);
+    println!("| PING latency median, us | {s_med:.0} | {f_med:.0} | +{:.0} us |", f_med - s_med);
+    println!("| PING latency p99, us | {s_p99:.0} | {f_p99:.0} | +{:.0} us |", f_p99 - s_p99);
+    println!(
+        "log rate during the workload {:.0} B/s; backup lag at its end {:.2} ms of guest time; mean output hold {:.0} us",
+        med(&ft, |f| f.log_bytes_per_sec),
+        med(&ft, |f| f.lag_ms),
+        med(&ft, |f| f.hold_us)
+    );
+    if kills > 0 {
+        let mut times = Vec::new();
+        let mut rng = 0x2545_f491_4f6c_dd1du64 ^ std::process::id() as u64;
+        for k in 0..kills {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let t = failover_once(&exe, &g, &net, &dir, Duration::from_millis(rng % 1000))?;
+            eprintln!("bench pair: kill {} of {kills}: next write acknowledged after {:.0} ms", k + 1, t * 1e3);
+            times.push(t * 1e3);
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "failover, SIGKILL of the primary to the client's next acknowledged write, {kills} kills: median {:.0} ms, min {:.0} ms, max {:.0} ms",
+            median(&mut times),
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
+    }
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
