@@ -138,10 +138,11 @@ fn failover_once(
         }
         std::thread::sleep(Duration::from_millis(1));
     };
+    let last_before = acks.lock().unwrap().iter().rev().find(|t| **t < killed).copied().unwrap_or(killed);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     client.join().map_err(|_| anyhow!("client panicked"))??.map_err(|e| anyhow!("client: {e}"))?;
-    Ok(next.duration_since(killed).as_secs_f64())
+    Ok((next.duration_since(killed).as_secs_f64(), next.duration_since(last_before).as_secs_f64()))
 }
 
 pub fn pair(reps: usize, kills: usize) -> Result<()> {
@@ -193,24 +194,30 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
         med(&ft, |f| f.hold_us)
     );
     if kills > 0 {
-        let mut times = Vec::new();
+        let (mut times, mut pauses) = (Vec::new(), Vec::new());
         let mut rng = 0x2545_f491_4f6c_dd1du64 ^ std::process::id() as u64;
         for k in 0..kills {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            let t = failover_once(&exe, &g, &net, &dir, Duration::from_millis(rng % 1000))?;
-            eprintln!("bench pair: kill {} of {kills}: next write acknowledged after {:.0} ms", k + 1, t * 1e3);
+            let (t, pause) = failover_once(&exe, &g, &net, &dir, Duration::from_millis(rng % 1000))?;
+            eprintln!(
+                "bench pair: kill {} of {kills}: next write acknowledged {:.0} ms after the kill, client paused {:.0} ms",
+                k + 1,
+                t * 1e3,
+                pause * 1e3
+            );
             times.push(t * 1e3);
+            pauses.push(pause * 1e3);
         }
-        let mut sorted = times.clone();
-        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!(
-            "failover, SIGKILL of the primary to the client's next acknowledged write, {kills} kills: median {:.0} ms, min {:.0} ms, max {:.0} ms",
-            median(&mut times),
-            sorted[0],
-            sorted[sorted.len() - 1]
-        );
+        for (what, v) in [
+            ("SIGKILL of the primary to the client's next acknowledged write", &mut times),
+            ("the client's pause across the kill", &mut pauses),
+        ] {
+            let max = v.iter().cloned().fold(0.0, f64::max);
+            let min = v.iter().cloned().fold(f64::MAX, f64::min);
+            println!("failover, {what}, {kills} kills: median {:.0} ms, min {min:.0} ms, max {max:.0} ms", median(v));
+        }
     }
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
