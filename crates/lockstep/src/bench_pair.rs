@@ -92,14 +92,16 @@ fn wait_file(dir: &std::path::Path, file: &str, needle: &str, child: &mut std::p
     Ok(())
 }
 
-/// One failover: seconds from SIGKILL to the client's next acknowledged write.
+/// One failover: seconds from SIGKILL to the client's next acknowledged
+/// write, and the client's pause (the gap between the acknowledged writes
+/// either side of the kill: what a user sees).
 fn failover_once(
     exe: &std::path::Path,
     g: &GuestPaths,
     net: &PairNet,
     dir: &std::path::Path,
     delay: Duration,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let mut pair = Pair::start(exe, g, net, dir, &[])?;
     pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
     pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
