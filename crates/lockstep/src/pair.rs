@@ -11,7 +11,7 @@
 //! clients' neighbours learn the new port.
 
 use crate::console::StdioConsole;
-use crate::vm::{self, end_reason, print_final, run_to_hashing, HostEntropy, LinuxVm, LiveIo, Outcome};
+use crate::vm::{self, apply_input, end_reason, print_final, run_to_hashing, HostEntropy, LinuxVm, LiveIo, Outcome};
 use anyhow::{bail, Context, Result};
 use ft::arbiter::{Arbiter, Claim};
 use ft::gate::{FrameSink, OutputGate};
@@ -481,21 +481,9 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             continue;
         };
         pending.pop_front();
-        match rec.event {
-            Event::Console(b) => {
-                m.inject(HostInput::Console(b));
-            }
-            Event::Frame { nic, data } => {
-                m.inject(HostInput::Frame { nic: nic as usize, data });
-            }
-            Event::Skip(n) => {
-                m.skip(n);
-                let pos = m.hart.position().0;
-                if m.hash_every.is_some_and(|every| pos.is_multiple_of(every)) {
-                    let h = m.state_hash();
-                    io.state_hash(pos, h);
-                }
-            }
+        let Some(event) = apply_input(&mut m, &mut io, rec.event) else { continue };
+        match event {
+            Event::Console(_) | Event::Frame { .. } | Event::Skip(_) => {}
             Event::Hash(h) => {
                 let mine = m.state_hash();
                 if mine != h {

@@ -581,21 +581,9 @@ pub fn replay(log_path: &Path, opts: &ReplayOpts) -> Result<Outcome> {
                 ),
             },
         }
-        match rec.event {
-            Event::Console(b) => {
-                m.inject(HostInput::Console(b));
-            }
-            Event::Frame { nic, data } => {
-                m.inject(HostInput::Frame { nic: nic as usize, data });
-            }
-            Event::Skip(n) => {
-                m.skip(n);
-                let pos = m.hart.position().0;
-                if m.hash_every.is_some_and(|every| pos.is_multiple_of(every)) {
-                    let h = m.state_hash();
-                    io.state_hash(pos, h);
-                }
-            }
+        let Some(event) = apply_input(&mut m, &mut io, rec.event) else { continue };
+        match event {
+            Event::Console(_) | Event::Frame { .. } | Event::Skip(_) => {}
             Event::Hash(h) => {
                 let mine = m.state_hash();
                 if mine != h {
@@ -633,6 +621,30 @@ pub fn replay(log_path: &Path, opts: &ReplayOpts) -> Result<Outcome> {
     }
     print_final(&mut console, &m);
     Ok(outcome)
+}
+
+/// Apply a logged input (console bytes, a frame, a time skip, hashed on
+/// arrival at a hash point as a live run does); other events go back to the
+/// caller.
+pub(crate) fn apply_input(m: &mut Machine, io: &mut dyn HostIo, event: Event) -> Option<Event> {
+    match event {
+        Event::Console(b) => {
+            m.inject(HostInput::Console(b));
+        }
+        Event::Frame { nic, data } => {
+            m.inject(HostInput::Frame { nic: nic as usize, data });
+        }
+        Event::Skip(n) => {
+            m.skip(n);
+            let pos = m.hart.position().0;
+            if m.hash_every.is_some_and(|every| pos.is_multiple_of(every)) {
+                let h = m.state_hash();
+                io.state_hash(pos, h);
+            }
+        }
+        other => return Some(other),
+    }
+    None
 }
 
 /// `Machine::run_to`, stopping at each multiple of `hash_every` to report
