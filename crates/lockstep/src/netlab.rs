@@ -99,6 +99,17 @@ impl PairNet {
         sh(&format!("ip -n {} link set log0 {state}", self.primary))
     }
 
+    /// Drop everything the primary sends on the log link (a one-way cut:
+    /// the secondary's acks still arrive).
+    #[allow(dead_code)] // the pair tests use it; the binary does not
+    pub fn cut_log_one_way(&self) -> Result<(), String> {
+        sh(&format!(
+            "ip netns exec {} nft 'add table inet oneway; add chain inet oneway out {{ type filter hook output priority 0; }}; \
+             add rule inet oneway out oifname \"log0\" drop'",
+            self.primary
+        ))
+    }
+
     /// A slow, lossy log link: both ends capped at `rate_kbit` (a token
     /// bucket, whose queue adds delay under load) and dropping `loss_pct`
     /// of their outgoing packets at random (nftables `numgen`). netem would

@@ -260,6 +260,50 @@ fn cutting_the_log_link_leaves_exactly_one_side() {
     eprintln!("the {winner} won; {} writes, longest pause {:?}", w.acked, w.max_gap);
 }
 
+/// Like 3, but only the primary's direction is cut: the secondary hears
+/// nothing and takes over, the primary still gets the secondary's packets,
+/// learns it is gone, asks the arbiter, and stops.
+#[test]
+fn a_one_way_cut_still_leaves_exactly_one_side() {
+    let _one = serial();
+    let (net, mut pair, _dir) = start("oneway", 95, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair);
+    net.cut_log_one_way().unwrap();
+    let status = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2));
+    let p = pair.text("primary.err");
+    assert!(p.contains("lost arbitration: epoch 2 belongs to 'secondary@"), "{p}");
+    client.advance(50, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    assert!(pair.secondary.try_wait().unwrap().is_none(), "the secondary runs on");
+    eprintln!("{} writes, longest pause {:?}", w.acked, w.max_gap);
+}
+
+/// A primary that hangs (SIGSTOP) is taken over; when it resumes it finds
+/// a newer epoch, releases nothing, and stops; the client only ever talks
+/// to one guest.
+#[test]
+fn a_hung_primary_that_resumes_after_the_takeover_stops_itself() {
+    use nix::sys::signal::{kill, Signal};
+    let _one = serial();
+    let (net, mut pair, _dir) = start("hang", 96, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair);
+    let pid = nix::unistd::Pid::from_raw(pair.primary.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    pair.wait_for("secondary.err", "going live at position", Duration::from_secs(30)).unwrap();
+    client.advance(30, Duration::from_secs(60), &pair);
+    kill(pid, Signal::SIGCONT).unwrap();
+    let status = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2));
+    let p = pair.text("primary.err");
+    assert!(p.contains("lost arbitration: epoch 2 belongs to 'secondary@"), "{p}");
+    client.advance(30, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    eprintln!("{} writes, longest pause {:?}", w.acked, w.max_gap);
+}
+
 /// 4. A slow, lossy log link (both ends capped at 2 Mbit/s with a queue,
 ///    and 2 % of packets dropped; `netlab::impair_log` says why not netem):
 ///    still protected, nothing lost, only slower; then a primary kill still
