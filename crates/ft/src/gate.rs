@@ -124,6 +124,11 @@ impl OutputGate {
         n
     }
 
+    /// Frames waiting.
+    pub fn held(&self) -> usize {
+        self.inner.lock().unwrap().held.len()
+    }
+
     /// The acknowledged position.
     pub fn acked(&self) -> u64 {
         self.inner.lock().unwrap().acked

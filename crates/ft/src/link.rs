@@ -8,10 +8,10 @@ use crate::gate::OutputGate;
 use crate::wire::{self, Hello, Message, WireError};
 use crate::{PairConfig, State, Status};
 use replay::Record;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -95,19 +95,54 @@ fn owner_name(role: &str) -> String {
     format!("{role}@{}:{}", host.trim(), std::process::id())
 }
 
-enum Out {
-    Record(Record),
-    Through(u64),
+/// The log channel's write side, shared by the run loop (which writes the
+/// log itself: no thread hand-off between an output and the mark that
+/// releases it) and the heartbeat thread (which only writes when the run
+/// loop has been quiet, and never waits for it).
+struct LogWriter {
+    stream: TcpStream,
+    /// The last mark written (what a heartbeat repeats).
+    through: u64,
+    /// When anything was last written.
+    written: Instant,
+}
+
+impl LogWriter {
+    fn write(&mut self, bytes: &[u8], through: u64) -> std::io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.through = through;
+        self.written = Instant::now();
+        Ok(())
+    }
 }
 
 /// The primary's end.
 pub struct PrimaryLink {
     pub shared: Arc<Shared>,
     pub gate: Arc<OutputGate>,
-    out: Sender<Out>,
+    writer: Arc<Mutex<LogWriter>>,
+    lost: Lost,
     cfg: PairConfig,
+    epoch: u64,
+    /// Records not yet written, and their approximate size.
+    pending: Vec<Record>,
+    pending_bytes: usize,
     last_through: u64,
     position: u64,
+}
+
+/// Records are written at least this often while the guest runs (the
+/// secondary cannot run past the last mark).
+const MARK_EVERY: Duration = Duration::from_millis(2);
+/// ... or when this many bytes of records are waiting.
+const FLUSH_BYTES: usize = 64 << 10;
+
+fn record_size(r: &Record) -> usize {
+    16 + match &r.event {
+        replay::Event::Frame { data, .. } => data.len(),
+        replay::Event::Console(b) | replay::Event::Entropy(b) => b.len(),
+        _ => 8,
+    }
 }
 
 impl PrimaryLink {
@@ -166,7 +201,6 @@ impl PrimaryLink {
         let _ = stream.set_read_timeout(None);
         let shared = Shared::new("primary", epoch);
         shared.note(format!("paired with the secondary at {peer}, epoch {epoch}: the VM is protected"));
-        let (out, rx) = mpsc::channel();
         let heard = Arc::new(Mutex::new(Instant::now()));
         let lost = Arc::new(AtomicBool::new(false));
         let ctx = Lost {
@@ -177,12 +211,27 @@ impl PrimaryLink {
             lost,
             owner,
         };
+        let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now() }));
         {
-            let (ctx, heard) = (ctx.clone(), heard.clone());
-            std::thread::spawn(move || send_loop(w, rx, ctx, heard, cfg));
+            let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
+            std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
         }
-        std::thread::spawn(move || ack_loop(r, ctx, heard, epoch));
-        Ok(PrimaryLink { shared, gate, out, cfg, last_through: 0, position: 0 })
+        {
+            let ctx = ctx.clone();
+            std::thread::spawn(move || ack_loop(r, ctx, heard, epoch));
+        }
+        Ok(PrimaryLink {
+            shared,
+            gate,
+            writer,
+            lost: ctx,
+            cfg,
+            epoch,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            last_through: 0,
+            position: 0,
+        })
     }
 
     fn protected(&self) -> bool {
@@ -192,30 +241,73 @@ impl PrimaryLink {
     /// A record of the log, in order.
     pub fn record(&mut self, record: Record) {
         if self.protected() {
-            let _ = self.out.send(Out::Record(record));
+            self.pending_bytes += record_size(&record);
+            self.pending.push(record);
+            if self.pending_bytes >= FLUSH_BYTES {
+                self.flush(self.last_through);
+            }
+        }
+    }
+
+    /// Write the pending records and the mark `through`.
+    fn flush(&mut self, through: u64) {
+        if !self.protected() {
+            self.pending.clear();
+            self.pending_bytes = 0;
+            return;
+        }
+        let mut bytes = Vec::with_capacity(self.pending_bytes + 64);
+        if !self.pending.is_empty() {
+            bytes.extend(Message::Records(std::mem::take(&mut self.pending)).encode(self.epoch));
+            self.pending_bytes = 0;
+        }
+        bytes.extend(Message::Through(through).encode(self.epoch));
+        self.last_through = through;
+        let result = self.writer.lock().unwrap().write(&bytes, through);
+        match result {
+            Ok(()) => self.shared.status.lock().unwrap().log_bytes += bytes.len() as u64,
+            Err(e) => self.lost.peer_lost(format!("the log channel failed: {e}")),
         }
     }
 
     /// The run loop reached `position`: every record before it is handed
-    /// over.
+    /// over. The mark goes out at once if output waits for it, else at
+    /// least every `MARK_EVERY`.
     pub fn progress(&mut self, position: u64) {
         self.position = position;
-        if position > self.last_through && self.protected() {
-            self.last_through = position;
-            let _ = self.out.send(Out::Through(position));
-        }
         self.shared.status.lock().unwrap().position = position;
+        if position <= self.last_through || !self.protected() {
+            return;
+        }
+        let quiet = self.writer.lock().unwrap().written.elapsed();
+        if quiet >= MARK_EVERY || self.gate.held() > 0 {
+            self.flush(position);
+        }
     }
 
-    /// A frame produced at the last progress position.
-    pub fn output(&self, nic: usize, frame: &[u8]) {
+    /// A frame produced before the last progress position: into the gate,
+    /// and the mark that releases it onto the wire now.
+    pub fn output(&mut self, nic: usize, frame: &[u8]) {
         self.gate.push(self.position, nic, frame);
+        if self.position > self.last_through && self.gate.held() > 0 {
+            self.flush(self.position);
+        }
     }
 
     /// Flow control: wait while the secondary's execution lags by more
     /// than `max_lag` (until it catches up to half of that, or the pair
     /// breaks).
     pub fn throttle(&mut self) {
+        {
+            let s = self.shared.status.lock().unwrap();
+            if s.state != Some(State::Protected) || self.position.saturating_sub(s.peer_position) <= self.cfg.max_lag {
+                return;
+            }
+        }
+        // The secondary can only catch up to what it has: send it all first.
+        if self.position > self.last_through || !self.pending.is_empty() {
+            self.flush(self.position.max(self.last_through));
+        }
         let mut s = self.shared.status.lock().unwrap();
         let lag = |s: &Status| self.position.saturating_sub(s.peer_position);
         if s.state != Some(State::Protected) || lag(&s) <= self.cfg.max_lag {
@@ -235,7 +327,8 @@ impl PrimaryLink {
     /// The run ended at `end` (its end record is queued): wait until the
     /// secondary holds it, or `timeout`, or the pair breaks.
     pub fn finish(&mut self, end: u64, timeout: Duration) {
-        self.progress(end + 1);
+        self.position = end + 1;
+        self.flush(end + 1);
         let t = Instant::now();
         while self.protected() && self.gate.acked() <= end && t.elapsed() < timeout {
             std::thread::sleep(Duration::from_millis(5));
@@ -305,71 +398,34 @@ impl Lost {
     }
 }
 
-/// The primary's sender: batches records and marks, heartbeats when quiet,
-/// and watches for silence from the secondary.
-fn send_loop(w: TcpStream, rx: Receiver<Out>, ctx: Lost, heard: Arc<Mutex<Instant>>, cfg: PairConfig) {
-    let mut w = BufWriter::with_capacity(1 << 16, w);
-    let mut through = 0u64;
+/// The primary's heartbeat: repeats the last mark when the run loop has
+/// written nothing for a heartbeat interval (skipping a beat rather than
+/// waiting if the run loop is writing), and watches for silence from the
+/// secondary.
+fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Mutex<Instant>>, cfg: PairConfig, epoch: u64) {
     let mut missed_at = Instant::now();
-    loop {
-        let first = match rx.recv_timeout(cfg.heartbeat) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        if ctx.lost.load(Ordering::SeqCst) {
-            return;
-        }
+    while !ctx.lost.load(Ordering::SeqCst) {
+        std::thread::sleep(cfg.heartbeat);
         let silent = heard.lock().unwrap().elapsed();
         if silent >= cfg.timeout {
-            ctx.peer_lost(format!("no word from it for {} ms", silent.as_millis()));
-            return;
+            return ctx.peer_lost(format!("no word from it for {} ms", silent.as_millis()));
         }
         if silent >= cfg.heartbeat && missed_at.elapsed() >= cfg.heartbeat {
             missed_at = Instant::now();
             ctx.shared.status.lock().unwrap().missed_heartbeats += 1;
         }
-        let epoch = ctx.shared.status.lock().unwrap().epoch;
-        let mut records = Vec::new();
-        let mut size = 0usize;
-        let mut sent = 0usize;
-        let mut next = first;
-        loop {
-            match next {
-                Some(Out::Record(r)) => {
-                    size += 16
-                        + match &r.event {
-                            replay::Event::Frame { data, .. } => data.len(),
-                            replay::Event::Console(b) | replay::Event::Entropy(b) => b.len(),
-                            _ => 8,
-                        };
-                    records.push(r);
-                    if size >= wire::BATCH_BYTES {
-                        let bytes = Message::Records(std::mem::take(&mut records)).encode(epoch);
-                        sent += bytes.len();
-                        if w.write_all(&bytes).is_err() {
-                            break;
-                        }
-                        size = 0;
-                    }
-                }
-                Some(Out::Through(p)) => through = p,
-                None => break,
-            }
-            next = rx.try_recv().ok();
-        }
-        let mut batch = Vec::new();
-        if !records.is_empty() {
-            batch.extend(Message::Records(records).encode(epoch));
-        }
-        // Always a mark: it is also the heartbeat.
-        batch.extend(Message::Through(through).encode(epoch));
-        sent += batch.len();
-        if let Err(e) = w.write_all(&batch).and_then(|_| w.flush()) {
-            ctx.peer_lost(format!("the log channel failed: {e}"));
+        if ctx.shared.state() != State::Protected {
             return;
         }
-        ctx.shared.status.lock().unwrap().log_bytes += sent as u64;
+        let Ok(mut w) = writer.try_lock() else { continue };
+        if w.written.elapsed() >= cfg.heartbeat {
+            let through = w.through;
+            let bytes = Message::Through(through).encode(epoch);
+            if let Err(e) = w.write(&bytes, through) {
+                drop(w);
+                return ctx.peer_lost(format!("the log channel failed: {e}"));
+            }
+        }
     }
 }
 

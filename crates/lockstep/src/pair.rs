@@ -121,7 +121,7 @@ impl HostIo for PrimaryIo<'_> {
         self.side.borrow_mut().link.progress(pos);
     }
     fn send_frame(&mut self, nic: usize, frame: &[u8]) {
-        self.side.borrow().link.output(nic, frame);
+        self.side.borrow_mut().link.output(nic, frame);
     }
     fn host_log(&mut self, line: &str) {
         self.console.host_log(line);
