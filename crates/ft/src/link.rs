@@ -127,6 +127,8 @@ pub struct PrimaryLink {
     /// Records not yet written, and their approximate size.
     pending: Vec<Record>,
     pending_bytes: usize,
+    /// Some of them are inputs from outside (frames, console bytes).
+    pending_input: bool,
     last_through: u64,
     position: u64,
 }
@@ -229,6 +231,7 @@ impl PrimaryLink {
             epoch,
             pending: Vec::new(),
             pending_bytes: 0,
+            pending_input: false,
             last_through: 0,
             position: 0,
         })
@@ -242,6 +245,7 @@ impl PrimaryLink {
     pub fn record(&mut self, record: Record) {
         if self.protected() {
             self.pending_bytes += record_size(&record);
+            self.pending_input |= matches!(record.event, replay::Event::Frame { .. } | replay::Event::Console(_));
             self.pending.push(record);
             if self.pending_bytes >= FLUSH_BYTES {
                 self.flush(self.last_through);
@@ -257,6 +261,7 @@ impl PrimaryLink {
             return;
         }
         let mut bytes = Vec::with_capacity(self.pending_bytes + 64);
+        self.pending_input = false;
         if !self.pending.is_empty() {
             bytes.extend(Message::Records(std::mem::take(&mut self.pending)).encode(self.epoch));
             self.pending_bytes = 0;
@@ -271,8 +276,11 @@ impl PrimaryLink {
     }
 
     /// The run loop reached `position`: every record before it is handed
-    /// over. The mark goes out at once if output waits for it, else at
-    /// least every `MARK_EVERY`.
+    /// over. It goes out at once if output waits for it or if it carries
+    /// inputs (so that a secondary taking over has the requests the guest
+    /// was working on, and answers them itself), else at least every
+    /// `MARK_EVERY`. Inputs arrive in batches between slices, so this is
+    /// one write per batch, not per frame.
     pub fn progress(&mut self, position: u64) {
         self.position = position;
         self.shared.status.lock().unwrap().position = position;
@@ -280,7 +288,7 @@ impl PrimaryLink {
             return;
         }
         let quiet = self.writer.lock().unwrap().written.elapsed();
-        if quiet >= MARK_EVERY || self.gate.held() > 0 {
+        if self.pending_input || quiet >= MARK_EVERY || self.gate.held() > 0 {
             self.flush(position);
         }
     }
