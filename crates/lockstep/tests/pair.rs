@@ -474,6 +474,38 @@ fn etcd_arbitrates_a_kill_and_a_cut_link() {
     }
 }
 
+/// With the arbiter down, losing the primary does not let the secondary go
+/// live (it says so and retries); once etcd is back it wins the epoch and
+/// the client's stream goes on, nothing lost.
+#[test]
+fn no_go_live_while_the_arbiter_is_unreachable() {
+    let _one = serial();
+    common::require_root_net();
+    let dir = fresh_dir("pair-noarb");
+    let net = PairNet::new("noarb", 98).unwrap();
+    let etcd = Etcd::start(&net, &dir);
+    let arbiter = format!("etcd:{}", etcd.url());
+    let mut pair = Pair::start(&exe(), guest(), &net, &dir, &["--arbiter", &arbiter]).unwrap();
+    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair);
+    drop(etcd);
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    pair.wait_for("secondary.err", "is unreachable", Duration::from_secs(30)).unwrap();
+    let stalled = client.acked();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!pair.text("secondary.err").contains("going live at"), "{}", pair.text("secondary.err"));
+    assert_eq!(client.acked(), stalled, "nothing answers while nobody may go live");
+    // The same etcd, same data, back again.
+    let _etcd = Etcd::start(&net, &dir);
+    pair.wait_for("secondary.err", "won epoch 2: going live", Duration::from_secs(30)).unwrap();
+    client.advance(30, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    eprintln!("{} writes; {stalled} before the arbiter went away", w.acked);
+}
+
 /// Bad peers, without booting a guest: a pair of another VM or another
 /// disk is refused with both values named; a stranger, another protocol
 /// version or a stale epoch is refused while the secondary keeps waiting.
