@@ -144,6 +144,22 @@ fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process
     }
 }
 
+/// After a partition: wait for the side that stops (it lost arbitration);
+/// its role and exit status.
+fn first_to_exit(pair: &mut Pair) -> (&'static str, std::process::ExitStatus) {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = pair.primary.try_wait().unwrap() {
+            return ("primary", s);
+        }
+        if let Some(s) = pair.secondary.try_wait().unwrap() {
+            return ("secondary", s);
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "neither side stopped: {}", pair.tails());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn seed() -> u64 {
     let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("random seed {s}");
@@ -237,17 +253,9 @@ fn cutting_the_log_link_leaves_exactly_one_side() {
     client.advance(30, BOOT, &pair);
     net.set_log_link(false).unwrap();
     // One of the two exits, having lost arbitration.
-    let t = Instant::now();
-    let (loser, winner) = loop {
-        if let Some(s) = pair.primary.try_wait().unwrap() {
-            break (("primary", s), "secondary");
-        }
-        if let Some(s) = pair.secondary.try_wait().unwrap() {
-            break (("secondary", s), "primary");
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "neither side stopped: {}", pair.tails());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (loser, status) = first_to_exit(&mut pair);
+    let winner = if loser == "primary" { "secondary" } else { "primary" };
+    let loser = (loser, status);
     assert!(!loser.1.success());
     let err = pair.text(&format!("{}.err", loser.0));
     assert!(err.contains("lost arbitration"), "{}: {err}", loser.0);
@@ -444,16 +452,9 @@ fn etcd_arbitrates_a_kill_and_a_cut_link() {
         client.advance(30, BOOT, &pair);
         let winner = if cut {
             net.set_log_link(false).unwrap();
-            let t = Instant::now();
-            loop {
-                if pair.primary.try_wait().unwrap().is_some() {
-                    break "secondary";
-                }
-                if pair.secondary.try_wait().unwrap().is_some() {
-                    break "primary";
-                }
-                assert!(t.elapsed() < Duration::from_secs(30), "neither side stopped: {}", pair.tails());
-                std::thread::sleep(Duration::from_millis(20));
+            match first_to_exit(&mut pair).0 {
+                "primary" => "secondary",
+                _ => "primary",
             }
         } else {
             pair.primary.kill().unwrap();
