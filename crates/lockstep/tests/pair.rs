@@ -312,6 +312,31 @@ fn a_hung_primary_that_resumes_after_the_takeover_stops_itself() {
     eprintln!("{} writes, longest pause {:?}", w.acked, w.max_gap);
 }
 
+/// A secondary that hangs (SIGSTOP) is given up on: the primary wins the
+/// next epoch and goes on alone; when the secondary resumes it finds the
+/// channel gone and the epoch taken, and stops without going live.
+#[test]
+fn a_hung_secondary_that_resumes_stops_without_going_live() {
+    use nix::sys::signal::{kill, Signal};
+    let _one = serial();
+    let (net, mut pair, _dir) = start("hangs", 99, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair);
+    let pid = nix::unistd::Pid::from_raw(pair.secondary.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    pair.wait_for("primary.err", "running alone", Duration::from_secs(30)).unwrap();
+    client.advance(30, Duration::from_secs(60), &pair);
+    kill(pid, Signal::SIGCONT).unwrap();
+    let status = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2));
+    let s = pair.text("secondary.err");
+    assert!(s.contains("lost arbitration: epoch 2 belongs to 'primary@"), "{s}");
+    assert!(!s.contains("going live at"), "{s}");
+    client.advance(30, Duration::from_secs(60), &pair);
+    let w = client.finish(&pair);
+    eprintln!("{} writes, longest pause {:?}", w.acked, w.max_gap);
+}
+
 /// 4. A slow, lossy log link (both ends capped at 512 kbit/s with a queue,
 ///    and 3 % of packets dropped; `netlab::impair_log` says why not netem):
 ///    still protected, nothing lost, only slower; then a primary kill still
