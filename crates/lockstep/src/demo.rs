@@ -100,6 +100,9 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
             say(&format!("client: {} writes acknowledged, protected", progress.acked.load(Ordering::Relaxed)));
         }
     }
+    for (ns, addr) in [(&net.primary, "127.0.0.1:9540"), (&net.secondary, "127.0.0.1:9541")] {
+        say(&format!("lockstep status: {}", side_status(ns, addr)));
+    }
     let before = progress.acked.load(Ordering::Relaxed);
     let gap_before = progress.max_gap_ms.load(Ordering::Relaxed);
     pair.primary.kill()?;
@@ -133,6 +136,7 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
             progress.acked.load(Ordering::Relaxed)
         ));
     }
+    say(&format!("lockstep status: {}", side_status(&net.secondary, "127.0.0.1:9541")));
     stop.store(true, Ordering::Relaxed);
     let w = client.join().map_err(|_| anyhow!("the client thread panicked"))??.map_err(|e| anyhow!("client: {e}"))?;
     let mut lat = w.latencies_us.clone();
@@ -151,4 +155,13 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// One line of `lockstep status` for the side in namespace `ns`.
+fn side_status(ns: &str, addr: &'static str) -> String {
+    match in_netns(ns, move || crate::metrics::fetch(addr)).join() {
+        Ok(Ok(Ok(s))) => crate::metrics::one_line(&s),
+        Ok(Ok(Err(e))) | Ok(Err(e)) => format!("{addr} in {ns}: {e:#}"),
+        Err(_) => "status thread panicked".to_string(),
+    }
 }

@@ -82,3 +82,18 @@ pub fn describe(addr: &str, s: &Status) -> String {
         note = s.note,
     )
 }
+
+/// A one-line summary of a side.
+pub fn one_line(s: &Status) -> String {
+    let state = s.state.map_or("unknown".to_string(), |st| format!("{st:?}").to_lowercase());
+    let mut line = format!("{} {state}, epoch {}", s.role, s.epoch);
+    if s.protected {
+        line.push_str(&format!(", lag {:.2} ms, log {:.0} B/s", s.lag_ms, s.log_bytes_per_sec));
+    } else {
+        line.push_str(", NOT PROTECTED");
+    }
+    if s.role == "primary" {
+        line.push_str(&format!(", {} frames released, mean hold {:.0} us", s.frames_released, s.hold_us_mean));
+    }
+    line
+}
