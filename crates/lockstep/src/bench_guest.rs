@@ -241,7 +241,7 @@ pub fn median(v: &mut [f64]) -> f64 {
 }
 
 /// The first number before `unit` in `text` (e.g. "3.95 k iops").
-fn number_before(text: &str, unit: &str) -> Option<f64> {
+pub fn number_before(text: &str, unit: &str) -> Option<f64> {
     let i = text.find(unit)?;
     let words: Vec<&str> = text[..i].split_whitespace().collect();
     let (num, scale) = match words.last()? {

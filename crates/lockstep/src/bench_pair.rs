@@ -5,14 +5,16 @@
 //!   the client: FT/solo throughput.
 //! - Request/response: redis `PING` round trips on one connection:
 //!   FT/solo throughput and the latency the output rule adds.
+//! - Bulk network into the guest: iperf3 from the client for 5 s, FT/solo
+//!   throughput and the log bandwidth it takes.
 //! - Log bandwidth, backup lag and output hold time from the primary's
 //!   status endpoint.
 //! - Failover: SIGKILL of the primary under the numbered-write client, time
 //!   to the client's next acknowledged write, over `--kills` fresh pairs.
 
-use crate::bench_guest::median;
+use crate::bench_guest::{median, number_before};
 use crate::netlab::PairNet;
-use crate::pairlab::{in_netns, start_solo, GuestPaths, Pair};
+use crate::pairlab::{in_netns, start_solo, type_line, GuestPaths, Pair};
 use crate::workload::{Redis, Reply, Writer};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 
 const LUA: &str = "local x = 0 for i = 1, 3000000 do x = x + i % 7 end return x";
 const PINGS: usize = 3000;
+/// Typed on the guest's console to start the iperf3 server.
+const IPERF_SERVER: &str = "iperf3 -s -D >/dev/null 2>&1";
 
 #[derive(Clone, Copy, Default)]
 struct Figures {
@@ -31,6 +35,8 @@ struct Figures {
     log_bytes_per_sec: f64,
     lag_ms: f64,
     hold_us: f64,
+    bulk_mbits: f64,
+    bulk_log_mbits: f64,
 }
 
 fn client_measure(addr: String) -> Result<(f64, f64, f64, f64), String> {
@@ -64,6 +70,22 @@ fn primary_status(net: &PairNet) -> Result<ft::Status> {
         .map_err(|_| anyhow!("status thread panicked"))??
 }
 
+/// iperf3 from the client into the guest for 5 s (the guest's server was
+/// started on its console); Mbit/s at the receiver.
+fn bulk_in(net: &PairNet) -> Result<f64> {
+    std::thread::sleep(Duration::from_secs(1));
+    let out = PairNet::exec(&net.client, "iperf3")
+        .args(["-c", &net.guest_ip(), "-t", "5", "-f", "m"])
+        .output()
+        .context("cannot run iperf3 (bash scripts/test-deps.sh installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("receiver"))
+        .with_context(|| format!("iperf3 said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+    number_before(line, "Mbits/sec").context("iperf3 rate")
+}
+
 fn measure(net: &PairNet, paired: bool) -> Result<Figures> {
     let before = if paired { Some((primary_status(net)?, Instant::now())) } else { None };
     let addr = format!("{}:6379", net.guest_ip());
@@ -77,6 +99,12 @@ fn measure(net: &PairNet, paired: bool) -> Result<Figures> {
         f.log_bytes_per_sec = (s1.log_bytes - s0.log_bytes) as f64 / t0.elapsed().as_secs_f64();
         f.lag_ms = s1.lag_ms;
         f.hold_us = s1.hold_us_mean;
+    }
+    let before = if paired { Some((primary_status(net)?, Instant::now())) } else { None };
+    f.bulk_mbits = bulk_in(net)?;
+    if let Some((s0, t0)) = before {
+        let s1 = primary_status(net)?;
+        f.bulk_log_mbits = (s1.log_bytes - s0.log_bytes) as f64 * 8.0 / 1e6 / t0.elapsed().as_secs_f64();
     }
     Ok(f)
 }
@@ -166,6 +194,7 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
     for rep in 0..reps {
         let mut child = start_solo(&exe, &g, &net, &dir)?;
         wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
+        type_line(&mut child, IPERF_SERVER)?;
         let f = measure(&net, false);
         let _ = child.kill();
         let _ = child.wait();
@@ -173,6 +202,7 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
         let mut pair = Pair::start(&exe, &g, &net, &dir, &[])?;
         pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
         pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+        type_line(&mut pair.primary, IPERF_SERVER)?;
         ft.push(measure(&net, true)?);
         drop(pair);
         eprintln!("bench pair: rep {} of {reps} done", rep + 1);
@@ -189,8 +219,11 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
     println!("| request/response (redis PING), ops/s | {s_ops:.0} | {f_ops:.0} | {:.3} |", f_ops / s_ops);
     println!("| PING latency median, us | {s_med:.0} | {f_med:.0} | +{:.0} us |", f_med - s_med);
     println!("| PING latency p99, us | {s_p99:.0} | {f_p99:.0} | +{:.0} us |", f_p99 - s_p99);
+    let (s_bulk, f_bulk) = (med(&solo, |f| f.bulk_mbits), med(&ft, |f| f.bulk_mbits));
+    println!("| bulk into the guest (iperf3, 5 s), Mbit/s | {s_bulk:.0} | {f_bulk:.0} | {:.3} |", f_bulk / s_bulk);
+    println!("log bandwidth during the bulk transfer {:.0} Mbit/s", med(&ft, |f| f.bulk_log_mbits));
     println!(
-        "log rate during the workload {:.0} B/s; backup lag at its end {:.2} ms of guest time; mean output hold {:.0} us",
+        "log rate during the request/response workload {:.0} B/s; backup lag at its end {:.2} ms of guest time; mean output hold {:.0} us",
         med(&ft, |f| f.log_bytes_per_sec),
         med(&ft, |f| f.lag_ms),
         med(&ft, |f| f.hold_us)

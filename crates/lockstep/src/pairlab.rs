@@ -20,7 +20,9 @@ pub const GUEST_MAC: &str = "52:54:00:4c:53:50";
 pub const LOG_PORT: u16 = 7300;
 
 /// The two processes of a pair in their namespaces, with their output in
-/// files (`primary.out`/`.err`, `secondary.out`/`.err` in `dir`).
+/// files (`primary.out`/`.err`, `secondary.out`/`.err` in `dir`). The
+/// primary's console input is a pipe (`primary.stdin`): what is typed there
+/// is logged and reaches both guests.
 pub struct Pair {
     pub primary: Child,
     pub secondary: Child,
@@ -54,7 +56,7 @@ impl Pair {
                 .args(["--net", "tap:tap0", "--mac", GUEST_MAC, addr_flag, &net.log_addr(LOG_PORT)])
                 .args(["--metrics", metrics])
                 .args(extra)
-                .stdin(Stdio::null())
+                .stdin(if role == "primary" { Stdio::piped() } else { Stdio::null() })
                 .stdout(std::fs::File::create(dir.join(format!("{role}.out")))?)
                 .stderr(std::fs::File::create(dir.join(format!("{role}.err")))?);
             if !extra.contains(&"--arbiter") {
@@ -135,8 +137,17 @@ pub fn start_solo(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path) -> Resu
         .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
         .args(["--append", &append, "--disk", disk.to_str().unwrap()])
         .args(["--net", "tap:tap0", "--mac", GUEST_MAC])
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(std::fs::File::create(dir.join("solo.out"))?)
         .stderr(std::fs::File::create(dir.join("solo.err"))?);
     c.spawn().context("cannot start the solo run")
+}
+
+/// Type a line on a guest's console (a child started with a piped stdin).
+pub fn type_line(child: &mut Child, line: &str) -> Result<()> {
+    use std::io::Write;
+    let stdin = child.stdin.as_mut().context("the console is not a pipe")?;
+    stdin.write_all(format!("{line}\n").as_bytes())?;
+    stdin.flush()?;
+    Ok(())
 }
