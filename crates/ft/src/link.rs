@@ -130,7 +130,11 @@ pub struct PrimaryLink {
     /// Some of them are inputs from outside (frames, console bytes).
     pending_input: bool,
     last_through: u64,
+    /// The position on the channel: marks, acks and the gate count across
+    /// guest reboots (the log's positions restart at 0 after each), so
+    /// this is `base` plus the run loop's position.
     position: u64,
+    base: u64,
 }
 
 /// Records are written at least this often while the guest runs (the
@@ -234,6 +238,7 @@ impl PrimaryLink {
             pending_input: false,
             last_through: 0,
             position: 0,
+            base: 0,
         })
     }
 
@@ -282,6 +287,7 @@ impl PrimaryLink {
     /// `MARK_EVERY`. Inputs arrive in batches between slices, so this is
     /// one write per batch, not per frame.
     pub fn progress(&mut self, position: u64) {
+        let position = self.base + position;
         self.position = position;
         self.shared.status.lock().unwrap().position = position;
         if position <= self.last_through || !self.protected() {
@@ -332,9 +338,20 @@ impl PrimaryLink {
         self.shared.state()
     }
 
+    /// The guest rebooted at `end` (its end record is queued; the next
+    /// boot's positions start at 0): send everything, and count on from
+    /// there on the channel.
+    pub fn rebooted(&mut self, end: u64) {
+        let next = self.base + end + 1;
+        self.position = next;
+        self.flush(next);
+        self.base = next;
+    }
+
     /// The run ended at `end` (its end record is queued): wait until the
     /// secondary holds it, or `timeout`, or the pair breaks.
     pub fn finish(&mut self, end: u64, timeout: Duration) {
+        let end = self.base + end;
         self.position = end + 1;
         self.flush(end + 1);
         let t = Instant::now();

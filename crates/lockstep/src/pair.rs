@@ -228,8 +228,11 @@ pub fn run_primary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         let end = m.hart.position().0;
         s.borrow_mut().record(end, Event::End(end_reason(stop)));
         if stop == Stop::Reboot {
+            s.borrow_mut().link.rebooted(end);
             let seed = vm::host_seed()?;
             s.borrow_mut().record(0, Event::Seed(seed));
+            // The old machine lets go of the disk (its lock) first.
+            drop(m);
             m = vm.machine(seed, Box::new(Deferred(side.clone(), HostEntropy::open()?)))?;
             m.hash_every = opts.hash_every;
             continue;
@@ -409,6 +412,8 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         ReplicaIo { console: &mut console, mac, addresses: Vec::new(), print_hashes: opts.hash_every.is_some() };
     let mut pending: VecDeque<Record> = VecDeque::new();
     let mut through = 0u64;
+    // Marks and acks count across reboots; the log's positions restart.
+    let mut base = 0u64;
     let mut last_good = 0u64;
     let mut lost: Option<String> = None;
     // The first record is the boot seed the machine was built with.
@@ -434,12 +439,12 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             bail!("stopped by a signal");
         }
         let pos = m.hart.position().0;
-        link.executed(pos);
+        link.executed(base + pos);
         // After the loss: replay everything held, then stop there.
         let target = match pending.front() {
             Some(r) => r.position,
             None if lost.is_some() => break 'replay ReplayEnd::Lost(lost.take().unwrap()),
-            None => through,
+            None => through.saturating_sub(base),
         };
         if pos < target {
             // In slices, so acks report execution as it goes.
@@ -499,15 +504,19 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             Event::Seed(_) => bail!("the primary's log has a boot record in the middle of a run"),
             Event::Entropy(_) | Event::Snapshot(_) => {}
             Event::End(EndReason::Reboot) => {
-                let Some(Record { event: Event::Seed(seed), .. }) = pending.pop_front().or_else(|| {
-                    // The seed follows the end in the same batch or the next.
-                    match link.rx.recv_timeout(Duration::from_secs(5)) {
-                        Ok(Incoming::Records(mut rs)) if !rs.is_empty() => Some(rs.remove(0)),
-                        _ => None,
+                // The seed follows the end, in the same batch or a later one.
+                let t = std::time::Instant::now();
+                while pending.is_empty() && lost.is_none() && t.elapsed() < Duration::from_secs(10) {
+                    if let Ok(msg) = link.rx.recv_timeout(Duration::from_millis(20)) {
+                        requeue(msg, &mut pending, &queue, &mut through, &mut lost);
                     }
-                }) else {
+                }
+                let Some(Record { event: Event::Seed(seed), .. }) = pending.pop_front() else {
                     bail!("the primary's log has a reboot without a boot record after it");
                 };
+                base += m.hart.position().0 + 1;
+                // The old machine lets go of the disk (its lock) first.
+                drop(m);
                 m = vm.machine(seed, entropy()?)?;
                 m.hash_every = opts.hash_every;
                 last_good = 0;
