@@ -122,6 +122,18 @@ impl StdioConsole {
         Ok(())
     }
 
+    /// Drop input that arrived while nothing was reading it (a secondary's
+    /// console before it goes live: that typing was for no guest).
+    pub fn discard_pending(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(msg) = self.rx.try_recv() {
+            if let Msg::Bytes(b) = msg {
+                n += b.len();
+            }
+        }
+        n
+    }
+
     /// Is stdin a terminal in raw mode (lines then need "\r\n")?
     pub fn is_raw(&self) -> bool {
         self.raw

@@ -552,8 +552,12 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             bail!("lost arbitration: epoch {} belongs to '{}'; this secondary stops", h.epoch, h.owner);
         }
     }
-    // Live: the host's entropy, the host's clock, the tap.
+    // Live: the host's entropy, the host's clock, the tap, the console.
     live.set(true);
+    let typed = console.discard_pending();
+    if typed > 0 {
+        console.host_note(&format!("lockstep: dropped {typed} console bytes typed before going live"));
+    }
     m.resync_clock();
     if let (Some(t), Some(mac)) = (tap.take(), mac) {
         let name = t.name().to_string();
@@ -570,13 +574,24 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let mut live_io = LiveIo::plain(&mut console);
     live_io.position = Some(position);
     live_io.print_hashes = opts.hash_every.is_some();
-    let stop = m.run_linux(&mut live_io, opts.max_insns)?;
+    let stop = loop {
+        match m.run_linux(&mut live_io, opts.max_insns)? {
+            // Live and alone, a reboot boots again as `run` does.
+            Stop::Reboot => {
+                let seed = vm::host_seed()?;
+                drop(m);
+                m = vm.machine(seed, entropy()?)?;
+                m.hash_every = opts.hash_every;
+            }
+            stop => break stop,
+        }
+    };
     drop(live_io);
     print_final(&mut console, &m);
     match stop {
         Stop::Quit if console.signalled() => bail!("stopped by a signal"),
         Stop::PowerOff | Stop::Quit => Ok(Outcome::Success),
-        Stop::Reboot => bail!("the guest rebooted after failover; rebooting a failed-over VM is not supported yet"),
+        Stop::Reboot => unreachable!("reboots boot again above"),
         Stop::Panic => {
             eprintln!("lockstep: the guest kernel panicked (its message is above)");
             Ok(Outcome::GuestFailure)

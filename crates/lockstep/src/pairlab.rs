@@ -20,9 +20,9 @@ pub const GUEST_MAC: &str = "52:54:00:4c:53:50";
 pub const LOG_PORT: u16 = 7300;
 
 /// The two processes of a pair in their namespaces, with their output in
-/// files (`primary.out`/`.err`, `secondary.out`/`.err` in `dir`). The
-/// primary's console input is a pipe (`primary.stdin`): what is typed there
-/// is logged and reaches both guests.
+/// files (`primary.out`/`.err`, `secondary.out`/`.err` in `dir`). Their
+/// consoles are pipes (`type_line`): what is typed on the primary's is
+/// logged and reaches both guests; the secondary's counts once it is live.
 pub struct Pair {
     pub primary: Child,
     pub secondary: Child,
@@ -56,7 +56,7 @@ impl Pair {
                 .args(["--net", "tap:tap0", "--mac", GUEST_MAC, addr_flag, &net.log_addr(LOG_PORT)])
                 .args(["--metrics", metrics])
                 .args(extra)
-                .stdin(if role == "primary" { Stdio::piped() } else { Stdio::null() })
+                .stdin(Stdio::piped())
                 .stdout(std::fs::File::create(dir.join(format!("{role}.out")))?)
                 .stderr(std::fs::File::create(dir.join(format!("{role}.err")))?);
             if !extra.contains(&"--arbiter") {

@@ -340,7 +340,8 @@ fn a_hung_secondary_that_resumes_stops_without_going_live() {
 /// The guest reboots while paired (typed on the primary's console): both
 /// sides start the next boot from the logged seed, the pair stays
 /// protected, and a kill after the reboot still fails over with nothing
-/// lost. State hashes are checked across both boots.
+/// lost; the live secondary then reboots too. State hashes are checked
+/// across both paired boots.
 #[test]
 fn a_guest_reboot_keeps_the_pair_protected() {
     let _one = serial();
@@ -365,6 +366,17 @@ fn a_guest_reboot_keeps_the_pair_protected() {
     let s = pair.text("secondary.err");
     assert!(s.contains("going live at position"), "{s}");
     assert_eq!(pair.text("secondary.out").matches(READY).count(), 2, "the secondary replayed both boots");
+    // Live and alone, the former secondary reboots like any VM.
+    pairlab::type_line(&mut pair.secondary, "sync; reboot -f").unwrap();
+    let t = Instant::now();
+    while pair.text("secondary.out").matches(READY).count() < 3 {
+        assert!(t.elapsed() < BOOT, "the live secondary did not come back: {}", pair.tails());
+        assert!(pair.secondary.try_wait().unwrap().is_none(), "{}", pair.tails());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair);
+    client.finish(&pair);
     eprintln!("{} writes after the reboot and the failover", w.acked);
 }
 
