@@ -35,6 +35,7 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("lockstep-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let say = |s: &str| println!("demo: {s}");
+    crate::guest::ensure_host_tools(&["ip"], "iproute2", "the demo's namespaces, bridges and taps")?;
     say("building (or reusing) the default guest ...");
     crate::guest::build(false)?;
     let net = PairNet::new("demo", 77).map_err(|e| anyhow!(e))?;

@@ -598,28 +598,35 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// The host's depmod and modprobe; as root, the builder installs kmod with
-/// the host's apt when they are missing.
-fn kmod_tools() -> Result<(PathBuf, PathBuf)> {
-    let find = || Some((host_tool("depmod")?, host_tool("modprobe")?));
-    if let Some(t) = find() {
-        return Ok(t);
+/// Make sure the host has `tools`; as root, install `package` with the
+/// host's apt when one is missing (`why` says what they are for).
+pub fn ensure_host_tools(tools: &[&str], package: &str, why: &str) -> Result<Vec<PathBuf>> {
+    let find = || tools.iter().map(|t| host_tool(t)).collect::<Option<Vec<_>>>();
+    if let Some(found) = find() {
+        return Ok(found);
     }
+    let names = tools.join(", ");
     if !is_root() {
-        bail!("depmod and modprobe are missing: install kmod (they order the guest's kernel modules)");
+        bail!("{names} missing: install {package} ({why})");
     }
-    eprintln!("lockstep: installing the host's kmod package (depmod, modprobe order the guest's kernel modules)");
+    eprintln!("lockstep: installing the host's {package} package ({why})");
     let install = || {
         run(
-            Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["-q", "-y", "install", "kmod"]),
-            "apt-get install kmod",
+            Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["-q", "-y", "install", package]),
+            &format!("apt-get install {package}"),
         )
     };
     if install().is_err() {
         run(Command::new("apt-get").args(["-q", "update"]), "apt-get update")?;
         install()?;
     }
-    find().context("depmod and modprobe are still missing after installing kmod: install kmod")
+    find().with_context(|| format!("{names} still missing after installing {package}"))
+}
+
+/// The host's depmod and modprobe (kmod).
+fn kmod_tools() -> Result<(PathBuf, PathBuf)> {
+    let t = ensure_host_tools(&["depmod", "modprobe"], "kmod", "depmod and modprobe order the guest's kernel modules")?;
+    Ok((t[0].clone(), t[1].clone()))
 }
 
 /// The module files each group of `groups` needs, dependencies (and soft
