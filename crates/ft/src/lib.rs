@@ -64,6 +64,7 @@ pub enum State {
 pub struct Status {
     pub role: String,
     pub state: Option<State>,
+    /// `state` is protected (kept apart for readers of the JSON and metrics).
     pub protected: bool,
     pub epoch: u64,
     /// This side's executed position.

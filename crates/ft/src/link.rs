@@ -45,8 +45,7 @@ pub struct Shared {
 
 impl Shared {
     fn new(role: &str, epoch: u64) -> Arc<Shared> {
-        let status =
-            Status { role: role.into(), state: Some(State::Protected), protected: true, epoch, ..Status::default() };
+        let status = Status { role: role.into(), state: Some(State::Protected), epoch, ..Status::default() };
         Arc::new(Shared {
             status: Mutex::new(status),
             cond: Condvar::new(),
@@ -78,6 +77,7 @@ impl Shared {
     /// previous call.
     pub fn status(&self) -> Status {
         let mut s = self.status.lock().unwrap().clone();
+        s.protected = s.state == Some(State::Protected);
         let mut rate = self.rate.lock().unwrap();
         let dt = rate.0.elapsed().as_secs_f64();
         if dt >= 0.5 {
@@ -384,10 +384,7 @@ impl Lost {
         }
         let epoch = self.shared.status.lock().unwrap().epoch;
         self.shared.note(format!("lost the secondary: {why}; asking the arbiter ({})", self.arbiter.describe()));
-        self.shared.update(|s| {
-            s.state = Some(State::Arbitrating);
-            s.protected = false;
-        });
+        self.shared.update(|s| s.state = Some(State::Arbitrating));
         let ctx = self.clone();
         std::thread::spawn(move || {
             let mut told = false;
@@ -596,10 +593,7 @@ impl SecondaryLink {
     /// Ask the arbiter for the next epoch (retrying while it is
     /// unreachable); `Won` means go live.
     pub fn claim(&self, log: &mut dyn FnMut(&str)) -> Claim {
-        self.shared.update(|s| {
-            s.state = Some(State::Arbitrating);
-            s.protected = false;
-        });
+        self.shared.update(|s| s.state = Some(State::Arbitrating));
         let mut told = false;
         loop {
             match self.arbiter.claim(self.epoch, &owner_name("secondary")) {

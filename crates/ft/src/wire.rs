@@ -77,13 +77,6 @@ pub enum WireError {
     Io(#[from] std::io::Error),
 }
 
-impl WireError {
-    /// Did the read time out (no data within the socket's read timeout)?
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, WireError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
-    }
-}
-
 /// Write this side's preamble.
 pub fn write_preamble(w: &mut impl Write) -> std::io::Result<()> {
     let mut b = MAGIC.to_vec();

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod announce;
 mod bench;
 mod bench_guest;
 mod bench_pair;

@@ -10,8 +10,11 @@
 //! its own tap, and announces the guest's addresses so the bridge and the
 //! clients' neighbours learn the new port.
 
+use crate::announce;
 use crate::console::StdioConsole;
-use crate::vm::{self, apply_input, end_reason, print_final, run_to_hashing, HostEntropy, LinuxVm, LiveIo, Outcome};
+use crate::vm::{
+    self, apply_input, end_reason, print_final, run_to_hashing, HostEntropy, LinuxVm, LiveIo, Outcome, ReplayIo,
+};
 use anyhow::{bail, Context, Result};
 use ft::arbiter::{Arbiter, Claim};
 use ft::gate::{FrameSink, OutputGate};
@@ -23,7 +26,6 @@ use machine::{HostInput, HostIo, RunTo, Stop};
 use replay::{EndReason, Event, Record};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -280,41 +282,6 @@ impl EntropySource for ReplicaEntropy {
     }
 }
 
-/// The secondary's host side while it replays: console output shown,
-/// network output suppressed (but read for the guest's addresses).
-struct ReplicaIo<'a> {
-    console: &'a mut StdioConsole,
-    mac: Option<[u8; 6]>,
-    addresses: Vec<IpAddr>,
-    print_hashes: bool,
-}
-
-impl HostIo for ReplicaIo<'_> {
-    fn console_write(&mut self, bytes: &[u8]) {
-        self.console.console_write(bytes);
-    }
-    fn wait(&mut self, _: Duration) -> HostInput {
-        HostInput::Nothing
-    }
-    fn send_frame(&mut self, _: usize, frame: &[u8]) {
-        if let Some(mac) = self.mac {
-            if let Some(ip) = announce::source_address(frame, &mac) {
-                if !self.addresses.contains(&ip) {
-                    self.addresses.push(ip);
-                }
-            }
-        }
-    }
-    fn host_log(&mut self, line: &str) {
-        self.console.host_log(line);
-    }
-    fn state_hash(&mut self, pos: u64, hash: u64) {
-        if self.print_hashes {
-            self.console.host_note(&format!("hash {pos} {hash:016x}"));
-        }
-    }
-}
-
 /// How the secondary's replay ended.
 enum ReplayEnd {
     /// The primary ended the VM (the log's end record).
@@ -348,7 +315,6 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let disk_hash = vm.disk.as_ref().map(|(p, _)| vm::file_hash(p)).transpose()?;
     let mut vm = vm.clone();
     let mut built = None;
-    let mut build_error = None;
     console.host_note(&format!("lockstep: secondary: listening on {} (arbiter {})", opts.addr, arbiter.describe()));
     let mut check = |h: &Hello| -> Result<(), String> {
         if h.vm_id != vm_id {
@@ -369,11 +335,8 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         if let (Some((_, mac)), Some(theirs)) = (&mut vm.net, h.mac) {
             *mac = theirs;
         }
-        let m = entropy().and_then(|e| vm.machine(h.seed, e)).map_err(|e| {
-            let msg = format!("cannot build the machine: {e:#}");
-            build_error = Some(msg.clone());
-            msg
-        })?;
+        let m =
+            entropy().and_then(|e| vm.machine(h.seed, e)).map_err(|e| format!("cannot build the machine: {e:#}"))?;
         let mine = m.state_hash();
         if mine != h.state_hash {
             return Err(format!(
@@ -381,12 +344,12 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 h.state_hash
             ));
         }
-        built = Some((m, h.seed));
+        built = Some(m);
         Ok(())
     };
     let mut log = |line: &str| eprintln!("lockstep: {line}");
     let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, &mut log)?;
-    let (mut m, _) = built.take().context("paired without a machine")?;
+    let mut m = built.take().context("paired without a machine")?;
     m.hash_every = opts.hash_every;
     let position = Arc::new(AtomicU64::new(0));
     if let Some(addr) = &opts.metrics {
@@ -408,8 +371,8 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         console.host_note(&format!("lockstep: {n}"));
     }
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
-    let mut io =
-        ReplicaIo { console: &mut console, mac, addresses: Vec::new(), print_hashes: opts.hash_every.is_some() };
+    // Network output is suppressed, but read for the guest's addresses.
+    let mut io = ReplayIo::new(&mut console, opts.hash_every.is_some(), mac);
     let mut pending: VecDeque<Record> = VecDeque::new();
     let mut through = 0u64;
     // Marks and acks count across reboots; the log's positions restart.
@@ -419,19 +382,9 @@ pub fn run_secondary(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     // The first record is the boot seed the machine was built with.
     let end = 'replay: loop {
         // Take in everything that has arrived.
-        loop {
-            let msg = if lost.is_some() { break } else { link.rx.try_recv() };
-            match msg {
-                Ok(Incoming::Records(records)) => {
-                    for r in records {
-                        match r.event {
-                            Event::Entropy(bytes) => queue.borrow_mut().push_back(bytes),
-                            _ => pending.push_back(r),
-                        }
-                    }
-                }
-                Ok(Incoming::Through(p)) => through = through.max(p),
-                Ok(Incoming::Lost(why)) => lost = Some(why),
+        while lost.is_none() {
+            match link.rx.try_recv() {
+                Ok(msg) => requeue(msg, &mut pending, &queue, &mut through, &mut lost),
                 Err(_) => break,
             }
         }
@@ -618,156 +571,5 @@ fn requeue(
         }
         Incoming::Through(p) => *through = (*through).max(p),
         Incoming::Lost(why) => *lost = Some(why),
-    }
-}
-
-/// Telling the network where the guest is now.
-pub mod announce {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    const VNET_HDR: usize = tap::VNET_HDR_LEN;
-
-    /// The guest's own IP address in a frame it sent, if it has one.
-    pub fn source_address(frame: &[u8], mac: &[u8; 6]) -> Option<IpAddr> {
-        let eth = frame.get(VNET_HDR..)?;
-        if eth.get(6..12)? != mac {
-            return None;
-        }
-        let ethertype = u16::from_be_bytes([*eth.get(12)?, *eth.get(13)?]);
-        let payload = &eth[14..];
-        let ip = match ethertype {
-            0x0806 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(payload.get(14..18)?).ok()?)),
-            0x0800 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(payload.get(12..16)?).ok()?)),
-            0x86dd => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(payload.get(8..24)?).ok()?)),
-            _ => return None,
-        };
-        (!ip.is_unspecified()).then_some(ip)
-    }
-
-    fn ethernet(dst: [u8; 6], src: &[u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; VNET_HDR];
-        f.extend_from_slice(&dst);
-        f.extend_from_slice(src);
-        f.extend_from_slice(&ethertype.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    /// A RARP request for `mac` (what QEMU and ESXi send: it needs no IP).
-    pub fn rarp(mac: &[u8; 6]) -> Vec<u8> {
-        let mut p = vec![0, 1, 8, 0, 6, 4, 0, 3];
-        p.extend_from_slice(mac);
-        p.extend_from_slice(&[0; 4]);
-        p.extend_from_slice(mac);
-        p.extend_from_slice(&[0; 4]);
-        ethernet([0xff; 6], mac, 0x8035, &p)
-    }
-
-    /// A gratuitous ARP request: sender and target are the guest's address.
-    pub fn garp(mac: &[u8; 6], ip: Ipv4Addr) -> Vec<u8> {
-        let mut p = vec![0, 1, 8, 0, 6, 4, 0, 1];
-        p.extend_from_slice(mac);
-        p.extend_from_slice(&ip.octets());
-        p.extend_from_slice(&[0; 6]);
-        p.extend_from_slice(&ip.octets());
-        ethernet([0xff; 6], mac, 0x0806, &p)
-    }
-
-    /// An unsolicited neighbour advertisement (override set) to all nodes.
-    pub fn unsolicited_na(mac: &[u8; 6], ip: Ipv6Addr) -> Vec<u8> {
-        let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-        let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
-        icmp.extend_from_slice(&ip.octets());
-        icmp.extend_from_slice(&[2, 1]);
-        icmp.extend_from_slice(mac);
-        // Checksum over the pseudo-header and the message.
-        let mut sum = 0u32;
-        let mut add = |b: &[u8]| {
-            for c in b.chunks(2) {
-                sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-            }
-        };
-        add(&ip.octets());
-        add(&dst.octets());
-        add(&(icmp.len() as u32).to_be_bytes());
-        add(&[0, 0, 0, 58]);
-        add(&icmp);
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        icmp[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-        let mut ip6 = vec![0x60, 0, 0, 0];
-        ip6.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-        ip6.extend_from_slice(&[58, 255]);
-        ip6.extend_from_slice(&ip.octets());
-        ip6.extend_from_slice(&dst.octets());
-        ip6.extend_from_slice(&icmp);
-        ethernet([0x33, 0x33, 0, 0, 0, 1], mac, 0x86dd, &ip6)
-    }
-
-    /// The frames of one announcement round.
-    pub fn frames(mac: &[u8; 6], addresses: &[IpAddr]) -> Vec<Vec<u8>> {
-        let mut out = vec![rarp(mac)];
-        for a in addresses {
-            out.push(match a {
-                IpAddr::V4(v4) => garp(mac, *v4),
-                IpAddr::V6(v6) => unsolicited_na(mac, *v6),
-            });
-        }
-        out
-    }
-
-    /// Announce at once, then again after 50, 150, 300 and 500 ms (as
-    /// QEMU's announce rounds), in case the first frames meet a bridge or
-    /// neighbour that is not ready.
-    pub fn spawn(mut tap: tap::Tap, mac: [u8; 6], addresses: Vec<IpAddr>) {
-        std::thread::spawn(move || {
-            let mut last = 0;
-            for at in [0u64, 50, 150, 300, 500] {
-                std::thread::sleep(std::time::Duration::from_millis(at - last));
-                last = at;
-                for f in frames(&mac, &addresses) {
-                    let _ = tap.send(&f);
-                }
-            }
-        });
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
-
-        #[test]
-        fn addresses_are_learned_from_the_guests_own_frames() {
-            let ip = Ipv4Addr::new(10, 0, 0, 2);
-            assert_eq!(source_address(&garp(&MAC, ip), &MAC), Some(IpAddr::V4(ip)));
-            let v6: Ipv6Addr = "fe80::5054:ff:fe01:203".parse().unwrap();
-            assert_eq!(source_address(&unsolicited_na(&MAC, v6), &MAC), Some(IpAddr::V6(v6)));
-            // Someone else's frame, or no address: nothing.
-            assert_eq!(source_address(&garp(&[1; 6], ip), &MAC), None);
-            assert_eq!(source_address(&rarp(&MAC), &MAC), None);
-            assert_eq!(source_address(&[0; 20], &MAC), None);
-        }
-
-        #[test]
-        fn neighbour_advertisement_checksum_verifies() {
-            let v6: Ipv6Addr = "fd00::2".parse().unwrap();
-            let f = unsolicited_na(&MAC, v6);
-            let ip6 = &f[VNET_HDR + 14..];
-            let icmp = &ip6[40..];
-            let mut sum = 0u32;
-            for b in [&ip6[8..24], &ip6[24..40], &(icmp.len() as u32).to_be_bytes()[..], &[0, 0, 0, 58][..], icmp] {
-                for c in b.chunks(2) {
-                    sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-                }
-            }
-            while sum > 0xffff {
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-            assert_eq!(sum, 0xffff, "a valid checksum sums to all ones");
-            assert_eq!(icmp[0], 136);
-        }
     }
 }

@@ -436,12 +436,26 @@ impl EntropySource for ReplayEntropy {
     }
 }
 
-/// Replay's host side: console output to stdout, frames counted, no input.
-struct ReplayIo<'a> {
-    console: &'a mut crate::console::StdioConsole,
+/// Replay's host side (a recording's, or a secondary's): console output to
+/// stdout, no input; network frames are not delivered but counted, and,
+/// given the guest's MAC, read for the guest's own addresses (what a
+/// secondary announces when it goes live).
+pub(crate) struct ReplayIo<'a> {
+    pub(crate) console: &'a mut crate::console::StdioConsole,
     frames_out: u64,
     print_hashes: bool,
-    hashes: Vec<(u64, u64)>,
+    mac: Option<[u8; 6]>,
+    pub(crate) addresses: Vec<std::net::IpAddr>,
+}
+
+impl<'a> ReplayIo<'a> {
+    pub(crate) fn new(
+        console: &'a mut crate::console::StdioConsole,
+        print_hashes: bool,
+        mac: Option<[u8; 6]>,
+    ) -> ReplayIo<'a> {
+        ReplayIo { console, frames_out: 0, print_hashes, mac, addresses: Vec::new() }
+    }
 }
 
 impl HostIo for ReplayIo<'_> {
@@ -451,14 +465,18 @@ impl HostIo for ReplayIo<'_> {
     fn wait(&mut self, _: Duration) -> HostInput {
         HostInput::Nothing
     }
-    fn send_frame(&mut self, _: usize, _: &[u8]) {
+    fn send_frame(&mut self, _: usize, frame: &[u8]) {
         self.frames_out += 1;
+        if let Some(ip) = self.mac.and_then(|mac| crate::announce::source_address(frame, &mac)) {
+            if !self.addresses.contains(&ip) {
+                self.addresses.push(ip);
+            }
+        }
     }
     fn host_log(&mut self, line: &str) {
         self.console.host_log(line);
     }
     fn state_hash(&mut self, pos: u64, hash: u64) {
-        self.hashes.push((pos, hash));
         if self.print_hashes {
             self.console.host_note(&format!("hash {pos} {hash:016x}"));
         }
@@ -545,8 +563,7 @@ pub fn replay(log_path: &Path, opts: &ReplayOpts) -> Result<Outcome> {
         console.host_note(&format!("replay: starting from the snapshot at position {}", m.hart.position().0));
     }
     m.hash_every = opts.hash_every;
-    let mut io =
-        ReplayIo { console: &mut console, frames_out: 0, print_hashes: opts.hash_every.is_some(), hashes: vec![] };
+    let mut io = ReplayIo::new(&mut console, opts.hash_every.is_some(), None);
     let mut last_good = 0u64;
     let outcome = loop {
         let Some(rec) = next(&mut reader)? else {
