@@ -14,11 +14,9 @@
 
 use crate::bench_guest::{median, number_before};
 use crate::netlab::PairNet;
-use crate::pairlab::{in_netns, start_solo, type_line, GuestPaths, Pair};
-use crate::workload::{Redis, Reply, Writer};
+use crate::pairlab::{in_netns, start_solo, type_line, Client, GuestPaths, Pair};
+use crate::workload::{Redis, Reply};
 use anyhow::{anyhow, bail, Context, Result};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const LUA: &str = "local x = 0 for i = 1, 3000000 do x = x + i % 7 end return x";
@@ -133,45 +131,23 @@ fn failover_once(
     let mut pair = Pair::start(exe, g, net, dir, &[])?;
     pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
     pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
-    let acks: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let addr = format!("{}:6379", net.guest_ip());
-    let client = {
-        let (acks, stop) = (acks.clone(), stop.clone());
-        in_netns(&net.client, move || -> Result<u64, String> {
-            let mut w = Writer::connect(&addr, Duration::from_secs(60)).map_err(|e| e.to_string())?;
-            while !stop.load(Ordering::Relaxed) {
-                w.step()?;
-                acks.lock().unwrap().push(Instant::now());
-            }
-            w.verify_all()?;
-            Ok(w.acked)
-        })
-    };
-    while acks.lock().unwrap().len() < 20 {
-        if client.is_finished() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let client = Client::start(net);
+    client.advance(20, Duration::from_secs(60), &pair)?;
     std::thread::sleep(delay);
     pair.primary.kill()?;
     let killed = Instant::now();
-    let next = loop {
-        if let Some(t) = acks.lock().unwrap().iter().find(|t| **t > killed) {
-            break *t;
+    let (next, last_before) = loop {
+        if let (Some(next), before) = client.acks_around(killed) {
+            break (next, before.unwrap_or(killed));
         }
-        if client.is_finished() || killed.elapsed() > Duration::from_secs(60) {
-            stop.store(true, Ordering::Relaxed);
-            let r = client.join().map_err(|_| anyhow!("client panicked"))?;
-            bail!("no write acknowledged after the kill ({:?}): {}", r.map(|r| r.err()), pair.tails());
+        if client.failed() || killed.elapsed() > Duration::from_secs(60) {
+            client.finish(&pair)?;
+            bail!("no write acknowledged after the kill: {}", pair.tails());
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    let last_before = acks.lock().unwrap().iter().rev().find(|t| **t < killed).copied().unwrap_or(killed);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    client.join().map_err(|_| anyhow!("client panicked"))??.map_err(|e| anyhow!("client: {e}"))?;
+    client.finish(&pair)?;
     Ok((next.duration_since(killed).as_secs_f64(), next.duration_since(last_before).as_secs_f64()))
 }
 

@@ -4,21 +4,12 @@
 //! removes (`netlab`); the disks are sparse copies of the guest's root disk.
 
 use crate::netlab::PairNet;
-use crate::pairlab::{in_netns, GuestPaths, Pair, LOG_PORT};
-use crate::workload::Writer;
-use anyhow::{anyhow, bail, Result};
+use crate::pairlab::{in_netns, Client, GuestPaths, Pair, LOG_PORT};
+use anyhow::{anyhow, bail, Context, Result};
 use std::io::BufRead;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// What the client saw.
-#[derive(Default)]
-struct Progress {
-    acked: AtomicU64,
-    error: Mutex<Option<String>>,
-    max_gap_ms: AtomicU64,
-}
 
 pub struct DemoOpts {
     /// Kill the primary after this many seconds of client traffic (it can
@@ -54,25 +45,7 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
     pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(120))?;
     say(&format!("guest is up: redis at {}:6379 behind the primary", net.guest_ip()));
 
-    let progress = Arc::new(Progress::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let addr = format!("{}:6379", net.guest_ip());
-    let client = {
-        let (progress, stop) = (progress.clone(), stop.clone());
-        in_netns(&net.client, move || -> Result<Writer, String> {
-            let mut w = Writer::connect(&addr, Duration::from_secs(30)).map_err(|e| e.to_string())?;
-            while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = w.step() {
-                    *progress.error.lock().unwrap() = Some(e.clone());
-                    return Err(e);
-                }
-                progress.acked.store(w.acked, Ordering::Relaxed);
-                progress.max_gap_ms.store(w.max_gap.as_millis() as u64, Ordering::Relaxed);
-            }
-            w.verify_all()?;
-            Ok(w)
-        })
-    };
+    let client = Client::start(&net);
     say(&format!(
         "client: one TCP connection, numbered INCR+SET writes with read-backs; the primary is killed (SIGKILL) in {} s, \
          or type k and Enter",
@@ -93,34 +66,39 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
     let mut last_print = Instant::now();
     while t.elapsed() < Duration::from_secs(opts.kill_after) && !typed.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        if let Some(e) = progress.error.lock().unwrap().clone() {
-            bail!("the client failed before the kill: {e}");
+        if client.failed() {
+            client.finish(&pair).context("the client failed before the kill")?;
+            bail!("the client stopped before the kill");
         }
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
-            say(&format!("client: {} writes acknowledged, protected", progress.acked.load(Ordering::Relaxed)));
+            say(&format!("client: {} writes acknowledged, protected", client.acked()));
         }
     }
     for (ns, addr) in [(&net.primary, "127.0.0.1:9540"), (&net.secondary, "127.0.0.1:9541")] {
         say(&format!("lockstep status: {}", side_status(ns, addr)));
     }
-    let before = progress.acked.load(Ordering::Relaxed);
-    let gap_before = progress.max_gap_ms.load(Ordering::Relaxed);
+    let before = client.acked();
     pair.primary.kill()?;
     let killed = Instant::now();
     pair.primary.wait()?;
+    let gap_before = client.longest_pause_before(killed);
     say(&format!("SIGKILL to the primary after {before} acknowledged writes"));
     // The first acknowledged write after the kill.
-    while progress.acked.load(Ordering::Relaxed) <= before + 1 {
-        if let Some(e) = progress.error.lock().unwrap().clone() {
-            bail!("the client failed after the kill: {e}\n{}", pair.tails());
+    let next = loop {
+        if let (Some(next), _) = client.acks_around(killed) {
+            break next;
+        }
+        if client.failed() {
+            client.finish(&pair).context("the client failed after the kill")?;
+            bail!("the client stopped after the kill");
         }
         if killed.elapsed() > Duration::from_secs(30) {
             bail!("no reply 30 s after the kill: {}", pair.tails());
         }
         std::thread::sleep(Duration::from_millis(1));
-    }
-    let failover = killed.elapsed();
+    };
+    let failover = next - killed;
     for line in pair
         .text("secondary.err")
         .lines()
@@ -132,14 +110,10 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(opts.after) {
         std::thread::sleep(Duration::from_millis(1000));
-        say(&format!(
-            "client: {} writes acknowledged, via the secondary (unprotected)",
-            progress.acked.load(Ordering::Relaxed)
-        ));
+        say(&format!("client: {} writes acknowledged, via the secondary (unprotected)", client.acked()));
     }
     say(&format!("lockstep status: {}", side_status(&net.secondary, "127.0.0.1:9541")));
-    stop.store(true, Ordering::Relaxed);
-    let w = client.join().map_err(|_| anyhow!("the client thread panicked"))??.map_err(|e| anyhow!("client: {e}"))?;
+    let w = client.finish(&pair)?;
     let mut lat = w.latencies_us.clone();
     lat.sort_unstable();
     let median = lat.get(lat.len() / 2).copied().unwrap_or(0);
@@ -148,9 +122,10 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
         w.acked, w.acked
     ));
     say(&format!(
-        "step latency median {:.2} ms; longest pause {} ms (before the kill: {gap_before} ms)",
+        "step latency median {:.2} ms; longest pause {} ms (before the kill: {} ms)",
         median as f64 / 1e3,
-        w.max_gap.as_millis()
+        w.max_gap.as_millis(),
+        gap_before.as_millis()
     ));
     drop(pair);
     drop(net);

@@ -3,9 +3,12 @@
 //! and watch the two sides the same way.
 
 use crate::netlab::PairNet;
+use crate::workload::Writer;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The guest's files and base command line.
@@ -150,4 +153,82 @@ pub fn type_line(child: &mut Child, line: &str) -> Result<()> {
     stdin.write_all(format!("{line}\n").as_bytes())?;
     stdin.flush()?;
     Ok(())
+}
+
+/// The numbered-write client (`workload::Writer`) on its own thread in the
+/// client namespace, recording when each step was acknowledged, until told
+/// to stop; then it reads every acknowledged write back.
+pub struct Client {
+    acks: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<Result<Writer, String>>>,
+}
+
+impl Client {
+    pub fn start(net: &PairNet) -> Client {
+        let addr = format!("{}:6379", net.guest_ip());
+        let (acks, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (a, s) = (acks.clone(), stop.clone());
+        let handle = in_netns(&net.client, move || -> Result<Writer, String> {
+            let mut w = Writer::connect(&addr, Duration::from_secs(30)).map_err(|e| format!("connect: {e}"))?;
+            while !s.load(Ordering::Relaxed) {
+                w.step()?;
+                a.lock().unwrap().push(Instant::now());
+            }
+            w.verify_all()?;
+            Ok(w)
+        });
+        Client { acks, stop, handle }
+    }
+
+    /// Steps acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acks.lock().unwrap().len() as u64
+    }
+
+    /// Has the client stopped on its own (an error)?
+    pub fn failed(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// When the first step after `t` was acknowledged, and the last before.
+    pub fn acks_around(&self, t: Instant) -> (Option<Instant>, Option<Instant>) {
+        let acks = self.acks.lock().unwrap();
+        let i = acks.partition_point(|a| *a <= t);
+        (acks.get(i).copied(), i.checked_sub(1).map(|j| acks[j]))
+    }
+
+    /// The longest wait between two acknowledged steps before `t`.
+    pub fn longest_pause_before(&self, t: Instant) -> Duration {
+        let acks = self.acks.lock().unwrap();
+        acks.windows(2).filter(|w| w[1] <= t).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    }
+
+    /// Wait for `n` more acknowledged steps, at most `timeout`; the error
+    /// carries the pair's last words.
+    pub fn advance(&self, n: u64, timeout: Duration, pair: &Pair) -> Result<()> {
+        let target = self.acked() + n;
+        let t = Instant::now();
+        while self.acked() < target {
+            if self.failed() {
+                bail!("the client stopped early; {}", pair.tails());
+            }
+            if t.elapsed() > timeout {
+                bail!("the client made no progress in {timeout:?}: {}", pair.tails());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Stop (if it has not failed already), and read everything back.
+    pub fn finish(self, pair: &Pair) -> Result<Writer> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.join() {
+            Ok(Ok(Ok(w))) => Ok(w),
+            Ok(Ok(Err(e))) => bail!("client: {e}\n{}", pair.tails()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => bail!("the client thread panicked"),
+        }
+    }
 }
