@@ -3,9 +3,10 @@
 //! take over. Everything runs in network namespaces the demo builds and
 //! removes (`netlab`); the disks are sparse copies of the guest's root disk.
 
-use crate::netlab::PairNet;
-use crate::pairlab::{in_netns, Client, GuestPaths, Pair, LOG_PORT};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+use lab::netns::in_netns;
+use lab::pair::{Client, GuestPaths, Pair, LOG_PORT};
+use lab::pairnet::PairNet;
 use std::io::BufRead;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
     crate::guest::ensure_host_tools(&["ip"], "iproute2", "the demo's namespaces, bridges and taps")?;
     say("building (or reusing) the default guest ...");
     crate::guest::build(false)?;
-    let net = PairNet::new("demo", 77).map_err(|e| anyhow!(e))?;
+    let net = PairNet::new("demo", 77)?;
     say(&format!(
         "network: client {} | bridge | primary tap, secondary tap; log channel on its own veth ({})",
         net.client,
@@ -135,8 +136,8 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
 
 /// One line of `lockstep status` for the side in namespace `ns`.
 fn side_status(ns: &str, addr: &'static str) -> String {
-    match in_netns(ns, move || crate::metrics::fetch(addr)).join() {
-        Ok(Ok(Ok(s))) => crate::metrics::one_line(&s),
+    match in_netns(ns, move || crate::host::status::fetch(addr)).join() {
+        Ok(Ok(Ok(s))) => crate::host::status::one_line(&s),
         Ok(Ok(Err(e))) | Ok(Err(e)) => format!("{addr} in {ns}: {e:#}"),
         Err(_) => "status thread panicked".to_string(),
     }

@@ -11,7 +11,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("tap", &[]),
     ("replay", &["rv"]),
     ("ft", &["rv", "machine", "replay", "tap"]),
-    ("lockstep", &["rv", "machine", "replay", "ft", "tap"]),
+    ("lab", &[]),
+    ("lockstep", &["rv", "machine", "replay", "ft", "tap", "lab"]),
 ];
 
 #[test]

@@ -14,6 +14,7 @@
 
 mod common;
 
+use lab::netns::GuestNet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -42,57 +43,14 @@ fn guest() -> &'static [PathBuf; 3] {
 }
 
 fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    lab::netns::sh(cmd).unwrap();
 }
 
-/// Bridge, tap and veth in two fresh namespaces; removed on drop.
-struct Topology {
-    host: String,
-    client: String,
-    /// Third octet of the 10.77.x.0/24 subnet.
-    net: u8,
-}
-
-impl Topology {
-    fn new(net: u8) -> Topology {
-        common::require_root_net();
-        let tag = format!("{}-{net}", std::process::id());
-        let (host, client) = (format!("ls-h-{tag}"), format!("ls-c-{tag}"));
-        let t = Topology { host, client, net };
-        let (h, c) = (&t.host, &t.client);
-        sh(&format!("ip netns add {h} && ip netns add {c}"));
-        sh(&format!(
-            "ip -n {h} link set lo up && ip -n {h} link add br0 type bridge && ip -n {h} link set br0 up && \
-             ip -n {h} tuntap add dev tap0 mode tap && ip -n {h} link set tap0 master br0 up && \
-             ip -n {h} link add vh type veth peer name vc netns {c} && ip -n {h} link set vh master br0 up && \
-             ip -n {c} link set lo up && ip -n {c} addr add 10.77.{net}.1/24 dev vc && ip -n {c} link set vc up"
-        ));
-        t
-    }
-
-    fn guest_ip(&self) -> String {
-        format!("10.77.{}.2", self.net)
-    }
-
-    /// Run `f` on a thread inside the client namespace.
-    fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.client);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the client namespace");
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.host]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.client]).status();
-    }
+/// Bridge, tap and veth in two fresh namespaces (10.77.`net`.0/24);
+/// removed on drop.
+fn topology(net: u8) -> GuestNet {
+    common::require_root_net();
+    GuestNet::new(&format!("{}-{net}", std::process::id()), &format!("10.77.{net}")).unwrap()
 }
 
 /// A private copy of the root disk (sparse), so tests never touch the
@@ -107,7 +65,7 @@ fn disk_copy(name: &str) -> PathBuf {
 /// The guest running in the host namespace with its console.
 type Vm = common::GuestConsole;
 
-fn start_vm(topo: &Topology, disk: &Path, extra: &[&str]) -> Vm {
+fn start_vm(topo: &GuestNet, disk: &Path, extra: &[&str]) -> Vm {
     let [kernel, initrd, _] = guest();
     let append = format!(
         "console=ttyS0 quiet cryptomgr.notests initcall_blacklist=jent_mod_init root=/dev/vda lockstep.ip={}/24",
@@ -190,40 +148,44 @@ fn debugfs_cat(img: &Path, file: &str) -> Vec<u8> {
 /// after power-off, and the image checks clean.
 #[test]
 fn guest_serves_clients_in_a_namespace_and_its_disk_checks_clean() {
-    let topo = Topology::new(1);
+    let topo = topology(1);
     let disk = disk_copy("serve");
     let mut vm = start_vm(&topo, &disk, &[]);
     vm.wait_for(READY);
     let ip = topo.guest_ip();
 
     let addr = format!("{ip}:6379");
-    let (pong, got, equal_len) = topo.in_client(move || {
-        let mut r = Redis::connect(&addr);
-        let pong = r.command(&[b"PING"]).unwrap();
-        // 2 MiB up (client → guest) and back down (guest → client).
-        let blob = pseudo_random(2 << 20, 42);
-        assert_eq!(r.command(&[b"SET", b"blob", &blob]).unwrap(), b"OK");
-        let got = r.command(&[b"GET", b"blob"]).unwrap();
-        let equal = got == blob;
-        for i in 0..50u32 {
-            r.command(&[b"SET", format!("key{i}").as_bytes(), format!("value{i}").as_bytes()]);
-        }
-        (pong, got.len(), equal)
-    });
+    let (pong, got, equal_len) = topo
+        .in_client(move || {
+            let mut r = Redis::connect(&addr);
+            let pong = r.command(&[b"PING"]).unwrap();
+            // 2 MiB up (client → guest) and back down (guest → client).
+            let blob = pseudo_random(2 << 20, 42);
+            assert_eq!(r.command(&[b"SET", b"blob", &blob]).unwrap(), b"OK");
+            let got = r.command(&[b"GET", b"blob"]).unwrap();
+            let equal = got == blob;
+            for i in 0..50u32 {
+                r.command(&[b"SET", format!("key{i}").as_bytes(), format!("value{i}").as_bytes()]);
+            }
+            (pong, got.len(), equal)
+        })
+        .unwrap();
     assert_eq!(pong, b"PONG");
     assert_eq!(got, 2 << 20);
     assert!(equal_len, "the 2 MiB value came back byte-exact");
 
     let url_host = ip.clone();
-    let page = topo.in_client(move || {
-        let mut s =
-            TcpStream::connect_timeout(&format!("{url_host}:80").parse().unwrap(), Duration::from_secs(30)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s.write_all(format!("GET / HTTP/1.0\r\nHost: {url_host}\r\n\r\n").as_bytes()).unwrap();
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).unwrap();
-        String::from_utf8_lossy(&resp).into_owned()
-    });
+    let page = topo
+        .in_client(move || {
+            let mut s = TcpStream::connect_timeout(&format!("{url_host}:80").parse().unwrap(), Duration::from_secs(30))
+                .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            s.write_all(format!("GET / HTTP/1.0\r\nHost: {url_host}\r\n\r\n").as_bytes()).unwrap();
+            let mut resp = Vec::new();
+            s.read_to_end(&mut resp).unwrap();
+            String::from_utf8_lossy(&resp).into_owned()
+        })
+        .unwrap();
     assert!(page.starts_with("HTTP/1.1 200") || page.starts_with("HTTP/1.0 200"), "{page}");
 
     // A file written in the guest and synced, then a clean power-off.
@@ -249,7 +211,7 @@ fn guest_serves_clients_in_a_namespace_and_its_disk_checks_clean() {
 /// image after the host's e2fsck replays the journal.
 #[test]
 fn fsynced_data_survives_killing_the_machine_mid_write() {
-    let topo = Topology::new(2);
+    let topo = topology(2);
     let disk = disk_copy("crash");
     let mut vm = start_vm(&topo, &disk, &[]);
     vm.wait_for(READY);
@@ -291,7 +253,7 @@ fn hash_lines(stderr: &[u8]) -> Vec<String> {
 /// taken in the middle.
 #[test]
 fn a_recorded_network_session_replays_offline_with_the_same_disk() {
-    let topo = Topology::new(3);
+    let topo = topology(3);
     let disk = disk_copy("record");
     let start = disk_copy("record-start");
     let dir = common::tmp_dir("network");
@@ -301,12 +263,14 @@ fn a_recorded_network_session_replays_offline_with_the_same_disk() {
     let mut vm = start_vm(&topo, &disk, &args);
     vm.wait_for(READY);
     let addr = format!("{}:6379", topo.guest_ip());
-    let got = topo.in_client(move || {
-        let mut r = Redis::connect(&addr);
-        let blob = pseudo_random(300_000, 7);
-        r.command(&[b"SET", b"recorded", &blob]);
-        r.command(&[b"GET", b"recorded"]).unwrap() == blob
-    });
+    let got = topo
+        .in_client(move || {
+            let mut r = Redis::connect(&addr);
+            let blob = pseudo_random(300_000, 7);
+            r.command(&[b"SET", b"recorded", &blob]);
+            r.command(&[b"GET", b"recorded"]).unwrap() == blob
+        })
+        .unwrap();
     assert!(got);
     vm.send("head -c 64 /dev/hwrng | od -An -tx1 | head -2; head -c 100000 /dev/urandom > /root/r.bin; sync; echo D$((1))ONE");
     vm.wait_for("D1ONE");

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const CROSS_GCC: &str = "riscv64-linux-gnu-gcc";
@@ -88,47 +87,23 @@ pub fn require_root_net() {
 
 /// A guest's `lockstep run` driven through its console: stdin to type on,
 /// stdout and stderr captured as they arrive (together, and each alone).
-/// The process is killed when this is dropped.
+/// The process is killed when this is dropped. Every wait fails the test
+/// after `timeout`, with the console so far.
 pub struct GuestConsole {
-    pub child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    out: Arc<Mutex<Vec<u8>>>,
-    pub stdout: Arc<Mutex<Vec<u8>>>,
-    pub stderr: Arc<Mutex<Vec<u8>>>,
-    /// How long each wait may take.
+    captured: lab::capture::Captured,
     timeout: Duration,
+}
+
+impl std::ops::Deref for GuestConsole {
+    type Target = lab::capture::Captured;
+    fn deref(&self) -> &Self::Target {
+        &self.captured
+    }
 }
 
 impl GuestConsole {
     pub fn spawn(cmd: &mut Command, timeout: Duration) -> GuestConsole {
-        use std::io::Read;
-        use std::process::Stdio;
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let (stdout, stderr) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-        for (mut pipe, alone) in [
-            (Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, stdout.clone()),
-            (Box::new(child.stderr.take().unwrap()), stderr.clone()),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock().unwrap().extend_from_slice(&buf[..n]);
-                    alone.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-        GuestConsole { child, stdin, out, stdout, stderr, timeout }
-    }
-
-    /// Everything printed so far, stdout and stderr as they arrived.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+        GuestConsole { captured: lab::capture::Captured::spawn(cmd).unwrap(), timeout }
     }
 
     /// Wait until `needle` has appeared `count` times.
@@ -136,10 +111,9 @@ impl GuestConsole {
         let t = Instant::now();
         while self.text().matches(needle).count() < count {
             if t.elapsed() > self.timeout {
-                let _ = self.child.kill();
                 panic!("timed out waiting for {needle:?} (x{count}); console so far:\n{}", self.text());
             }
-            if let Ok(Some(st)) = self.child.try_wait() {
+            if let Ok(Some(st)) = self.captured.child.try_wait() {
                 panic!("lockstep exited ({st}) before {needle:?}; console:\n{}", self.text());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -152,29 +126,10 @@ impl GuestConsole {
 
     /// Type a line.
     pub fn send(&mut self, line: &str) {
-        use std::io::Write;
-        self.stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-        self.stdin.flush().unwrap();
+        self.captured.send(line).unwrap();
     }
 
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if t.elapsed() > self.timeout {
-                let _ = self.child.kill();
-                panic!("lockstep did not exit; console:\n{}", self.text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for GuestConsole {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.captured.wait_exit(self.timeout).unwrap()
     }
 }

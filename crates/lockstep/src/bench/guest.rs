@@ -12,74 +12,20 @@
 //! Everything runs in network namespaces the benchmark creates and removes
 //! (a bridge, a tap for the guest, a veth to a client namespace). Needs root.
 
-use anyhow::{anyhow, bail, Context, Result};
-use std::io::{BufRead, BufReader, Read, Write};
+use anyhow::{bail, Context, Result};
+use lab::capture::Captured;
+use lab::netns::{sh, GuestNet};
+use lab::stats::{median, number_before};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SUBNET: &str = "10.78.0";
 const GUEST_IP: &str = "10.78.0.2";
 const GUEST_MAC: &str = "52:54:00:4c:53:02";
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().with_context(|| format!("cannot run `{cmd}`"))?;
-    if !out.status.success() {
-        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Bridge, tap and veth in two fresh namespaces; removed on drop.
-pub struct Topology {
-    pub host: String,
-    pub client: String,
-}
-
-impl Topology {
-    pub fn new() -> Result<Topology> {
-        let id = std::process::id();
-        let t = Topology { host: format!("lsb-h-{id}"), client: format!("lsb-c-{id}") };
-        let (h, c) = (&t.host, &t.client);
-        sh(&format!("ip netns add {h} && ip netns add {c}"))?;
-        sh(&format!(
-            "ip -n {h} link set lo up && ip -n {h} link add br0 type bridge && ip -n {h} link set br0 up && \
-             ip -n {h} tuntap add dev tap0 mode tap && ip -n {h} link set tap0 master br0 up && \
-             ip -n {h} link add vh type veth peer name vc netns {c} && ip -n {h} link set vh master br0 up && \
-             ip -n {c} link set lo up && ip -n {c} addr add {SUBNET}.1/24 dev vc && ip -n {c} link set vc up"
-        ))?;
-        Ok(t)
-    }
-
-    /// A command run inside the client namespace.
-    pub fn client_cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.client, prog]);
-        c
-    }
-
-    /// Run `f` on a thread inside the client namespace.
-    pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.client);
-        std::thread::spawn(move || -> Result<T> {
-            let ns = std::fs::File::open(&path)?;
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow!("client thread panicked"))?
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.host]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.client]).status();
-    }
-}
 
 /// Which engine runs the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,9 +37,7 @@ pub enum Engine {
 
 /// A running guest with its console.
 pub struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    out: Arc<Mutex<Vec<u8>>>,
+    console: Captured,
     seq: u32,
 }
 
@@ -109,9 +53,9 @@ pub fn append() -> String {
 }
 
 impl Session {
-    pub fn start(topo: &Topology, engine: Engine, g: &GuestFiles, log: Option<&Path>) -> Result<Session> {
+    pub fn start(net: &GuestNet, engine: Engine, g: &GuestFiles, log: Option<&Path>) -> Result<Session> {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &topo.host]);
+        cmd.args(["netns", "exec", &net.host]);
         match engine {
             Engine::Lockstep | Engine::LockstepRecording => {
                 cmd.arg(std::env::current_exe()?).arg("run").arg("--kernel").arg(&g.kernel);
@@ -131,94 +75,39 @@ impl Session {
                 cmd.args(["-device", "virtio-rng-device", "-append", &append()]);
             }
         }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-        let stdin = child.stdin.take().context("stdin")?;
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for mut pipe in [
-            Box::new(child.stdout.take().context("stdout")?) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().context("stderr")?),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-        let s = Session { child, stdin, out, seq: 0 };
-        s.wait_for(crate::guest::READY_LINE, 0)?;
-        Ok(s)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    /// Wait for `needle` to appear after byte `from`; returns where it ends.
-    fn wait_for(&self, needle: &str, from: usize) -> Result<usize> {
-        let t = Instant::now();
-        loop {
-            {
-                let out = self.out.lock().unwrap();
-                if let Some(i) = out[from.min(out.len())..].windows(needle.len()).position(|w| w == needle.as_bytes()) {
-                    return Ok(from + i + needle.len());
-                }
-            }
-            if t.elapsed() > TIMEOUT {
-                bail!("timed out waiting for {needle:?}; console tail: {}", tail(&self.text()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut console = Captured::spawn(&mut cmd)?;
+        console.wait_for(crate::guest::READY_LINE, 0, TIMEOUT)?;
+        Ok(Session { console, seq: 0 })
     }
 
     /// Run a shell command in the guest; returns its output and the host
     /// time it took (send to end marker).
     pub fn run(&mut self, cmd: &str) -> Result<(String, f64)> {
         self.seq += 1;
-        let mark = format!("LSDONE{}", self.seq);
-        let start = self.out.lock().unwrap().len();
+        // The dot ends the number: LSDONE1. is not a prefix of LSDONE10.
+        let mark = format!("LSDONE{}.", self.seq);
+        let start = self.console.len();
         let t = Instant::now();
         // The marker is built by the shell, so the echoed command line does
         // not match it.
-        writeln!(self.stdin, "{cmd}; echo LSDONE$((0+{}))", self.seq)?;
-        self.stdin.flush()?;
-        let end =
-            self.wait_for(&format!("{mark}\r\n"), start).or_else(|_| self.wait_for(&format!("{mark}\n"), start))?;
+        self.console.send(&format!("{cmd}; echo LSDONE$((0+{})).", self.seq))?;
+        let end = self.console.wait_for(&mark, start, TIMEOUT)?;
         let secs = t.elapsed().as_secs_f64();
-        let out = self.out.lock().unwrap()[start..end].to_vec();
+        let out = self.console.all.lock().unwrap()[start..end].to_vec();
         Ok((String::from_utf8_lossy(&out).into_owned(), secs))
     }
 
+    /// The console's last lines, for an error message.
+    fn tail(&self) -> String {
+        let text = self.console.text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join(" | ")
+    }
+
     pub fn poweroff(mut self) -> Result<()> {
-        writeln!(self.stdin, "poweroff")?;
-        let t = Instant::now();
-        loop {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            if t.elapsed() > TIMEOUT {
-                let _ = self.child.kill();
-                bail!("the guest did not power off");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.console.send("poweroff")?;
+        self.console.wait_exit(TIMEOUT).map(drop)
     }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join(" | ")
 }
 
 /// Fresh copies of the guest (the disk sparse), in `dir`.
@@ -228,28 +117,6 @@ pub fn guest_copies(dir: &Path) -> Result<GuestFiles> {
     let disk = dir.join("rootfs.ext4");
     sh(&format!("cp --sparse=always '{}' '{}'", g.disk.display(), disk.display()))?;
     Ok(GuestFiles { kernel: g.kernel, initrd: g.initrd, disk })
-}
-
-/// Median of a sample.
-pub fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
-/// The first number before `unit` in `text` (e.g. "3.95 k iops").
-pub fn number_before(text: &str, unit: &str) -> Option<f64> {
-    let i = text.find(unit)?;
-    let words: Vec<&str> = text[..i].split_whitespace().collect();
-    let (num, scale) = match words.last()? {
-        &"k" => (words.get(words.len() - 2)?, 1e3),
-        &"M" => (words.get(words.len() - 2)?, 1e6),
-        w => (w, 1.0),
-    };
-    num.parse::<f64>().ok().map(|n| n * scale)
 }
 
 /// One engine's figures.
@@ -267,7 +134,7 @@ pub struct DeviceFigures {
 const DISK_MB: u64 = 64;
 
 /// Measure disk and network figures on a booted guest.
-pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
+pub fn measure(s: &mut Session, net: &GuestNet) -> Result<DeviceFigures> {
     let mut f = DeviceFigures::default();
     let (_, secs) =
         s.run(&format!("dd if=/dev/zero of=/root/bench.bin bs=1M count={DISK_MB} conv=fsync 2>/dev/null"))?;
@@ -285,7 +152,7 @@ pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
     for reverse in [false, true] {
         // The server takes one test at a time: let it finish the last one.
         std::thread::sleep(Duration::from_secs(1));
-        let mut c = topo.client_cmd("iperf3");
+        let mut c = net.client_cmd("iperf3");
         c.args(["-c", GUEST_IP, "-t", "5", "-f", "m"]);
         if reverse {
             c.arg("-R");
@@ -293,7 +160,7 @@ pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
         let out = c.output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().find(|l| l.contains("receiver")).with_context(|| {
-            format!("iperf3 said: {text}{}; guest: {}", String::from_utf8_lossy(&out.stderr), tail(&s.text()))
+            format!("iperf3 said: {text}{}; guest: {}", String::from_utf8_lossy(&out.stderr), s.tail())
         })?;
         let mbits = number_before(line, "Mbits/sec").context("iperf3 rate")?;
         if reverse {
@@ -302,7 +169,7 @@ pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
             f.net_to_guest_mbits = mbits;
         }
     }
-    let out = topo.client_cmd("ping").args(["-c", "20", "-i", "0.05", "-q", GUEST_IP]).output()?;
+    let out = net.client_cmd("ping").args(["-c", "20", "-i", "0.05", "-q", GUEST_IP]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     f.ping_ms = text
         .lines()
@@ -311,7 +178,7 @@ pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
         .and_then(|v| v.split('/').nth(1))
         .and_then(|v| v.trim().parse().ok())
         .with_context(|| format!("ping said: {text}"))?;
-    f.redis_rtt_ms = topo.in_client(|| -> Result<f64> {
+    f.redis_rtt_ms = net.in_client(|| -> Result<f64> {
         let s = TcpStream::connect_timeout(&format!("{GUEST_IP}:6379").parse()?, Duration::from_secs(10))?;
         s.set_nodelay(true)?;
         let mut r = BufReader::new(s);
@@ -333,14 +200,14 @@ pub fn measure(s: &mut Session, topo: &Topology) -> Result<DeviceFigures> {
 
 /// `lockstep bench devices`.
 pub fn devices(reps: usize) -> Result<()> {
-    let topo = Topology::new()?;
+    let net = GuestNet::new(&std::process::id().to_string(), SUBNET)?;
     let dir = std::env::temp_dir().join(format!("lockstep-bench-{}", std::process::id()));
     let mut results: Vec<(Engine, DeviceFigures)> = Vec::new();
     for rep in 0..reps {
         for engine in [Engine::Lockstep, Engine::Qemu] {
             let g = guest_copies(&dir)?;
-            let mut s = Session::start(&topo, engine, &g, None)?;
-            let f = measure(&mut s, &topo).with_context(|| format!("{engine:?}, run {}", rep + 1))?;
+            let mut s = Session::start(&net, engine, &g, None)?;
+            let f = measure(&mut s, &net).with_context(|| format!("{engine:?}, run {}", rep + 1))?;
             s.poweroff()?;
             results.push((engine, f));
         }
@@ -468,16 +335,16 @@ pub fn record(reps: usize) -> Result<()> {
     );
 
     // Network-heavy: iperf3 host -> guest for 5 s on the root-disk guest.
-    let topo = Topology::new()?;
+    let net = GuestNet::new(&std::process::id().to_string(), SUBNET)?;
     let (mut plain, mut rec, mut rate) = (vec![], vec![], vec![]);
     for _ in 0..reps.min(3) {
         for recording in [false, true] {
             let g = guest_copies(&dir)?;
             let engine = if recording { Engine::LockstepRecording } else { Engine::Lockstep };
             let t = Instant::now();
-            let mut s = Session::start(&topo, engine, &g, Some(&log))?;
+            let mut s = Session::start(&net, engine, &g, Some(&log))?;
             s.run("iperf3 -s -D >/dev/null 2>&1; sleep 0.5")?;
-            let out = topo.client_cmd("iperf3").args(["-c", GUEST_IP, "-t", "5", "-f", "m"]).output()?;
+            let out = net.client_cmd("iperf3").args(["-c", GUEST_IP, "-t", "5", "-f", "m"]).output()?;
             let text = String::from_utf8_lossy(&out.stdout);
             let line = text.lines().find(|l| l.contains("receiver")).with_context(|| format!("iperf3: {text}"))?;
             let mbits = number_before(line, "Mbits/sec").context("iperf3 rate")?;
@@ -498,7 +365,7 @@ pub fn record(reps: usize) -> Result<()> {
         median(&mut rate),
         "-"
     );
-    drop(topo);
+    drop(net);
 
     // Snapshots of a 512 MiB guest, and the state hash.
     let g = guest_copies(&dir)?;

@@ -112,6 +112,11 @@ pub fn spawn(mut tap: tap::Tap, mac: [u8; 6], addresses: Vec<IpAddr>) {
     });
 }
 
+/// A MAC address as people write it.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,12 @@ const CTRL_A: u8 = 0x01;
 /// The terminal settings to restore, shared with the panic hook.
 static SAVED: Mutex<Option<Termios>> = Mutex::new(None);
 
+/// Whether this process put the terminal in raw mode (and has not yet
+/// restored it): lines on stderr then need "\r\n".
+pub fn terminal_is_raw() -> bool {
+    SAVED.lock().is_ok_and(|s| s.is_some())
+}
+
 fn restore_terminal() {
     if let Ok(mut saved) = SAVED.lock() {
         if let Some(t) = saved.take() {
@@ -52,7 +58,8 @@ pub struct StdioConsole {
 }
 
 impl StdioConsole {
-    pub fn new() -> StdioConsole {
+    /// Take over the terminal (raw mode when stdin is one) and start reading it.
+    pub fn open() -> StdioConsole {
         let stdin = std::io::stdin();
         let raw = stdin.is_terminal();
         if raw {
@@ -183,9 +190,7 @@ impl HostIo for StdioConsole {
     }
 
     fn host_log(&mut self, line: &str) {
-        // In raw mode the terminal does not turn \n into \r\n.
-        let end = if self.raw { "\r\n" } else { "\n" };
-        eprint!("lockstep: {line}{end}");
+        tracing::warn!("{line}");
     }
 
     fn send_frame(&mut self, nic: usize, frame: &[u8]) {
@@ -195,8 +200,7 @@ impl HostIo for StdioConsole {
             // A frame that cannot leave is lost, as on a wire; say so once.
             Err(e) if !self.tap_errors[nic] => {
                 self.tap_errors[nic] = true;
-                let line = format!("tap '{}' did not take a frame: {e}", tap.name());
-                self.host_log(&line);
+                tracing::warn!("tap '{}' did not take a frame: {e}", tap.name());
             }
             Err(_) => {}
         }

@@ -1,5 +1,5 @@
 //! A pair's network in namespaces, for the demo, the benchmarks and the
-//! tests (which include this file): nothing touches the host's own
+//! tests: nothing touches the host's own
 //! interfaces, and everything is removed on drop.
 //!
 //! ```text
@@ -16,6 +16,8 @@
 //! a veth of its own, so it can be cut or slowed without touching the
 //! guest's network.
 
+use crate::netns::sh;
+use anyhow::Result;
 use std::process::Command;
 
 pub struct PairNet {
@@ -27,17 +29,9 @@ pub struct PairNet {
     pub net: u8,
 }
 
-fn sh(cmd: &str) -> Result<(), String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(())
-}
-
 impl PairNet {
     /// Build it; `tag` keeps concurrent users apart, `net` picks the subnet.
-    pub fn new(tag: &str, net: u8) -> Result<PairNet, String> {
+    pub fn new(tag: &str, net: u8) -> Result<PairNet> {
         let n = PairNet {
             client: format!("ls{tag}-c"),
             bridge: format!("ls{tag}-b"),
@@ -88,7 +82,6 @@ impl PairNet {
 
     /// An address in the bridge namespace both sides reach over the guest
     /// network (for an arbiter such as etcd).
-    #[allow(dead_code)] // the pair tests use it; the binary does not
     pub fn arbiter_ip(&self) -> String {
         format!("10.{}.0.250", self.net)
     }
@@ -102,29 +95,21 @@ impl PairNet {
         format!("10.{}.1.2:{port}", self.net)
     }
 
-    /// `prog` run inside namespace `ns`.
-    pub fn exec(ns: &str, prog: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, prog]);
-        c
-    }
-
     /// Cut the log link (both ways) or heal it.
-    #[allow(dead_code)] // the pair tests use it; the binary does not
-    pub fn set_log_link(&self, up: bool) -> Result<(), String> {
+    pub fn set_log_link(&self, up: bool) -> Result<()> {
         let state = if up { "up" } else { "down" };
-        sh(&format!("ip -n {} link set log0 {state}", self.primary))
+        sh(&format!("ip -n {} link set log0 {state}", self.primary)).map(drop)
     }
 
     /// Drop everything the primary sends on the log link (a one-way cut:
     /// the secondary's acks still arrive).
-    #[allow(dead_code)] // the pair tests use it; the binary does not
-    pub fn cut_log_one_way(&self) -> Result<(), String> {
+    pub fn cut_log_one_way(&self) -> Result<()> {
         sh(&format!(
             "ip netns exec {} nft 'add table inet oneway; add chain inet oneway out {{ type filter hook output priority 0; }}; \
              add rule inet oneway out oifname \"log0\" drop'",
             self.primary
         ))
+        .map(drop)
     }
 
     /// A slow, lossy log link: both ends capped at `rate_kbit` (a token
@@ -132,8 +117,7 @@ impl PairNet {
     /// of their outgoing packets at random (nftables `numgen`). netem would
     /// be the usual tool, but kernels without `sch_netem` (this project's
     /// CI kernel among them) are common; these two are built in more often.
-    #[allow(dead_code)] // the pair tests use it; the binary does not
-    pub fn impair_log(&self, rate_kbit: u32, loss_pct: f32) -> Result<(), String> {
+    pub fn impair_log(&self, rate_kbit: u32, loss_pct: f32) -> Result<()> {
         let per_mille = (loss_pct * 10.0).round() as u32;
         for ns in [&self.primary, &self.secondary] {
             sh(&format!("tc -n {ns} qdisc replace dev log0 root tbf rate {rate_kbit}kbit burst 32kbit latency 200ms"))?;

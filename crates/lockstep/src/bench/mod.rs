@@ -3,7 +3,11 @@
 //! Each case runs `--reps` times, alternating between cases so that machine
 //! noise hits both alike; the median is printed with min and max.
 
+mod guest;
+mod pair;
+
 use anyhow::{bail, Result};
+use lab::stats::median;
 use machine::programs::{int_loop_m, int_loop_u_sv39, Program};
 use machine::{BareOutcome, Machine};
 use std::time::Instant;
@@ -133,20 +137,15 @@ fn time_program(p: &Program) -> Result<(u64, f64)> {
     Ok((m.hart.position().0, secs))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.reps == 0 || args.minsns == 0 {
         bail!("--reps and --minsns must be positive");
     }
     match args.what {
         BenchKind::Boot => return boot(&args),
-        BenchKind::Devices => return crate::bench_guest::devices(args.reps),
-        BenchKind::Record => return crate::bench_guest::record(args.reps),
-        BenchKind::Pair => return crate::bench_pair::pair(args.reps, args.kills),
+        BenchKind::Devices => return guest::devices(args.reps),
+        BenchKind::Record => return guest::record(args.reps),
+        BenchKind::Pair => return pair::pair(args.reps, args.kills),
         BenchKind::Cpu => {}
     }
     let iters = args.minsns * 1_000_000 / machine::programs::LOOP_BODY;

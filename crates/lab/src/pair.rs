@@ -1,8 +1,9 @@
-//! Running a pair of the default guest in a `netlab` network: the demo,
-//! the pair benchmarks and the pair tests (which include this file) start
-//! and watch the two sides the same way.
+//! Running a pair of the default guest in a [`PairNet`]: the demo, the
+//! pair benchmarks and the pair tests start and watch the two sides the
+//! same way.
 
-use crate::netlab::PairNet;
+use crate::netns::{exec, in_netns};
+use crate::pairnet::PairNet;
 use crate::workload::Writer;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -52,7 +53,7 @@ impl Pair {
         let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
         let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
         let spawn = |ns: &str, role: &str, disk: &Path, addr_flag: &str, metrics: &str| -> Result<Child> {
-            let mut c = PairNet::exec(ns, exe.to_str().unwrap());
+            let mut c = exec(ns, exe.to_str().unwrap());
             c.arg(role)
                 .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
                 .args(["--append", &append, "--disk", disk.to_str().unwrap()])
@@ -113,19 +114,6 @@ impl Drop for Pair {
     }
 }
 
-/// Run `f` on a thread inside network namespace `ns`.
-pub fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<Result<T>> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || -> Result<T> {
-        let file = std::fs::File::open(&path).with_context(|| format!("no namespace {path}"))?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(f())
-    })
-}
-
 /// The same guest alone (`lockstep run`) in the primary's namespace, on
 /// the primary's tap: the baseline for the pair's figures.
 pub fn start_solo(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path) -> Result<Child> {
@@ -135,7 +123,7 @@ pub fn start_solo(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path) -> Resu
         bail!("cannot copy '{}'", g.disk.display());
     }
     let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
-    let mut c = PairNet::exec(&net.primary, exe.to_str().unwrap());
+    let mut c = exec(&net.primary, exe.to_str().unwrap());
     c.arg("run")
         .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
         .args(["--append", &append, "--disk", disk.to_str().unwrap()])

@@ -1,6 +1,6 @@
 //! A client workload for a protected guest: numbered writes and read-backs
 //! over one TCP connection to the guest's redis-server. Used by the demo,
-//! the pair benchmarks and the pair tests (which include this file).
+//! the pair benchmarks and the pair tests.
 //!
 //! Every step `i` does `INCR lockstep:counter` (the guest's own write
 //! counter: the reply must be exactly one more than the last one, so a lost

@@ -12,11 +12,12 @@
 //! - Failover: SIGKILL of the primary under the numbered-write client, time
 //!   to the client's next acknowledged write, over `--kills` fresh pairs.
 
-use crate::bench_guest::{median, number_before};
-use crate::netlab::PairNet;
-use crate::pairlab::{in_netns, start_solo, type_line, Client, GuestPaths, Pair};
-use crate::workload::{Redis, Reply};
 use anyhow::{anyhow, bail, Context, Result};
+use lab::netns::in_netns;
+use lab::pair::{start_solo, type_line, Client, GuestPaths, Pair};
+use lab::pairnet::PairNet;
+use lab::stats::{median, number_before};
+use lab::workload::{Redis, Reply};
 use std::time::{Duration, Instant};
 
 const LUA: &str = "local x = 0 for i = 1, 3000000 do x = x + i % 7 end return x";
@@ -63,7 +64,7 @@ fn client_measure(addr: String) -> Result<(f64, f64, f64, f64), String> {
 }
 
 fn primary_status(net: &PairNet) -> Result<ft::Status> {
-    in_netns(&net.primary, || crate::metrics::fetch("127.0.0.1:9540"))
+    in_netns(&net.primary, || crate::host::status::fetch("127.0.0.1:9540"))
         .join()
         .map_err(|_| anyhow!("status thread panicked"))??
 }
@@ -72,7 +73,7 @@ fn primary_status(net: &PairNet) -> Result<ft::Status> {
 /// started on its console); Mbit/s at the receiver.
 fn bulk_in(net: &PairNet) -> Result<f64> {
     std::thread::sleep(Duration::from_secs(1));
-    let out = PairNet::exec(&net.client, "iperf3")
+    let out = lab::netns::exec(&net.client, "iperf3")
         .args(["-c", &net.guest_ip(), "-t", "5", "-f", "m"])
         .output()
         .context("cannot run iperf3 (bash scripts/test-deps.sh installs it)")?;

@@ -1,0 +1,80 @@
+//! `primary`, `secondary` and `status`: the pair's settings resolved into
+//! what the `pair` room runs.
+
+use super::{PairArgs, StatusArgs};
+use crate::host::status;
+use crate::pair::{self, PairOpts};
+use crate::vm::LinuxVm;
+use crate::Outcome;
+use anyhow::{bail, Context, Result};
+use std::time::Duration;
+
+/// Which side of a pair to run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    Primary,
+    Secondary,
+}
+
+pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
+    let (spec, pair) = args.run.resolve(args.pair)?;
+    if spec.elf.is_some() || spec.record.is_some() || spec.snapshot_every.is_some() {
+        bail!(
+            "a pair runs a Linux VM and ships its log to the peer: --elf, --record and --snapshot-every do not apply"
+        );
+    }
+    let (addr, what) = match side {
+        Side::Primary => (pair.peer, "the primary needs --peer HOST:PORT (the secondary's --listen)"),
+        Side::Secondary => (pair.listen, "the secondary needs --listen HOST:PORT"),
+    };
+    let addr = addr.context(what)?;
+    let defaults = ft::PairConfig::default();
+    let millis = |ms: Option<u64>, default: Duration| ms.map_or(default, |ms| Duration::from_millis(ms.max(1)));
+    let cfg = ft::PairConfig {
+        heartbeat: millis(pair.heartbeat_ms, defaults.heartbeat),
+        timeout: millis(pair.timeout_ms, defaults.timeout),
+        max_lag: pair.max_lag.unwrap_or(defaults.max_lag),
+        connect_timeout: defaults.connect_timeout,
+    };
+    if cfg.timeout <= cfg.heartbeat {
+        bail!("--timeout-ms must be longer than --heartbeat-ms");
+    }
+    let mut metrics = pair.metrics;
+    if metrics.is_none() {
+        let default = if side == Side::Primary { "127.0.0.1:9540" } else { "127.0.0.1:9541" };
+        match std::net::TcpListener::bind(default) {
+            Ok(_) => metrics = Some(default.to_string()),
+            Err(e) => tracing::warn!("no status endpoint ({default}: {e}); use --metrics HOST:PORT"),
+        }
+    }
+    let opts =
+        PairOpts { addr, arbiter: pair.arbiter, cfg, metrics, hash_every: spec.hash_every, max_insns: spec.max_insns };
+    let vm = LinuxVm::from_spec(&spec)?.context("a pair needs a Linux VM")?;
+    match side {
+        Side::Primary => pair::primary::run(&vm, &opts),
+        Side::Secondary => pair::secondary::run(&vm, &opts),
+    }
+}
+
+pub(super) fn status(args: StatusArgs) -> Result<Outcome> {
+    let mut answered = 0;
+    for addr in &args.addrs {
+        match status::fetch(addr) {
+            Ok(s) if args.json => {
+                let mut v = serde_json::to_value(&s)?;
+                v["endpoint"] = serde_json::Value::String(addr.clone());
+                println!("{v}");
+                answered += 1;
+            }
+            Ok(s) => {
+                println!("{}", status::describe(addr, &s));
+                answered += 1;
+            }
+            Err(e) => tracing::error!("{e:#}"),
+        }
+    }
+    if answered == 0 {
+        bail!("no side of a pair answered (asked {})", args.addrs.join(", "));
+    }
+    Ok(Outcome::Success)
+}

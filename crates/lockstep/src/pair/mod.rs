@@ -1,0 +1,67 @@
+//! The two sides of a fault-tolerant pair: the run loops around `ft`.
+//!
+//! The primary ([`primary`]) runs the guest live, as `run --record` does,
+//! but its log goes to the secondary ([`ft::link::PrimaryLink`]) and its
+//! network output waits in the output gate until the secondary has
+//! acknowledged the log up to where that output was produced. The
+//! secondary ([`secondary`]) builds the same machine and replays the log
+//! as it arrives (the [`crate::replayer`]), never running past what it has
+//! received. When the primary is lost and the secondary wins the next
+//! epoch, it replays what it holds, goes live at exactly that position on
+//! its own tap, and announces the guest's addresses ([`announce`]) so the
+//! bridge and the clients' neighbours learn the new port.
+
+pub mod announce;
+pub mod primary;
+pub mod secondary;
+
+use anyhow::Result;
+use ft::arbiter::Arbiter;
+use ft::gate::OutputGate;
+use ft::link::Shared;
+use ft::{PairConfig, Status};
+use std::sync::Arc;
+
+/// Options of either side.
+pub struct PairOpts {
+    /// Primary: the secondary's address. Secondary: the address to listen on.
+    pub addr: String,
+    /// `file:PATH` or `etcd:http://HOST:PORT` (default: a file for this VM
+    /// in the temp directory, for pairs on one host).
+    pub arbiter: Option<String>,
+    pub cfg: PairConfig,
+    /// Serve `/metrics` and `/status` here.
+    pub metrics: Option<String>,
+    pub hash_every: Option<u64>,
+    pub max_insns: Option<u64>,
+}
+
+fn arbiter_for(opts: &PairOpts, vm_id: &str) -> Result<Arc<dyn Arbiter>> {
+    let spec = match &opts.arbiter {
+        Some(s) => s.clone(),
+        None => format!("file:{}", std::env::temp_dir().join(format!("lockstep-{vm_id}.epoch")).display()),
+    };
+    Ok(Arc::from(ft::arbiter::from_spec(&spec, vm_id).map_err(anyhow::Error::msg)?))
+}
+
+/// The figures of one side for `/status` and `/metrics`.
+fn status_fn(shared: Arc<Shared>, gate: Option<Arc<OutputGate>>) -> impl Fn() -> Status + Send + Sync + 'static {
+    move || {
+        let mut s = shared.status();
+        if let Some(g) = &gate {
+            let st = g.stats();
+            s.frames_held = st.held_now;
+            s.frames_released = st.released;
+            s.hold_us_mean = st.hold_us_mean;
+            s.hold_us_max = st.hold_us_max;
+        }
+        s
+    }
+}
+
+/// Print what the link has to say (until `ft` logs through `tracing`).
+fn print_notes(shared: &Shared) {
+    for n in shared.take_notes() {
+        tracing::info!("{n}");
+    }
+}

@@ -1,0 +1,139 @@
+//! The primary: the guest live on this host, its inputs streamed to the
+//! secondary, its network output held until the secondary has them.
+
+use super::{arbiter_for, print_notes, status_fn, PairOpts};
+use crate::host::console::StdioConsole;
+use crate::host::entropy::{host_seed, HostEntropy};
+use crate::host::log::report;
+use crate::vm::record::{InputLog, LogSink};
+use crate::vm::{end_reason, outcome_of, print_final, LinuxVm};
+use crate::Outcome;
+use anyhow::{bail, Context, Result};
+use ft::gate::{FrameSink, OutputGate};
+use ft::link::PrimaryLink;
+use ft::wire::Hello;
+use ft::State;
+use machine::{HostInput, HostIo, Machine, Stop};
+use replay::{Event, Record};
+use std::sync::Arc;
+use std::time::Duration;
+
+impl LogSink for PrimaryLink {
+    fn append(&mut self, record: Record) {
+        self.record(record);
+    }
+}
+
+/// The primary's host side: the console and taps for input, the link for
+/// the log, the output gate for frames.
+struct PrimaryIo<'a> {
+    console: &'a mut StdioConsole,
+    log: &'a mut InputLog<PrimaryLink>,
+    print_hashes: bool,
+    /// The pair's policy stopped this side (lost arbitration).
+    fenced: bool,
+}
+
+impl HostIo for PrimaryIo<'_> {
+    fn console_write(&mut self, bytes: &[u8]) {
+        self.console.console_write(bytes);
+    }
+    fn wait(&mut self, timeout: Duration) -> HostInput {
+        print_notes(&self.log.sink.shared);
+        if self.log.sink.state() == State::Stopped {
+            self.fenced = true;
+            return HostInput::Quit;
+        }
+        if timeout.is_zero() {
+            self.log.sink.throttle();
+        }
+        self.console.wait(timeout)
+    }
+    fn progress(&mut self, pos: u64) {
+        // Entropy drawn in this slice goes before the mark that covers it.
+        self.log.take_draws();
+        self.log.sink.progress(pos);
+    }
+    fn send_frame(&mut self, nic: usize, frame: &[u8]) {
+        self.log.sink.output(nic, frame);
+    }
+    fn delivered(&mut self, pos: u64, input: &HostInput) {
+        self.log.delivered(pos, input);
+    }
+    fn skipped(&mut self, pos: u64, steps: u64) {
+        self.log.record(pos, Event::Skip(steps));
+    }
+    fn state_hash(&mut self, pos: u64, hash: u64) {
+        self.log.record(pos, Event::Hash(hash));
+        if self.print_hashes {
+            report(&format!("hash {pos} {hash:016x}"));
+        }
+    }
+}
+
+/// Build and boot the VM with `seed`, its draws kept for the log.
+fn boot(vm: &LinuxVm, seed: [u8; 32], draws: &crate::host::entropy::Draws, opts: &PairOpts) -> Result<Machine> {
+    let mut m = vm.machine(seed, Box::new(HostEntropy::logged(draws)?))?;
+    m.hash_every = opts.hash_every;
+    Ok(m)
+}
+
+/// Run the primary of a pair.
+pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
+    let vm_id = vm.identity()?;
+    let arbiter = arbiter_for(opts, &vm_id)?;
+    let mut console = StdioConsole::open();
+    let mut sinks: Vec<Box<dyn FrameSink>> = Vec::new();
+    if let Some((name, _)) = &vm.net {
+        let tap = tap::Tap::open(name, true)?;
+        sinks.push(Box::new(tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?));
+        console.add_tap(tap).with_context(|| format!("cannot read tap '{name}'"))?;
+    }
+    let gate = Arc::new(OutputGate::new(sinks));
+    let seed = host_seed()?;
+    // The machine exists before the link (its state hash is in the hello):
+    // what it draws waits in `draws` until the link takes it.
+    let draws = crate::host::entropy::Draws::default();
+    let mut m = boot(vm, seed, &draws, opts)?;
+    let hello = Hello {
+        vm_id: vm_id.clone(),
+        disk_hash: vm.disk_hash()?,
+        seed,
+        state_hash: m.state_hash(),
+        mac: vm.net.as_ref().map(|(_, mac)| *mac),
+    };
+    tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
+    let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg)?;
+    let shared = link.shared.clone();
+    if let Some(addr) = &opts.metrics {
+        crate::host::status::serve(addr, Box::new(status_fn(shared.clone(), Some(gate.clone()))))?;
+    }
+    let mut log = InputLog::with_draws(link, draws);
+    log.record(0, Event::Seed(seed));
+    loop {
+        let mut io =
+            PrimaryIo { console: &mut console, log: &mut log, print_hashes: opts.hash_every.is_some(), fenced: false };
+        let stop = m.run_linux(&mut io, opts.max_insns)?;
+        let fenced = io.fenced;
+        print_notes(&shared);
+        if fenced {
+            print_final(&m);
+            bail!("{}", shared.status().note);
+        }
+        let end = m.hart.position().0;
+        log.record(end, Event::End(end_reason(stop)));
+        if stop == Stop::Reboot {
+            log.sink.rebooted(end);
+            let seed = host_seed()?;
+            log.record(0, Event::Seed(seed));
+            // The old machine lets go of the disk (its lock) first.
+            drop(m);
+            m = boot(vm, seed, log.draws(), opts)?;
+            continue;
+        }
+        // Let the secondary have the end before this side goes.
+        log.sink.finish(end, Duration::from_secs(5));
+        print_final(&m);
+        return outcome_of(stop, console.signalled(), opts.max_insns);
+    }
+}

@@ -1,0 +1,215 @@
+//! The secondary: the primary's log replayed on this host's replica, and
+//! the takeover when the primary is lost.
+//!
+//! Its life is a small state machine ([`Phase`]): *replaying* the log as
+//! it arrives; once the primary is lost, *claiming* the next epoch from
+//! the arbiter (having replayed everything it holds); *live* once it has
+//! won (the guest runs on this host's console, tap, entropy and clock,
+//! and reboots alone, as `run` does); or *ended* when the primary ended
+//! the VM or another side won.
+
+use super::{announce, arbiter_for, print_notes, status_fn, PairOpts};
+use crate::host::console::StdioConsole;
+use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step};
+use crate::vm::live::{LiveRun, RunOpts};
+use crate::vm::{print_final, LinuxVm};
+use crate::Outcome;
+use anyhow::{bail, Context, Result};
+use ft::arbiter::Claim;
+use ft::link::{Incoming, SecondaryLink};
+use ft::wire::Hello;
+use ft::State;
+use machine::Machine;
+use replay::EndReason;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The primary's log as it arrives on the link.
+pub struct LinkSource(pub SecondaryLink);
+
+impl Source for LinkSource {
+    fn fetch(&mut self, wait: Duration) -> Result<Fetched, ReplayError> {
+        let msg = if wait.is_zero() {
+            self.0.rx.try_recv().map_err(|e| match e {
+                std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                std::sync::mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            self.0.rx.recv_timeout(wait)
+        };
+        Ok(match msg {
+            Ok(Incoming::Records(records)) => Fetched::Records(records),
+            Ok(Incoming::Through(p)) => Fetched::Through(p),
+            Ok(Incoming::Lost(why)) => Fetched::Closed(why),
+            Err(RecvTimeoutError::Timeout) => Fetched::Nothing,
+            Err(RecvTimeoutError::Disconnected) => Fetched::Closed("the log channel closed".into()),
+        })
+    }
+}
+
+/// Where the secondary is in its life.
+enum Phase {
+    /// Replaying the primary's log as it arrives.
+    Replaying,
+    /// The primary is lost (why); everything it sent has been replayed.
+    Claiming(String),
+    /// This side won the epoch: the guest runs here.
+    Live,
+    /// The primary ended the VM.
+    Ended(EndReason),
+}
+
+/// How long the replay waits for the log when it has executed all of it.
+const LOG_WAIT: Duration = Duration::from_millis(20);
+
+/// Run the secondary of a pair.
+pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
+    let vm_id = vm.identity()?;
+    let arbiter = arbiter_for(opts, &vm_id)?;
+    let listener = ft::link::listen(&opts.addr)?;
+    let mut console = StdioConsole::open();
+    // Opened now so a bad tap is an error before pairing; read only once live.
+    let mut tap = match &vm.net {
+        Some((name, _)) => Some(tap::Tap::open(name, true)?),
+        None => None,
+    };
+    let disk_hash = vm.disk_hash()?;
+    let mut vm = vm.clone();
+    let mut built: Option<(Machine, MachineMaker)> = None;
+    tracing::info!("secondary: listening on {} (arbiter {})", opts.addr, arbiter.describe());
+    let mut check = |h: &Hello| -> Result<(), String> {
+        if h.vm_id != vm_id {
+            return Err(format!(
+                "the primary runs another VM (identity {}, this secondary's is {vm_id}: kernel, initrd, command line, \
+                 memory or devices differ)",
+                h.vm_id
+            ));
+        }
+        if h.disk_hash != disk_hash {
+            return Err(format!(
+                "the disk replicas differ (primary {}, secondary {}): copy the primary's image first",
+                h.disk_hash.as_deref().unwrap_or("none"),
+                disk_hash.as_deref().unwrap_or("none")
+            ));
+        }
+        // Same guest MAC on both sides: the secondary takes over the address.
+        if let (Some((_, mac)), Some(theirs)) = (&mut vm.net, h.mac) {
+            *mac = theirs;
+        }
+        let maker = MachineMaker::new(&vm, opts.hash_every);
+        let m = maker.machine(h.seed).map_err(|e| format!("cannot build the machine: {e:#}"))?;
+        let mine = m.state_hash();
+        if mine != h.state_hash {
+            return Err(format!(
+                "the initial machine states differ (primary {:016x}, secondary {mine:016x})",
+                h.state_hash
+            ));
+        }
+        built = Some((m, maker));
+        Ok(())
+    };
+    let mut log = |line: &str| tracing::info!("{line}");
+    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, &mut log)?;
+    let (m, maker) = built.take().context("paired without a machine")?;
+    let live_position = Arc::new(AtomicU64::new(0));
+    if let Some(addr) = &opts.metrics {
+        let f = status_fn(link.shared.clone(), None);
+        let pos = live_position.clone();
+        crate::host::status::serve(
+            addr,
+            Box::new(move || {
+                let mut s = f();
+                if s.state == Some(State::Alone) {
+                    s.position = pos.load(Ordering::Relaxed);
+                }
+                s
+            }),
+        )?;
+    }
+    print_notes(&link.shared);
+    let mac = vm.net.as_ref().map(|(_, mac)| *mac);
+    let mut replayer = Replayer::new(LinkSource(link), m, maker, ReplayOpts { hash_every: opts.hash_every, mac });
+    let mut phase = Phase::Replaying;
+    loop {
+        phase = match phase {
+            Phase::Replaying => {
+                if console.signalled() {
+                    bail!("stopped by a signal");
+                }
+                let link = &replayer.source().0;
+                link.executed(replayer.position());
+                match replayer.step(LOG_WAIT) {
+                    Ok(Step::Progress | Step::NeedMore) => Phase::Replaying,
+                    Ok(Step::Ended(reason)) => Phase::Ended(reason),
+                    Ok(Step::Exhausted(why)) => Phase::Claiming(why),
+                    Err(e @ ReplayError::Diverged { .. }) => bail!("{e}; this secondary resigns"),
+                    Err(ReplayError::Log(e)) => bail!("the primary's log has {e}"),
+                    Err(ReplayError::Host(e)) => return Err(e),
+                }
+            }
+            Phase::Claiming(why) => {
+                let pos = replayer.machine().hart.position().0;
+                tracing::info!(
+                    "lost the primary: {why}; replayed its log to position {pos}; asking the arbiter ({})",
+                    arbiter.describe()
+                );
+                let mut log = |line: &str| tracing::info!("{line}");
+                match replayer.source().0.claim(&mut log) {
+                    Claim::Won(epoch) => {
+                        tracing::info!("won epoch {epoch}: going live at position {pos} (NOT PROTECTED)");
+                        Phase::Live
+                    }
+                    Claim::Lost(h) => {
+                        print_final(replayer.machine());
+                        bail!("lost arbitration: epoch {} belongs to '{}'; this secondary stops", h.epoch, h.owner);
+                    }
+                }
+            }
+            Phase::Live => {
+                let (m, addresses) = replayer.go_live()?;
+                return go_live(&vm, m, addresses, tap.take(), &mut console, live_position, opts);
+            }
+            Phase::Ended(reason) => {
+                print_notes(&replayer.source().0.shared);
+                tracing::info!("the primary ended the VM ({reason:?}); the secondary stops with it");
+                print_final(replayer.machine());
+                return Ok(if reason == EndReason::Panic { Outcome::GuestFailure } else { Outcome::Success });
+            }
+        };
+    }
+}
+
+/// Live: the host's entropy, the host's clock, the tap, the console; the
+/// guest's addresses announced from the new port.
+fn go_live(
+    vm: &LinuxVm,
+    mut m: Machine,
+    addresses: Vec<std::net::IpAddr>,
+    tap: Option<tap::Tap>,
+    console: &mut StdioConsole,
+    position: Arc<AtomicU64>,
+    opts: &PairOpts,
+) -> Result<Outcome> {
+    let typed = console.discard_pending();
+    if typed > 0 {
+        tracing::info!("dropped {typed} console bytes typed before going live");
+    }
+    m.resync_clock();
+    if let (Some(t), Some((_, mac))) = (tap, &vm.net) {
+        let name = t.name().to_string();
+        let announcer = t.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
+        console.add_tap(t).with_context(|| format!("cannot read tap '{name}'"))?;
+        announce::spawn(announcer, *mac, addresses.clone());
+        let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+        tracing::info!(
+            "announcing {} ({}) on tap '{name}'",
+            announce::mac_text(mac),
+            if list.is_empty() { "no address seen yet".to_string() } else { list.join(", ") }
+        );
+    }
+    let run_opts = RunOpts { max_insns: opts.max_insns, hash_every: opts.hash_every, ..RunOpts::default() };
+    let mut live = LiveRun { console, log: None, snapshots: None, position: Some(position), opts: run_opts };
+    live.serve(vm, m)
+}
