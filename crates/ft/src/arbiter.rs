@@ -35,13 +35,51 @@ pub enum Claim {
     Lost(Holder),
 }
 
+/// Why an arbiter gave no answer. `arbiter` is its `describe()`; the
+/// source says what failed underneath (and is not repeated in the message).
 #[derive(Debug, thiserror::Error)]
 pub enum ArbiterError {
-    #[error("arbiter {0} is unreachable: {1}")]
-    Unreachable(String, String),
-    #[error("arbiter {0} holds something that is not an epoch record: {1}")]
-    Corrupt(String, String),
+    #[error("arbiter {arbiter} is unreachable")]
+    Unreachable {
+        arbiter: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("arbiter {arbiter} holds something that is not an epoch record")]
+    Corrupt {
+        arbiter: String,
+        #[source]
+        source: BoxError,
+    },
 }
+
+/// The cause under an [`ArbiterError`]: an I/O, HTTP, JSON or base64 error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An arbiter spec that `from_spec` cannot use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("--arbiter file: needs a path (file:/run/lockstep/vm.epoch)")]
+    NoPath,
+    #[error("--arbiter etcd:{0}: expected etcd:http://HOST:PORT")]
+    EtcdUrl(String),
+    #[error("--arbiter '{0}': expected file:PATH or etcd:http://HOST:PORT")]
+    Unknown(String),
+}
+
+/// A failed etcd request. ureq's error already prints its source in its
+/// own message, so this one reports none: a chain printer would print it
+/// twice.
+#[derive(Debug)]
+struct HttpError(Box<ureq::Error>);
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for HttpError {}
 
 pub trait Arbiter: Send + Sync {
     /// What and where it is, for messages.
@@ -54,19 +92,19 @@ pub trait Arbiter: Send + Sync {
 }
 
 /// Parse an arbiter spec: `file:PATH` or `etcd:http://HOST:PORT`.
-pub fn from_spec(spec: &str, vm_id: &str) -> Result<Box<dyn Arbiter>, String> {
+pub fn from_spec(spec: &str, vm_id: &str) -> Result<Box<dyn Arbiter>, SpecError> {
     if let Some(path) = spec.strip_prefix("file:") {
         if path.is_empty() {
-            return Err("--arbiter file: needs a path (file:/run/lockstep/vm.epoch)".into());
+            return Err(SpecError::NoPath);
         }
         Ok(Box::new(FileArbiter::new(path)))
     } else if let Some(url) = spec.strip_prefix("etcd:") {
         if !url.starts_with("http://") {
-            return Err(format!("--arbiter etcd:{url}: expected etcd:http://HOST:PORT"));
+            return Err(SpecError::EtcdUrl(url.into()));
         }
         Ok(Box::new(EtcdArbiter::new(url, &format!("/lockstep/{vm_id}/epoch"))))
     } else {
-        Err(format!("--arbiter '{spec}': expected file:PATH or etcd:http://HOST:PORT"))
+        Err(SpecError::Unknown(spec.into()))
     }
 }
 
@@ -80,8 +118,8 @@ impl FileArbiter {
         FileArbiter { path: path.as_ref().to_path_buf() }
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> ArbiterError {
-        ArbiterError::Unreachable(self.describe(), e.to_string())
+    fn err(&self, e: std::io::Error) -> ArbiterError {
+        ArbiterError::Unreachable { arbiter: self.describe(), source: e.into() }
     }
 
     fn lock_path(&self) -> PathBuf {
@@ -94,7 +132,7 @@ impl FileArbiter {
         match std::fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| ArbiterError::Corrupt(self.describe(), e.to_string())),
+                .map_err(|e| ArbiterError::Corrupt { arbiter: self.describe(), source: e.into() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.err(e)),
         }
@@ -175,26 +213,32 @@ impl EtcdArbiter {
         base64::engine::general_purpose::STANDARD.encode(bytes)
     }
 
+    fn unreachable(&self, source: BoxError) -> ArbiterError {
+        ArbiterError::Unreachable { arbiter: self.describe(), source }
+    }
+
+    fn corrupt(&self, source: BoxError) -> ArbiterError {
+        ArbiterError::Corrupt { arbiter: self.describe(), source }
+    }
+
     fn post(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value, ArbiterError> {
         let resp = self
             .agent
             .post(&format!("{}{path}", self.url))
             .send_json(body)
-            .map_err(|e| ArbiterError::Unreachable(self.describe(), e.to_string()))?;
-        resp.into_json().map_err(|e| ArbiterError::Unreachable(self.describe(), e.to_string()))
+            .map_err(|e| self.unreachable(Box::new(HttpError(Box::new(e)))))?;
+        resp.into_json().map_err(|e| self.unreachable(e.into()))
     }
 
     /// The holder and the key's mod_revision.
     fn range(&self) -> Result<Option<(Holder, String)>, ArbiterError> {
         let v = self.post("/v3/kv/range", serde_json::json!({ "key": Self::b64(self.key.as_bytes()) }))?;
-        let r: RangeResponse =
-            serde_json::from_value(v).map_err(|e| ArbiterError::Corrupt(self.describe(), e.to_string()))?;
+        let r: RangeResponse = serde_json::from_value(v).map_err(|e| self.corrupt(e.into()))?;
         let Some(kv) = r.kvs.into_iter().next() else { return Ok(None) };
-        let corrupt = |e: String| ArbiterError::Corrupt(self.describe(), e);
         let raw = base64::engine::general_purpose::STANDARD
             .decode(kv.value.unwrap_or_default())
-            .map_err(|e| corrupt(e.to_string()))?;
-        let holder: Holder = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+            .map_err(|e| self.corrupt(e.into()))?;
+        let holder: Holder = serde_json::from_slice(&raw).map_err(|e| self.corrupt(e.into()))?;
         Ok(Some((holder, kv.mod_revision.unwrap_or_default())))
     }
 }
@@ -227,8 +271,7 @@ impl Arbiter for EtcdArbiter {
             "success": [{"request_put": {"key": key, "value": Self::b64(&serde_json::to_vec(&next).unwrap())}}],
         });
         let v = self.post("/v3/kv/txn", txn)?;
-        let r: TxnResponse =
-            serde_json::from_value(v).map_err(|e| ArbiterError::Corrupt(self.describe(), e.to_string()))?;
+        let r: TxnResponse = serde_json::from_value(v).map_err(|e| self.corrupt(e.into()))?;
         if r.succeeded {
             Ok(Claim::Won(next.epoch))
         } else {
@@ -285,16 +328,25 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"garbage").unwrap();
         let e = FileArbiter::new(&path).claim(0, "p").unwrap_err();
-        assert!(e.to_string().contains("not an epoch record"), "{e}");
-        assert!(from_spec("nfs:/x", "v").is_err());
-        assert!(from_spec("etcd:127.0.0.1:2379", "v").is_err());
-        assert!(from_spec("file:", "v").is_err());
+        assert_eq!(
+            e.to_string(),
+            format!("arbiter file '{}' holds something that is not an epoch record", path.display())
+        );
+        assert!(std::error::Error::source(&e).is_some(), "the parser's reason is the source");
+        assert_eq!(from_spec("bogus:x", "v").err(), Some(SpecError::Unknown("bogus:x".into())));
+        assert_eq!(from_spec("etcd:127.0.0.1:2379", "v").err(), Some(SpecError::EtcdUrl("127.0.0.1:2379".into())));
+        assert_eq!(from_spec("file:", "v").err(), Some(SpecError::NoPath));
+        assert!(from_spec("file:/tmp/x.epoch", "v").is_ok());
     }
 
     #[test]
     fn unreachable_etcd_is_an_error_not_a_verdict() {
         // Port 9 (discard) on loopback: nothing listens.
         let a = EtcdArbiter::new("http://127.0.0.1:9", "/lockstep/t/epoch");
-        assert!(matches!(a.claim(0, "p"), Err(ArbiterError::Unreachable(..))));
+        let e = a.claim(0, "p").unwrap_err();
+        assert!(matches!(e, ArbiterError::Unreachable { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "arbiter etcd http://127.0.0.1:9 key /lockstep/t/epoch is unreachable");
+        let why = std::error::Error::source(&e).unwrap().to_string();
+        assert!(std::error::Error::source(&e).unwrap().source().is_none(), "ureq's cause is in its text: {why}");
     }
 }

@@ -8,6 +8,11 @@
 //! live) only after winning a compare-and-swap on the epoch in the
 //! [`arbiter`]. [`link`] holds the two ends of the log channel and that
 //! policy; the run loops that drive the machine live with the CLI.
+//!
+//! What happens to the pair (paired, peer lost, arbitration won or lost, a
+//! connection refused) is reported as `tracing` events where it happens;
+//! the binary installs the subscriber. The last of them is also kept in
+//! [`Status::note`].
 
 pub mod arbiter;
 pub mod gate;
@@ -16,6 +21,23 @@ pub mod wire;
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// An error and its sources, `a: b: c`, as anyhow's `{:#}` prints it: for
+/// the texts that quote an error (events, a lost peer's reason), since an
+/// error's own message leaves its source out.
+pub(crate) struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
 
 /// Timing and limits of a pair.
 #[derive(Clone, Copy, Debug)]
@@ -92,35 +114,45 @@ pub struct Status {
 }
 
 impl Status {
-    /// Prometheus text exposition of these figures.
+    /// Prometheus text exposition of these figures. Figures that only grow
+    /// are counters named `..._total`; the rest are gauges; units are base
+    /// units (seconds, bytes).
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         let role = if self.role.is_empty() { "unknown" } else { &self.role };
         let state = self.state.map_or("unknown".to_string(), |s| format!("{s:?}").to_lowercase());
-        let mut metric = |name: &str, help: &str, value: String| {
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
             out.push_str(&format!(
-                "# HELP lockstep_{name} {help}\n# TYPE lockstep_{name} gauge\nlockstep_{name}{{role=\"{role}\"}} {value}\n"
+                "# HELP lockstep_{name} {help}\n# TYPE lockstep_{name} {kind}\nlockstep_{name}{{role=\"{role}\"}} {value}\n"
             ));
         };
-        metric("protected", "1 if the VM has a working secondary", (self.protected as u8).to_string());
-        metric("epoch", "arbiter epoch this side runs at", self.epoch.to_string());
-        metric("position", "executed position", self.position.to_string());
-        metric("peer_position", "peer position (see lockstep status)", self.peer_position.to_string());
-        metric("lag_positions", "secondary execution lag in positions", self.lag_positions.to_string());
-        metric("lag_seconds", "secondary execution lag in seconds", format!("{}", self.lag_ms / 1e3));
-        metric("log_bytes", "log bytes sent or received", self.log_bytes.to_string());
-        metric("log_bytes_per_second", "log rate", format!("{:.0}", self.log_bytes_per_sec));
-        metric("frames_held", "frames waiting in the output gate", self.frames_held.to_string());
-        metric("frames_released", "frames released by the output gate", self.frames_released.to_string());
-        metric("hold_seconds_mean", "mean output hold time", format!("{}", self.hold_us_mean / 1e6));
-        metric("hold_seconds_max", "largest output hold time", format!("{}", self.hold_us_max as f64 / 1e6));
+        let (gauge, counter) = ("gauge", "counter");
+        metric("protected", gauge, "1 if the VM has a working secondary", (self.protected as u8).to_string());
+        metric("epoch", gauge, "arbiter epoch this side runs at", self.epoch.to_string());
+        metric("position", gauge, "executed position", self.position.to_string());
+        metric("peer_position", gauge, "peer position (see lockstep status)", self.peer_position.to_string());
+        metric("lag_positions", gauge, "secondary execution lag in positions", self.lag_positions.to_string());
+        metric("lag_seconds", gauge, "secondary execution lag in seconds", format!("{}", self.lag_ms / 1e3));
+        metric("log_bytes_total", counter, "log bytes sent or received", self.log_bytes.to_string());
+        metric("log_bytes_per_second", gauge, "log rate", format!("{:.0}", self.log_bytes_per_sec));
+        metric("frames_held", gauge, "frames waiting in the output gate", self.frames_held.to_string());
         metric(
-            "missed_heartbeats",
+            "frames_released_total",
+            counter,
+            "frames released by the output gate",
+            self.frames_released.to_string(),
+        );
+        metric("hold_seconds_mean", gauge, "mean output hold time", format!("{}", self.hold_us_mean / 1e6));
+        metric("hold_seconds_max", gauge, "largest output hold time", format!("{}", self.hold_us_max as f64 / 1e6));
+        metric(
+            "missed_heartbeats_total",
+            counter,
             "heartbeat intervals without word from the peer",
             self.missed_heartbeats.to_string(),
         );
         metric(
-            "throttled_seconds",
+            "throttled_seconds_total",
+            counter,
             "time the primary waited for the secondary",
             format!("{}", self.throttled_ms as f64 / 1e3),
         );
@@ -151,5 +183,34 @@ mod tests {
             assert!(name.starts_with("lockstep_"), "{line}");
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    /// Prometheus conventions: a counter's name ends in `_total` and only a
+    /// counter's does; every figure has one HELP and one TYPE.
+    #[test]
+    fn counters_end_in_total_and_gauges_do_not() {
+        let text = Status::default().prometheus();
+        let types: Vec<(&str, &str)> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).map(|l| l.split_once(' ').unwrap()).collect();
+        for (name, kind) in &types {
+            assert_eq!(name.ends_with("_total"), *kind == "counter", "{name} is a {kind}");
+            assert_eq!(text.matches(&format!("# HELP {name} ")).count(), 1, "{name}");
+        }
+        for name in [
+            "lockstep_log_bytes_total",
+            "lockstep_frames_released_total",
+            "lockstep_missed_heartbeats_total",
+            "lockstep_throttled_seconds_total",
+        ] {
+            assert!(types.contains(&(name, "counter")), "{name}");
+        }
+        assert!(types.contains(&("lockstep_frames_held", "gauge")));
+    }
+
+    #[test]
+    fn an_error_chain_prints_each_source_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = crate::link::PairError::Listen { addr: "127.0.0.1:1".into(), source: io };
+        assert_eq!(ErrorChain(&e).to_string(), "cannot listen on 127.0.0.1:1: disk on fire");
     }
 }

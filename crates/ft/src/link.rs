@@ -2,11 +2,16 @@
 //! the primary's arbitration. The run loops (with the CLI) call in here:
 //! the primary hands over records, progress marks and output; the secondary
 //! takes records and marks out and reports what it has executed.
+//!
+//! What happens to the pair is a `tracing` event at the point it happens
+//! (info: paired; warn: a peer lost, a connection refused, an unreachable
+//! arbiter, running unprotected; error: lost arbitration); the same text
+//! becomes [`Status::note`].
 
 use crate::arbiter::{Arbiter, Claim, Holder};
 use crate::gate::OutputGate;
 use crate::wire::{self, Hello, Message, WireError};
-use crate::{PairConfig, State, Status};
+use crate::{ErrorChain, PairConfig, State, Status};
 use replay::Record;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -15,30 +20,44 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// Why a pair could not be formed. `RefusedByPeer` and `Refused` carry
+/// refusal texts, which travel between the sides in `Message::Refuse`.
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {
-    #[error("cannot reach the secondary at {addr} within {secs} s: {why}")]
-    Unreachable { addr: String, secs: u64, why: String },
-    #[error("the peer at {addr}: {err}")]
-    Wire { addr: String, err: WireError },
+    #[error("cannot reach the secondary at {addr} within {secs} s")]
+    Unreachable { addr: String, secs: u64, source: std::io::Error },
+    #[error("the peer at {addr}")]
+    Wire { addr: String, source: WireError },
+    #[error("the peer at {addr} sent {got:?} at epoch {got_epoch} where a welcome at epoch {epoch} belongs")]
+    NoWelcome { addr: String, epoch: u64, got_epoch: u64, got: Box<Message> },
     #[error("the secondary refused to pair: {0}")]
     RefusedByPeer(String),
     #[error("refused to pair with the primary at {addr}: {why}")]
     Refused { addr: String, why: String },
-    #[error("cannot listen on {addr}: {err}")]
-    Listen { addr: String, err: std::io::Error },
-    #[error("{0}")]
+    #[error("cannot listen on {addr}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("cannot accept a connection")]
+    Accept(#[source] std::io::Error),
+    #[error(transparent)]
     Arbiter(#[from] crate::arbiter::ArbiterError),
     #[error("the arbiter's epoch moved while this primary started (now {0} held by '{1}')")]
     EpochMoved(u64, String),
+}
+
+/// A `tracing` event at `$level` whose text also becomes the status note
+/// (what `lockstep status` shows as the last thing that happened).
+macro_rules! note {
+    ($shared:expr, $level:ident, $($arg:tt)+) => {{
+        let line = format!($($arg)+);
+        tracing::$level!("{line}");
+        $shared.note(line);
+    }};
 }
 
 /// State both threads and the run loop see.
 pub struct Shared {
     status: Mutex<Status>,
     cond: Condvar,
-    /// Things that happened, for the run loop to print.
-    notes: Mutex<Vec<String>>,
     /// For the log rate: (when, bytes) at the last status read.
     rate: Mutex<(Instant, u64)>,
 }
@@ -46,22 +65,13 @@ pub struct Shared {
 impl Shared {
     fn new(role: &str, epoch: u64) -> Arc<Shared> {
         let status = Status { role: role.into(), state: Some(State::Protected), epoch, ..Status::default() };
-        Arc::new(Shared {
-            status: Mutex::new(status),
-            cond: Condvar::new(),
-            notes: Mutex::new(Vec::new()),
-            rate: Mutex::new((Instant::now(), 0)),
-        })
+        Arc::new(Shared { status: Mutex::new(status), cond: Condvar::new(), rate: Mutex::new((Instant::now(), 0)) })
     }
 
+    /// The last thing that happened (see the `note!` macro, which also
+    /// emits it as an event).
     fn note(&self, line: String) {
-        self.status.lock().unwrap().note = line.clone();
-        self.notes.lock().unwrap().push(line);
-    }
-
-    /// Lines to print since the last call.
-    pub fn take_notes(&self) -> Vec<String> {
-        std::mem::take(&mut *self.notes.lock().unwrap())
+        self.status.lock().unwrap().note = line;
     }
 
     pub fn state(&self) -> State {
@@ -171,21 +181,21 @@ impl PrimaryLink {
             let err = match peer.to_socket_addrs().map(|mut a| a.next()) {
                 Ok(Some(addr)) => match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
                     Ok(s) => break s,
-                    Err(e) => e.to_string(),
+                    Err(e) => e,
                 },
-                Ok(None) => "no address".to_string(),
-                Err(e) => e.to_string(),
+                Ok(None) => std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                Err(e) => e,
             };
             if started.elapsed() >= cfg.connect_timeout {
                 return Err(PairError::Unreachable {
                     addr: peer.into(),
                     secs: cfg.connect_timeout.as_secs(),
-                    why: err,
+                    source: err,
                 });
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let wire_err = |err: WireError| PairError::Wire { addr: peer.into(), err };
+        let wire_err = |source: WireError| PairError::Wire { addr: peer.into(), source };
         let _ = stream.set_nodelay(true);
         // The secondary builds the machine and hashes its disk before it
         // answers: give it time.
@@ -198,15 +208,13 @@ impl PrimaryLink {
         match wire::read_message(&mut r).map_err(wire_err)? {
             (e, Message::Welcome) if e == epoch => {}
             (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
-            (e, m) => {
-                return Err(wire_err(WireError::Malformed(format!(
-                    "expected a welcome at epoch {epoch}, got {m:?} at {e}"
-                ))))
+            (got_epoch, got) => {
+                return Err(PairError::NoWelcome { addr: peer.into(), epoch, got_epoch, got: Box::new(got) })
             }
         }
         let _ = stream.set_read_timeout(None);
         let shared = Shared::new("primary", epoch);
-        shared.note(format!("paired with the secondary at {peer}, epoch {epoch}: the VM is protected"));
+        note!(shared, info, "paired with the secondary at {peer}, epoch {epoch}: the VM is protected");
         let heard = Arc::new(Mutex::new(Instant::now()));
         let lost = Arc::new(AtomicBool::new(false));
         let ctx = Lost {
@@ -383,7 +391,7 @@ impl Lost {
             let _ = s.shutdown(Shutdown::Both);
         }
         let epoch = self.shared.status.lock().unwrap().epoch;
-        self.shared.note(format!("lost the secondary: {why}; asking the arbiter ({})", self.arbiter.describe()));
+        note!(self.shared, warn, "lost the secondary: {why}; asking the arbiter ({})", self.arbiter.describe());
         self.shared.update(|s| s.state = Some(State::Arbitrating));
         let ctx = self.clone();
         std::thread::spawn(move || {
@@ -396,21 +404,23 @@ impl Lost {
                             s.state = Some(State::Alone);
                             s.epoch = e;
                         });
-                        ctx.shared.note(format!("won epoch {e}: running alone, the VM is NOT PROTECTED"));
+                        note!(ctx.shared, warn, "won epoch {e}: running alone, the VM is NOT PROTECTED");
                         return;
                     }
                     Ok(Claim::Lost(Holder { epoch, owner })) => {
                         let dropped = ctx.gate.discard();
                         ctx.shared.update(|s| s.state = Some(State::Stopped));
-                        ctx.shared.note(format!(
+                        note!(
+                            ctx.shared,
+                            error,
                             "lost arbitration: epoch {epoch} belongs to '{owner}'; stopping this guest \
                              ({dropped} unacknowledged frames never left)"
-                        ));
+                        );
                         return;
                     }
                     Err(e) if !told => {
                         told = true;
-                        ctx.shared.note(format!("{e}; holding output and retrying"));
+                        note!(ctx.shared, warn, "{}; holding output and retrying", ErrorChain(&e));
                     }
                     Err(_) => {}
                 }
@@ -469,7 +479,7 @@ fn ack_loop(mut r: BufReader<TcpStream>, ctx: Lost, heard: Arc<Mutex<Instant>>, 
                 return ctx.peer_lost(format!("it sent {m:?} at epoch {e} (paired at epoch {epoch}); dropped"));
             }
             Err(WireError::Closed) => return ctx.peer_lost("it closed the log channel".into()),
-            Err(e) => return ctx.peer_lost(format!("{e}")),
+            Err(e) => return ctx.peer_lost(ErrorChain(&e).to_string()),
         }
     }
 }
@@ -496,23 +506,24 @@ pub struct SecondaryLink {
 
 /// Bind the secondary's listening socket.
 pub fn listen(addr: &str) -> Result<TcpListener, PairError> {
-    TcpListener::bind(addr).map_err(|err| PairError::Listen { addr: addr.into(), err })
+    TcpListener::bind(addr).map_err(|source| PairError::Listen { addr: addr.into(), source })
 }
 
 impl SecondaryLink {
     /// Wait for a primary on `listener` and pair with it if `check` accepts
     /// its hello. Connections that are not lockstep primaries, speak another
-    /// version or an old epoch are refused and waited past (`log` says
+    /// version or an old epoch are refused and waited past (a warning says
     /// so); a primary of another VM or disk ends the wait with an error.
+    /// `check`'s `Err` is the refusal text: it is sent to the primary (which
+    /// prints it) and returned in [`PairError::Refused`].
     pub fn accept(
         listener: TcpListener,
         arbiter: Arc<dyn Arbiter>,
         cfg: PairConfig,
         check: &mut dyn FnMut(&Hello) -> Result<(), String>,
-        log: &mut dyn FnMut(&str),
     ) -> Result<SecondaryLink, PairError> {
         loop {
-            let (stream, from) = listener.accept().map_err(|err| PairError::Listen { addr: "?".into(), err })?;
+            let (stream, from) = listener.accept().map_err(PairError::Accept)?;
             let from = from.to_string();
             let _ = stream.set_nodelay(true);
             let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
@@ -525,11 +536,11 @@ impl SecondaryLink {
             let (epoch, hello) = match hello {
                 Ok((e, Message::Hello(h))) => (e, h),
                 Ok((_, m)) => {
-                    log(&format!("refused a connection from {from}: it sent {m:?} before a hello"));
+                    tracing::warn!("refused a connection from {from}: it sent {m:?} before a hello");
                     continue;
                 }
                 Err(e) => {
-                    log(&format!("refused a connection from {from}: {e}"));
+                    tracing::warn!("refused a connection from {from}: {}", ErrorChain(&e));
                     continue;
                 }
             };
@@ -545,7 +556,7 @@ impl SecondaryLink {
                     }
                 };
                 let _ = wire::write_message(&mut w, 0, &Message::Refuse(why.clone()));
-                log(&format!("refused the primary at {from}: {why}"));
+                tracing::warn!("refused the primary at {from}: {why}");
                 continue;
             }
             if let Err(why) = check(&hello) {
@@ -553,10 +564,10 @@ impl SecondaryLink {
                 return Err(PairError::Refused { addr: from, why });
             }
             wire::write_message(&mut w, epoch, &Message::Welcome)
-                .map_err(|e| PairError::Wire { addr: from.clone(), err: e.into() })?;
+                .map_err(|e| PairError::Wire { addr: from.clone(), source: e.into() })?;
             let _ = stream.set_read_timeout(None);
             let shared = Shared::new("secondary", epoch);
-            shared.note(format!("paired with the primary at {from}, epoch {epoch}: replaying its log"));
+            note!(shared, info, "paired with the primary at {from}, epoch {epoch}: replaying its log");
             let (tx, rx) = mpsc::channel();
             let executed = Arc::new(AtomicU64::new(0));
             let received = Arc::new(AtomicU64::new(0));
@@ -591,8 +602,9 @@ impl SecondaryLink {
     }
 
     /// Ask the arbiter for the next epoch (retrying while it is
-    /// unreachable); `Won` means go live.
-    pub fn claim(&self, log: &mut dyn FnMut(&str)) -> Claim {
+    /// unreachable, with a warning the first time); `Won` means go live.
+    /// The outcome is left in the status note; the caller reports it.
+    pub fn claim(&self) -> Claim {
         self.shared.update(|s| s.state = Some(State::Arbitrating));
         let mut told = false;
         loop {
@@ -614,7 +626,7 @@ impl SecondaryLink {
                 }
                 Err(e) => {
                     if !told {
-                        log(&format!("{e}; not going live, retrying"));
+                        tracing::warn!("{}; not going live, retrying", ErrorChain(&e));
                         told = true;
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -669,7 +681,7 @@ impl SecondaryEnd {
             let (epoch, msg) = match wire::read_message(&mut r) {
                 Ok(m) => m,
                 Err(WireError::Closed) => return self.lose("it closed the log channel".into()),
-                Err(e) => return self.lose(e.to_string()),
+                Err(e) => return self.lose(ErrorChain(&e).to_string()),
             };
             *self.heard.lock().unwrap() = Instant::now();
             if epoch != self.epoch {

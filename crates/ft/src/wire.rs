@@ -72,9 +72,28 @@ pub enum WireError {
     #[error("the peer sent a message with a bad checksum")]
     Checksum,
     #[error("the peer sent a malformed message: {0}")]
-    Malformed(String),
-    #[error("{0}")]
+    Malformed(Malformed),
+    #[error("the peer sent a malformed hello")]
+    BadHello(#[source] serde_json::Error),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// What is wrong with a malformed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("a message of {0} bytes")]
+    TooShort(usize),
+    #[error("short integer")]
+    ShortInteger,
+    #[error("record length cut short")]
+    RecordLengthCut,
+    #[error("record cut short")]
+    RecordCut,
+    #[error("invalid record")]
+    InvalidRecord,
+    #[error("unknown kind {kind} or wrong length {len}")]
+    UnknownKind { kind: u8, len: usize },
 }
 
 /// Write this side's preamble.
@@ -143,12 +162,12 @@ impl Message {
     }
 
     fn parse(kind: u8, p: &[u8]) -> Result<Message, WireError> {
-        let bad = |what: &str| WireError::Malformed(what.to_string());
+        let bad = WireError::Malformed;
         let u64_at = |p: &[u8], at: usize| -> Result<u64, WireError> {
-            p.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).ok_or_else(|| bad("short integer"))
+            p.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).ok_or(bad(Malformed::ShortInteger))
         };
         Ok(match kind {
-            1 => Message::Hello(serde_json::from_slice(p).map_err(|e| bad(&format!("hello: {e}")))?),
+            1 => Message::Hello(serde_json::from_slice(p).map_err(WireError::BadHello)?),
             2 if p.is_empty() => Message::Welcome,
             3 => Message::Refuse(String::from_utf8_lossy(p).into_owned()),
             4 => {
@@ -156,16 +175,16 @@ impl Message {
                 let mut rest = p;
                 while !rest.is_empty() {
                     let len = rest.get(..4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize);
-                    let len = len.ok_or_else(|| bad("record length cut short"))?;
-                    let body = rest.get(4..4 + len).ok_or_else(|| bad("record cut short"))?;
-                    records.push(Record::decode_body(body).ok_or_else(|| bad("invalid record"))?);
+                    let len = len.ok_or(bad(Malformed::RecordLengthCut))?;
+                    let body = rest.get(4..4 + len).ok_or(bad(Malformed::RecordCut))?;
+                    records.push(Record::decode_body(body).ok_or(bad(Malformed::InvalidRecord))?);
                     rest = &rest[4 + len..];
                 }
                 Message::Records(records)
             }
             5 if p.len() == 8 => Message::Through(u64_at(p, 0)?),
             6 if p.len() == 16 => Message::Ack { received: u64_at(p, 0)?, executed: u64_at(p, 8)? },
-            k => return Err(WireError::Malformed(format!("unknown kind {k} or wrong length {}", p.len()))),
+            kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
 
@@ -198,7 +217,7 @@ pub fn read_message(r: &mut impl Read) -> Result<(u64, Message), WireError> {
         return Err(WireError::TooLarge(len));
     }
     if len < 9 {
-        return Err(WireError::Malformed(format!("a message of {len} bytes")));
+        return Err(WireError::Malformed(Malformed::TooShort(len)));
     }
     let mut body = vec![0u8; len];
     read_full(r, &mut body)?;
@@ -315,6 +334,20 @@ mod tests {
         let mut m = (body.len() as u32).to_le_bytes().to_vec();
         m.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         m.extend_from_slice(&body);
-        assert!(matches!(read_message(&mut &m[..]), Err(WireError::Malformed(_))));
+        assert!(matches!(read_message(&mut &m[..]), Err(WireError::Malformed(Malformed::RecordCut))));
+    }
+
+    #[test]
+    fn a_bad_hello_keeps_the_parser_error_as_its_source() {
+        let mut body = vec![1u8];
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(b"{not json");
+        let mut m = (body.len() as u32).to_le_bytes().to_vec();
+        m.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        m.extend_from_slice(&body);
+        let e = read_message(&mut &m[..]).unwrap_err();
+        assert!(matches!(e, WireError::BadHello(_)), "{e:?}");
+        assert_eq!(e.to_string(), "the peer sent a malformed hello");
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -20,7 +20,7 @@ const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("cannot read {what} '{path}': {source}")]
+    #[error("cannot read {what} '{path}'")]
     Read { what: &'static str, path: String, source: std::io::Error },
     #[error("kernel '{path}' is neither a RISC-V Image (no RSC\\x05 magic at offset 56) nor an ELF file")]
     NotAKernel { path: String },
@@ -28,8 +28,8 @@ pub enum BootError {
     Elf(#[from] LoadError),
     #[error("{what} needs {need} bytes but --mem gives {have}: kernel, initrd and device tree do not fit")]
     TooLittleMemory { what: &'static str, need: u64, have: u64 },
-    #[error("cannot build the device tree: {0}")]
-    Fdt(String),
+    #[error("cannot build the device tree")]
+    Fdt(#[source] vm_fdt::Error),
 }
 
 /// Where things went.
@@ -109,7 +109,7 @@ pub fn load(
         rng_seed: rng_seed.map(<[u8]>::to_vec),
         virtio_slots,
     })
-    .map_err(|e| BootError::Fdt(e.to_string()))?;
+    .map_err(BootError::Fdt)?;
     let entry = match image {
         Some(text_offset) => {
             ram.write(RAM_BASE + text_offset, &kernel);

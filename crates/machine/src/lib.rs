@@ -12,6 +12,10 @@
 //! [`Machine::inject`]; host time enters in exactly one place, [`Machine::idle`],
 //! which decides how far the guest clock jumps while the hart waits in
 //! `wfi` (replay will log that decision).
+//!
+//! Host-side problems (a device's I/O error, a failed snapshot) are
+//! `tracing` events, emitted where they happen; the binary installs the
+//! subscriber.
 
 pub mod boot;
 pub mod clint;
@@ -128,6 +132,13 @@ pub enum Stop {
     Limit,
 }
 
+/// Why a device cannot be plugged in.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("all {VIRTIO_SLOTS} virtio slots are in use")]
+    NoFreeSlot,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("the guest waits for an interrupt (wfi at pc {pc:#x}) but no timer is armed and no device can wake it")]
@@ -170,10 +181,6 @@ pub trait HostIo {
     /// A frame the guest sent on network card `nic`.
     fn send_frame(&mut self, nic: usize, frame: &[u8]) {
         let _ = (nic, frame);
-    }
-    /// A host-side problem the user should know of (a device's I/O error).
-    fn host_log(&mut self, line: &str) {
-        let _ = line;
     }
     /// An input took effect at position `pos` (what the event log records).
     fn delivered(&mut self, pos: u64, input: &HostInput) {
@@ -286,9 +293,9 @@ impl Machine {
     }
 
     /// Plug a virtio device into the next free slot (before booting).
-    pub fn add_virtio(&mut self, device: Box<dyn virtio::VirtioDevice>) -> Result<(), &'static str> {
+    pub fn add_virtio(&mut self, device: Box<dyn virtio::VirtioDevice>) -> Result<(), DeviceError> {
         if self.board.virtio.len() >= VIRTIO_SLOTS {
-            return Err("all virtio slots are in use");
+            return Err(DeviceError::NoFreeSlot);
         }
         if device.device_id() == virtio::net::ID_NET {
             self.nics.push(self.board.virtio.len());
@@ -362,7 +369,7 @@ impl Machine {
             if pos == self.next_snapshot {
                 match self.snapshot(self.last_snapshot) {
                     Ok(snap) => self.last_snapshot = io.snapshot_taken(snap),
-                    Err(e) => io.host_log(&format!("snapshot at position {pos} failed: {e}")),
+                    Err(error) => tracing::error!(%error, "snapshot at position {pos} failed"),
                 }
             }
             self.next_snapshot = (pos / every + 1) * every;
@@ -439,11 +446,6 @@ impl Machine {
         for (nic, &slot) in self.nics.iter().enumerate() {
             for frame in self.board.virtio[slot].take_output() {
                 io.send_frame(nic, &frame);
-            }
-        }
-        for dev in self.board.virtio.iter_mut() {
-            for e in dev.take_errors() {
-                io.host_log(&e);
             }
         }
     }
@@ -787,5 +789,21 @@ impl Board {
     /// Could console input wake the guest (UART receive interrupt on)?
     fn uart_rx_enabled(&self) -> bool {
         self.uart.ier() & 1 != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ninth_virtio_device_is_refused() {
+        let mut m = Machine::new(1 << 20);
+        for i in 0..VIRTIO_SLOTS {
+            m.add_virtio(Box::new(virtio::net::Net::new([0x52, 0x54, 0, 0, 0, i as u8]))).unwrap();
+        }
+        let e = m.add_virtio(Box::new(virtio::net::Net::new([0x52, 0x54, 0, 0, 0, 9]))).unwrap_err();
+        assert!(matches!(e, DeviceError::NoFreeSlot));
+        assert_eq!(e.to_string(), "all 8 virtio slots are in use");
     }
 }

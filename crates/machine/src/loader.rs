@@ -8,10 +8,10 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read '{path}': {source}")]
+    #[error("cannot read '{path}'")]
     Read { path: String, source: std::io::Error },
-    #[error("'{path}' is not a 64-bit ELF file: {reason}")]
-    NotElf64 { path: String, reason: String },
+    #[error("'{path}' is not a 64-bit ELF file")]
+    NotElf64 { path: String, source: object::read::Error },
     #[error("'{path}' is an ELF for machine {machine}, not RISC-V")]
     NotRiscv { path: String, machine: u16 },
     #[error("'{path}': segment at {start:#x}..{end:#x} lies outside RAM {ram_start:#x}..{ram_end:#x}")]
@@ -36,8 +36,8 @@ pub fn load_elf(path: &Path, ram: &mut Ram) -> Result<LoadedElf, LoadError> {
 }
 
 pub fn load_elf_bytes(p: &str, data: &[u8], ram: &mut Ram) -> Result<LoadedElf, LoadError> {
-    let file = ElfFile64::<Endianness>::parse(data)
-        .map_err(|e| LoadError::NotElf64 { path: p.to_string(), reason: e.to_string() })?;
+    let not_elf = |source| LoadError::NotElf64 { path: p.to_string(), source };
+    let file = ElfFile64::<Endianness>::parse(data).map_err(not_elf)?;
     let header = file.elf_header();
     let endian = file.endian();
     let machine = header.e_machine(endian);
@@ -46,10 +46,7 @@ pub fn load_elf_bytes(p: &str, data: &[u8], ram: &mut Ram) -> Result<LoadedElf, 
     }
     // Check every segment before writing any, so a bad file loads nothing.
     let mut segments = Vec::new();
-    for ph in header
-        .program_headers(endian, data)
-        .map_err(|e| LoadError::NotElf64 { path: p.to_string(), reason: e.to_string() })?
-    {
+    for ph in header.program_headers(endian, data).map_err(not_elf)? {
         if ph.p_type(endian) != elf::PT_LOAD {
             continue;
         }
@@ -139,6 +136,7 @@ mod tests {
     fn missing_file_names_the_path() {
         let mut ram = Ram::new(0x8000_0000, 4096);
         let e = load_elf(Path::new("/nonexistent/prog.elf"), &mut ram).unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/prog.elf"), "{e}");
+        assert_eq!(e.to_string(), "cannot read '/nonexistent/prog.elf'", "the reason is the source, not repeated");
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -18,6 +18,7 @@
 //! temporary name and renamed, so a crash never leaves half a snapshot.
 
 use crate::virtio::mmio::TransportState;
+use crate::virtio::RestoreError;
 use crate::Machine;
 use rv::HartState;
 use serde::{Deserialize, Serialize};
@@ -65,16 +66,45 @@ pub struct Snapshot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("snapshot '{path}': {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("cannot read snapshot '{path}'")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot write snapshot '{path}'")]
+    Write { path: String, source: std::io::Error },
     #[error("snapshot '{path}' is not a lockstep snapshot")]
     NotASnapshot { path: String },
     #[error("snapshot '{path}' is format version {found}, this lockstep reads version {VERSION}")]
     Version { path: String, found: u32 },
     #[error("snapshot '{path}' is corrupt: {what}")]
-    Corrupt { path: String, what: String },
+    Corrupt { path: String, what: &'static str },
+    #[error("snapshot '{path}' is corrupt: its header is unreadable")]
+    Header { path: String, source: serde_json::Error },
+    #[error("the parent snapshot {parent:016x} is not in '{dir}'")]
+    MissingParent { parent: u64, dir: String },
+    #[error("the chain of parent snapshots loops")]
+    ParentLoop,
     #[error("snapshot does not fit this machine: {0}")]
-    Mismatch(String),
+    Mismatch(Mismatch),
+    #[error("cannot write a snapshot's disk extent back to the device in virtio slot {slot}")]
+    WriteBack { slot: u32, source: std::io::Error },
+    #[error("snapshot does not fit this machine's virtio device in slot {slot}")]
+    Device { slot: usize, source: RestoreError },
+}
+
+/// How a chain of snapshots does not fit the machine it is restored onto.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    #[error("no snapshot given")]
+    Empty,
+    #[error("snapshot at position {position} is not a delta of the one before it")]
+    NotADelta { position: u64 },
+    #[error("it has {snapshot} bytes of RAM, this machine {machine}")]
+    RamSize { snapshot: u64, machine: u64 },
+    #[error("it has {snapshot} virtio devices, this machine {machine}")]
+    DeviceCount { snapshot: usize, machine: usize },
+    #[error("page {0} is outside RAM")]
+    PageOutsideRam(u64),
+    #[error("no device in slot {0}")]
+    NoDevice(u32),
 }
 
 struct Cursor<'a> {
@@ -149,12 +179,11 @@ impl Snapshot {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut chain = vec![Snapshot::read(path)?];
         while let Some(parent) = chain.last().and_then(|(s, _)| s.parent) {
-            let p = Snapshot::find_in(dir, parent).ok_or_else(|| {
-                SnapshotError::Mismatch(format!("its parent snapshot {parent:016x} is not in {}", dir.display()))
-            })?;
+            let p = Snapshot::find_in(dir, parent)
+                .ok_or_else(|| SnapshotError::MissingParent { parent, dir: dir.display().to_string() })?;
             chain.push(Snapshot::read(&p)?);
             if chain.len() > 100_000 {
-                return Err(SnapshotError::Mismatch("the chain of parents loops".into()));
+                return Err(SnapshotError::ParentLoop);
             }
         }
         chain.reverse();
@@ -169,7 +198,7 @@ impl Snapshot {
     }
 
     fn write_body(body: &[u8], path: &Path) -> Result<(), SnapshotError> {
-        let io = |source| SnapshotError::Io { path: path.display().to_string(), source };
+        let io = |source| SnapshotError::Write { path: path.display().to_string(), source };
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         use std::io::Write;
@@ -187,7 +216,7 @@ impl Snapshot {
     /// Read a snapshot; returns it and its id.
     pub fn read(path: &Path) -> Result<(Snapshot, u64), SnapshotError> {
         let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io { path: p.clone(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Read { path: p.clone(), source })?;
         if bytes.len() < 24 || bytes[..8] != MAGIC {
             return Err(SnapshotError::NotASnapshot { path: p });
         }
@@ -195,7 +224,7 @@ impl Snapshot {
         if version != VERSION {
             return Err(SnapshotError::Version { path: p, found: version });
         }
-        let corrupt = |what: &str| SnapshotError::Corrupt { path: p.clone(), what: what.to_string() };
+        let corrupt = |what: &'static str| SnapshotError::Corrupt { path: p.clone(), what };
         let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
         if len.checked_add(24) != Some(bytes.len() as u64) {
             return Err(corrupt("its length does not match its header (truncated?)"));
@@ -208,7 +237,7 @@ impl Snapshot {
         let mut c = Cursor { b: body, at: 0 };
         let hlen = c.u32().ok_or_else(|| corrupt("no header"))? as usize;
         let header: Header = serde_json::from_slice(c.take(hlen).ok_or_else(|| corrupt("short header"))?)
-            .map_err(|e| corrupt(&format!("header: {e}")))?;
+            .map_err(|source| SnapshotError::Header { path: p.clone(), source })?;
         let npages = c.u64().ok_or_else(|| corrupt("no page count"))?;
         let mut pages = Vec::new();
         for _ in 0..npages {
@@ -285,35 +314,28 @@ impl Machine {
     /// before): RAM, disks and state end as they were at the last one.
     pub fn restore(&mut self, chain: &[(Snapshot, u64)]) -> Result<(), SnapshotError> {
         let Some((last, _)) = chain.last() else {
-            return Err(SnapshotError::Mismatch("no snapshot given".into()));
+            return Err(SnapshotError::Mismatch(Mismatch::Empty));
         };
         for (i, (s, _)) in chain.iter().enumerate() {
             let want = if i == 0 { None } else { Some(chain[i - 1].1) };
             if s.parent != want {
-                return Err(SnapshotError::Mismatch(format!(
-                    "snapshot at position {} is not a delta of the one before it",
-                    s.position
-                )));
+                return Err(SnapshotError::Mismatch(Mismatch::NotADelta { position: s.position }));
             }
             if s.ram_bytes != self.board.ram.bytes().len() as u64 {
-                return Err(SnapshotError::Mismatch(format!(
-                    "it has {} bytes of RAM, this machine {}",
-                    s.ram_bytes,
-                    self.board.ram.bytes().len()
-                )));
+                let machine = self.board.ram.bytes().len() as u64;
+                return Err(SnapshotError::Mismatch(Mismatch::RamSize { snapshot: s.ram_bytes, machine }));
             }
         }
         if last.state.virtio.len() != self.board.virtio.len() {
-            return Err(SnapshotError::Mismatch("its devices differ from this machine's".into()));
+            let (snapshot, machine) = (last.state.virtio.len(), self.board.virtio.len());
+            return Err(SnapshotError::Mismatch(Mismatch::DeviceCount { snapshot, machine }));
         }
         let ram = self.board.ram.bytes_mut();
         ram.fill(0);
         for (s, _) in chain {
             for (n, data) in &s.pages {
                 let off = *n as usize * PAGE;
-                let dst = ram
-                    .get_mut(off..off + PAGE)
-                    .ok_or_else(|| SnapshotError::Mismatch(format!("page {n} is outside RAM")))?;
+                let dst = ram.get_mut(off..off + PAGE).ok_or(SnapshotError::Mismatch(Mismatch::PageOutsideRam(*n)))?;
                 dst.copy_from_slice(data);
             }
             for (slot, off, data) in &s.extents {
@@ -321,15 +343,15 @@ impl Machine {
                     .board
                     .virtio
                     .get_mut(*slot as usize)
-                    .ok_or_else(|| SnapshotError::Mismatch(format!("no device in slot {slot}")))?;
+                    .ok_or(SnapshotError::Mismatch(Mismatch::NoDevice(*slot)))?;
                 dev.device_mut()
                     .apply_storage(*off, data)
-                    .map_err(|e| SnapshotError::Mismatch(format!("cannot write the disk back: {e}")))?;
+                    .map_err(|source| SnapshotError::WriteBack { slot: *slot, source })?;
             }
         }
         let st = &last.state;
-        for (t, s) in self.board.virtio.iter_mut().zip(&st.virtio) {
-            t.restore(s).map_err(SnapshotError::Mismatch)?;
+        for (slot, (t, s)) in self.board.virtio.iter_mut().zip(&st.virtio).enumerate() {
+            t.restore(s).map_err(|source| SnapshotError::Device { slot, source })?;
         }
         self.hart.restore(&st.hart);
         let b = &mut self.board;
@@ -401,9 +423,14 @@ mod tests {
         // A chain out of order, a machine of another size, a damaged file.
         let mut d = Machine::new(16 << 20);
         let backwards = vec![chain[1].clone(), chain[0].clone()];
-        assert!(matches!(d.restore(&backwards), Err(SnapshotError::Mismatch(_))));
+        assert!(matches!(d.restore(&backwards), Err(SnapshotError::Mismatch(Mismatch::NotADelta { .. }))));
         let mut e = Machine::new(32 << 20);
-        assert!(matches!(e.restore(&chain), Err(SnapshotError::Mismatch(_))));
+        let err = e.restore(&chain).unwrap_err();
+        assert!(matches!(err, SnapshotError::Mismatch(Mismatch::RamSize { .. })), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "snapshot does not fit this machine: it has 16777216 bytes of RAM, this machine 33554432"
+        );
         let mut bytes = std::fs::read(dir.join("s2")).unwrap();
         let n = bytes.len();
         bytes[n / 2] ^= 1;
@@ -411,6 +438,9 @@ mod tests {
         assert!(matches!(Snapshot::read(&dir.join("bad")), Err(SnapshotError::Corrupt { .. })));
         std::fs::write(dir.join("short"), &bytes[..n - 10]).unwrap();
         assert!(matches!(Snapshot::read(&dir.join("short")), Err(SnapshotError::Corrupt { .. })));
+        let missing = Snapshot::read(&dir.join("missing")).unwrap_err();
+        assert!(matches!(missing, SnapshotError::Read { .. }), "{missing:?}");
+        assert!(!missing.to_string().contains("os error"), "the io error is the source only: {missing}");
         std::fs::write(dir.join("junk"), b"hello").unwrap();
         assert!(matches!(Snapshot::read(&dir.join("junk")), Err(SnapshotError::NotASnapshot { .. })));
         std::fs::remove_dir_all(&dir).ok();

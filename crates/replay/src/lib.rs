@@ -100,9 +100,20 @@ pub enum LogError {
     #[error("event log header is corrupt (checksum or length)")]
     BadHeader,
     #[error("event log is corrupt at byte offset {offset}: {what}")]
-    Corrupt { offset: u64, what: String },
-    #[error("event log I/O: {0}")]
+    Corrupt { offset: u64, what: Corruption },
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// What is wrong with a corrupt record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    #[error("record length {0} is implausible")]
+    Length(u32),
+    #[error("record checksum mismatch")]
+    Checksum,
+    #[error("unknown or malformed record")]
+    Malformed,
 }
 
 impl Record {
@@ -272,7 +283,7 @@ impl<R: Read> LogReader<R> {
         let len = u32::from_le_bytes(head[0..4].try_into().unwrap());
         let crc = u32::from_le_bytes(head[4..8].try_into().unwrap());
         if len > MAX_RECORD {
-            return Err(LogError::Corrupt { offset: start, what: format!("record length {len} is implausible") });
+            return Err(LogError::Corrupt { offset: start, what: Corruption::Length(len) });
         }
         let mut body = vec![0u8; len as usize];
         if read_full(&mut self.input, &mut body)? < body.len() {
@@ -280,10 +291,10 @@ impl<R: Read> LogReader<R> {
             return Ok(None);
         }
         if crc32fast::hash(&body) != crc {
-            return Err(LogError::Corrupt { offset: start, what: "record checksum mismatch".into() });
+            return Err(LogError::Corrupt { offset: start, what: Corruption::Checksum });
         }
-        let record = Record::decode_body(&body)
-            .ok_or_else(|| LogError::Corrupt { offset: start, what: "unknown or malformed record".into() })?;
+        let record =
+            Record::decode_body(&body).ok_or(LogError::Corrupt { offset: start, what: Corruption::Malformed })?;
         self.offset += 8 + len as u64;
         Ok(Some(record))
     }
@@ -400,7 +411,15 @@ mod tests {
         // An absurd length is corruption too, not a huge allocation.
         let mut bad = bytes.clone();
         bad[header..header + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(read_all(&bad), Err(LogError::Corrupt { offset, .. }) if offset as usize == header));
+        match read_all(&bad) {
+            Err(e @ LogError::Corrupt { offset, what: Corruption::Length(u32::MAX) }) if offset as usize == header => {
+                assert_eq!(
+                    e.to_string(),
+                    format!("event log is corrupt at byte offset {header}: record length {} is implausible", u32::MAX)
+                );
+            }
+            other => panic!("expected an implausible length, got {other:?}"),
+        }
     }
 
     #[test]

@@ -16,11 +16,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 pub enum TapError {
     #[error("tap name '{0}' is not a valid interface name (1 to 15 bytes, no '/', ':' or whitespace)")]
     BadName(String),
-    #[error("cannot open /dev/net/tun for tap '{name}': {source}")]
+    #[error("cannot open /dev/net/tun for tap '{name}'")]
     Open { name: String, source: std::io::Error },
-    #[error("cannot attach tap '{name}': {source}{hint}")]
+    #[error("cannot attach tap '{name}'{hint}")]
     Attach { name: String, source: std::io::Error, hint: &'static str },
-    #[error("cannot bring tap '{name}' up: {source}")]
+    #[error("cannot bring tap '{name}' up")]
     Up { name: String, source: std::io::Error },
 }
 
@@ -160,12 +160,21 @@ mod tests {
     }
 
     #[test]
+    fn messages_leave_the_os_error_to_the_source() {
+        let source = std::io::Error::from_raw_os_error(libc::EPERM);
+        let hint = " (creating or attaching a tap needs root or CAP_NET_ADMIN)";
+        let e = TapError::Attach { name: "tap0".into(), source, hint };
+        assert_eq!(e.to_string(), "cannot attach tap 'tap0' (creating or attaching a tap needs root or CAP_NET_ADMIN)");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
     fn a_tap_is_created_up_and_carries_frames() {
         // Needs root and /dev/net/tun; the CI machine has both.
         let name = format!("lstt{}", std::process::id() % 100_000);
         let tap = match Tap::open(&name, true) {
             Ok(t) => t,
-            Err(e) => panic!("{e}"),
+            Err(e) => panic!("{e}: {:?}", std::error::Error::source(&e)),
         };
         let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap();
         let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();

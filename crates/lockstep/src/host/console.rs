@@ -141,11 +141,6 @@ impl StdioConsole {
         n
     }
 
-    /// Is stdin a terminal in raw mode (lines then need "\r\n")?
-    pub fn is_raw(&self) -> bool {
-        self.raw
-    }
-
     /// Did a signal end the run?
     pub fn signalled(&self) -> bool {
         self.signalled.load(Ordering::Relaxed)
@@ -187,10 +182,6 @@ impl HostIo for StdioConsole {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(bytes);
         let _ = out.flush();
-    }
-
-    fn host_log(&mut self, line: &str) {
-        tracing::warn!("{line}");
     }
 
     fn send_frame(&mut self, nic: usize, frame: &[u8]) {

@@ -41,7 +41,7 @@ fn arbiter_for(opts: &PairOpts, vm_id: &str) -> Result<Arc<dyn Arbiter>> {
         Some(s) => s.clone(),
         None => format!("file:{}", std::env::temp_dir().join(format!("lockstep-{vm_id}.epoch")).display()),
     };
-    Ok(Arc::from(ft::arbiter::from_spec(&spec, vm_id).map_err(anyhow::Error::msg)?))
+    Ok(Arc::from(ft::arbiter::from_spec(&spec, vm_id)?))
 }
 
 /// The figures of one side for `/status` and `/metrics`.
@@ -56,12 +56,5 @@ fn status_fn(shared: Arc<Shared>, gate: Option<Arc<OutputGate>>) -> impl Fn() ->
             s.hold_us_max = st.hold_us_max;
         }
         s
-    }
-}
-
-/// Print what the link has to say (until `ft` logs through `tracing`).
-fn print_notes(shared: &Shared) {
-    for n in shared.take_notes() {
-        tracing::info!("{n}");
     }
 }

@@ -1,7 +1,7 @@
 //! The primary: the guest live on this host, its inputs streamed to the
 //! secondary, its network output held until the secondary has them.
 
-use super::{arbiter_for, print_notes, status_fn, PairOpts};
+use super::{arbiter_for, status_fn, PairOpts};
 use crate::host::console::StdioConsole;
 use crate::host::entropy::{host_seed, HostEntropy};
 use crate::host::log::report;
@@ -39,7 +39,6 @@ impl HostIo for PrimaryIo<'_> {
         self.console.console_write(bytes);
     }
     fn wait(&mut self, timeout: Duration) -> HostInput {
-        print_notes(&self.log.sink.shared);
         if self.log.sink.state() == State::Stopped {
             self.fenced = true;
             return HostInput::Quit;
@@ -115,7 +114,6 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             PrimaryIo { console: &mut console, log: &mut log, print_hashes: opts.hash_every.is_some(), fenced: false };
         let stop = m.run_linux(&mut io, opts.max_insns)?;
         let fenced = io.fenced;
-        print_notes(&shared);
         if fenced {
             print_final(&m);
             bail!("{}", shared.status().note);

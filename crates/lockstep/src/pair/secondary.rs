@@ -8,7 +8,7 @@
 //! and reboots alone, as `run` does); or *ended* when the primary ended
 //! the VM or another side won.
 
-use super::{announce, arbiter_for, print_notes, status_fn, PairOpts};
+use super::{announce, arbiter_for, status_fn, PairOpts};
 use crate::host::console::StdioConsole;
 use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step};
 use crate::vm::live::{LiveRun, RunOpts};
@@ -110,8 +110,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         built = Some((m, maker));
         Ok(())
     };
-    let mut log = |line: &str| tracing::info!("{line}");
-    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, &mut log)?;
+    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check)?;
     let (m, maker) = built.take().context("paired without a machine")?;
     let live_position = Arc::new(AtomicU64::new(0));
     if let Some(addr) = &opts.metrics {
@@ -128,7 +127,6 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             }),
         )?;
     }
-    print_notes(&link.shared);
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
     let mut replayer = Replayer::new(LinkSource(link), m, maker, ReplayOpts { hash_every: opts.hash_every, mac });
     let mut phase = Phase::Replaying;
@@ -155,8 +153,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                     "lost the primary: {why}; replayed its log to position {pos}; asking the arbiter ({})",
                     arbiter.describe()
                 );
-                let mut log = |line: &str| tracing::info!("{line}");
-                match replayer.source().0.claim(&mut log) {
+                match replayer.source().0.claim() {
                     Claim::Won(epoch) => {
                         tracing::info!("won epoch {epoch}: going live at position {pos} (NOT PROTECTED)");
                         Phase::Live
@@ -172,7 +169,6 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 return go_live(&vm, m, addresses, tap.take(), &mut console, live_position, opts);
             }
             Phase::Ended(reason) => {
-                print_notes(&replayer.source().0.shared);
                 tracing::info!("the primary ended the VM ({reason:?}); the secondary stops with it");
                 print_final(replayer.machine());
                 return Ok(if reason == EndReason::Panic { Outcome::GuestFailure } else { Outcome::Success });

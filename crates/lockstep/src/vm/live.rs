@@ -163,7 +163,8 @@ impl HostIo for LiveIo<'_> {
                 Some(id)
             }
             Err(e) => {
-                tracing::warn!("snapshot at position {} failed: {e}", snap.position);
+                let e = anyhow::Error::from(e);
+                tracing::warn!("snapshot at position {} failed: {e:#}", snap.position);
                 None
             }
         }

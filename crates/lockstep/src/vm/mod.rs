@@ -85,13 +85,13 @@ impl LinuxVm {
         if let Some((path, read_only)) = &self.disk {
             let backend = machine::virtio::blk::FileBackend::open(path, *read_only)?;
             let blk = machine::virtio::blk::Block::new(Box::new(backend), *read_only, "lockstep-disk0");
-            m.add_virtio(Box::new(blk)).map_err(anyhow::Error::msg)?;
+            m.add_virtio(Box::new(blk))?;
         }
         if let Some((_, mac)) = &self.net {
             let nic = machine::virtio::net::Net::with_offloads(*mac);
-            m.add_virtio(Box::new(nic)).map_err(anyhow::Error::msg)?;
+            m.add_virtio(Box::new(nic))?;
         }
-        m.add_virtio(Box::new(machine::virtio::rng::Rng::new(entropy))).map_err(anyhow::Error::msg)?;
+        m.add_virtio(Box::new(machine::virtio::rng::Rng::new(entropy)))?;
         m.boot_linux(&self.kernel, self.initrd.as_deref(), &self.append)?;
         Ok(m)
     }

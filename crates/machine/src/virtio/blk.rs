@@ -1,8 +1,8 @@
 //! virtio-blk (virtio 1.2, 5.2) on a [`BlockBackend`], usually a raw image
 //! file. Requests complete synchronously at the notify, so their effect on
 //! the guest is deterministic. A host I/O error reaches the guest as
-//! VIRTIO_BLK_S_IOERR and is recorded in `errors` for the host's log; it is
-//! never dropped.
+//! VIRTIO_BLK_S_IOERR, is counted in `io_errors` and is reported to the host
+//! as a `tracing` warning; it is never dropped.
 //!
 //! ```text
 //!  request: header (device-readable, 16 B): type u32 | reserved u32 | sector u64
@@ -66,7 +66,7 @@ pub trait BlockBackend {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("cannot open disk '{path}': {source}")]
+    #[error("cannot open disk '{path}'")]
     Open { path: String, source: std::io::Error },
     #[error("disk '{path}' is {len} bytes, shorter than one {SECTOR}-byte sector")]
     TooShort { path: String, len: u64 },
@@ -136,8 +136,8 @@ pub struct Block {
     /// Capacity in sectors, fixed when the device is made.
     capacity: u64,
     id: [u8; 20],
-    /// Host I/O errors, for the host's log.
-    pub errors: Vec<String>,
+    /// Host I/O errors so far (each answered with VIRTIO_BLK_S_IOERR).
+    pub io_errors: u64,
     /// 4 KiB chunks of the disk written since the last storage delta.
     written: std::collections::BTreeSet<u64>,
 }
@@ -151,7 +151,14 @@ impl Block {
         let mut idb = [0u8; 20];
         let n = id.len().min(20);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Block { backend, read_only, capacity, id: idb, errors: Vec::new(), written: Default::default() }
+        Block { backend, read_only, capacity, id: idb, io_errors: 0, written: Default::default() }
+    }
+
+    /// A host I/O error on a transfer: counted, and reported to the host
+    /// (the guest gets VIRTIO_BLK_S_IOERR).
+    fn io_error(&mut self, op: &'static str, offset: u64, len: u64, error: &std::io::Error) {
+        self.io_errors += 1;
+        tracing::warn!(device = "virtio-blk", offset, len, %error, "disk {op} failed");
     }
 
     /// Serve one request; returns (status, bytes written to the guest).
@@ -178,8 +185,9 @@ impl Block {
             T_OUT if data.iter().all(|b| !b.write) => self.transfer(data, sector, ram, true),
             T_FLUSH => match self.backend.flush() {
                 Ok(()) => (S_OK, 0),
-                Err(e) => {
-                    self.errors.push(format!("flush failed: {e}"));
+                Err(error) => {
+                    self.io_errors += 1;
+                    tracing::warn!(device = "virtio-blk", %error, "disk flush failed");
                     (S_IOERR, 0)
                 }
             },
@@ -233,7 +241,7 @@ impl Block {
                 if kind == T_DISCARD { self.backend.discard(off, len) } else { self.backend.write_zeroes(off, len) };
             if let Err(e) = result {
                 let what = if kind == T_DISCARD { "discard" } else { "write-zeroes" };
-                self.errors.push(format!("{what} of {len} bytes at offset {off} failed: {e}"));
+                self.io_error(what, off, len, &e);
                 return (S_IOERR, 0);
             }
         }
@@ -258,7 +266,7 @@ impl Block {
             };
             if let Err(e) = result {
                 let what = if write { "write" } else { "read" };
-                self.errors.push(format!("{what} of {} bytes at offset {off} failed: {e}", b.len));
+                self.io_error(what, off, b.len as u64, &e);
                 return (S_IOERR, written);
             }
             off += b.len as u64;
@@ -311,9 +319,6 @@ impl VirtioDevice for Block {
         for (i, b) in data.iter_mut().enumerate() {
             *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
         }
-    }
-    fn take_errors(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.errors)
     }
     fn process(&mut self, _index: usize, queue: &mut Queue, ram: &mut Ram) -> Result<bool, QueueError> {
         let mut notify = false;
@@ -461,14 +466,18 @@ mod tests {
         assert_ne!(ro.features() & VIRTIO_BLK_F_RO, 0);
         let mut failing = disk(true);
         assert_eq!(failing.serve(&request(&mut ram, T_OUT, 0, 512, false), &mut ram).0, S_IOERR);
-        assert_eq!(failing.errors.len(), 1, "logged: {:?}", failing.errors);
+        assert_eq!(failing.io_errors, 1, "counted (and reported)");
     }
 
     #[test]
     fn file_backend_rejects_missing_and_short_images() {
         let dir = std::env::temp_dir().join(format!("lockstep-blk-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(matches!(FileBackend::open(&dir.join("missing.img"), false), Err(DiskError::Open { .. })));
+        let e = FileBackend::open(&dir.join("missing.img"), false).err().unwrap();
+        assert!(matches!(e, DiskError::Open { .. }));
+        // The io error is the source, so `{:#}` prints it once.
+        assert_eq!(e.to_string(), format!("cannot open disk '{}'", dir.join("missing.img").display()));
+        assert!(std::error::Error::source(&e).is_some());
         let short = dir.join("short.img");
         std::fs::write(&short, [0u8; 100]).unwrap();
         let e = FileBackend::open(&short, false).err().unwrap();

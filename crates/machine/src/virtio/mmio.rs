@@ -13,7 +13,7 @@
 //! ```
 
 use super::queue::{Queue, QUEUE_MAX};
-use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{RestoreError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::ram::Ram;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -47,9 +47,8 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     interrupt_status: u32,
-    /// Why the device stopped, for the host's log.
+    /// Why the device stopped (until the driver resets it).
     pub broken: Option<String>,
-    reported_broken: bool,
 }
 
 impl MmioTransport {
@@ -65,25 +64,11 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             broken: None,
-            reported_broken: false,
         }
     }
 
     fn features(&self) -> u64 {
         self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-    }
-
-    /// Host-side problems since the last call: device errors, and the
-    /// reason the device broke.
-    pub fn take_errors(&mut self) -> Vec<String> {
-        let mut v = self.device.take_errors();
-        if let Some(b) = &self.broken {
-            if self.status & STATUS_NEEDS_RESET != 0 && !self.reported_broken {
-                v.push(format!("virtio device {} stopped: {b}", self.device.device_id()));
-                self.reported_broken = true;
-            }
-        }
-        v
     }
 
     pub fn irq(&self) -> bool {
@@ -122,13 +107,13 @@ impl MmioTransport {
     }
 
     /// Load a saved state; the device must be of the same kind.
-    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
-        if s.device_id != self.device.device_id() || s.queues.len() != self.queues.len() {
-            return Err(format!(
-                "the snapshot has virtio device {} where this machine has {}",
-                s.device_id,
-                self.device.device_id()
-            ));
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), RestoreError> {
+        let device = self.device.device_id();
+        if s.device_id != device {
+            return Err(RestoreError::DeviceMismatch { found: s.device_id, expected: device });
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount { device, found: s.queues.len(), expected: self.queues.len() });
         }
         self.queues = s.queues.clone();
         self.device_features_sel = s.device_features_sel;
@@ -138,7 +123,6 @@ impl MmioTransport {
         self.status = s.status;
         self.interrupt_status = s.interrupt_status;
         self.broken = s.broken.clone();
-        self.reported_broken = s.broken.is_some();
         self.device.restore(&s.device)
     }
 
@@ -171,7 +155,6 @@ impl MmioTransport {
         self.status = 0;
         self.interrupt_status = 0;
         self.broken = None;
-        self.reported_broken = false;
     }
 
     pub fn load(&mut self, offset: u64, size: u32) -> Option<u64> {
@@ -265,6 +248,8 @@ impl MmioTransport {
             Ok(true) => self.interrupt_status |= INT_USED_BUFFER,
             Ok(false) => {}
             Err(e) => {
+                let device = self.device.device_id();
+                tracing::error!(device, error = %e, "virtio device {device} stopped");
                 self.broken = Some(e.to_string());
                 self.status |= STATUS_NEEDS_RESET;
                 self.interrupt_status |= 2; // configuration change
@@ -352,6 +337,22 @@ mod tests {
         // A reset brings it back.
         t.store(0x070, 4, 0, &mut ram);
         assert!(t.broken.is_none());
+    }
+
+    #[test]
+    fn restore_refuses_another_device_and_bad_state() {
+        use crate::virtio::net::{Net, ID_NET};
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let rng = bring_up(&mut ram);
+        let mut net = MmioTransport::new(Box::new(Net::new([0x52, 0x54, 0, 0, 0, 1])));
+        let e = net.restore(&rng.save()).unwrap_err();
+        assert!(matches!(e, RestoreError::DeviceMismatch { found: ID_RNG, expected: ID_NET }), "{e:?}");
+        assert_eq!(e.to_string(), "the snapshot has virtio device 4 where this machine has 1");
+        let mut state = net.save();
+        state.device = b"not json".to_vec();
+        let e = net.restore(&state).unwrap_err();
+        assert_eq!(e.to_string(), "the snapshot's virtio-net state is malformed");
+        assert!(std::error::Error::source(&e).is_some(), "the parser's reason is the source, not in the message");
     }
 
     #[test]

@@ -23,7 +23,24 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
-/// What a device model implements; the transport does the rest.
+/// Why a device's saved state (a snapshot's, so untrusted) cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the snapshot has virtio device {found} where this machine has {expected}")]
+    DeviceMismatch { found: u32, expected: u32 },
+    #[error("the snapshot has {found} queues for virtio device {device}, which has {expected}")]
+    QueueCount { device: u32, found: usize, expected: usize },
+    #[error("the snapshot's {device} state is malformed")]
+    Malformed {
+        device: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What a device model implements; the transport does the rest. Host-side
+/// problems (a disk I/O error) are reported where they happen, as `tracing`
+/// events, and reach the guest as the device's error status.
 pub trait VirtioDevice {
     fn device_id(&self) -> u32;
     /// Device-specific feature bits (the transport adds VERSION_1 and
@@ -35,10 +52,6 @@ pub trait VirtioDevice {
     /// The driver notified queue `index`: process what it offers. Returns
     /// whether an interrupt is due, or an error that breaks the device.
     fn process(&mut self, index: usize, queue: &mut Queue, ram: &mut Ram) -> Result<bool, queue::QueueError>;
-    /// Host-side errors since the last call, for the host's log.
-    fn take_errors(&mut self) -> Vec<String> {
-        Vec::new()
-    }
     /// Input from the host for the guest (a received network frame). The
     /// device keeps it or drops it; `Some(queue)` asks the transport to
     /// process that queue now. Devices without host input drop it.
@@ -62,7 +75,7 @@ pub trait VirtioDevice {
         Vec::new()
     }
     /// Load what `save` returned.
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, state: &[u8]) -> Result<(), RestoreError> {
         let _ = state;
         Ok(())
     }

@@ -22,7 +22,7 @@
 //! ```
 
 use super::queue::{Queue, QueueError};
-use super::VirtioDevice;
+use super::{RestoreError, VirtioDevice};
 use crate::ram::Ram;
 use std::collections::VecDeque;
 
@@ -204,9 +204,9 @@ impl VirtioDevice for Net {
     fn save(&self) -> Vec<u8> {
         serde_json::to_vec(&(&self.backlog, &self.out)).unwrap_or_default()
     }
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, state: &[u8]) -> Result<(), RestoreError> {
         let (backlog, out): (VecDeque<Vec<u8>>, Vec<Vec<u8>>) =
-            serde_json::from_slice(state).map_err(|e| format!("virtio-net state: {e}"))?;
+            serde_json::from_slice(state).map_err(|source| RestoreError::Malformed { device: "virtio-net", source })?;
         self.backlog = backlog;
         self.out = out;
         Ok(())
@@ -227,21 +227,30 @@ pub fn mac_for(name: &str) -> [u8; 6] {
     [0x52, 0x54, 0x00, (h >> 16) as u8, (h >> 8) as u8, h as u8]
 }
 
+/// Why a text is not a NIC's MAC address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    #[error("'{0}' is not a MAC address (example: 52:54:00:12:34:56)")]
+    Syntax(String),
+    #[error("'{0}' is a multicast address; a NIC needs a unicast one")]
+    Multicast(String),
+}
+
 /// Parse `aa:bb:cc:dd:ee:ff`; a multicast address is refused.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], MacError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return Err(format!("'{s}' is not a MAC address (example: 52:54:00:12:34:56)"));
+        return Err(MacError::Syntax(s.into()));
     }
     for (m, p) in mac.iter_mut().zip(&parts) {
         if p.len() != 2 {
-            return Err(format!("'{s}' is not a MAC address (example: 52:54:00:12:34:56)"));
+            return Err(MacError::Syntax(s.into()));
         }
-        *m = u8::from_str_radix(p, 16).map_err(|_| format!("'{s}' is not a MAC address"))?;
+        *m = u8::from_str_radix(p, 16).map_err(|_| MacError::Syntax(s.into()))?;
     }
     if mac[0] & 1 != 0 {
-        return Err(format!("'{s}' is a multicast address; a NIC needs a unicast one"));
+        return Err(MacError::Multicast(s.into()));
     }
     Ok(mac)
 }
@@ -392,9 +401,10 @@ mod tests {
     #[test]
     fn macs_parse_and_default_ones_are_stable_unicast() {
         assert_eq!(parse_mac("52:54:00:ab:CD:01"), Ok([0x52, 0x54, 0, 0xab, 0xcd, 1]));
-        assert!(parse_mac("01:00:5e:00:00:01").is_err());
-        assert!(parse_mac("52:54:00:ab:cd").is_err());
-        assert!(parse_mac("52:54:00:ab:cd:zz").is_err());
+        assert_eq!(parse_mac("01:00:5e:00:00:01"), Err(MacError::Multicast("01:00:5e:00:00:01".into())));
+        assert!(matches!(parse_mac("52:54:00:ab:cd"), Err(MacError::Syntax(_))));
+        let e = parse_mac("52:54:00:ab:cd:zz").unwrap_err();
+        assert_eq!(e.to_string(), "'52:54:00:ab:cd:zz' is not a MAC address (example: 52:54:00:12:34:56)");
         assert_eq!(mac_for("tap0"), mac_for("tap0"));
         assert_ne!(mac_for("tap0"), mac_for("tap1"));
         assert_eq!(mac_for("x")[0] & 3, 2, "locally administered unicast");
