@@ -61,9 +61,16 @@ pub enum Exit {
 
 /// tval placeholder: "the raw bits of the instruction at pc".
 const TVAL_INSN_BITS: u64 = u64::MAX;
-/// Pseudo-cause of a load served by a device: not a trap; `tval` is the
-/// value loaded, and the block ends so the board can act on the access.
-const CAUSE_MMIO_LOAD: u64 = u64::MAX;
+
+/// A load that did not trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loaded {
+    /// From RAM (or split into byte loads, when misaligned): the block goes on.
+    Value(u64),
+    /// Served by a device: the instruction retires and the block ends, so
+    /// the board can act on the access before the next instruction.
+    Device(u64),
+}
 
 /// What a block's execution asks of the dispatcher.
 enum End {
@@ -419,28 +426,44 @@ impl Core {
         }
     }
 
+    /// The fast path of a load of `N` bytes: a TLB hit is one compare and
+    /// one load and gives a plain value; `None` sends the caller to
+    /// `load_slow` (miss, misaligned, device). The block loop keeps the two
+    /// apart so that a hit never builds a [`Loaded`].
     #[inline(always)]
-    fn load<B: Bus, const N: usize>(&mut self, bus: &mut B, vaddr: u64, pos: u64) -> Result<u64, Trap> {
+    fn load_hit<B: Bus, const N: usize>(&self, bus: &mut B, vaddr: u64) -> Option<u64> {
         let e = self.tlb.sets[self.data_ctx].read[mmu::tlb_index(vaddr)];
         if e.tag == vaddr & (!0xfff | (N as u64 - 1)) {
             let off = (e.ram_off | (vaddr & 0xfff)) as usize;
             let ram = bus.ram();
             let mut b = [0u8; 8];
             b[..N].copy_from_slice(&ram[off..off + N]);
-            return Ok(u64::from_le_bytes(b));
+            return Some(u64::from_le_bytes(b));
         }
-        self.load_slow(bus, vaddr, N as u32, pos)
+        None
+    }
+
+    /// A whole load of `N` bytes, for callers off the hot path.
+    #[inline(always)]
+    fn load<B: Bus, const N: usize>(&mut self, bus: &mut B, vaddr: u64, pos: u64) -> Result<Loaded, Trap> {
+        match self.load_hit::<B, N>(bus, vaddr) {
+            Some(v) => Ok(Loaded::Value(v)),
+            None => self.load_slow(bus, vaddr, N as u32, pos),
+        }
     }
 
     #[cold]
     #[inline(never)]
-    fn load_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, pos: u64) -> Result<u64, Trap> {
+    fn load_slow<B: Bus>(&mut self, bus: &mut B, vaddr: u64, size: u32, pos: u64) -> Result<Loaded, Trap> {
         if vaddr & (size as u64 - 1) != 0 && (vaddr & 0xfff) + size as u64 <= PAGE_SIZE {
             // Misaligned inside one page (the kernel's unaligned-access
             // probe does millions): one translation, then plain bytes.
             let paddr = self.lookup_or_translate(bus, vaddr, Access::Read)?;
             if self.ram_off(paddr).is_some() {
-                return self.phys_load(bus, paddr, size, pos).ok_or(Access::Read.access_fault(vaddr));
+                return self
+                    .phys_load(bus, paddr, size, pos)
+                    .map(Loaded::Value)
+                    .ok_or(Access::Read.access_fault(vaddr));
             }
         }
         if vaddr & (size as u64 - 1) != 0 {
@@ -455,14 +478,16 @@ impl Core {
                 let b = self.phys_load(bus, pa, 1, pos).ok_or(Access::Read.access_fault(vaddr))?;
                 v |= b << (8 * i);
             }
-            return Ok(v);
+            // Even if some bytes came from a device: split accesses do not
+            // end the block.
+            return Ok(Loaded::Value(v));
         }
         let paddr = self.translate(bus, vaddr, Access::Read)?;
         let v = self.phys_load(bus, paddr, size, pos).ok_or(Access::Read.access_fault(vaddr))?;
         if self.ram_off(paddr).is_none() {
-            return Err(Trap::new(CAUSE_MMIO_LOAD, v));
+            return Ok(Loaded::Device(v));
         }
-        Ok(v)
+        Ok(Loaded::Value(v))
     }
 
     /// Returns whether the block must end after this store.
@@ -832,10 +857,9 @@ impl Core {
                 } else {
                     self.load::<B, 8>(bus, vaddr, pos)
                 };
-                let (v, device) = match loaded {
-                    Ok(v) => (v, false),
-                    Err(t) if t.cause == CAUSE_MMIO_LOAD => (t.tval, true),
-                    Err(t) => return Err(t),
+                let (v, device) = match loaded? {
+                    Loaded::Value(v) => (v, false),
+                    Loaded::Device(v) => (v, true),
                 };
                 if op.kind == Flw {
                     self.set_fs(op.rd, v);
@@ -1170,13 +1194,17 @@ impl Core {
                 }
                 macro_rules! ld {
                     ($n:literal, $conv:expr) => {{
-                        match self.load::<B, $n>(bus, addr!(), pos) {
-                            Ok(v) => x!(self, op.rd) = $conv(v),
-                            Err(t) if t.cause == CAUSE_MMIO_LOAD => {
-                                x!(self, op.rd) = $conv(t.tval);
-                                device_exit!();
-                            }
-                            Err(t) => fault!(t),
+                        let vaddr = addr!();
+                        match self.load_hit::<B, $n>(bus, vaddr) {
+                            Some(v) => x!(self, op.rd) = $conv(v),
+                            None => match self.load_slow(bus, vaddr, $n, pos) {
+                                Ok(Loaded::Value(v)) => x!(self, op.rd) = $conv(v),
+                                Ok(Loaded::Device(v)) => {
+                                    x!(self, op.rd) = $conv(v);
+                                    device_exit!();
+                                }
+                                Err(t) => fault!(t),
+                            },
                         }
                     }};
                 }
@@ -1935,6 +1963,99 @@ mod tests {
         assert_eq!(h.x(13), 0x3344_5566);
         assert_eq!(h.x(14), 0x6677_8844_5566_7788);
         assert_eq!(h.csrs().mcause, 0, "no trap");
+    }
+
+    /// RAM plus one device at `DEV`: loads read `0x80 + offset` repeated
+    /// in every byte, stores are recorded.
+    struct DevBus {
+        ram: Vec<u8>,
+        stores: Vec<(u64, u32, u64, u64)>,
+    }
+
+    const DEV: u64 = 0x1000_0000;
+
+    impl Bus for DevBus {
+        fn ram(&mut self) -> &mut [u8] {
+            &mut self.ram
+        }
+        fn mmio_load(&mut self, paddr: u64, size: u32, _: u64) -> Option<u64> {
+            let off = paddr.checked_sub(DEV).filter(|&o| o < 0x100)?;
+            let b = 0x80 + off;
+            Some((0..size).fold(0, |v, i| v | b << (8 * i)))
+        }
+        fn mmio_store(&mut self, paddr: u64, size: u32, val: u64, pos: u64) -> bool {
+            let ok = (DEV..DEV + 0x100).contains(&paddr);
+            if ok {
+                self.stores.push((paddr, size, val, pos));
+            }
+            ok
+        }
+    }
+
+    fn setup_dev(words: &[u32]) -> (Hart, DevBus) {
+        let (h, bus) = setup(words);
+        (h, DevBus { ram: bus.0, stores: Vec::new() })
+    }
+
+    /// A load served by a device retires, writes rd (sign-extended as the
+    /// load says) and ends the block with `Exit::Device` before the next
+    /// instruction; the device sees the load at its exact position.
+    #[test]
+    fn device_loads_retire_and_end_the_block() {
+        let lb = |rd, rs1, imm| i(0x03, 0, rd, rs1, imm);
+        let lbu = |rd, rs1, imm| i(0x03, 4, rd, rs1, imm);
+        let prefix = li64(A0, DEV).len() as u64;
+        let (mut h, mut bus) =
+            setup_dev(&with_regs(&[(A0, DEV)], &[lb(A1, A0, 0), lbu(A2, A0, 1), ld(A3, A0, 8), addi(A4, A4, 1)]));
+        let loads = [(A1, 0xffff_ffff_ffff_ff80), (A2, 0x81), (A3, 0x8888_8888_8888_8888)];
+        for (k, (rd, want)) in loads.into_iter().enumerate() {
+            let done = prefix + k as u64 + 1;
+            assert_eq!(h.run(&mut bus, Position(100)), Exit::Device, "load {k}");
+            assert_eq!(h.x(rd as usize), want, "load {k}");
+            assert_eq!((h.position(), h.pc()), (Position(done), BASE + 4 * done), "load {k} retired alone");
+            assert_eq!(h.x(A4 as usize), 0, "the op after the loads has not run");
+        }
+        assert_eq!(h.run(&mut bus, Position(prefix + 4)), Exit::Reached);
+        assert_eq!(h.x(A4 as usize), 1);
+        assert_eq!(h.csrs().mcause, 0, "no trap");
+    }
+
+    /// FP loads from a device take the same exit (F/D: 11.5, 12.3).
+    #[test]
+    fn device_fp_loads_retire_and_end_the_block() {
+        let flw = |rd, rs1, imm| i(0x07, 2, rd, rs1, imm);
+        let fld = |rd, rs1, imm| i(0x07, 3, rd, rs1, imm);
+        let prefix = li64(A0, DEV).len() as u64;
+        let (mut h, mut bus) = setup_dev(&with_regs(&[(A0, DEV)], &[flw(1, A0, 4), fld(2, A0, 16), addi(A4, A4, 1)]));
+        assert_eq!(h.run(&mut bus, Position(100)), Exit::Device);
+        assert_eq!(h.f(1), 0xffff_ffff_8484_8484, "NaN-boxed");
+        assert_eq!(h.position(), Position(prefix + 1));
+        assert_eq!(h.run(&mut bus, Position(100)), Exit::Device);
+        assert_eq!(h.f(2), 0x9090_9090_9090_9090);
+        assert_eq!((h.position(), h.x(A4 as usize)), (Position(prefix + 2), 0));
+        assert_eq!(h.csrs().mcause, 0, "no trap");
+    }
+
+    /// Where no device answers, a load or a store is an access fault
+    /// (3.7.1) and does not retire.
+    #[test]
+    fn unanswered_device_accesses_fault() {
+        let (mut h, mut bus) = setup_dev(&with_regs(&[(A0, DEV + 0x200)], &[ld(A1, A0, 0)]));
+        h.run(&mut bus, Position(100));
+        assert_eq!((h.csrs().mcause, h.csrs().mtval), (trap::LOAD_ACCESS_FAULT, DEV + 0x200));
+        let (mut h, mut bus) = setup_dev(&with_regs(&[(A0, DEV + 0x200)], &[sd(A1, A0, 0)]));
+        h.run(&mut bus, Position(100));
+        assert_eq!((h.csrs().mcause, h.csrs().mtval), (trap::STORE_ACCESS_FAULT, DEV + 0x200));
+        assert!(bus.stores.is_empty());
+    }
+
+    #[test]
+    fn device_stores_end_the_block_at_their_position() {
+        let prefix = li64(A0, DEV).len() as u64 + li64(A1, 0x1234).len() as u64;
+        let (mut h, mut bus) = setup_dev(&with_regs(&[(A0, DEV), (A1, 0x1234)], &[sw(A1, A0, 4), addi(A4, A4, 1)]));
+        assert_eq!(h.run(&mut bus, Position(100)), Exit::Device);
+        assert_eq!(bus.stores, vec![(DEV + 4, 4, 0x1234, prefix)]);
+        assert_eq!((h.position(), h.x(A4 as usize)), (Position(prefix + 1), 0));
     }
 
     #[test]
