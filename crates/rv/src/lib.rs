@@ -21,11 +21,12 @@
 //! | [`fp`] | IEEE 754 arithmetic for F/D, done exactly in software |
 //! | [`bitmap`] | the dirty-page bitmap |
 //! | [`bus`] | the [`Bus`] trait: RAM and MMIO as the hart sees them |
-//! | [`asm`] | a tiny assembler for tests and built-in programs |
+//! | `asm` | a tiny assembler for tests and `machine::programs` (feature `test-utils`) |
 //!
 //! See `../../shared/DESIGN.md` (layers) and `ENGINE-NOTES.md` (why the
 //! interpreter is shaped the way it is).
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod asm;
 pub mod bitmap;
 pub mod block;
