@@ -23,6 +23,7 @@ pub mod fdt;
 pub mod layout;
 pub mod loader;
 pub mod plic;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod programs;
 pub mod ram;
 pub mod sbi;

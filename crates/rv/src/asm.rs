@@ -2,6 +2,9 @@
 //! (the benchmark loops, the demo, unit tests) need. It is not a general
 //! assembler; test programs written by hand are built with the host's
 //! `riscv64-linux-gnu` toolchain instead.
+//!
+//! Not part of the engine: compiled only for tests and with the
+//! `test-utils` feature (which `machine/test-utils` turns on).
 
 pub const ZERO: u32 = 0;
 pub const RA: u32 = 1;

@@ -20,6 +20,10 @@ pub const STORE_PAGE_FAULT: u64 = 15;
 /// Bit 63 of `xcause` marks an interrupt.
 pub const INTERRUPT_BIT: u64 = 1 << 63;
 
+/// `tval` placeholder of an illegal-instruction trap raised at execution
+/// time: "the raw bits of the instruction at pc", which trap entry re-reads.
+pub(crate) const TVAL_INSN_BITS: u64 = u64::MAX;
+
 /// A synchronous exception: its cause and the value for `xtval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Trap {

@@ -2,6 +2,13 @@
 //!
 //! Numbers and fields follow the RISC-V Privileged ISA (20211203), chapters 2
 //! (CSR listing), 3 (machine level) and 4 (supervisor level).
+//!
+//! This file holds the numbers, the fields and [`Csrs`], the stored
+//! registers. What reading and writing each CSR does (access checks, WARL
+//! fields, side effects on translation and timers, the Zicsr instructions,
+//! the counters derived from the position) is `file.rs`, as `impl Core`.
+
+mod file;
 
 // Unprivileged.
 pub const FFLAGS: u16 = 0x001;
