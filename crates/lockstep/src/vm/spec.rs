@@ -129,7 +129,17 @@ impl VmFile {
                 _ => pair_keys.insert(key, value),
             };
         }
-        let mut vm: VmSpec = vm_keys.try_into().map_err(|e| at(one_line(e)))?;
+        let mut vm: VmSpec = vm_keys.try_into().map_err(|e| {
+            // serde lists the machine's keys only; the pair's are valid too.
+            let msg = one_line(e);
+            match msg.split_once(", expected one of") {
+                Some((unknown, _)) if msg.starts_with("unknown field") => at(format!(
+                    "{}: the keys are the long flag names of `lockstep run`, `primary` and `secondary`",
+                    unknown.replace("field", "key")
+                )),
+                _ => at(msg),
+            }
+        })?;
         let pair: PairSpec = pair_keys.try_into().map_err(|e| at(one_line(e)))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         for p in vm.paths_mut().into_iter().flatten() {

@@ -6,6 +6,8 @@
 pub mod blk;
 pub mod mmio;
 pub mod net;
+/// A scripted network peer for tests (a fixture, not a device backend).
+#[cfg(any(test, feature = "test-utils"))]
 pub mod netsim;
 pub mod queue;
 pub mod rng;
