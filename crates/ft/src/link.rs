@@ -42,6 +42,8 @@ pub enum PairError {
     Arbiter(#[from] crate::arbiter::ArbiterError),
     #[error("the arbiter's epoch moved while this primary started (now {0} held by '{1}')")]
     EpochMoved(u64, String),
+    #[error("stopped before the pair formed")]
+    Stopped,
 }
 
 /// A `tracing` event at `$level` whose text also becomes the status note
@@ -169,6 +171,7 @@ impl PrimaryLink {
         arbiter: Arc<dyn Arbiter>,
         gate: Arc<OutputGate>,
         cfg: PairConfig,
+        stop: &dyn Fn() -> bool,
     ) -> Result<PrimaryLink, PairError> {
         let owner = owner_name("primary");
         let current = arbiter.read()?.map_or(0, |h| h.epoch);
@@ -186,6 +189,9 @@ impl PrimaryLink {
                 Ok(None) => std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
                 Err(e) => e,
             };
+            if stop() {
+                return Err(PairError::Stopped);
+            }
             if started.elapsed() >= cfg.connect_timeout {
                 return Err(PairError::Unreachable {
                     addr: peer.into(),
@@ -232,7 +238,7 @@ impl PrimaryLink {
         }
         {
             let ctx = ctx.clone();
-            std::thread::spawn(move || ack_loop(r, ctx, heard, epoch));
+            std::thread::spawn(move || ack_loop(r, ctx, heard, cfg.timeout, epoch));
         }
         Ok(PrimaryLink {
             shared,
@@ -461,12 +467,27 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Mutex<Ins
     }
 }
 
-/// The primary's receiver: acks release output.
-fn ack_loop(mut r: BufReader<TcpStream>, ctx: Lost, heard: Arc<Mutex<Instant>>, epoch: u64) {
+/// The primary's receiver: acks release output, but only while the lease
+/// holds. An ack that arrives after `timeout` of silence (this side was
+/// paused, or the secondary was) releases nothing: the secondary may have
+/// taken over meanwhile, and output from here would pull the guest's
+/// address back to a dead port. Such a side must win arbitration first.
+fn ack_loop(mut r: BufReader<TcpStream>, ctx: Lost, heard: Arc<Mutex<Instant>>, timeout: Duration, epoch: u64) {
     loop {
         match wire::read_message(&mut r) {
             Ok((e, Message::Ack { received, executed })) if e == epoch => {
-                *heard.lock().unwrap() = Instant::now();
+                {
+                    let mut heard = heard.lock().unwrap();
+                    let silent = heard.elapsed();
+                    if silent >= timeout {
+                        drop(heard);
+                        return ctx.peer_lost(format!(
+                            "no word from it for {} ms (its late acknowledgements release nothing)",
+                            silent.as_millis()
+                        ));
+                    }
+                    *heard = Instant::now();
+                }
                 ctx.gate.acknowledge(received);
                 ctx.shared.update(|s| {
                     s.peer_position = s.peer_position.max(executed);
@@ -516,33 +537,37 @@ impl SecondaryLink {
     /// so); a primary of another VM or disk ends the wait with an error.
     /// `check`'s `Err` is the refusal text: it is sent to the primary (which
     /// prints it) and returned in [`PairError::Refused`].
+    ///
+    /// Each connection says hello on a thread of its own, within
+    /// [`HELLO_DEADLINE`], so a peer that trickles bytes holds up nobody;
+    /// `stop` is asked every few milliseconds (a signal ends the wait).
     pub fn accept(
         listener: TcpListener,
         arbiter: Arc<dyn Arbiter>,
         cfg: PairConfig,
         check: &mut dyn FnMut(&Hello) -> Result<(), String>,
+        stop: &dyn Fn() -> bool,
     ) -> Result<SecondaryLink, PairError> {
+        listener.set_nonblocking(true).map_err(PairError::Accept)?;
+        let (hellos, said) = mpsc::channel::<Greeting>();
         loop {
-            let (stream, from) = listener.accept().map_err(PairError::Accept)?;
-            let from = from.to_string();
-            let _ = stream.set_nodelay(true);
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let (Ok(mut w), Ok(r)) = (stream.try_clone(), stream.try_clone()) else { continue };
-            let mut r = BufReader::new(r);
-            let hello = wire::write_preamble(&mut w)
-                .map_err(WireError::from)
-                .and_then(|_| wire::read_preamble(&mut r))
-                .and_then(|_| wire::read_message(&mut r));
-            let (epoch, hello) = match hello {
-                Ok((e, Message::Hello(h))) => (e, h),
-                Ok((_, m)) => {
-                    tracing::warn!("refused a connection from {from}: it sent {m:?} before a hello");
-                    continue;
+            if stop() {
+                return Err(PairError::Stopped);
+            }
+            match listener.accept() {
+                Ok((stream, from)) => {
+                    let hellos = hellos.clone();
+                    std::thread::spawn(move || {
+                        if let Some(g) = greet(stream, from.to_string()) {
+                            let _ = hellos.send(g);
+                        }
+                    });
                 }
-                Err(e) => {
-                    tracing::warn!("refused a connection from {from}: {}", ErrorChain(&e));
-                    continue;
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(PairError::Accept(e)),
+            }
+            let Ok(Greeting { stream, from, mut w, r, epoch, hello }) = said.recv_timeout(ACCEPT_POLL) else {
+                continue;
             };
             let current = arbiter.read()?;
             if current.as_ref().map(|h| h.epoch) != Some(epoch) {
@@ -590,6 +615,7 @@ impl SecondaryLink {
                 std::thread::spawn(move || end.receive_loop(r));
             }
             std::thread::spawn(move || end.heartbeat_loop(cfg));
+            let _ = listener.set_nonblocking(false);
             std::thread::spawn(move || refuse_latecomers(listener, epoch, from));
             return Ok(SecondaryLink { shared, rx, executed, epoch, peer: String::new(), arbiter });
         }
@@ -636,6 +662,70 @@ impl SecondaryLink {
     }
 }
 
+/// How long a connecting peer has to send its preamble and hello.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the accept loop looks for connections, hellos and `stop`.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// A connection that said hello.
+struct Greeting {
+    stream: TcpStream,
+    from: String,
+    w: TcpStream,
+    r: BufReader<Deadline>,
+    epoch: u64,
+    hello: Hello,
+}
+
+/// Reads that fail once a deadline has passed, however slowly the peer
+/// trickles bytes (a read timeout alone restarts with every byte).
+struct Deadline {
+    stream: TcpStream,
+    at: Option<Instant>,
+}
+
+impl std::io::Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(at) = self.at {
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello within the deadline"));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+/// The preamble exchange and the hello of one connection, within
+/// [`HELLO_DEADLINE`]; `None` (with a warning) for anything else.
+fn greet(stream: TcpStream, from: String) -> Option<Greeting> {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let (Ok(mut w), Ok(r)) = (stream.try_clone(), stream.try_clone()) else { return None };
+    let mut r = BufReader::new(Deadline { stream: r, at: Some(Instant::now() + HELLO_DEADLINE) });
+    let hello = wire::write_preamble(&mut w)
+        .map_err(WireError::from)
+        .and_then(|_| wire::read_preamble(&mut r))
+        .and_then(|_| wire::read_message(&mut r));
+    match hello {
+        Ok((epoch, Message::Hello(hello))) => {
+            // Paired, the channel has no deadline (silence is the heartbeat's job).
+            r.get_mut().at = None;
+            let _ = stream.set_read_timeout(None);
+            Some(Greeting { stream, from, w, r, epoch, hello })
+        }
+        Ok((_, m)) => {
+            tracing::warn!("refused a connection from {from}: it sent {m:?} before a hello");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("refused a connection from {from}: {}", ErrorChain(&e));
+            None
+        }
+    }
+}
+
 /// After pairing: anyone else who connects is told so and dropped.
 fn refuse_latecomers(listener: TcpListener, epoch: u64, peer: String) {
     for stream in listener.incoming().flatten() {
@@ -676,7 +766,7 @@ impl SecondaryEnd {
         wire::write_message(&mut *self.writer.lock().unwrap(), self.epoch, &msg)
     }
 
-    fn receive_loop(self, mut r: BufReader<TcpStream>) {
+    fn receive_loop(self, mut r: BufReader<Deadline>) {
         loop {
             let (epoch, msg) = match wire::read_message(&mut r) {
                 Ok(m) => m,

@@ -599,3 +599,166 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     assert!(perr.contains("is not a lockstep pair endpoint"), "{perr}");
     assert_eq!(perr.lines().filter(|l| l.starts_with("lockstep: error")).count(), 1, "{perr}");
 }
+
+/// A side of a pair of the default guest's kernel and initramfs (no
+/// network, a scratch disk), on 127.0.0.1, for tests of pairing itself.
+fn local_side(role: &str, disk: &Path, addr: &str, metrics: u16, arbiter: &Path) -> Command {
+    let g = guest();
+    let mut c = Command::new(exe());
+    c.arg(role)
+        .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
+        .args(["--append", "console=ttyS0 quiet", "--disk", disk.to_str().unwrap(), "--mem", "128M"])
+        .args([if role == "primary" { "--peer" } else { "--listen" }, addr])
+        .args(["--arbiter", &format!("file:{}", arbiter.display())])
+        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
+/// A peer that opens a connection, sends `head`, then one byte every
+/// `every` (bounded: at most 60 bytes), holding the connection open.
+fn trickle(addr: &str, head: Vec<u8>, every: Duration) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::spawn(move || {
+        if s.write_all(&head).is_err() {
+            return;
+        }
+        for _ in 0..60 {
+            std::thread::sleep(every);
+            if s.write_all(b"x").is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The stderr of a finished child.
+fn stderr_of(child: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+    text
+}
+
+/// 11. Peers that trickle bytes hold up neither pairing nor the status
+///     endpoint: a connection that sends a valid preamble and then a
+///     message one byte every 2 s (which kept the secondary's only accept
+///     loop reading past the primary's 60 s wait for a welcome) is left to
+///     its own thread and deadline, and a status request trickled a byte a
+///     second does not stop `lockstep status` from being answered.
+#[test]
+fn trickling_peers_hold_up_neither_pairing_nor_the_status_endpoint() {
+    let _one = serial();
+    let dir = fresh_dir("pair-trickle");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![0u8; 1 << 20]).unwrap();
+    let addr = "127.0.0.1:47321";
+    let arbiter = dir.join("epoch");
+    let mut sec = local_side("secondary", &b, addr, 47431, &arbiter).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut head = ft::wire::MAGIC.to_vec();
+    head.extend_from_slice(&ft::wire::PROTOCOL_VERSION.to_le_bytes());
+    head.extend_from_slice(&1000u32.to_le_bytes()); // a 1000-byte message ...
+    head.extend_from_slice(&0u32.to_le_bytes()); // ... whose bytes come slowly
+    let _slow_peer = trickle(addr, head, Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pri = local_side("primary", &a, addr, 47432, &arbiter).spawn().unwrap();
+    // Paired: the primary's endpoint says protected.
+    let t = Instant::now();
+    let st = loop {
+        let out = Command::new(exe()).args(["status", "--json", "127.0.0.1:47432"]).output().unwrap();
+        if out.status.success() {
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if st["state"] == "protected" {
+                break st;
+            }
+        }
+        if let Some(s) = pri.try_wait().unwrap() {
+            panic!("the primary exited ({s}) before pairing: {}", stderr_of(&mut pri));
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "no pair formed");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(st["epoch"], 1, "{st}");
+    // A status request trickled a byte a second, then a real one.
+    let _slow_client = trickle("127.0.0.1:47432", b"GET /sta".to_vec(), Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new(exe()).args(["status", "--json", "127.0.0.1:47432"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for c in [&mut pri, &mut sec] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// 11. SIGTERM stops a side at any time: a secondary still waiting for its
+///     primary (it used to sit in accept until SIGKILL), and a paired
+///     primary, which lets the secondary go on with the VM (it used to end
+///     the VM on both sides).
+#[test]
+fn sigterm_stops_a_waiting_secondary_and_a_paired_primary_hands_over() {
+    use nix::sys::signal::{kill, Signal};
+    let _one = serial();
+    let dir = fresh_dir("pair-sigterm");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![0u8; 1 << 20]).unwrap();
+    let term = |c: &std::process::Child| kill(nix::unistd::Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
+    // Waiting, never paired.
+    let mut lone = local_side("secondary", &b, "127.0.0.1:47322", 47433, &dir.join("e1")).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    term(&lone);
+    let st = wait_exit(&mut lone, Duration::from_secs(10));
+    let said = stderr_of(&mut lone);
+    assert_eq!(st.code(), Some(2), "{said}");
+    assert!(said.contains("stopped before the pair formed"), "{said}");
+    // Paired: the primary goes, the VM goes on on the secondary.
+    let addr = "127.0.0.1:47323";
+    let arbiter = dir.join("e2");
+    let mut sec = local_side("secondary", &b, addr, 47434, &arbiter).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pri = local_side("primary", &a, addr, 47435, &arbiter).spawn().unwrap();
+    let t = Instant::now();
+    loop {
+        let out = Command::new(exe()).args(["status", "--json", "127.0.0.1:47435"]).output().unwrap();
+        if out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["state"] == "protected"
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "no pair formed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    term(&pri);
+    let st = wait_exit(&mut pri, Duration::from_secs(10));
+    let said = stderr_of(&mut pri);
+    assert_eq!(st.code(), Some(2), "{said}");
+    assert!(said.contains("stopped by a signal; the secondary goes on"), "{said}");
+    // The secondary takes over (epoch 2) and serves its status as alone.
+    let t = Instant::now();
+    loop {
+        let out = Command::new(exe()).args(["status", "--json", "127.0.0.1:47434"]).output().unwrap();
+        if out.status.success() {
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if st["state"] == "alone" {
+                assert_eq!(st["epoch"], 2, "{st}");
+                break;
+            }
+        }
+        if let Some(s) = sec.try_wait().unwrap() {
+            panic!("the secondary exited ({s}) instead of going on: {}", stderr_of(&mut sec));
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the secondary did not go on alone");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    term(&sec);
+    let st = wait_exit(&mut sec, Duration::from_secs(10));
+    let said = stderr_of(&mut sec);
+    assert_eq!(st.code(), Some(2), "{said}");
+    assert!(said.contains("going live at position") && said.contains("stopped by a signal"), "{said}");
+}

@@ -138,6 +138,27 @@ impl Tap {
         self.file.read(buf)
     }
 
+    /// Drop the frames queued for reading now (what arrived while nobody
+    /// read the tap); returns how many.
+    pub fn discard_queued(&mut self) -> std::io::Result<usize> {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut n = 0;
+        loop {
+            let mut pfd = libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll reads and writes exactly one pollfd, `pfd`, which
+            // lives across the call; a zero timeout never blocks.
+            let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if rc == 0 || pfd.revents & libc::POLLIN == 0 {
+                return Ok(n);
+            }
+            self.file.read(&mut buf)?;
+            n += 1;
+        }
+    }
+
     /// Send one frame.
     pub fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         let n = self.file.write(frame)?;

@@ -141,6 +141,11 @@ impl StdioConsole {
         n
     }
 
+    /// The flag a signal sets, for waits outside the run loop.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.signalled.clone()
+    }
+
     /// Did a signal end the run?
     pub fn signalled(&self) -> bool {
         self.signalled.load(Ordering::Relaxed)

@@ -3,40 +3,58 @@
 
 use anyhow::{Context, Result};
 use ft::Status;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub type StatusFn = Box<dyn Fn() -> Status + Send + Sync>;
 
-/// Serve the side's figures on `addr` from a thread of its own.
+/// How long one request may take to arrive, whole.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// The longest request head read (a request line and a few headers).
+const MAX_HEAD: u64 = 8 << 10;
+
+/// Serve the side's figures on `addr`: each connection on a thread of its
+/// own, with a deadline for the whole request and a bound on its size, so
+/// a client that trickles bytes or sends an endless line holds up nobody.
 pub fn serve(addr: &str, status: StatusFn) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
+    let status = std::sync::Arc::new(status);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let _ = answer(stream, &status);
+            let status = status.clone();
+            std::thread::spawn(move || answer(stream, &status));
         }
     });
     Ok(())
 }
 
 fn answer(mut stream: TcpStream, status: &StatusFn) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = String::new();
-    let mut reader = BufReader::new(stream.try_clone()?);
-    reader.read_line(&mut line)?;
-    // Read the rest of the request head: closing with unread bytes would
-    // reset the connection under the client's feet.
-    let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
-        header.clear();
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut head = Vec::new();
+    let mut reader = stream.try_clone()?.take(MAX_HEAD);
+    let mut buf = [0u8; 512];
+    // Read until the blank line that ends the head (closing with unread
+    // bytes would reset the connection under the client's feet).
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match reader.read(&mut buf)? {
+            0 => break,
+            n => head.extend_from_slice(&buf[..n]),
+        }
     }
-    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let text = String::from_utf8_lossy(&head);
+    let path = text.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("");
     let (code, kind, body) = match path {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", status().prometheus()),
         "/status" => ("200 OK", "application/json", serde_json::to_string(&status()).unwrap_or_default()),
         _ => ("404 Not Found", "text/plain", "try /metrics or /status\n".to_string()),
     };
+    stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
     write!(
         stream,
         "HTTP/1.0 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -102,7 +102,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         mac: vm.net.as_ref().map(|(_, mac)| *mac),
     };
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
-    let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg)?;
+    let stop = console.stop_flag();
+    let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, &|| {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+    })?;
     let shared = link.shared.clone();
     if let Some(addr) = &opts.metrics {
         crate::host::status::serve(addr, Box::new(status_fn(shared.clone(), Some(gate.clone()))))?;
@@ -117,6 +120,12 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         if fenced {
             print_final(&m);
             bail!("{}", shared.status().note);
+        }
+        if stop == Stop::Quit && console.signalled() {
+            // Told to stop: this side goes, the VM does not. No end record:
+            // the secondary sees the channel close and takes over.
+            print_final(&m);
+            bail!("stopped by a signal; the secondary goes on with the VM");
         }
         let end = m.hart.position().0;
         log.record(end, Event::End(end_reason(stop)));

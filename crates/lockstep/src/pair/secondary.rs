@@ -110,7 +110,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         built = Some((m, maker));
         Ok(())
     };
-    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check)?;
+    let stop = console.stop_flag();
+    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, &|| {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+    })?;
     let (m, maker) = built.take().context("paired without a machine")?;
     let live_position = Arc::new(AtomicU64::new(0));
     if let Some(addr) = &opts.metrics {
@@ -150,7 +153,9 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             Phase::Claiming(why) => {
                 let pos = replayer.machine().hart.position().0;
                 tracing::info!(
-                    "lost the primary: {why}; replayed its log to position {pos}; asking the arbiter ({})",
+                    "lost the primary: {why}; replayed its log to position {pos} (its last mark: {}); asking the \
+                     arbiter ({})",
+                    replayer.last_mark(),
                     arbiter.describe()
                 );
                 match replayer.source().0.claim() {
@@ -193,8 +198,15 @@ fn go_live(
         tracing::info!("dropped {typed} console bytes typed before going live");
     }
     m.resync_clock();
-    if let (Some(t), Some((_, mac))) = (tap, &vm.net) {
+    if let (Some(mut t), Some((_, mac))) = (tap, &vm.net) {
         let name = t.name().to_string();
+        // Frames that reached this tap while the primary served the guest
+        // were the primary's to answer (or are resent by their senders).
+        match t.discard_queued() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("dropped {n} frames queued on tap '{name}' before going live"),
+            Err(e) => tracing::warn!("cannot drain tap '{name}': {e}"),
+        }
         let announcer = t.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
         console.add_tap(t).with_context(|| format!("cannot read tap '{name}'"))?;
         announce::spawn(announcer, *mac, addresses.clone());

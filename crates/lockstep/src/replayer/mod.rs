@@ -219,6 +219,12 @@ impl<S: Source> Replayer<S> {
         self.base + self.machine.hart.position().0
     }
 
+    /// The last mark received, in this boot's positions: every record
+    /// before it has been fetched.
+    pub fn last_mark(&self) -> u64 {
+        self.through.saturating_sub(self.base)
+    }
+
     /// Frames the guest sent (not delivered).
     pub fn frames_out(&self) -> u64 {
         self.io.frames_out
@@ -263,12 +269,14 @@ impl<S: Source> Replayer<S> {
     pub fn step(&mut self, wait: Duration) -> Result<Step, ReplayError> {
         self.pull(Duration::ZERO)?;
         let pos = self.machine.hart.position().0;
-        let target = match self.pending.front() {
-            Some(r) => r.position,
-            None => match &self.closed {
-                Some(why) => return Ok(Step::Exhausted(why.clone())),
-                None => self.through.saturating_sub(self.base),
-            },
+        // With no record ahead, the machine runs to the last mark, also
+        // after the source closed: the primary's execution to there had no
+        // further input, and output it released from that stretch must be
+        // produced here under the same rules before this side goes live.
+        let target = match (self.pending.front(), &self.closed) {
+            (Some(r), _) => r.position,
+            (None, Some(why)) if pos >= self.last_mark() => return Ok(Step::Exhausted(why.clone())),
+            (None, _) => self.last_mark(),
         };
         if pos < target {
             let r = self.run_to(target.min(pos + SLICE))?;
@@ -279,6 +287,10 @@ impl<S: Source> Replayer<S> {
             match r {
                 RunTo::Reached => return Ok(Step::Progress),
                 RunTo::Idle if self.pending.is_empty() => {
+                    if let Some(why) = &self.closed {
+                        // As far as the log goes: time from here on is live.
+                        return Ok(Step::Exhausted(why.clone()));
+                    }
                     // Waiting for the log as the guest waits for time.
                     self.pull(wait)?;
                     return Ok(Step::NeedMore);
