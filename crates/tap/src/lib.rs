@@ -154,7 +154,8 @@ impl Tap {
             if rc == 0 || pfd.revents & libc::POLLIN == 0 {
                 return Ok(n);
             }
-            self.file.read(&mut buf)?;
+            // One read takes one whole frame, whatever its length.
+            let _frame_len = self.file.read(&mut buf)?;
             n += 1;
         }
     }
