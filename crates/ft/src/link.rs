@@ -221,7 +221,7 @@ impl PrimaryLink {
         let _ = stream.set_read_timeout(None);
         let shared = Shared::new("primary", epoch);
         note!(shared, info, "paired with the secondary at {peer}, epoch {epoch}: the VM is protected");
-        let heard = Arc::new(Mutex::new(Instant::now()));
+        let heard = Arc::new(Lease::new(cfg.timeout));
         let lost = Arc::new(AtomicBool::new(false));
         let ctx = Lost {
             shared: shared.clone(),
@@ -238,7 +238,7 @@ impl PrimaryLink {
         }
         {
             let ctx = ctx.clone();
-            std::thread::spawn(move || ack_loop(r, ctx, heard, cfg.timeout, epoch));
+            std::thread::spawn(move || ack_loop(r, ctx, heard, epoch));
         }
         Ok(PrimaryLink {
             shared,
@@ -440,11 +440,11 @@ impl Lost {
 /// written nothing for a heartbeat interval (skipping a beat rather than
 /// waiting if the run loop is writing), and watches for silence from the
 /// secondary.
-fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Mutex<Instant>>, cfg: PairConfig, epoch: u64) {
+fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, cfg: PairConfig, epoch: u64) {
     let mut missed_at = Instant::now();
     while !ctx.lost.load(Ordering::SeqCst) {
         std::thread::sleep(cfg.heartbeat);
-        let silent = heard.lock().unwrap().elapsed();
+        let silent = heard.silence();
         if silent >= cfg.timeout {
             return ctx.peer_lost(format!("no word from it for {} ms", silent.as_millis()));
         }
@@ -467,26 +467,51 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Mutex<Ins
     }
 }
 
-/// The primary's receiver: acks release output, but only while the lease
-/// holds. An ack that arrives after `timeout` of silence (this side was
-/// paused, or the secondary was) releases nothing: the secondary may have
-/// taken over meanwhile, and output from here would pull the guest's
-/// address back to a dead port. Such a side must win arbitration first.
-fn ack_loop(mut r: BufReader<TcpStream>, ctx: Lost, heard: Arc<Mutex<Instant>>, timeout: Duration, epoch: u64) {
+/// The primary's right to release output: it holds while the secondary
+/// was heard within the timeout (monotonic clock), and once it has lapsed
+/// nothing renews it. A side that was paused (SIGSTOP, a stalled host)
+/// finds acks that waited in its socket when it resumes; acting on them
+/// would release frames after the secondary may have taken over, pulling
+/// the guest's address back to a dead port. Such a side must win
+/// arbitration first.
+pub struct Lease {
+    heard: Mutex<Instant>,
+    timeout: Duration,
+}
+
+impl Lease {
+    pub fn new(timeout: Duration) -> Lease {
+        Lease { heard: Mutex::new(Instant::now()), timeout }
+    }
+
+    /// How long the peer has been silent.
+    pub fn silence(&self) -> Duration {
+        self.heard.lock().unwrap().elapsed()
+    }
+
+    /// Word from the peer arrived: renew, unless the lease has lapsed
+    /// (then the silence before it, and the lease stays lapsed).
+    pub fn renew(&self) -> Result<(), Duration> {
+        let mut heard = self.heard.lock().unwrap();
+        let silent = heard.elapsed();
+        if silent >= self.timeout {
+            return Err(silent);
+        }
+        *heard = Instant::now();
+        Ok(())
+    }
+}
+
+/// The primary's receiver: acks release output while the [`Lease`] holds.
+fn ack_loop(mut r: BufReader<TcpStream>, ctx: Lost, lease: Arc<Lease>, epoch: u64) {
     loop {
         match wire::read_message(&mut r) {
             Ok((e, Message::Ack { received, executed })) if e == epoch => {
-                {
-                    let mut heard = heard.lock().unwrap();
-                    let silent = heard.elapsed();
-                    if silent >= timeout {
-                        drop(heard);
-                        return ctx.peer_lost(format!(
-                            "no word from it for {} ms (its late acknowledgements release nothing)",
-                            silent.as_millis()
-                        ));
-                    }
-                    *heard = Instant::now();
+                if let Err(silent) = lease.renew() {
+                    return ctx.peer_lost(format!(
+                        "no word from it for {} ms (its late acknowledgements release nothing)",
+                        silent.as_millis()
+                    ));
                 }
                 ctx.gate.acknowledge(received);
                 ctx.shared.update(|s| {
@@ -833,5 +858,21 @@ impl SecondaryEnd {
                 return self.lose(format!("cannot send a heartbeat: {e}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lapsed_lease_is_never_renewed() {
+        let lease = Lease::new(Duration::from_millis(30));
+        assert_eq!(lease.renew(), Ok(()));
+        std::thread::sleep(Duration::from_millis(40));
+        // The pause outlasted the timeout: the ack that arrives now, and
+        // every one after it, releases nothing.
+        assert!(lease.renew().unwrap_err() >= Duration::from_millis(30));
+        assert!(lease.renew().is_err());
     }
 }

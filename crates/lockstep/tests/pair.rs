@@ -252,9 +252,19 @@ fn hang_and_resume(hung: &str, tag: &str, net_id: u8) {
     kill(pid, Signal::SIGSTOP).unwrap();
     pair.wait_for(&format!("{other}.err"), goes_on(other), Duration::from_secs(30)).unwrap();
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
+    // Frames the hung side puts on its tap (the tap's receive counter).
+    let ns = if hung == "primary" { &net.primary } else { &net.secondary };
+    let frames_in = || {
+        let out = exec(ns, "cat").arg("/sys/class/net/tap0/statistics/rx_packets").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap()
+    };
+    let before = frames_in();
     kill(pid, Signal::SIGCONT).unwrap();
     let status =
         wait_exit(if hung == "primary" { &mut pair.primary } else { &mut pair.secondary }, Duration::from_secs(30));
+    // The lease: resumed after the takeover, it let nothing out (the acks
+    // that waited in its socket release nothing after the silence).
+    assert_eq!(frames_in(), before, "the resumed {hung} sent frames from the guest's MAC: {}", pair.tails());
     assert_eq!(status.code(), Some(2));
     let said = pair.text(&format!("{hung}.err"));
     assert!(said.contains(&format!("lost arbitration: epoch 2 belongs to '{other}@")), "{said}");
@@ -264,7 +274,8 @@ fn hang_and_resume(hung: &str, tag: &str, net_id: u8) {
     eprintln!("{} writes, longest pause {:?}", w.acked, w.max_gap);
 }
 
-/// A primary that hangs is taken over; resumed, it releases nothing and stops.
+/// 14.2 A primary that hangs is taken over; resumed, it releases nothing
+/// (its tap receives no frame) and stops.
 #[test]
 fn a_hung_primary_that_resumes_after_the_takeover_stops_itself() {
     let _one = serial();
@@ -761,4 +772,40 @@ fn sigterm_stops_a_waiting_secondary_and_a_paired_primary_hands_over() {
     let said = stderr_of(&mut sec);
     assert_eq!(st.code(), Some(2), "{said}");
     assert!(said.contains("going live at position") && said.contains("stopped by a signal"), "{said}");
+}
+
+/// 14.1 The go-live point: a secondary that lags (paused 1.5 s while the
+///      primary runs on; `--max-lag` and `--timeout-ms` large enough that
+///      the primary neither waits for it nor gives it up) is killed under.
+///      It replays to the last mark it received, not only to its last
+///      record (the primary may have released output from that stretch),
+///      and goes live exactly there.
+#[test]
+fn a_lagging_secondary_goes_live_at_its_last_mark() {
+    use nix::sys::signal::{kill, Signal};
+    let _one = serial();
+    let (net, mut pair, _dir) = start("lag", 70, &["--max-lag", "100000000000", "--timeout-ms", "5000"]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair).unwrap();
+    let sec = nix::unistd::Pid::from_raw(pair.secondary.id() as i32);
+    kill(sec, Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(sec, Signal::SIGCONT).unwrap();
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    client.advance(30, Duration::from_secs(60), &pair).unwrap();
+    let w = client.finish(&pair).unwrap();
+    let s = pair.text("secondary.err");
+    let number_after = |key: &str| -> u64 {
+        let i = s.find(key).unwrap_or_else(|| panic!("no {key:?} in: {s}")) + key.len();
+        s[i..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
+    };
+    let (replayed, mark, live) = (
+        number_after("replayed its log to position "),
+        number_after("its last mark: "),
+        number_after("going live at position "),
+    );
+    eprintln!("replayed to {replayed}, last mark {mark}, live at {live}; {} writes", w.acked);
+    assert_eq!(replayed, mark, "{s}");
+    assert_eq!(live, mark, "{s}");
 }
