@@ -15,7 +15,13 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     lockstep::host::log::init();
-    match cli::execute(cli) {
+    let result = cli::execute(cli);
+    lockstep::host::output::flush();
+    let dropped = lockstep::host::output::dropped();
+    if dropped > 0 {
+        tracing::warn!("{dropped} bytes of console output were dropped (stdout did not keep up)");
+    }
+    match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::GuestFailure) => ExitCode::from(1),
         Err(e) => {

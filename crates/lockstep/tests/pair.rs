@@ -809,3 +809,28 @@ fn a_lagging_secondary_goes_live_at_its_last_mark() {
     assert_eq!(replayed, mark, "{s}");
     assert_eq!(live, mark, "{s}");
 }
+
+/// 14.9 Console output is output: what the guest writes on the primary's
+///      console waits for the secondary's acknowledgement like a frame.
+///      With the secondary paused (and limits that let the primary run on
+///      without it), a command typed on the primary runs, but its output
+///      appears only once the secondary has the log again.
+#[test]
+fn console_output_waits_for_the_secondary_like_frames() {
+    use nix::sys::signal::{kill, Signal};
+    let _one = serial();
+    let (net, mut pair, _dir) = start("console", 71, &["--max-lag", "100000000000", "--timeout-ms", "10000"]);
+    let client = Client::start(&net);
+    client.advance(10, BOOT, &pair).unwrap();
+    let sec = nix::unistd::Pid::from_raw(pair.secondary.id() as i32);
+    kill(sec, Signal::SIGSTOP).unwrap();
+    // The marker is built by the shell, so the echoed command never matches.
+    type_line(&mut pair.primary, "echo gated-$((6*7))").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let held = pair.text("primary.out");
+    kill(sec, Signal::SIGCONT).unwrap();
+    assert!(!held.contains("gated-42"), "the primary's console showed output the secondary did not have");
+    pair.wait_for("primary.out", "gated-42", Duration::from_secs(30)).unwrap();
+    client.advance(10, Duration::from_secs(60), &pair).unwrap();
+    client.finish(&pair).unwrap();
+}

@@ -8,7 +8,7 @@
 
 use machine::{HostInput, HostIo};
 use nix::sys::termios::{self, SetArg, Termios};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -177,16 +177,14 @@ impl StdioConsole {
 
 impl Drop for StdioConsole {
     fn drop(&mut self) {
-        let _ = std::io::stdout().flush();
+        crate::host::output::flush();
         restore_terminal();
     }
 }
 
 impl HostIo for StdioConsole {
     fn console_write(&mut self, bytes: &[u8]) {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
+        crate::host::output::write(bytes);
     }
 
     fn send_frame(&mut self, nic: usize, frame: &[u8]) {

@@ -6,7 +6,6 @@
 //! While the terminal is raw (a guest console), every line ends in `\r\n`.
 
 use std::fmt;
-use std::io::Write;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -25,13 +24,13 @@ pub fn line_end() -> &'static str {
 /// A result line (not a diagnostic): printed whatever `RUST_LOG` says,
 /// after the guest's output so far.
 pub fn report(line: &str) {
-    let _ = std::io::stdout().flush();
+    crate::host::output::flush();
     eprint!("{line}{}", line_end());
 }
 
 /// The one line a failed command ends with.
 pub fn error_line(msg: &str) {
-    let _ = std::io::stdout().flush();
+    crate::host::output::flush();
     eprint!("lockstep: error: {msg}{}", line_end());
 }
 
@@ -62,8 +61,8 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| {
-            // The guest's console output so far comes first.
-            let _ = std::io::stdout().flush();
+            // Ahead of the guest's console output still queued: a
+            // diagnostic must not wait for stdout.
             std::io::stderr()
         })
         .event_format(Lines)

@@ -4,4 +4,5 @@
 pub mod console;
 pub mod entropy;
 pub mod log;
+pub mod output;
 pub mod status;

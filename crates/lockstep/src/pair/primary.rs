@@ -30,13 +30,16 @@ struct PrimaryIo<'a> {
     console: &'a mut StdioConsole,
     log: &'a mut InputLog<PrimaryLink>,
     print_hashes: bool,
+    /// The gate's sink number of the console (after the network cards').
+    console_nic: usize,
     /// The pair's policy stopped this side (lost arbitration).
     fenced: bool,
 }
 
 impl HostIo for PrimaryIo<'_> {
     fn console_write(&mut self, bytes: &[u8]) {
-        self.console.console_write(bytes);
+        // Console output is output: it waits in the gate like frames.
+        self.log.sink.output(self.console_nic, bytes);
     }
     fn wait(&mut self, timeout: Duration) -> HostInput {
         if self.log.sink.state() == State::Stopped {
@@ -88,6 +91,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         sinks.push(Box::new(tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?));
         console.add_tap(tap).with_context(|| format!("cannot read tap '{name}'"))?;
     }
+    let console_nic = sinks.len();
+    sinks.push(Box::new(crate::host::output::GatedConsole));
     let gate = Arc::new(OutputGate::new(sinks));
     let seed = host_seed()?;
     // The machine exists before the link (its state hash is in the hello):
@@ -113,8 +118,13 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let mut log = InputLog::with_draws(link, draws);
     log.record(0, Event::Seed(seed));
     loop {
-        let mut io =
-            PrimaryIo { console: &mut console, log: &mut log, print_hashes: opts.hash_every.is_some(), fenced: false };
+        let mut io = PrimaryIo {
+            console: &mut console,
+            log: &mut log,
+            print_hashes: opts.hash_every.is_some(),
+            console_nic,
+            fenced: false,
+        };
         let stop = m.run_linux(&mut io, opts.max_insns)?;
         let fenced = io.fenced;
         if fenced {

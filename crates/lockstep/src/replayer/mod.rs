@@ -122,10 +122,7 @@ struct ReplayIo {
 
 impl HostIo for ReplayIo {
     fn console_write(&mut self, bytes: &[u8]) {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
+        crate::host::output::write(bytes);
     }
     fn wait(&mut self, _: Duration) -> HostInput {
         HostInput::Nothing
