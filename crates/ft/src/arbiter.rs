@@ -89,6 +89,8 @@ pub trait Arbiter: Send + Sync {
     /// If the current epoch is `expected` (0: none yet), make it
     /// `expected + 1`, owned by `owner`.
     fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError>;
+    /// Do sides on two hosts see the same arbiter? (A file is one host's.)
+    fn shared_across_hosts(&self) -> bool;
 }
 
 /// Parse an arbiter spec: `file:PATH` or `etcd:http://HOST:PORT`.
@@ -146,6 +148,10 @@ impl Arbiter for FileArbiter {
 
     fn read(&self) -> Result<Option<Holder>, ArbiterError> {
         self.read_unlocked()
+    }
+
+    fn shared_across_hosts(&self) -> bool {
+        false
     }
 
     fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError> {
@@ -252,6 +258,10 @@ impl Arbiter for EtcdArbiter {
         Ok(self.range()?.map(|(h, _)| h))
     }
 
+    fn shared_across_hosts(&self) -> bool {
+        true
+    }
+
     fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError> {
         let current = self.range()?;
         let epoch = current.as_ref().map_or(0, |(h, _)| h.epoch);
@@ -270,7 +280,16 @@ impl Arbiter for EtcdArbiter {
             "compare": [compare],
             "success": [{"request_put": {"key": key, "value": Self::b64(&serde_json::to_vec(&next).unwrap())}}],
         });
-        let v = self.post("/v3/kv/txn", txn)?;
+        let v = match self.post("/v3/kv/txn", txn) {
+            Ok(v) => v,
+            // The transaction may have committed with its reply lost: if the
+            // key now names this side at the next epoch, the claim is won
+            // (no other side writes this owner's name).
+            Err(e) => match self.read() {
+                Ok(Some(h)) if h == next => return Ok(Claim::Won(next.epoch)),
+                _ => return Err(e),
+            },
+        };
         let r: TxnResponse = serde_json::from_value(v).map_err(|e| self.corrupt(e.into()))?;
         if r.succeeded {
             Ok(Claim::Won(next.epoch))
@@ -348,5 +367,70 @@ mod tests {
         assert_eq!(e.to_string(), "arbiter etcd http://127.0.0.1:9 key /lockstep/t/epoch is unreachable");
         let why = std::error::Error::source(&e).unwrap().to_string();
         assert!(std::error::Error::source(&e).unwrap().source().is_none(), "ureq's cause is in its text: {why}");
+    }
+
+    /// A stand-in for etcd's JSON gateway that commits every transaction
+    /// but (while `drop_txn_replies`) closes the connection instead of
+    /// answering it, as a network that loses the reply would.
+    fn lossy_etcd(drop_txn_replies: bool) -> String {
+        use std::io::{BufRead, BufReader, Read};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let mut stored: Option<(String, u64)> = None;
+            for stream in listener.incoming().flatten().take(16) {
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let mut len = 0;
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; len];
+                r.read_exact(&mut body).unwrap();
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let answer = if line.contains("/v3/kv/txn") {
+                    let value = req["success"][0]["request_put"]["value"].as_str().unwrap().to_string();
+                    let rev = stored.as_ref().map_or(1, |(_, r)| r + 1);
+                    stored = Some((value, rev));
+                    if drop_txn_replies {
+                        continue; // committed; the reply is lost
+                    }
+                    serde_json::json!({"succeeded": true})
+                } else {
+                    match &stored {
+                        Some((v, rev)) => serde_json::json!({"kvs": [{"value": v, "mod_revision": rev.to_string()}]}),
+                        None => serde_json::json!({}),
+                    }
+                };
+                let body = answer.to_string();
+                let mut w = stream;
+                let _ =
+                    write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            }
+        });
+        url
+    }
+
+    /// 14.3 A compare-and-swap that committed but whose reply was lost is
+    /// a win when the key names this side (it used to be "unreachable",
+    /// and the side then never went on although it held the epoch).
+    #[test]
+    fn an_etcd_claim_whose_reply_was_lost_is_won_if_the_key_names_this_side() {
+        let a = EtcdArbiter::new(&lossy_etcd(true), "/lockstep/t/epoch");
+        assert_eq!(a.claim(0, "secondary@b:1").unwrap(), Claim::Won(1));
+        assert_eq!(a.read().unwrap(), Some(Holder { epoch: 1, owner: "secondary@b:1".into() }));
+        // Another side's claim from the same epoch finds it taken.
+        let b = EtcdArbiter::new(&lossy_etcd(false), "/lockstep/t/epoch");
+        assert_eq!(b.claim(0, "x").unwrap(), Claim::Won(1));
+        assert_eq!(b.claim(0, "y").unwrap(), Claim::Lost(Holder { epoch: 1, owner: "x".into() }));
+        assert!(a.shared_across_hosts() && !FileArbiter::new(tmp("kind")).shared_across_hosts());
     }
 }

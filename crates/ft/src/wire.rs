@@ -37,6 +37,14 @@ pub struct Hello {
     pub state_hash: u64,
     /// The guest's MAC address: the secondary's card takes the same one.
     pub mac: Option<[u8; 6]>,
+    /// The primary's host (its machine id): a pair across hosts needs an
+    /// arbiter both hosts share.
+    #[serde(default)]
+    pub host: String,
+    /// Whether the primary's arbiter is one that sides on two hosts share
+    /// (etcd), not a file on one host.
+    #[serde(default)]
+    pub shared_arbiter: bool,
 }
 
 /// One message on the log channel.
@@ -236,6 +244,8 @@ mod tests {
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello(Hello {
+                host: "h".into(),
+                shared_arbiter: true,
                 vm_id: "v".into(),
                 disk_hash: Some("d".into()),
                 seed: [7; 32],

@@ -567,7 +567,15 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     // A hello for an epoch the arbiter never gave.
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     ft::wire::write_preamble(&mut s).unwrap();
-    let hello = ft::wire::Hello { vm_id: "x".into(), disk_hash: None, seed: [0; 32], state_hash: 0, mac: None };
+    let hello = ft::wire::Hello {
+        vm_id: "x".into(),
+        disk_hash: None,
+        seed: [0; 32],
+        state_hash: 0,
+        mac: None,
+        host: "h".into(),
+        shared_arbiter: false,
+    };
     ft::wire::write_message(&mut s, 7, &ft::wire::Message::Hello(hello)).unwrap();
     let mut r = std::io::BufReader::new(s);
     ft::wire::read_preamble(&mut r).unwrap();
@@ -594,6 +602,19 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     let out = side("primary", &a, "console=ttyS0", addr, 47414).output().unwrap();
     let perr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(perr.contains("the disk replicas differ (primary "), "{perr}");
+    assert_eq!(wait_exit(&mut sec, Duration::from_secs(30)).code(), Some(2));
+    // 14.3 Two hosts and a file arbiter: each host would win its own file.
+    let addr = "127.0.0.1:47313";
+    let mut sec = side("secondary", &a, "console=ttyS0", addr, 47416)
+        .env("LOCKSTEP_HOST_ID", "host-b")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = side("primary", &a, "console=ttyS0", addr, 47417).env("LOCKSTEP_HOST_ID", "host-a").output().unwrap();
+    let perr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{perr}");
+    assert!(perr.contains("the sides run on different hosts ('host-a' and 'host-b')"), "{perr}");
+    assert!(perr.contains("needs a shared arbiter (--arbiter etcd:URL)"), "{perr}");
     assert_eq!(wait_exit(&mut sec, Duration::from_secs(30)).code(), Some(2));
     // A primary whose peer is not a lockstep secondary.
     let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -3,6 +3,7 @@
 
 pub mod console;
 pub mod entropy;
+pub mod identity;
 pub mod log;
 pub mod output;
 pub mod status;

@@ -27,7 +27,7 @@ pub struct PairOpts {
     /// Primary: the secondary's address. Secondary: the address to listen on.
     pub addr: String,
     /// `file:PATH` or `etcd:http://HOST:PORT` (default: a file for this VM
-    /// in the temp directory, for pairs on one host).
+    /// in the state directory, for pairs on one host).
     pub arbiter: Option<String>,
     pub cfg: PairConfig,
     /// Serve `/metrics` and `/status` here.
@@ -39,7 +39,7 @@ pub struct PairOpts {
 fn arbiter_for(opts: &PairOpts, vm_id: &str) -> Result<Arc<dyn Arbiter>> {
     let spec = match &opts.arbiter {
         Some(s) => s.clone(),
-        None => format!("file:{}", std::env::temp_dir().join(format!("lockstep-{vm_id}.epoch")).display()),
+        None => format!("file:{}", crate::host::identity::state_dir().join(format!("{vm_id}.epoch")).display()),
     };
     Ok(Arc::from(ft::arbiter::from_spec(&spec, vm_id)?))
 }

@@ -105,6 +105,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         seed,
         state_hash: m.state_hash(),
         mac: vm.net.as_ref().map(|(_, mac)| *mac),
+        host: crate::host::identity::host_id(),
+        shared_arbiter: arbiter.shared_across_hosts(),
     };
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = console.stop_flag();

@@ -79,7 +79,17 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let mut vm = vm.clone();
     let mut built: Option<(Machine, MachineMaker)> = None;
     tracing::info!("secondary: listening on {} (arbiter {})", opts.addr, arbiter.describe());
+    let host = crate::host::identity::host_id();
+    let shared_arbiter = arbiter.shared_across_hosts();
     let mut check = |h: &Hello| -> Result<(), String> {
+        // A file arbiter is one host's: two hosts would each win their own.
+        if h.host != host && !(shared_arbiter && h.shared_arbiter) {
+            return Err(format!(
+                "the sides run on different hosts ('{}' and '{host}'); a pair across hosts needs a shared arbiter \
+                 (--arbiter etcd:URL)",
+                h.host
+            ));
+        }
         if h.vm_id != vm_id {
             return Err(format!(
                 "the primary runs another VM (identity {}, this secondary's is {vm_id}: kernel, initrd, command line, \

@@ -82,7 +82,8 @@ pub struct PairSpec {
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
     /// Who decides which side goes on alone: `file:PATH` (pairs on one
-    /// host; default: a file for this VM in the temp directory) or
+    /// host; default: a file for this VM in the state directory,
+    /// `/var/lib/lockstep` for root) or
     /// `etcd:http://HOST:PORT`.
     #[arg(long, value_name = "SPEC")]
     pub arbiter: Option<String>,
