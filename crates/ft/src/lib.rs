@@ -111,6 +111,10 @@ pub struct Status {
     pub throttled_ms: u64,
     /// The last thing that happened to the pair, in words.
     pub note: String,
+    /// The arbiter answered its last check (checked every few seconds
+    /// while the pair runs: a pair whose arbiter is down cannot fail over).
+    #[serde(default)]
+    pub arbiter_up: bool,
 }
 
 impl Status {
@@ -128,6 +132,7 @@ impl Status {
         };
         let (gauge, counter) = ("gauge", "counter");
         metric("protected", gauge, "1 if the VM has a working secondary", (self.protected as u8).to_string());
+        metric("arbiter_up", gauge, "1 if the arbiter answered its last check", (self.arbiter_up as u8).to_string());
         metric("epoch", gauge, "arbiter epoch this side runs at", self.epoch.to_string());
         metric("position", gauge, "executed position", self.position.to_string());
         metric("peer_position", gauge, "peer position (see lockstep status)", self.peer_position.to_string());

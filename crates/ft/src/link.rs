@@ -152,8 +152,9 @@ pub struct PrimaryLink {
 /// Records are written at least this often while the guest runs (the
 /// secondary cannot run past the last mark).
 const MARK_EVERY: Duration = Duration::from_millis(2);
-/// ... or when this many bytes of records are waiting.
-const FLUSH_BYTES: usize = 64 << 10;
+/// ... or when this many bytes of records are waiting (small enough that a
+/// mark follows soon on a slow link).
+const FLUSH_BYTES: usize = 16 << 10;
 
 fn record_size(r: &Record) -> usize {
     16 + match &r.event {
@@ -221,6 +222,7 @@ impl PrimaryLink {
         let _ = stream.set_read_timeout(None);
         let shared = Shared::new("primary", epoch);
         note!(shared, info, "paired with the secondary at {peer}, epoch {epoch}: the VM is protected");
+        watch_arbiter(arbiter.clone(), shared.clone());
         let heard = Arc::new(Lease::new(cfg.timeout));
         let lost = Arc::new(AtomicBool::new(false));
         let ctx = Lost {
@@ -618,10 +620,13 @@ impl SecondaryLink {
             let _ = stream.set_read_timeout(None);
             let shared = Shared::new("secondary", epoch);
             note!(shared, info, "paired with the primary at {from}, epoch {epoch}: replaying its log");
+            watch_arbiter(arbiter.clone(), shared.clone());
             let (tx, rx) = mpsc::channel();
             let executed = Arc::new(AtomicU64::new(0));
             let received = Arc::new(AtomicU64::new(0));
             let heard = Arc::new(Mutex::new(Instant::now()));
+            let mut r = r;
+            r.get_mut().heard = Some(heard.clone());
             let lost = Arc::new(AtomicBool::new(false));
             let writer = Arc::new(Mutex::new(w));
             let end = SecondaryEnd {
@@ -687,6 +692,35 @@ impl SecondaryLink {
     }
 }
 
+/// How often a paired side checks that its arbiter answers.
+const ARBITER_CHECK: Duration = Duration::from_secs(2);
+
+/// Check the arbiter every [`ARBITER_CHECK`] while the side runs, so a
+/// healthy pair whose arbiter is down says so (`arbiter_up`, a warning)
+/// before it needs it.
+fn watch_arbiter(arbiter: Arc<dyn Arbiter>, shared: Arc<Shared>) {
+    shared.update(|s| s.arbiter_up = true);
+    std::thread::spawn(move || {
+        let mut up = true;
+        while shared.state() != State::Stopped {
+            std::thread::sleep(ARBITER_CHECK);
+            match arbiter.read() {
+                Ok(_) if !up => {
+                    up = true;
+                    tracing::info!("arbiter {} answers again", arbiter.describe());
+                }
+                Ok(_) => {}
+                Err(e) if up => {
+                    up = false;
+                    tracing::warn!("{}: the pair cannot fail over until it is back", ErrorChain(&e));
+                }
+                Err(_) => {}
+            }
+            shared.update(|s| s.arbiter_up = up);
+        }
+    });
+}
+
 /// How long a connecting peer has to send its preamble and hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the accept loop looks for connections, hellos and `stop`.
@@ -703,10 +737,14 @@ struct Greeting {
 }
 
 /// Reads that fail once a deadline has passed, however slowly the peer
-/// trickles bytes (a read timeout alone restarts with every byte).
+/// trickles bytes (a read timeout alone restarts with every byte); once
+/// paired, every read that brings bytes stamps `heard`, so a large batch
+/// crawling over a slow link counts as word from the peer while it comes
+/// (the peer is silent only when nothing arrives).
 struct Deadline {
     stream: TcpStream,
     at: Option<Instant>,
+    heard: Option<Arc<Mutex<Instant>>>,
 }
 
 impl std::io::Read for Deadline {
@@ -718,7 +756,11 @@ impl std::io::Read for Deadline {
             }
             self.stream.set_read_timeout(Some(left))?;
         }
-        self.stream.read(buf)
+        let n = self.stream.read(buf)?;
+        if let (Some(heard), true) = (&self.heard, n > 0) {
+            *heard.lock().unwrap() = Instant::now();
+        }
+        Ok(n)
     }
 }
 
@@ -728,7 +770,7 @@ fn greet(stream: TcpStream, from: String) -> Option<Greeting> {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let (Ok(mut w), Ok(r)) = (stream.try_clone(), stream.try_clone()) else { return None };
-    let mut r = BufReader::new(Deadline { stream: r, at: Some(Instant::now() + HELLO_DEADLINE) });
+    let mut r = BufReader::new(Deadline { stream: r, at: Some(Instant::now() + HELLO_DEADLINE), heard: None });
     let hello = wire::write_preamble(&mut w)
         .map_err(WireError::from)
         .and_then(|_| wire::read_preamble(&mut r))

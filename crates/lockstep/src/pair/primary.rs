@@ -36,6 +36,29 @@ struct PrimaryIo<'a> {
     fenced: bool,
 }
 
+/// Output items (frames, console chunks) the gate may hold before the
+/// guest is paused: with nobody to acknowledge them (the secondary lost,
+/// the arbiter down) a running guest would grow the gate without bound.
+const MAX_HELD: usize = 4096;
+
+impl PrimaryIo<'_> {
+    /// Pause the guest while the gate holds more than [`MAX_HELD`], until
+    /// half of it is released, the pair's fate is decided, or a signal.
+    fn bound_hold(&mut self) {
+        let gate = &self.log.sink.gate;
+        if gate.held() <= MAX_HELD {
+            return;
+        }
+        tracing::warn!(
+            "{} output items wait for an acknowledgement: the guest pauses until they can leave",
+            gate.held()
+        );
+        while gate.held() > MAX_HELD / 2 && self.log.sink.state() != State::Stopped && !self.console.signalled() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 impl HostIo for PrimaryIo<'_> {
     fn console_write(&mut self, bytes: &[u8]) {
         // Console output is output: it waits in the gate like frames.
@@ -49,6 +72,7 @@ impl HostIo for PrimaryIo<'_> {
         if timeout.is_zero() {
             self.log.sink.throttle();
         }
+        self.bound_hold();
         self.console.wait(timeout)
     }
     fn progress(&mut self, pos: u64) {
