@@ -49,6 +49,19 @@ impl Pair {
     /// Start secondary, then primary, of the guest `g` on `net`, with
     /// `lockstep` binary `exe`; `extra` flags go to both sides.
     pub fn start(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path, extra: &[&str]) -> Result<Pair> {
+        Pair::start_with_env(exe, g, net, dir, extra, &[])
+    }
+
+    /// As [`Pair::start`], with environment variables for the primary only
+    /// (e.g. a `LOCKSTEP_FAILPOINT`).
+    pub fn start_with_env(
+        exe: &Path,
+        g: &GuestPaths,
+        net: &PairNet,
+        dir: &Path,
+        extra: &[&str],
+        primary_env: &[(&str, &str)],
+    ) -> Result<Pair> {
         let (pdisk, sdisk) = replicas(&g.disk, dir)?;
         let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
         let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
@@ -65,6 +78,9 @@ impl Pair {
                 .stderr(std::fs::File::create(dir.join(format!("{role}.err")))?);
             if !extra.contains(&"--arbiter") {
                 c.args(["--arbiter", &arbiter]);
+            }
+            if role == "primary" {
+                c.envs(primary_env.iter().copied());
             }
             c.spawn().with_context(|| format!("cannot start the {role}"))
         };

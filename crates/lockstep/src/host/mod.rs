@@ -3,6 +3,7 @@
 
 pub mod console;
 pub mod entropy;
+pub mod failpoint;
 pub mod identity;
 pub mod log;
 pub mod output;

@@ -167,6 +167,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         log.record(end, Event::End(end_reason(stop)));
         if stop == Stop::Reboot {
             log.sink.rebooted(end);
+            crate::host::failpoint::kill_if("primary-after-reboot-end");
             let seed = host_seed()?;
             log.record(0, Event::Seed(seed));
             // The old machine lets go of the disk (its lock) first.

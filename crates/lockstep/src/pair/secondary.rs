@@ -10,6 +10,7 @@
 
 use super::{announce, arbiter_for, status_fn, PairOpts};
 use crate::host::console::StdioConsole;
+use crate::host::entropy::HostEntropy;
 use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step};
 use crate::vm::live::{LiveRun, RunOpts};
 use crate::vm::{print_final, LinuxVm};
@@ -54,9 +55,11 @@ enum Phase {
     /// Replaying the primary's log as it arrives.
     Replaying,
     /// The primary is lost (why); everything it sent has been replayed.
-    Claiming(String),
+    /// With `fresh_boot`, it was lost between a guest reboot and the next
+    /// boot's record: the side that goes on boots the VM afresh.
+    Claiming { why: String, fresh_boot: bool },
     /// This side won the epoch: the guest runs here.
-    Live,
+    Live { fresh_boot: bool },
     /// The primary ended the VM.
     Ended(EndReason),
 }
@@ -154,24 +157,37 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 match replayer.step(LOG_WAIT) {
                     Ok(Step::Progress | Step::NeedMore) => Phase::Replaying,
                     Ok(Step::Ended(reason)) => Phase::Ended(reason),
-                    Ok(Step::Exhausted(why)) => Phase::Claiming(why),
+                    Ok(Step::Exhausted(why)) => Phase::Claiming { why, fresh_boot: false },
+                    Ok(Step::RebootUnseeded(why)) => Phase::Claiming { why, fresh_boot: true },
                     Err(e @ ReplayError::Diverged { .. }) => bail!("{e}; this secondary resigns"),
                     Err(ReplayError::Log(e)) => bail!("the primary's log has {e}"),
                     Err(ReplayError::Host(e)) => return Err(e),
                 }
             }
-            Phase::Claiming(why) => {
+            Phase::Claiming { why, fresh_boot } => {
                 let pos = replayer.machine().hart.position().0;
-                tracing::info!(
-                    "lost the primary: {why}; replayed its log to position {pos} (its last mark: {}); asking the \
-                     arbiter ({})",
-                    replayer.last_mark(),
-                    arbiter.describe()
-                );
+                if fresh_boot {
+                    tracing::info!(
+                        "lost the primary: {why}; it was lost while the guest rebooted, before the next boot began; \
+                         asking the arbiter ({})",
+                        arbiter.describe()
+                    );
+                } else {
+                    tracing::info!(
+                        "lost the primary: {why}; replayed its log to position {pos} (its last mark: {}); asking \
+                         the arbiter ({})",
+                        replayer.last_mark(),
+                        arbiter.describe()
+                    );
+                }
                 match replayer.source().0.claim() {
+                    Claim::Won(epoch) if fresh_boot => {
+                        tracing::info!("won epoch {epoch}: going live with the next boot (NOT PROTECTED)");
+                        Phase::Live { fresh_boot }
+                    }
                     Claim::Won(epoch) => {
                         tracing::info!("won epoch {epoch}: going live at position {pos} (NOT PROTECTED)");
-                        Phase::Live
+                        Phase::Live { fresh_boot }
                     }
                     Claim::Lost(h) => {
                         print_final(replayer.machine());
@@ -179,8 +195,17 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                     }
                 }
             }
-            Phase::Live => {
+            Phase::Live { fresh_boot } => {
                 let (m, addresses) = replayer.go_live()?;
+                let m = if fresh_boot {
+                    // The old machine lets go of the disk (its lock) first.
+                    drop(m);
+                    let mut m = vm.machine(crate::host::entropy::host_seed()?, Box::new(HostEntropy::open()?))?;
+                    m.hash_every = opts.hash_every;
+                    m
+                } else {
+                    m
+                };
                 return go_live(&vm, m, addresses, tap.take(), &mut console, live_position, opts);
             }
             Phase::Ended(reason) => {

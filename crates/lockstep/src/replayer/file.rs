@@ -114,7 +114,7 @@ pub fn replay(log: &Path, opts: &ReplayOpts) -> Result<Outcome> {
             Ok(Step::Ended(reason)) => {
                 break if reason == EndReason::Panic { Outcome::GuestFailure } else { Outcome::Success }
             }
-            Ok(Step::Exhausted(end)) => {
+            Ok(Step::Exhausted(end) | Step::RebootUnseeded(end)) => {
                 let pos = r.machine().hart.position().0;
                 report(&format!("replay stopped at position {pos}: {end}"));
                 print_final(r.machine());

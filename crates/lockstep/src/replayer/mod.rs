@@ -57,6 +57,10 @@ pub enum Step {
     Ended(EndReason),
     /// The source closed (why), and everything it gave has been replayed.
     Exhausted(String),
+    /// The source closed (why) after the guest rebooted and before the
+    /// next boot's record: nothing of that boot exists yet, so a side that
+    /// goes on boots it afresh.
+    RebootUnseeded(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -349,7 +353,7 @@ impl<S: Source> Replayer<S> {
             Event::Seed(_) if rec.position == 0 && m.hart.position().0 == 0 => {}
             Event::Seed(_) => return Err(ReplayError::Log("a boot record in the middle of a run".into())),
             Event::Entropy(_) | Event::Snapshot(_) => {}
-            Event::End(EndReason::Reboot) => self.reboot()?,
+            Event::End(EndReason::Reboot) => return self.reboot(),
             Event::End(reason) => return Ok(Step::Ended(reason)),
         }
         Ok(Step::Progress)
@@ -357,13 +361,15 @@ impl<S: Source> Replayer<S> {
 
     /// The guest rebooted: the next boot record follows the end, in the
     /// same batch or a later one.
-    fn reboot(&mut self) -> Result<(), ReplayError> {
+    fn reboot(&mut self) -> Result<Step, ReplayError> {
         let t = Instant::now();
         while self.pending.is_empty() && self.closed.is_none() && t.elapsed() < SEED_WAIT {
             self.pull(Duration::from_millis(20))?;
         }
-        let Some(Record { event: Event::Seed(seed), .. }) = self.pending.pop_front() else {
-            return Err(ReplayError::Log("a reboot without a boot record after it".into()));
+        let seed = match (self.pending.pop_front(), &self.closed) {
+            (Some(Record { event: Event::Seed(seed), .. }), _) => seed,
+            (None, Some(why)) => return Ok(Step::RebootUnseeded(why.clone())),
+            _ => return Err(ReplayError::Log("a reboot without a boot record after it".into())),
         };
         self.base += self.machine.hart.position().0 + 1;
         // The old machine lets go of the disk (its lock) first: a bare
@@ -371,7 +377,7 @@ impl<S: Source> Replayer<S> {
         drop(std::mem::replace(&mut self.machine, Machine::new(1 << 20)));
         self.machine = self.maker.machine(seed)?;
         self.last_good = 0;
-        Ok(())
+        Ok(Step::Progress)
     }
 
     /// `Machine::run_to`, stopping at each multiple of `hash_every` to
