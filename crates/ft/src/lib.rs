@@ -15,6 +15,7 @@
 //! [`Status::note`].
 
 pub mod arbiter;
+pub mod auth;
 pub mod gate;
 pub mod link;
 pub mod wire;

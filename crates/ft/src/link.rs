@@ -9,6 +9,7 @@
 //! becomes [`Status::note`].
 
 use crate::arbiter::{Arbiter, Claim, Holder};
+use crate::auth::{self, Key, Seal};
 use crate::gate::OutputGate;
 use crate::wire::{self, Hello, Message, WireError};
 use crate::{ErrorChain, PairConfig, State, Status};
@@ -44,6 +45,8 @@ pub enum PairError {
     EpochMoved(u64, String),
     #[error("stopped before the pair formed")]
     Stopped,
+    #[error("the secondary at {addr} does not hold this pair's key (--key)")]
+    WrongKey { addr: String },
 }
 
 /// A `tracing` event at `$level` whose text also becomes the status note
@@ -117,14 +120,22 @@ struct LogWriter {
     through: u64,
     /// When anything was last written.
     written: Instant,
+    /// Tags the messages with `--key` (in the order they are written).
+    seal: Option<Seal>,
 }
 
 impl LogWriter {
-    fn write(&mut self, bytes: &[u8], through: u64) -> std::io::Result<()> {
-        self.stream.write_all(bytes)?;
+    /// Write `messages` (the last of them the mark `through`); returns the
+    /// bytes written.
+    fn write(&mut self, messages: &[Message], epoch: u64, through: u64) -> std::io::Result<usize> {
+        let mut bytes = Vec::new();
+        for m in messages {
+            bytes.extend(wire::encode_sealed(m, epoch, self.seal.as_mut()));
+        }
+        self.stream.write_all(&bytes)?;
         self.through = through;
         self.written = Instant::now();
-        Ok(())
+        Ok(bytes.len())
     }
 }
 
@@ -172,6 +183,7 @@ impl PrimaryLink {
         arbiter: Arc<dyn Arbiter>,
         gate: Arc<OutputGate>,
         cfg: PairConfig,
+        key: Option<&Key>,
         stop: &dyn Fn() -> bool,
     ) -> Result<PrimaryLink, PairError> {
         let owner = owner_name("primary");
@@ -211,8 +223,29 @@ impl PrimaryLink {
         let mut r = BufReader::new(stream.try_clone().map_err(|e| wire_err(e.into()))?);
         wire::write_preamble(&mut w).map_err(|e| wire_err(e.into()))?;
         wire::read_preamble(&mut r).map_err(wire_err)?;
-        wire::write_message(&mut w, epoch, &Message::Hello(hello)).map_err(|e| wire_err(e.into()))?;
-        match wire::read_message(&mut r).map_err(wire_err)? {
+        let (mut seal_out, mut seal_in) = (None, None);
+        if let Some(key) = key {
+            let np = auth::random32().map_err(|e| wire_err(e.into()))?;
+            wire::write_message(&mut w, epoch, &Message::AuthInit { nonce: np }).map_err(|e| wire_err(e.into()))?;
+            match wire::read_message(&mut r).map_err(wire_err)? {
+                (_, Message::AuthChallenge { nonce: ns, proof }) => {
+                    if !auth::same(&proof, &key.secondary_proof(&np, &ns)) {
+                        return Err(PairError::WrongKey { addr: peer.into() });
+                    }
+                    let proof = key.primary_proof(&np, &ns);
+                    wire::write_message(&mut w, epoch, &Message::AuthProof { proof })
+                        .map_err(|e| wire_err(e.into()))?;
+                    let (out, into) = key.seals(&np, &ns);
+                    (seal_out, seal_in) = (Some(out), Some(into));
+                }
+                (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
+                (got_epoch, got) => {
+                    return Err(PairError::NoWelcome { addr: peer.into(), epoch, got_epoch, got: Box::new(got) })
+                }
+            }
+        }
+        wire::send(&mut w, epoch, &Message::Hello(hello), seal_out.as_mut()).map_err(|e| wire_err(e.into()))?;
+        match wire::receive(&mut r, seal_in.as_mut()).map_err(wire_err)? {
             (e, Message::Welcome) if e == epoch => {}
             (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
             (got_epoch, got) => {
@@ -233,14 +266,14 @@ impl PrimaryLink {
             lost,
             owner,
         };
-        let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now() }));
+        let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now(), seal: seal_out }));
         {
             let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
             std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
         }
         {
             let ctx = ctx.clone();
-            std::thread::spawn(move || ack_loop(r, ctx, heard, epoch));
+            std::thread::spawn(move || ack_loop(r, seal_in, ctx, heard, epoch));
         }
         Ok(PrimaryLink {
             shared,
@@ -281,17 +314,17 @@ impl PrimaryLink {
             self.pending_bytes = 0;
             return;
         }
-        let mut bytes = Vec::with_capacity(self.pending_bytes + 64);
+        let mut messages = Vec::with_capacity(2);
         self.pending_input = false;
         if !self.pending.is_empty() {
-            bytes.extend(Message::Records(std::mem::take(&mut self.pending)).encode(self.epoch));
+            messages.push(Message::Records(std::mem::take(&mut self.pending)));
             self.pending_bytes = 0;
         }
-        bytes.extend(Message::Through(through).encode(self.epoch));
+        messages.push(Message::Through(through));
         self.last_through = through;
-        let result = self.writer.lock().unwrap().write(&bytes, through);
+        let result = self.writer.lock().unwrap().write(&messages, self.epoch, through);
         match result {
-            Ok(()) => self.shared.status.lock().unwrap().log_bytes += bytes.len() as u64,
+            Ok(n) => self.shared.status.lock().unwrap().log_bytes += n as u64,
             Err(e) => self.lost.peer_lost(format!("the log channel failed: {e}")),
         }
     }
@@ -460,8 +493,7 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
         let Ok(mut w) = writer.try_lock() else { continue };
         if w.written.elapsed() >= cfg.heartbeat {
             let through = w.through;
-            let bytes = Message::Through(through).encode(epoch);
-            if let Err(e) = w.write(&bytes, through) {
+            if let Err(e) = w.write(&[Message::Through(through)], epoch, through) {
                 drop(w);
                 return ctx.peer_lost(format!("the log channel failed: {e}"));
             }
@@ -505,9 +537,9 @@ impl Lease {
 }
 
 /// The primary's receiver: acks release output while the [`Lease`] holds.
-fn ack_loop(mut r: BufReader<TcpStream>, ctx: Lost, lease: Arc<Lease>, epoch: u64) {
+fn ack_loop(mut r: BufReader<TcpStream>, mut seal: Option<Seal>, ctx: Lost, lease: Arc<Lease>, epoch: u64) {
     loop {
-        match wire::read_message(&mut r) {
+        match wire::receive(&mut r, seal.as_mut()) {
             Ok((e, Message::Ack { received, executed })) if e == epoch => {
                 if let Err(silent) = lease.renew() {
                     return ctx.peer_lost(format!(
@@ -573,6 +605,7 @@ impl SecondaryLink {
         arbiter: Arc<dyn Arbiter>,
         cfg: PairConfig,
         check: &mut dyn FnMut(&Hello) -> Result<(), String>,
+        key: Option<Arc<Key>>,
         stop: &dyn Fn() -> bool,
     ) -> Result<SecondaryLink, PairError> {
         listener.set_nonblocking(true).map_err(PairError::Accept)?;
@@ -583,9 +616,9 @@ impl SecondaryLink {
             }
             match listener.accept() {
                 Ok((stream, from)) => {
-                    let hellos = hellos.clone();
+                    let (hellos, key) = (hellos.clone(), key.clone());
                     std::thread::spawn(move || {
-                        if let Some(g) = greet(stream, from.to_string()) {
+                        if let Some(g) = greet(stream, from.to_string(), key.as_deref()) {
                             let _ = hellos.send(g);
                         }
                     });
@@ -593,7 +626,9 @@ impl SecondaryLink {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(PairError::Accept(e)),
             }
-            let Ok(Greeting { stream, from, mut w, r, epoch, hello }) = said.recv_timeout(ACCEPT_POLL) else {
+            let Ok(Greeting { stream, from, mut w, r, epoch, hello, mut seal_out, seal_in }) =
+                said.recv_timeout(ACCEPT_POLL)
+            else {
                 continue;
             };
             let current = arbiter.read()?;
@@ -607,15 +642,15 @@ impl SecondaryLink {
                         format!("the primary speaks for epoch {epoch}, the arbiter ({}) has none", arbiter.describe())
                     }
                 };
-                let _ = wire::write_message(&mut w, 0, &Message::Refuse(why.clone()));
+                let _ = wire::send(&mut w, 0, &Message::Refuse(why.clone()), seal_out.as_mut());
                 tracing::warn!("refused the primary at {from}: {why}");
                 continue;
             }
             if let Err(why) = check(&hello) {
-                let _ = wire::write_message(&mut w, epoch, &Message::Refuse(why.clone()));
+                let _ = wire::send(&mut w, epoch, &Message::Refuse(why.clone()), seal_out.as_mut());
                 return Err(PairError::Refused { addr: from, why });
             }
-            wire::write_message(&mut w, epoch, &Message::Welcome)
+            wire::send(&mut w, epoch, &Message::Welcome, seal_out.as_mut())
                 .map_err(|e| PairError::Wire { addr: from.clone(), source: e.into() })?;
             let _ = stream.set_read_timeout(None);
             let shared = Shared::new("secondary", epoch);
@@ -628,7 +663,7 @@ impl SecondaryLink {
             let mut r = r;
             r.get_mut().heard = Some(heard.clone());
             let lost = Arc::new(AtomicBool::new(false));
-            let writer = Arc::new(Mutex::new(w));
+            let writer = Arc::new(Mutex::new(SealedStream { stream: w, seal: seal_out }));
             let end = SecondaryEnd {
                 shared: shared.clone(),
                 tx,
@@ -642,7 +677,7 @@ impl SecondaryLink {
             };
             {
                 let end = end.clone();
-                std::thread::spawn(move || end.receive_loop(r));
+                std::thread::spawn(move || end.receive_loop(r, seal_in));
             }
             std::thread::spawn(move || end.heartbeat_loop(cfg));
             let _ = listener.set_nonblocking(false);
@@ -734,6 +769,10 @@ struct Greeting {
     r: BufReader<Deadline>,
     epoch: u64,
     hello: Hello,
+    /// With `--key`: the seals of the secondary-to-primary and
+    /// primary-to-secondary directions.
+    seal_out: Option<Seal>,
+    seal_in: Option<Seal>,
 }
 
 /// Reads that fail once a deadline has passed, however slowly the peer
@@ -764,23 +803,63 @@ impl std::io::Read for Deadline {
     }
 }
 
-/// The preamble exchange and the hello of one connection, within
-/// [`HELLO_DEADLINE`]; `None` (with a warning) for anything else.
-fn greet(stream: TcpStream, from: String) -> Option<Greeting> {
+/// The secondary's writing end: its stream, and with `--key` the seal of
+/// the secondary-to-primary direction.
+struct SealedStream {
+    stream: TcpStream,
+    seal: Option<Seal>,
+}
+
+/// The preamble exchange, the key exchange (with `--key`) and the hello of
+/// one connection, within [`HELLO_DEADLINE`]; `None` (with a warning) for
+/// anything else. A keyed secondary refuses a primary without the key, and
+/// an unkeyed one a primary that wants authentication, in so many words.
+fn greet(stream: TcpStream, from: String, key: Option<&Key>) -> Option<Greeting> {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let (Ok(mut w), Ok(r)) = (stream.try_clone(), stream.try_clone()) else { return None };
     let mut r = BufReader::new(Deadline { stream: r, at: Some(Instant::now() + HELLO_DEADLINE), heard: None });
-    let hello = wire::write_preamble(&mut w)
+    let refuse = |w: &mut TcpStream, why: &str| {
+        let _ = wire::write_message(w, 0, &Message::Refuse(why.to_string()));
+        tracing::warn!("refused a connection from {from}: {why}");
+        None
+    };
+    let first = wire::write_preamble(&mut w)
         .map_err(WireError::from)
         .and_then(|_| wire::read_preamble(&mut r))
         .and_then(|_| wire::read_message(&mut r));
+    let (mut seal_out, mut seal_in) = (None, None);
+    let hello = match (first, key) {
+        (Ok((_, Message::AuthInit { nonce: np })), Some(key)) => {
+            let exchange = auth::random32().map_err(WireError::from).and_then(|ns| {
+                let proof = key.secondary_proof(&np, &ns);
+                wire::write_message(&mut w, 0, &Message::AuthChallenge { nonce: ns, proof })?;
+                Ok((ns, wire::read_message(&mut r)?))
+            });
+            match exchange {
+                Ok((ns, (_, Message::AuthProof { proof }))) if auth::same(&proof, &key.primary_proof(&np, &ns)) => {
+                    let (into, out) = key.seals(&np, &ns);
+                    (seal_out, seal_in) = (Some(out), Some(into));
+                    wire::receive(&mut r, seal_in.as_mut())
+                }
+                Ok(_) => return refuse(&mut w, "it does not hold this pair's key (--key)"),
+                Err(e) => Err(e),
+            }
+        }
+        (Ok((_, Message::AuthInit { .. })), None) => {
+            return refuse(&mut w, "the primary authenticates with a key (--key); this secondary has none")
+        }
+        (Ok((_, Message::Hello(_))), Some(_)) => {
+            return refuse(&mut w, "this secondary requires an authenticated channel (--key); the primary has no key")
+        }
+        (first, _) => first,
+    };
     match hello {
         Ok((epoch, Message::Hello(hello))) => {
             // Paired, the channel has no deadline (silence is the heartbeat's job).
             r.get_mut().at = None;
             let _ = stream.set_read_timeout(None);
-            Some(Greeting { stream, from, w, r, epoch, hello })
+            Some(Greeting { stream, from, w, r, epoch, hello, seal_out, seal_in })
         }
         Ok((_, m)) => {
             tracing::warn!("refused a connection from {from}: it sent {m:?} before a hello");
@@ -810,7 +889,7 @@ struct SecondaryEnd {
     tx: Sender<Incoming>,
     lost: Arc<AtomicBool>,
     stream: Arc<TcpStream>,
-    writer: Arc<Mutex<TcpStream>>,
+    writer: Arc<Mutex<SealedStream>>,
     executed: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
     heard: Arc<Mutex<Instant>>,
@@ -830,12 +909,14 @@ impl SecondaryEnd {
             received: self.received.load(Ordering::Relaxed),
             executed: self.executed.load(Ordering::Relaxed),
         };
-        wire::write_message(&mut *self.writer.lock().unwrap(), self.epoch, &msg)
+        let mut w = self.writer.lock().unwrap();
+        let w = &mut *w;
+        wire::send(&mut w.stream, self.epoch, &msg, w.seal.as_mut())
     }
 
-    fn receive_loop(self, mut r: BufReader<Deadline>) {
+    fn receive_loop(self, mut r: BufReader<Deadline>, mut seal: Option<Seal>) {
         loop {
-            let (epoch, msg) = match wire::read_message(&mut r) {
+            let (epoch, msg) = match wire::receive(&mut r, seal.as_mut()) {
                 Ok(m) => m,
                 Err(WireError::Closed) => return self.lose("it closed the log channel".into()),
                 Err(e) => return self.lose(ErrorChain(&e).to_string()),

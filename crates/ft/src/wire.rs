@@ -65,6 +65,12 @@ pub enum Message {
     /// `received` and executed up to `executed`; also the secondary's
     /// heartbeat.
     Ack { received: u64, executed: u64 },
+    /// Primary → secondary, first with `--key`: a fresh nonce.
+    AuthInit { nonce: [u8; 32] },
+    /// Secondary → primary: its nonce, and proof that it holds the key.
+    AuthChallenge { nonce: [u8; 32], proof: [u8; 32] },
+    /// Primary → secondary: proof that it holds the key.
+    AuthProof { proof: [u8; 32] },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +89,8 @@ pub enum WireError {
     Malformed(Malformed),
     #[error("the peer sent a malformed hello")]
     BadHello(#[source] serde_json::Error),
+    #[error("a message from the peer failed authentication (tampered with, replayed, or sent with another key)")]
+    Unauthentic,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -143,6 +151,9 @@ impl Message {
             Message::Records(_) => 4,
             Message::Through(_) => 5,
             Message::Ack { .. } => 6,
+            Message::AuthInit { .. } => 7,
+            Message::AuthChallenge { .. } => 8,
+            Message::AuthProof { .. } => 9,
         }
     }
 
@@ -166,6 +177,9 @@ impl Message {
                 p.extend_from_slice(&executed.to_le_bytes());
                 p
             }
+            Message::AuthInit { nonce } => nonce.to_vec(),
+            Message::AuthChallenge { nonce, proof } => [nonce.as_slice(), proof.as_slice()].concat(),
+            Message::AuthProof { proof } => proof.to_vec(),
         }
     }
 
@@ -192,6 +206,11 @@ impl Message {
             }
             5 if p.len() == 8 => Message::Through(u64_at(p, 0)?),
             6 if p.len() == 16 => Message::Ack { received: u64_at(p, 0)?, executed: u64_at(p, 8)? },
+            7 if p.len() == 32 => Message::AuthInit { nonce: p.try_into().unwrap() },
+            8 if p.len() == 64 => {
+                Message::AuthChallenge { nonce: p[..32].try_into().unwrap(), proof: p[32..].try_into().unwrap() }
+            }
+            9 if p.len() == 32 => Message::AuthProof { proof: p.try_into().unwrap() },
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -213,6 +232,61 @@ impl Message {
 pub fn write_message(w: &mut impl Write, epoch: u64, msg: &Message) -> std::io::Result<()> {
     w.write_all(&msg.encode(epoch))?;
     w.flush()
+}
+
+/// Write one message, sealed with `seal` if the channel is authenticated.
+pub fn send(
+    w: &mut impl Write,
+    epoch: u64,
+    msg: &Message,
+    seal: Option<&mut crate::auth::Seal>,
+) -> std::io::Result<()> {
+    w.write_all(&encode_sealed(msg, epoch, seal))?;
+    w.flush()
+}
+
+/// The framed bytes of `msg`, followed by its tag if `seal` is given.
+pub fn encode_sealed(msg: &Message, epoch: u64, seal: Option<&mut crate::auth::Seal>) -> Vec<u8> {
+    let mut framed = msg.encode(epoch);
+    if let Some(seal) = seal {
+        let tag = seal.tag(&framed);
+        framed.extend_from_slice(&tag);
+    }
+    framed
+}
+
+/// Read one message, checking its tag with `seal` if the channel is
+/// authenticated.
+pub fn receive(r: &mut impl Read, seal: Option<&mut crate::auth::Seal>) -> Result<(u64, Message), WireError> {
+    let Some(seal) = seal else { return read_message(r) };
+    let (framed, epoch, kind, start) = read_frame(r)?;
+    let mut tag = [0u8; 32];
+    read_full(r, &mut tag)?;
+    seal.check(&framed, &tag)?;
+    Ok((epoch, Message::parse(kind, &framed[start..])?))
+}
+
+/// Read one frame: its bytes, epoch, kind and where its payload starts.
+fn read_frame(r: &mut impl Read) -> Result<(Vec<u8>, u64, u8, usize), WireError> {
+    let mut head = [0u8; 8];
+    read_full(r, &mut head)?;
+    let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    if len < 9 {
+        return Err(WireError::Malformed(Malformed::TooShort(len)));
+    }
+    let mut framed = head.to_vec();
+    framed.resize(8 + len, 0);
+    read_full(r, &mut framed[8..])?;
+    if crc32fast::hash(&framed[8..]) != crc {
+        return Err(WireError::Checksum);
+    }
+    let epoch = u64::from_le_bytes(framed[9..17].try_into().unwrap());
+    let kind = framed[8];
+    Ok((framed, epoch, kind, 17))
 }
 
 /// Read one message: its epoch and content.

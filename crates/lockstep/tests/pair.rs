@@ -961,3 +961,76 @@ fn a_primary_lost_between_reboot_and_next_boot_is_booted_by_the_secondary() {
     let w = client.finish(&pair).unwrap();
     eprintln!("{} writes on the secondary's new boot", w.acked);
 }
+
+/// 14.11 An authenticated channel (`--key`): `lockstep key new` writes a
+///       key only its owner can read; a keyed pair pairs; a primary
+///       without the key, or with another key, is refused with one clear
+///       line while the secondary keeps waiting; an unkeyed secondary
+///       refuses a keyed primary. (Message tampering and replays are
+///       refused by the `ft::auth` unit tests.)
+#[test]
+fn a_keyed_pair_refuses_peers_without_its_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let _one = serial();
+    let dir = fresh_dir("pair-key");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![0u8; 1 << 20]).unwrap();
+    let (key, other) = (dir.join("pair.key"), dir.join("other.key"));
+    for k in [&key, &other] {
+        let out = Command::new(exe()).args(["key", "new"]).arg(k).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::metadata(k).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let out = Command::new(exe()).args(["key", "new"]).arg(&key).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is never overwritten"));
+    let addr = "127.0.0.1:47324";
+    let arbiter = dir.join("epoch");
+    let mut sec = local_side("secondary", &b, addr, 47436, &arbiter).arg("--key").arg(&key).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // No key, then another key: refused, one error line each.
+    for extra in [vec![], vec!["--key".to_string(), other.display().to_string()]] {
+        let out = local_side("primary", &a, addr, 47437, &arbiter).args(&extra).output().unwrap();
+        let perr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{perr}");
+        assert_eq!(perr.lines().filter(|l| l.starts_with("lockstep: error")).count(), 1, "{perr}");
+        let why = if extra.is_empty() {
+            "requires an authenticated channel (--key)"
+        } else {
+            "does not hold this pair's key"
+        };
+        assert!(perr.contains(why), "{perr}");
+        assert!(sec.try_wait().unwrap().is_none(), "the secondary keeps waiting");
+    }
+    // The right key pairs.
+    let mut pri = local_side("primary", &a, addr, 47437, &arbiter).arg("--key").arg(&key).spawn().unwrap();
+    let t = Instant::now();
+    loop {
+        let out = Command::new(exe()).args(["status", "--json", "127.0.0.1:47437"]).output().unwrap();
+        if out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["state"] == "protected"
+        {
+            break;
+        }
+        if let Some(s) = pri.try_wait().unwrap() {
+            panic!("the keyed primary exited ({s}): {}", stderr_of(&mut pri));
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "no keyed pair formed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for c in [&mut pri, &mut sec] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // An unkeyed secondary and a keyed primary.
+    let addr = "127.0.0.1:47325";
+    let mut sec = local_side("secondary", &b, addr, 47438, &dir.join("epoch2")).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = local_side("primary", &a, addr, 47439, &dir.join("epoch2")).arg("--key").arg(&key).output().unwrap();
+    let perr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{perr}");
+    assert!(perr.contains("the primary authenticates with a key (--key); this secondary has none"), "{perr}");
+    let _ = sec.kill();
+    let _ = sec.wait();
+}

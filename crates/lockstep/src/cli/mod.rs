@@ -50,6 +50,21 @@ enum Command {
         #[command(subcommand)]
         command: GuestCommand,
     },
+    /// Keys that authenticate a pair's log channel (`--key`).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new random key to FILE (mode 0600; an existing file is
+    /// never overwritten). Give the same file to both sides with `--key`.
+    New {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +174,11 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
             println!("{}\n{}\n{}", g.kernel.display(), g.initrd.display(), g.disk.display());
             Outcome::Success
         }),
+        Command::Key { command: KeyCommand::New { file } } => {
+            ft::auth::Key::generate()?.write_new(&file)?;
+            println!("{}", file.display());
+            Ok(Outcome::Success)
+        }
         Command::Guest { command: GuestCommand::Path } => {
             let g = crate::guest::existing()?
                 .ok_or_else(|| anyhow!("the default guest is not built: run `lockstep guest build`"))?;

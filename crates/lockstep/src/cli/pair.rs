@@ -47,8 +47,21 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
             Err(e) => tracing::warn!("no status endpoint ({default}: {e}); use --metrics HOST:PORT"),
         }
     }
-    let opts =
-        PairOpts { addr, arbiter: pair.arbiter, cfg, metrics, hash_every: spec.hash_every, max_insns: spec.max_insns };
+    let key = pair.key.as_deref().map(ft::auth::Key::load).transpose()?;
+    if key.is_none() {
+        tracing::info!(
+            "the log channel is not authenticated (give both sides --key FILE; `lockstep key new FILE` makes one)"
+        );
+    }
+    let opts = PairOpts {
+        addr,
+        arbiter: pair.arbiter,
+        cfg,
+        metrics,
+        hash_every: spec.hash_every,
+        max_insns: spec.max_insns,
+        key,
+    };
     let vm = LinuxVm::from_spec(&spec)?.context("a pair needs a Linux VM")?;
     match side {
         Side::Primary => pair::primary::run(&vm, &opts),

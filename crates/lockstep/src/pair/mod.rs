@@ -34,6 +34,8 @@ pub struct PairOpts {
     pub metrics: Option<String>,
     pub hash_every: Option<u64>,
     pub max_insns: Option<u64>,
+    /// Authenticates the log channel.
+    pub key: Option<ft::auth::Key>,
 }
 
 fn arbiter_for(opts: &PairOpts, vm_id: &str) -> Result<Arc<dyn Arbiter>> {

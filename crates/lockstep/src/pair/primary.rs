@@ -134,7 +134,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     };
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = console.stop_flag();
-    let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, &|| {
+    let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, opts.key.as_ref(), &|| {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let shared = link.shared.clone();

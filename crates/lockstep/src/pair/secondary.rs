@@ -124,7 +124,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         Ok(())
     };
     let stop = console.stop_flag();
-    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, &|| {
+    let key = opts.key.clone().map(Arc::new);
+    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, key, &|| {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let (m, maker) = built.take().context("paired without a machine")?;

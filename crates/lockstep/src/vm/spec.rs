@@ -103,6 +103,10 @@ pub struct PairSpec {
     /// guest time).
     #[arg(long, value_name = "N")]
     pub max_lag: Option<u64>,
+    /// Authenticate the log channel with this key (the same file on both
+    /// sides; `lockstep key new FILE` makes one).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 /// A VM description file, split into its machine and pair settings.
@@ -130,6 +134,7 @@ impl VmFile {
                 _ => pair_keys.insert(key, value),
             };
         }
+        let mut pair: PairSpec = pair_keys.try_into().map_err(|e| at(one_line(e)))?;
         let mut vm: VmSpec = vm_keys.try_into().map_err(|e| {
             // serde lists the machine's keys only; the pair's are valid too.
             let msg = one_line(e);
@@ -141,9 +146,8 @@ impl VmFile {
                 _ => at(msg),
             }
         })?;
-        let pair: PairSpec = pair_keys.try_into().map_err(|e| at(one_line(e)))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        for p in vm.paths_mut().into_iter().flatten() {
+        for p in vm.paths_mut().into_iter().chain([&mut pair.key]).flatten() {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
