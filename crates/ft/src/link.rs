@@ -147,6 +147,8 @@ pub struct PrimaryLink {
     lost: Lost,
     cfg: PairConfig,
     epoch: u64,
+    /// The run loop's pulse, which the heartbeat thread checks.
+    pulse: Arc<Pulse>,
     /// Records not yet written, and their approximate size.
     pending: Vec<Record>,
     pending_bytes: usize,
@@ -267,9 +269,10 @@ impl PrimaryLink {
             owner,
         };
         let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now(), seal: seal_out }));
+        let pulse = Arc::new(Pulse::new());
         {
-            let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
-            std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
+            let (ctx, heard, writer, pulse) = (ctx.clone(), heard.clone(), writer.clone(), pulse.clone());
+            std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, pulse, cfg, epoch));
         }
         {
             let ctx = ctx.clone();
@@ -279,6 +282,7 @@ impl PrimaryLink {
             shared,
             gate,
             writer,
+            pulse,
             lost: ctx,
             cfg,
             epoch,
@@ -336,6 +340,7 @@ impl PrimaryLink {
     /// `MARK_EVERY`. Inputs arrive in batches between slices, so this is
     /// one write per batch, not per frame.
     pub fn progress(&mut self, position: u64) {
+        self.pulse.beat();
         let position = self.base + position;
         self.position = position;
         self.shared.status.lock().unwrap().position = position;
@@ -377,14 +382,36 @@ impl PrimaryLink {
             return;
         }
         let t = Instant::now();
+        // Progress, not mere presence: a secondary whose acknowledgements
+        // arrive but whose execution stands still for a timeout is lost.
+        let (mut seen, mut moved) = (s.peer_position, Instant::now());
         while s.state == Some(State::Protected) && lag(&s) > self.cfg.max_lag / 2 {
             s = self.shared.cond.wait_timeout(s, self.cfg.heartbeat).unwrap().0;
+            if s.peer_position != seen {
+                (seen, moved) = (s.peer_position, Instant::now());
+            } else if moved.elapsed() >= self.cfg.timeout {
+                let why = format!(
+                    "its execution has stood at position {seen} for {} ms while it trails by {} positions",
+                    moved.elapsed().as_millis(),
+                    lag(&s)
+                );
+                drop(s);
+                self.lost.peer_lost(why);
+                s = self.shared.status.lock().unwrap();
+                break;
+            }
         }
         s.throttled_ms += t.elapsed().as_millis() as u64;
     }
 
     pub fn state(&self) -> State {
         self.shared.state()
+    }
+
+    /// The run loop waits for input (up to a timeout it chose): it is not
+    /// stuck while it waits (`true` before the wait, `false` after).
+    pub fn waiting(&self, waiting: bool) {
+        self.pulse.waiting(waiting);
     }
 
     /// The guest rebooted at `end` (its end record is queued; the next
@@ -475,8 +502,16 @@ impl Lost {
 /// written nothing for a heartbeat interval (skipping a beat rather than
 /// waiting if the run loop is writing), and watches for silence from the
 /// secondary.
-fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, cfg: PairConfig, epoch: u64) {
+fn heartbeat_loop(
+    writer: Arc<Mutex<LogWriter>>,
+    ctx: Lost,
+    heard: Arc<Lease>,
+    pulse: Arc<Pulse>,
+    cfg: PairConfig,
+    epoch: u64,
+) {
     let mut missed_at = Instant::now();
+    let mut told = false;
     while !ctx.lost.load(Ordering::SeqCst) {
         std::thread::sleep(cfg.heartbeat);
         let silent = heard.silence();
@@ -490,6 +525,20 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
         if ctx.shared.state() != State::Protected {
             return;
         }
+        // A heartbeat says the run loop is alive: a stuck one (a blocked
+        // write, a hung disk) gets none, so the secondary takes over.
+        if let Some(stuck) = pulse.stuck_for(cfg.timeout) {
+            if !told {
+                told = true;
+                note!(
+                    ctx.shared,
+                    error,
+                    "the run loop has been stuck for {} ms: no more heartbeats",
+                    stuck.as_millis()
+                );
+            }
+            continue;
+        }
         let Ok(mut w) = writer.try_lock() else { continue };
         if w.written.elapsed() >= cfg.heartbeat {
             let through = w.through;
@@ -498,6 +547,34 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
                 return ctx.peer_lost(format!("the log channel failed: {e}"));
             }
         }
+    }
+}
+
+/// When the primary's run loop last completed a slice, and whether it is
+/// waiting for input now (a wait is bounded by the run loop itself).
+struct Pulse {
+    last: Mutex<Instant>,
+    waiting: AtomicBool,
+}
+
+impl Pulse {
+    fn new() -> Pulse {
+        Pulse { last: Mutex::new(Instant::now()), waiting: AtomicBool::new(false) }
+    }
+
+    fn beat(&self) {
+        *self.last.lock().unwrap() = Instant::now();
+    }
+
+    fn waiting(&self, waiting: bool) {
+        self.beat();
+        self.waiting.store(waiting, Ordering::Relaxed);
+    }
+
+    /// How long the run loop has been stuck, if longer than `timeout`.
+    fn stuck_for(&self, timeout: Duration) -> Option<Duration> {
+        let quiet = self.last.lock().unwrap().elapsed();
+        (!self.waiting.load(Ordering::Relaxed) && quiet >= timeout).then_some(quiet)
     }
 }
 

@@ -45,6 +45,9 @@ pub struct Hello {
     /// (etcd), not a file on one host.
     #[serde(default)]
     pub shared_arbiter: bool,
+    /// The primary's lockstep build: both sides must run the same engine.
+    #[serde(default)]
+    pub build: String,
 }
 
 /// One message on the log channel.
@@ -320,6 +323,7 @@ mod tests {
             Message::Hello(Hello {
                 host: "h".into(),
                 shared_arbiter: true,
+                build: "b".into(),
                 vm_id: "v".into(),
                 disk_hash: Some("d".into()),
                 seed: [7; 32],

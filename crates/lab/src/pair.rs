@@ -52,15 +52,15 @@ impl Pair {
         Pair::start_with_env(exe, g, net, dir, extra, &[])
     }
 
-    /// As [`Pair::start`], with environment variables for the primary only
-    /// (e.g. a `LOCKSTEP_FAILPOINT`).
+    /// As [`Pair::start`], with environment variables for both sides (e.g.
+    /// a `LOCKSTEP_FAILPOINT`: their names say which side they act on).
     pub fn start_with_env(
         exe: &Path,
         g: &GuestPaths,
         net: &PairNet,
         dir: &Path,
         extra: &[&str],
-        primary_env: &[(&str, &str)],
+        env: &[(&str, &str)],
     ) -> Result<Pair> {
         let (pdisk, sdisk) = replicas(&g.disk, dir)?;
         let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
@@ -79,9 +79,7 @@ impl Pair {
             if !extra.contains(&"--arbiter") {
                 c.args(["--arbiter", &arbiter]);
             }
-            if role == "primary" {
-                c.envs(primary_env.iter().copied());
-            }
+            c.envs(env.iter().copied());
             c.spawn().with_context(|| format!("cannot start the {role}"))
         };
         let secondary = spawn(&net.secondary, "secondary", &sdisk, "--listen", "127.0.0.1:9541")?;

@@ -575,6 +575,7 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
         mac: None,
         host: "h".into(),
         shared_arbiter: false,
+        build: String::new(),
     };
     ft::wire::write_message(&mut s, 7, &ft::wire::Message::Hello(hello)).unwrap();
     let mut r = std::io::BufReader::new(s);
@@ -602,6 +603,24 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     let out = side("primary", &a, "console=ttyS0", addr, 47414).output().unwrap();
     let perr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(perr.contains("the disk replicas differ (primary "), "{perr}");
+    assert_eq!(wait_exit(&mut sec, Duration::from_secs(30)).code(), Some(2));
+    // 14.8 Another build of lockstep (here: the same executable with one
+    // byte appended) must not pair: the engines could differ.
+    let other_build = dir.join("lockstep-other-build");
+    let mut exe_bytes = std::fs::read(exe()).unwrap();
+    exe_bytes.push(0);
+    std::fs::write(&other_build, exe_bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other_build, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let addr = "127.0.0.1:47314";
+    let mut sec =
+        side("secondary", &a, "console=ttyS0", addr, 47418).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let other = side("primary", &a, "console=ttyS0", addr, 47419);
+    let out = Command::new(&other_build).args(other.get_args()).output().unwrap();
+    let perr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{perr}");
+    assert!(perr.contains("the primary runs another lockstep build ("), "{perr}");
     assert_eq!(wait_exit(&mut sec, Duration::from_secs(30)).code(), Some(2));
     // 14.3 Two hosts and a file arbiter: each host would win its own file.
     let addr = "127.0.0.1:47313";
@@ -1033,4 +1052,62 @@ fn a_keyed_pair_refuses_peers_without_its_key() {
     assert!(perr.contains("the primary authenticates with a key (--key); this secondary has none"), "{perr}");
     let _ = sec.kill();
     let _ = sec.wait();
+}
+
+/// A pair whose sides carry a file-controlled failpoint (`name`): it
+/// stalls while the returned path exists.
+fn start_with_failpoint(tag: &str, net_id: u8, name: &str) -> (PairNet, Pair, PathBuf, PathBuf) {
+    common::require_root_net();
+    let dir = fresh_dir(&format!("pair-{tag}"));
+    let net = PairNet::new(tag, net_id).unwrap();
+    let stall = dir.join("stall");
+    let env = [("LOCKSTEP_FAILPOINT", name), ("LOCKSTEP_FAILPOINT_FILE", stall.to_str().unwrap())];
+    let mut pair = Pair::start_with_env(&exe(), guest(), &net, &dir, &[], &env).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    (net, pair, dir, stall)
+}
+
+/// 14.4 Liveness means progress: a primary whose run loop is stuck (a
+///      failpoint stalls it, as a blocked write or a hung disk would)
+///      sends no more heartbeats although its threads are fine, so the
+///      secondary takes over; resumed, the primary finds the epoch taken.
+#[test]
+fn a_primary_whose_run_loop_is_stuck_is_failed_over() {
+    let _one = serial();
+    let (net, mut pair, _dir, stall) = start_with_failpoint("stuckp", 75, "primary-run-loop-stall");
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair).unwrap();
+    std::fs::write(&stall, b"").unwrap();
+    pair.wait_for("secondary.err", "going live at position", Duration::from_secs(30)).unwrap();
+    client.advance(20, Duration::from_secs(60), &pair).unwrap();
+    std::fs::remove_file(&stall).unwrap();
+    let status = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2));
+    let said = pair.text("primary.err");
+    assert!(said.contains("the run loop has been stuck for"), "{said}");
+    assert!(said.contains("lost arbitration: epoch 2 belongs to 'secondary@"), "{said}");
+    let w = client.finish(&pair).unwrap();
+    eprintln!("{} writes", w.acked);
+}
+
+/// 14.4 A secondary whose replay is stuck (its acknowledgements still
+///      arrive) no longer holds the primary in flow control for ever: once
+///      its execution has stood still for a timeout, the primary goes on
+///      alone; resumed, the secondary finds the epoch taken.
+#[test]
+fn a_primary_goes_on_alone_when_its_secondary_stops_executing() {
+    let _one = serial();
+    let (net, mut pair, _dir, stall) = start_with_failpoint("stucks", 76, "secondary-replay-stall");
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair).unwrap();
+    std::fs::write(&stall, b"").unwrap();
+    pair.wait_for("primary.err", "won epoch 2: running alone", Duration::from_secs(30)).unwrap();
+    assert!(pair.text("primary.err").contains("its execution has stood at position"), "{}", pair.tails());
+    client.advance(20, Duration::from_secs(60), &pair).unwrap();
+    std::fs::remove_file(&stall).unwrap();
+    let status = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", pair.tails());
+    assert!(!pair.text("secondary.err").contains("going live"), "{}", pair.tails());
+    let w = client.finish(&pair).unwrap();
+    eprintln!("{} writes", w.acked);
 }

@@ -126,6 +126,37 @@ fn a_tampered_hash_is_reported_as_a_divergence_interval() {
     );
 }
 
+/// 14.8 A record whose position is behind the machine's is a divergence
+/// (it used to be applied late, silently): the record after the first
+/// idle skip is moved back into the skipped stretch.
+#[test]
+fn a_record_behind_the_machine_is_a_divergence() {
+    let (log, _) = the_recording();
+    let bytes = std::fs::read(log).unwrap();
+    let (mut reader, meta) = replay::LogReader::new(&bytes[..]).unwrap();
+    let bad = common::tmp_dir("replay").join("behind.log");
+    let mut w = replay::LogWriter::new(std::fs::File::create(&bad).unwrap(), &meta).unwrap();
+    let (mut skipped_to, mut at) = (None, None);
+    while let Some(mut r) = reader.next_record().unwrap() {
+        match (&r.event, skipped_to, at) {
+            (replay::Event::Skip(n), None, None) if *n >= 2 => skipped_to = Some((r.position, *n)),
+            (replay::Event::Entropy(_), _, _) => {}
+            (_, Some((p, n)), None) => {
+                r.position = p + n / 2;
+                at = Some(r.position);
+            }
+            _ => {}
+        }
+        w.append(&r).unwrap();
+    }
+    drop(w);
+    let at = at.expect("the recording has an idle skip followed by a record");
+    let out = replay(&bad, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("the log has a record at position {at}, behind the machine")), "{err}");
+}
+
 #[test]
 fn truncated_corrupt_foreign_and_other_version_logs() {
     let (log, rec) = the_recording();

@@ -166,8 +166,12 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("lockstep-bench-pair-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let net = PairNet::new("bench", 79).map_err(|e| anyhow!(e))?;
-    let (mut solo, mut ft) = (Vec::new(), Vec::new());
+    let net = PairNet::new("bench", 79)?;
+    let key = dir.join("bench.key");
+    let _ = std::fs::remove_file(&key);
+    ft::auth::Key::generate()?.write_new(&key)?;
+    let key_flags = ["--key", key.to_str().context("the temp directory's path is not UTF-8")?];
+    let (mut solo, mut ft, mut keyed) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps {
         let mut child = start_solo(&exe, &g, &net, &dir)?;
         wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
@@ -181,6 +185,12 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
         pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
         type_line(&mut pair.primary, IPERF_SERVER)?;
         ft.push(measure(&net, true)?);
+        drop(pair);
+        let mut pair = Pair::start(&exe, &g, &net, &dir, &key_flags)?;
+        pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
+        pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+        type_line(&mut pair.primary, IPERF_SERVER)?;
+        keyed.push(measure(&net, true)?);
         drop(pair);
         eprintln!("bench pair: rep {} of {reps} done", rep + 1);
     }
@@ -199,6 +209,16 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
     let (s_bulk, f_bulk) = (med(&solo, |f| f.bulk_mbits), med(&ft, |f| f.bulk_mbits));
     println!("| bulk into the guest (iperf3, 5 s), Mbit/s | {s_bulk:.0} | {f_bulk:.0} | {:.3} |", f_bulk / s_bulk);
     println!("log bandwidth during the bulk transfer {:.0} Mbit/s", med(&ft, |f| f.bulk_log_mbits));
+    println!("the cost of --key (an authenticated channel), keyed pair / unkeyed pair:");
+    for (what, f) in [
+        ("CPU-bound, s (time)", (|f: &Figures| f.cpu_secs) as fn(&Figures) -> f64),
+        ("request/response, ops/s", |f: &Figures| f.ops_per_sec),
+        ("PING latency median, us", |f: &Figures| f.median_us),
+        ("bulk into the guest, Mbit/s", |f: &Figures| f.bulk_mbits),
+    ] {
+        let (plain, with_key) = (med(&ft, f), med(&keyed, f));
+        println!("| {what} | {plain:.1} | {with_key:.1} | {:.3} |", with_key / plain);
+    }
     println!(
         "log rate during the request/response workload {:.0} B/s; backup lag at its end {:.2} ms of guest time; mean output hold {:.0} us",
         med(&ft, |f| f.log_bytes_per_sec),

@@ -5,12 +5,34 @@
 
 use std::sync::OnceLock;
 
+fn armed() -> Option<&'static str> {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    ARMED.get_or_init(|| std::env::var("LOCKSTEP_FAILPOINT").ok()).as_deref()
+}
+
 /// Die here as SIGKILL would (no cleanup, no last words) if the
 /// environment names this failpoint.
 pub fn kill_if(name: &str) {
-    static ARMED: OnceLock<Option<String>> = OnceLock::new();
-    if ARMED.get_or_init(|| std::env::var("LOCKSTEP_FAILPOINT").ok()).as_deref() == Some(name) {
+    if armed() == Some(name) {
         tracing::warn!("failpoint {name}: killing this process");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Hang here (as a blocked write or a hung disk would) while the file
+/// named by `LOCKSTEP_FAILPOINT_FILE` exists, if the environment names
+/// this failpoint.
+pub fn stall_while_file(name: &str) {
+    if armed() != Some(name) {
+        return;
+    }
+    let Some(file) = std::env::var_os("LOCKSTEP_FAILPOINT_FILE") else { return };
+    let mut told = false;
+    while std::path::Path::new(&file).exists() {
+        if !told {
+            told = true;
+            tracing::warn!("failpoint {name}: stalling while {} exists", file.to_string_lossy());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }

@@ -19,6 +19,16 @@ pub fn host_id() -> String {
     "unknown-host".to_string()
 }
 
+/// This build of lockstep: a hash of the running executable. Two sides
+/// replay each other's instructions, so they must run the same engine; a
+/// build is identified exactly (also a rebuild with the same version).
+pub fn build_id() -> String {
+    match crate::vm::file_hash(std::path::Path::new("/proc/self/exe")) {
+        Ok(h) => format!("{}-{h}", env!("CARGO_PKG_VERSION")),
+        Err(_) => format!("{}-unknown", env!("CARGO_PKG_VERSION")),
+    }
+}
+
 /// Where state that must outlive a run lives (the file arbiter's epochs):
 /// `LOCKSTEP_STATE_DIR`, else `/var/lib/lockstep` for root, else
 /// `$XDG_STATE_HOME/lockstep` or `~/.local/state/lockstep`. Not the

@@ -73,9 +73,14 @@ impl HostIo for PrimaryIo<'_> {
             self.log.sink.throttle();
         }
         self.bound_hold();
-        self.console.wait(timeout)
+        // Waiting for input is not being stuck (the heartbeat's pulse).
+        self.log.sink.waiting(true);
+        let input = self.console.wait(timeout);
+        self.log.sink.waiting(false);
+        input
     }
     fn progress(&mut self, pos: u64) {
+        crate::host::failpoint::stall_while_file("primary-run-loop-stall");
         // Entropy drawn in this slice goes before the mark that covers it.
         self.log.take_draws();
         self.log.sink.progress(pos);
@@ -131,6 +136,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         mac: vm.net.as_ref().map(|(_, mac)| *mac),
         host: crate::host::identity::host_id(),
         shared_arbiter: arbiter.shared_across_hosts(),
+        build: crate::host::identity::build_id(),
     };
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = console.stop_flag();
@@ -170,9 +176,12 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             crate::host::failpoint::kill_if("primary-after-reboot-end");
             let seed = host_seed()?;
             log.record(0, Event::Seed(seed));
-            // The old machine lets go of the disk (its lock) first.
+            // The old machine lets go of the disk (its lock) first. Building
+            // the next takes a while: not a stuck run loop.
+            log.sink.waiting(true);
             drop(m);
             m = boot(vm, seed, log.draws(), opts)?;
+            log.sink.waiting(false);
             continue;
         }
         // Let the secondary have the end before this side goes.

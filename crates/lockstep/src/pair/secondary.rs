@@ -83,6 +83,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let mut built: Option<(Machine, MachineMaker)> = None;
     tracing::info!("secondary: listening on {} (arbiter {})", opts.addr, arbiter.describe());
     let host = crate::host::identity::host_id();
+    let build = crate::host::identity::build_id();
     let shared_arbiter = arbiter.shared_across_hosts();
     let mut check = |h: &Hello| -> Result<(), String> {
         // A file arbiter is one host's: two hosts would each win their own.
@@ -91,6 +92,13 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 "the sides run on different hosts ('{}' and '{host}'); a pair across hosts needs a shared arbiter \
                  (--arbiter etcd:URL)",
                 h.host
+            ));
+        }
+        if h.build != build {
+            return Err(format!(
+                "the primary runs another lockstep build ({}, this secondary's is {build}): both sides must run the \
+                 same engine",
+                h.build
             ));
         }
         if h.vm_id != vm_id {
@@ -155,6 +163,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 }
                 let link = &replayer.source().0;
                 link.executed(replayer.position());
+                crate::host::failpoint::stall_while_file("secondary-replay-stall");
                 match replayer.step(LOG_WAIT) {
                     Ok(Step::Progress | Step::NeedMore) => Phase::Replaying,
                     Ok(Step::Ended(reason)) => Phase::Ended(reason),

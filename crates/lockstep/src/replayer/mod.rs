@@ -310,7 +310,13 @@ impl<S: Source> Replayer<S> {
         }
         let pos = self.machine.hart.position().0;
         match self.pending.front() {
-            Some(r) if r.position <= pos => {
+            // The machine is past a record's position: the log and the
+            // machine disagree about where that input happened.
+            Some(r) if r.position < pos => {
+                let what = format!("the log has a record at position {}, behind the machine", r.position);
+                Err(self.diverged(what))
+            }
+            Some(r) if r.position == pos => {
                 let rec = self.pending.pop_front().expect("a front record");
                 self.apply(rec)
             }
