@@ -24,6 +24,25 @@ use std::time::Duration;
 pub struct Holder {
     pub epoch: u64,
     pub owner: String,
+    /// The last epoch at which a side claimed to run alone (a secondary
+    /// going live, a primary going on without its secondary): from then
+    /// on that side's replica is ahead, and a replica that last ran at an
+    /// earlier epoch is stale. Carried over by every claim; 0: never.
+    #[serde(default)]
+    pub alone: u64,
+}
+
+impl Holder {
+    fn none() -> Holder {
+        Holder { epoch: 0, owner: String::new(), alone: 0 }
+    }
+
+    /// The record a claim from `current` by `owner` writes.
+    fn next(current: Option<&Holder>, owner: &str, alone: bool) -> Holder {
+        let epoch = current.map_or(0, |h| h.epoch) + 1;
+        let before = current.map_or(0, |h| h.alone);
+        Holder { epoch, owner: owner.to_string(), alone: if alone { epoch } else { before } }
+    }
 }
 
 /// The outcome of a claim.
@@ -87,8 +106,9 @@ pub trait Arbiter: Send + Sync {
     /// The current holder, if any epoch was ever claimed.
     fn read(&self) -> Result<Option<Holder>, ArbiterError>;
     /// If the current epoch is `expected` (0: none yet), make it
-    /// `expected + 1`, owned by `owner`.
-    fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError>;
+    /// `expected + 1`, owned by `owner`; `alone`: to run without a partner
+    /// (see [`Holder::alone`]).
+    fn claim(&self, expected: u64, owner: &str, alone: bool) -> Result<Claim, ArbiterError>;
     /// Do sides on two hosts see the same arbiter? (A file is one host's.)
     fn shared_across_hosts(&self) -> bool;
 }
@@ -154,7 +174,7 @@ impl Arbiter for FileArbiter {
         false
     }
 
-    fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError> {
+    fn claim(&self, expected: u64, owner: &str, alone: bool) -> Result<Claim, ArbiterError> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| self.err(e))?;
         }
@@ -168,9 +188,9 @@ impl Arbiter for FileArbiter {
         let current = self.read_unlocked()?;
         let epoch = current.as_ref().map_or(0, |h| h.epoch);
         if epoch != expected {
-            return Ok(Claim::Lost(current.unwrap_or(Holder { epoch: 0, owner: String::new() })));
+            return Ok(Claim::Lost(current.unwrap_or_else(Holder::none)));
         }
-        let next = Holder { epoch: expected + 1, owner: owner.to_string() };
+        let next = Holder::next(current.as_ref(), owner, alone);
         // Write a new file and rename it over the old: a crash leaves the
         // old record or the new one, never half of one.
         let tmp = self.path.with_extension("tmp");
@@ -262,15 +282,15 @@ impl Arbiter for EtcdArbiter {
         true
     }
 
-    fn claim(&self, expected: u64, owner: &str) -> Result<Claim, ArbiterError> {
+    fn claim(&self, expected: u64, owner: &str, alone: bool) -> Result<Claim, ArbiterError> {
         let current = self.range()?;
         let epoch = current.as_ref().map_or(0, |(h, _)| h.epoch);
         if epoch != expected {
-            let holder = current.map(|(h, _)| h).unwrap_or(Holder { epoch: 0, owner: String::new() });
+            let holder = current.map(|(h, _)| h).unwrap_or_else(Holder::none);
             return Ok(Claim::Lost(holder));
         }
         let key = Self::b64(self.key.as_bytes());
-        let next = Holder { epoch: expected + 1, owner: owner.to_string() };
+        let next = Holder::next(current.as_ref().map(|(h, _)| h), owner, alone);
         // The swap happens only if nobody wrote the key since we read it.
         let compare = match &current {
             Some((_, rev)) => serde_json::json!({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": rev}),
@@ -294,7 +314,7 @@ impl Arbiter for EtcdArbiter {
         if r.succeeded {
             Ok(Claim::Won(next.epoch))
         } else {
-            let holder = self.read()?.unwrap_or(Holder { epoch: 0, owner: String::new() });
+            let holder = self.read()?.unwrap_or_else(Holder::none);
             Ok(Claim::Lost(holder))
         }
     }
@@ -310,27 +330,45 @@ mod tests {
         d.join("vm.epoch")
     }
 
+    /// 14.3 The record remembers the last epoch a side ran alone, across
+    /// later claims, so a replica that last ran before it is known stale.
+    #[test]
+    fn the_last_epoch_run_alone_is_carried_over() {
+        let a = FileArbiter::new(tmp("alone"));
+        assert_eq!(a.claim(0, "p", false).unwrap(), Claim::Won(1));
+        assert_eq!(a.read().unwrap().unwrap().alone, 0);
+        assert_eq!(a.claim(1, "s", true).unwrap(), Claim::Won(2));
+        assert_eq!(a.claim(2, "s-again", false).unwrap(), Claim::Won(3));
+        assert_eq!(a.read().unwrap(), Some(Holder { epoch: 3, owner: "s-again".into(), alone: 2 }));
+    }
+
     #[test]
     fn file_arbiter_compare_and_swap() {
         let a = FileArbiter::new(tmp("cas"));
         assert_eq!(a.read().unwrap(), None);
-        assert_eq!(a.claim(0, "primary").unwrap(), Claim::Won(1));
-        assert_eq!(a.claim(0, "secondary").unwrap(), Claim::Lost(Holder { epoch: 1, owner: "primary".into() }));
-        assert_eq!(a.claim(1, "secondary").unwrap(), Claim::Won(2));
-        assert_eq!(a.claim(1, "primary").unwrap(), Claim::Lost(Holder { epoch: 2, owner: "secondary".into() }));
-        assert_eq!(a.read().unwrap(), Some(Holder { epoch: 2, owner: "secondary".into() }));
+        assert_eq!(a.claim(0, "primary", false).unwrap(), Claim::Won(1));
+        assert_eq!(
+            a.claim(0, "secondary", false).unwrap(),
+            Claim::Lost(Holder { epoch: 1, owner: "primary".into(), alone: 0 })
+        );
+        assert_eq!(a.claim(1, "secondary", false).unwrap(), Claim::Won(2));
+        assert_eq!(
+            a.claim(1, "primary", false).unwrap(),
+            Claim::Lost(Holder { epoch: 2, owner: "secondary".into(), alone: 0 })
+        );
+        assert_eq!(a.read().unwrap(), Some(Holder { epoch: 2, owner: "secondary".into(), alone: 0 }));
     }
 
     /// Many threads claim the same epoch at once: exactly one wins.
     #[test]
     fn exactly_one_concurrent_claim_wins() {
         let path = tmp("race");
-        FileArbiter::new(&path).claim(0, "start").unwrap();
+        FileArbiter::new(&path).claim(0, "start", false).unwrap();
         let outcomes: Vec<Claim> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
                 .map(|i| {
                     let path = path.clone();
-                    s.spawn(move || FileArbiter::new(&path).claim(1, &format!("t{i}")).unwrap())
+                    s.spawn(move || FileArbiter::new(&path).claim(1, &format!("t{i}"), false).unwrap())
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -346,7 +384,7 @@ mod tests {
         let path = tmp("bad");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"garbage").unwrap();
-        let e = FileArbiter::new(&path).claim(0, "p").unwrap_err();
+        let e = FileArbiter::new(&path).claim(0, "p", false).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!("arbiter file '{}' holds something that is not an epoch record", path.display())
@@ -362,7 +400,7 @@ mod tests {
     fn unreachable_etcd_is_an_error_not_a_verdict() {
         // Port 9 (discard) on loopback: nothing listens.
         let a = EtcdArbiter::new("http://127.0.0.1:9", "/lockstep/t/epoch");
-        let e = a.claim(0, "p").unwrap_err();
+        let e = a.claim(0, "p", false).unwrap_err();
         assert!(matches!(e, ArbiterError::Unreachable { .. }), "{e:?}");
         assert_eq!(e.to_string(), "arbiter etcd http://127.0.0.1:9 key /lockstep/t/epoch is unreachable");
         let why = std::error::Error::source(&e).unwrap().to_string();
@@ -425,12 +463,12 @@ mod tests {
     #[test]
     fn an_etcd_claim_whose_reply_was_lost_is_won_if_the_key_names_this_side() {
         let a = EtcdArbiter::new(&lossy_etcd(true), "/lockstep/t/epoch");
-        assert_eq!(a.claim(0, "secondary@b:1").unwrap(), Claim::Won(1));
-        assert_eq!(a.read().unwrap(), Some(Holder { epoch: 1, owner: "secondary@b:1".into() }));
+        assert_eq!(a.claim(0, "secondary@b:1", false).unwrap(), Claim::Won(1));
+        assert_eq!(a.read().unwrap(), Some(Holder { epoch: 1, owner: "secondary@b:1".into(), alone: 0 }));
         // Another side's claim from the same epoch finds it taken.
         let b = EtcdArbiter::new(&lossy_etcd(false), "/lockstep/t/epoch");
-        assert_eq!(b.claim(0, "x").unwrap(), Claim::Won(1));
-        assert_eq!(b.claim(0, "y").unwrap(), Claim::Lost(Holder { epoch: 1, owner: "x".into() }));
+        assert_eq!(b.claim(0, "x", false).unwrap(), Claim::Won(1));
+        assert_eq!(b.claim(0, "y", false).unwrap(), Claim::Lost(Holder { epoch: 1, owner: "x".into(), alone: 0 }));
         assert!(a.shared_across_hosts() && !FileArbiter::new(tmp("kind")).shared_across_hosts());
     }
 }

@@ -83,6 +83,11 @@ impl Shared {
         self.status.lock().unwrap().state.unwrap_or(State::Pairing)
     }
 
+    /// The epoch this side runs at.
+    pub fn epoch(&self) -> u64 {
+        self.status.lock().unwrap().epoch
+    }
+
     fn update(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.status.lock().unwrap());
         self.cond.notify_all();
@@ -190,7 +195,7 @@ impl PrimaryLink {
     ) -> Result<PrimaryLink, PairError> {
         let owner = owner_name("primary");
         let current = arbiter.read()?.map_or(0, |h| h.epoch);
-        let epoch = match arbiter.claim(current, &owner)? {
+        let epoch = match arbiter.claim(current, &owner, false)? {
             Claim::Won(e) => e,
             Claim::Lost(h) => return Err(PairError::EpochMoved(h.epoch, h.owner)),
         };
@@ -465,7 +470,7 @@ impl Lost {
         std::thread::spawn(move || {
             let mut told = false;
             loop {
-                match ctx.arbiter.claim(epoch, &ctx.owner) {
+                match ctx.arbiter.claim(epoch, &ctx.owner, true) {
                     Ok(Claim::Won(e)) => {
                         ctx.gate.open();
                         ctx.shared.update(|s| {
@@ -475,7 +480,7 @@ impl Lost {
                         note!(ctx.shared, warn, "won epoch {e}: running alone, the VM is NOT PROTECTED");
                         return;
                     }
-                    Ok(Claim::Lost(Holder { epoch, owner })) => {
+                    Ok(Claim::Lost(Holder { epoch, owner, .. })) => {
                         let dropped = ctx.gate.discard();
                         ctx.shared.update(|s| s.state = Some(State::Stopped));
                         note!(
@@ -776,7 +781,7 @@ impl SecondaryLink {
         self.shared.update(|s| s.state = Some(State::Arbitrating));
         let mut told = false;
         loop {
-            match self.arbiter.claim(self.epoch, &owner_name("secondary")) {
+            match self.arbiter.claim(self.epoch, &owner_name("secondary"), true) {
                 Ok(c) => {
                     self.shared.update(|s| {
                         s.state = Some(if matches!(c, Claim::Won(_)) { State::Alone } else { State::Stopped });

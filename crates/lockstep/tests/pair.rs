@@ -1111,3 +1111,37 @@ fn a_primary_goes_on_alone_when_its_secondary_stops_executing() {
     let w = client.finish(&pair).unwrap();
     eprintln!("{} writes", w.acked);
 }
+
+/// 14.3 Stale replicas: after a failover, the old primary restarted on its
+///      old disk is refused (the arbiter remembers that epoch 2 ran alone
+///      on the secondary; the old replica's record says it last ran at
+///      epoch 1), instead of claiming epoch 3 and waiting for a secondary
+///      to form a second, older, live VM with.
+#[test]
+fn the_old_primary_restarted_on_its_stale_replica_is_refused() {
+    let _one = serial();
+    let (net, mut pair, dir) = start("stale", 77, &[]);
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair).unwrap();
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    pair.wait_for("secondary.err", "going live at position", Duration::from_secs(30)).unwrap();
+    client.advance(10, Duration::from_secs(60), &pair).unwrap();
+    let g = guest();
+    let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
+    let out = exec(&net.primary, exe().to_str().unwrap())
+        .arg("primary")
+        .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
+        .args(["--append", &append, "--disk", dir.join("primary.img").to_str().unwrap()])
+        .args(["--net", "tap:tap0", "--mac", lab::pair::GUEST_MAC, "--peer", &net.log_addr(lab::pair::LOG_PORT)])
+        .args(["--arbiter", &format!("file:{}", dir.join("arbiter.epoch").display())])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is stale: epoch 2 ran alone on 'secondary@"), "{err}");
+    assert!(err.contains("this replica last ran at epoch 1"), "{err}");
+    let w = client.finish(&pair).unwrap();
+    eprintln!("{} writes", w.acked);
+}

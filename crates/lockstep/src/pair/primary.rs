@@ -6,7 +6,7 @@ use crate::host::console::StdioConsole;
 use crate::host::entropy::{host_seed, HostEntropy};
 use crate::host::log::report;
 use crate::vm::record::{InputLog, LogSink};
-use crate::vm::{end_reason, outcome_of, print_final, LinuxVm};
+use crate::vm::{end_reason, outcome_of, print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::gate::{FrameSink, OutputGate};
@@ -34,6 +34,10 @@ struct PrimaryIo<'a> {
     console_nic: usize,
     /// The pair's policy stopped this side (lost arbitration).
     fenced: bool,
+    /// The VM, for its replica record, and the epoch recorded there.
+    vm: &'a LinuxVm,
+    vm_id: &'a str,
+    recorded: u64,
 }
 
 /// Output items (frames, console chunks) the gate may hold before the
@@ -68,6 +72,12 @@ impl HostIo for PrimaryIo<'_> {
         if self.log.sink.state() == State::Stopped {
             self.fenced = true;
             return HostInput::Quit;
+        }
+        let epoch = self.log.sink.shared.epoch();
+        if epoch != self.recorded {
+            // Won a new epoch (going on alone): this replica runs ahead.
+            self.recorded = epoch;
+            replica::ran_at(self.vm, self.vm_id, epoch);
         }
         if timeout.is_zero() {
             self.log.sink.throttle();
@@ -138,12 +148,16 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         shared_arbiter: arbiter.shared_across_hosts(),
         build: crate::host::identity::build_id(),
     };
+    if let Some((disk, false)) = &vm.disk {
+        replica::check_fresh(disk, &vm_id, arbiter.read()?.as_ref())?;
+    }
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = console.stop_flag();
     let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, opts.key.as_ref(), &|| {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let shared = link.shared.clone();
+    replica::ran_at(vm, &vm_id, shared.epoch());
     if let Some(addr) = &opts.metrics {
         crate::host::status::serve(addr, Box::new(status_fn(shared.clone(), Some(gate.clone()))))?;
     }
@@ -156,6 +170,9 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             print_hashes: opts.hash_every.is_some(),
             console_nic,
             fenced: false,
+            vm,
+            vm_id: &vm_id,
+            recorded: shared.epoch(),
         };
         let stop = m.run_linux(&mut io, opts.max_insns)?;
         let fenced = io.fenced;

@@ -13,7 +13,7 @@ use crate::host::console::StdioConsole;
 use crate::host::entropy::HostEntropy;
 use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step};
 use crate::vm::live::{LiveRun, RunOpts};
-use crate::vm::{print_final, LinuxVm};
+use crate::vm::{print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::arbiter::Claim;
@@ -137,6 +137,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let (m, maker) = built.take().context("paired without a machine")?;
+    replica::ran_at(&vm, &vm_id, link.epoch);
     let live_position = Arc::new(AtomicU64::new(0));
     if let Some(addr) = &opts.metrics {
         let f = status_fn(link.shared.clone(), None);
@@ -192,10 +193,12 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 }
                 match replayer.source().0.claim() {
                     Claim::Won(epoch) if fresh_boot => {
+                        replica::ran_at(&vm, &vm_id, epoch);
                         tracing::info!("won epoch {epoch}: going live with the next boot (NOT PROTECTED)");
                         Phase::Live { fresh_boot }
                     }
                     Claim::Won(epoch) => {
+                        replica::ran_at(&vm, &vm_id, epoch);
                         tracing::info!("won epoch {epoch}: going live at position {pos} (NOT PROTECTED)");
                         Phase::Live { fresh_boot }
                     }

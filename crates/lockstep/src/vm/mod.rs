@@ -4,6 +4,7 @@
 
 pub mod live;
 pub mod record;
+pub mod replica;
 pub mod spec;
 
 use crate::host::log::report;
