@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"LSFT";
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: the key exchange, and the hello's host, arbiter kind and build.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -363,7 +364,7 @@ mod tests {
         let mut other = MAGIC.to_vec();
         other.extend_from_slice(&7u32.to_le_bytes());
         let e = read_preamble(&mut &other[..]).unwrap_err();
-        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 1");
+        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 2");
         let e = read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]).unwrap_err();
         assert!(matches!(e, WireError::NotLockstep(_)), "{e}");
     }

@@ -592,7 +592,7 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     let mut serr = String::new();
     sec.stderr.take().unwrap().read_to_string(&mut serr).unwrap();
     assert!(serr.contains("is not a lockstep pair endpoint"), "{serr}");
-    assert!(serr.contains("speaks pair protocol version 9, this lockstep speaks version 1"), "{serr}");
+    assert!(serr.contains("speaks pair protocol version 9, this lockstep speaks version 2"), "{serr}");
     assert!(serr.contains("stale epoch") || serr.contains("has none"), "{serr}");
     assert!(serr.contains("refused to pair with the primary at 127.0.0.1:"), "{serr}");
     assert!(!serr.contains("panicked"), "{serr}");
@@ -1142,6 +1142,29 @@ fn the_old_primary_restarted_on_its_stale_replica_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("is stale: epoch 2 ran alone on 'secondary@"), "{err}");
     assert!(err.contains("this replica last ran at epoch 1"), "{err}");
+    let w = client.finish(&pair).unwrap();
+    eprintln!("{} writes", w.acked);
+}
+
+/// 14.8 Divergence is checked by default: with no `--hash-every`, the
+///      sides still compare (incremental) state hashes; a bit flipped in
+///      the secondary's RAM (a failpoint) is caught at the next hash, the
+///      secondary resigns naming the interval, and the primary goes on
+///      alone with nothing lost.
+#[test]
+fn a_divergence_is_caught_without_asking_for_hashes() {
+    let _one = serial();
+    let (net, mut pair, _dir, flip) = start_with_failpoint("diverge", 78, "secondary-flip-a-ram-bit");
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair).unwrap();
+    std::fs::write(&flip, b"").unwrap();
+    let status = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", pair.tails());
+    let said = pair.text("secondary.err");
+    assert!(said.contains("replay diverged between positions"), "{said}");
+    assert!(said.contains("this secondary resigns"), "{said}");
+    pair.wait_for("primary.err", "won epoch 2: running alone", Duration::from_secs(30)).unwrap();
+    client.advance(20, Duration::from_secs(60), &pair).unwrap();
     let w = client.finish(&pair).unwrap();
     eprintln!("{} writes", w.acked);
 }

@@ -19,6 +19,7 @@
 
 pub mod boot;
 pub mod clint;
+mod digest;
 pub mod fdt;
 pub mod layout;
 pub mod loader;
@@ -243,6 +244,11 @@ pub struct Machine {
     pub snapshot_every: Option<u64>,
     next_snapshot: u64,
     last_snapshot: Option<u64>,
+    /// The RAM part of the state hash, page by page.
+    digest: digest::RamDigest,
+    /// Pages written since the last snapshot (the dirty tracking is drained
+    /// by the state hash too; each consumer keeps its own set).
+    snap_dirty: rv::bitmap::PageBitmap,
 }
 
 /// Positions between two checks of `tohost`.
@@ -290,6 +296,8 @@ impl Machine {
             snapshot_every: None,
             next_snapshot: 0,
             last_snapshot: None,
+            digest: digest::RamDigest::new(mem_bytes as usize),
+            snap_dirty: rv::bitmap::PageBitmap::new(mem_bytes as usize / digest::PAGE),
         }
     }
 
@@ -495,8 +503,19 @@ impl Machine {
     /// A hash of the whole guest-visible machine: the hart's architectural
     /// state, RAM, and every device's state (including input not yet
     /// delivered). Equal hashes at equal positions mean the runs agree.
-    pub fn state_hash(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
+    pub fn state_hash(&mut self) -> u64 {
+        self.drain_dirty();
+        let mut h = self.hash_devices();
+        for dev in &mut self.board.virtio {
+            dev.storage_digest(&mut h);
+        }
+        self.digest.hash_into(self.board.ram.bytes(), &mut h);
+        std::hash::Hasher::finish(&h)
+    }
+
+    /// The hart's and devices' state, the start of every state hash.
+    fn hash_devices(&self) -> xxhash_rust::xxh3::Xxh3 {
+        use std::hash::Hash;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         self.hart.state().hash(&mut h);
         let b = &self.board;
@@ -504,18 +523,30 @@ impl Machine {
         for dev in &b.virtio {
             dev.hash_state(&mut h);
         }
-        h.write(b.ram.bytes());
-        h.finish()
+        h
+    }
+
+    /// Hand the pages written since the last drain to both consumers of
+    /// the dirty tracking: the state hash and snapshots.
+    fn drain_dirty(&mut self) {
+        let pages = self.hart.take_dirty_pages().into_iter().chain(self.board.ram.take_dirty());
+        for page in pages {
+            self.digest.mark(page);
+            self.snap_dirty.set(page);
+        }
+    }
+
+    /// RAM was rewritten without tracking (a snapshot restored): the
+    /// next state hash hashes every page.
+    pub(crate) fn ram_replaced(&mut self) {
+        self.digest.invalidate();
     }
 
     /// RAM pages (numbered from the start of RAM) written by the hart or the
     /// host side since the last call, ascending; re-arms the tracking.
     pub fn take_dirty_pages(&mut self) -> Vec<u64> {
-        let mut pages = self.hart.take_dirty_pages();
-        pages.extend(self.board.ram.take_dirty());
-        pages.sort_unstable();
-        pages.dedup();
-        pages
+        self.drain_dirty();
+        self.snap_dirty.drain()
     }
 
     /// Position at which the CLINT timer fires, if it has not yet and ever

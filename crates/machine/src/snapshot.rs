@@ -330,6 +330,7 @@ impl Machine {
             let (snapshot, machine) = (last.state.virtio.len(), self.board.virtio.len());
             return Err(SnapshotError::Mismatch(Mismatch::DeviceCount { snapshot, machine }));
         }
+        self.ram_replaced();
         let ram = self.board.ram.bytes_mut();
         ram.fill(0);
         for (s, _) in chain {

@@ -22,7 +22,8 @@ use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 8] = *b"LOCKSTEP";
 /// Version of the format; a log of another version is refused.
-pub const VERSION: u32 = 1;
+/// 2: state hashes are over page digests and the disk's written chunks.
+pub const VERSION: u32 = 2;
 /// Largest record body accepted (a frame or a console burst is far less).
 pub const MAX_RECORD: u32 = 1 << 20;
 /// Largest header metadata accepted.
@@ -427,8 +428,8 @@ mod tests {
         assert!(matches!(read_all(b"hello world, not a log"), Err(LogError::NotALog)));
         assert!(matches!(read_all(b""), Err(LogError::NotALog)));
         let mut bytes = write(&sample(), b"m");
-        bytes[8] = 2;
-        assert!(matches!(read_all(&bytes), Err(LogError::Version { found: 2 })));
+        bytes[8] = 9;
+        assert!(matches!(read_all(&bytes), Err(LogError::Version { found: 9 })));
         let mut bytes = write(&sample(), b"meta");
         bytes[17] ^= 1;
         assert!(matches!(read_all(&bytes), Err(LogError::BadHeader)));

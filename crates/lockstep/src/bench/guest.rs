@@ -382,7 +382,7 @@ pub fn record(reps: usize) -> Result<()> {
         let w: Vec<&str> = l.split_whitespace().collect();
         println!("  at {:>12}  {:<5} {:>11} bytes {:>5} ms", w[1], w[2], w[3], w[5]);
     }
-    let m = machine::Machine::new_firmware(512 << 20);
+    let mut m = machine::Machine::new_firmware(512 << 20);
     let t = Instant::now();
     let n = 5;
     for _ in 0..n {

@@ -58,7 +58,8 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
         arbiter: pair.arbiter,
         cfg,
         metrics,
-        hash_every: spec.hash_every,
+        hash_every: Some(spec.hash_every.unwrap_or(pair::DEFAULT_HASH_EVERY)),
+        print_hashes: spec.hash_every.is_some(),
         max_insns: spec.max_insns,
         key,
     };

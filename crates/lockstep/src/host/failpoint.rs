@@ -19,6 +19,13 @@ pub fn kill_if(name: &str) {
     }
 }
 
+/// Whether the environment names this failpoint and the file named by
+/// `LOCKSTEP_FAILPOINT_FILE` exists now.
+pub fn file_armed(name: &str) -> bool {
+    armed() == Some(name)
+        && std::env::var_os("LOCKSTEP_FAILPOINT_FILE").is_some_and(|f| std::path::Path::new(&f).exists())
+}
+
 /// Hang here (as a blocked write or a hung disk would) while the file
 /// named by `LOCKSTEP_FAILPOINT_FILE` exists, if the environment names
 /// this failpoint.

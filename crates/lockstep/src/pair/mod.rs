@@ -22,6 +22,11 @@ use ft::link::Shared;
 use ft::{PairConfig, Status};
 use std::sync::Arc;
 
+/// How often a pair compares state hashes unless told otherwise: every
+/// 0.25 s of guest time. The hash is incremental (pages and disk chunks
+/// written since the last one), so this costs well under 1 %.
+pub const DEFAULT_HASH_EVERY: u64 = 250_000_000;
+
 /// Options of either side.
 pub struct PairOpts {
     /// Primary: the secondary's address. Secondary: the address to listen on.
@@ -32,7 +37,10 @@ pub struct PairOpts {
     pub cfg: PairConfig,
     /// Serve `/metrics` and `/status` here.
     pub metrics: Option<String>,
+    /// State hashes are exchanged every this many positions (always: see
+    /// [`DEFAULT_HASH_EVERY`]); printed only when asked for.
     pub hash_every: Option<u64>,
+    pub print_hashes: bool,
     pub max_insns: Option<u64>,
     /// Authenticates the log channel.
     pub key: Option<ft::auth::Key>,

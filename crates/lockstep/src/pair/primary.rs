@@ -167,7 +167,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         let mut io = PrimaryIo {
             console: &mut console,
             log: &mut log,
-            print_hashes: opts.hash_every.is_some(),
+            print_hashes: opts.print_hashes,
             console_nic,
             fenced: false,
             vm,
@@ -177,13 +177,13 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         let stop = m.run_linux(&mut io, opts.max_insns)?;
         let fenced = io.fenced;
         if fenced {
-            print_final(&m);
+            print_final(&mut m);
             bail!("{}", shared.status().note);
         }
         if stop == Stop::Quit && console.signalled() {
             // Told to stop: this side goes, the VM does not. No end record:
             // the secondary sees the channel close and takes over.
-            print_final(&m);
+            print_final(&mut m);
             bail!("stopped by a signal; the secondary goes on with the VM");
         }
         let end = m.hart.position().0;
@@ -203,7 +203,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         }
         // Let the secondary have the end before this side goes.
         log.sink.finish(end, Duration::from_secs(5));
-        print_final(&m);
+        print_final(&mut m);
         return outcome_of(stop, console.signalled(), opts.max_insns);
     }
 }

@@ -120,7 +120,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             *mac = theirs;
         }
         let maker = MachineMaker::new(&vm, opts.hash_every);
-        let m = maker.machine(h.seed).map_err(|e| format!("cannot build the machine: {e:#}"))?;
+        let mut m = maker.machine(h.seed).map_err(|e| format!("cannot build the machine: {e:#}"))?;
         let mine = m.state_hash();
         if mine != h.state_hash {
             return Err(format!(
@@ -154,8 +154,14 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         )?;
     }
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
-    let mut replayer = Replayer::new(LinkSource(link), m, maker, ReplayOpts { hash_every: opts.hash_every, mac });
+    let mut replayer = Replayer::new(
+        LinkSource(link),
+        m,
+        maker,
+        ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac },
+    );
     let mut phase = Phase::Replaying;
+    let mut flipped = false;
     loop {
         phase = match phase {
             Phase::Replaying => {
@@ -165,6 +171,17 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 let link = &replayer.source().0;
                 link.executed(replayer.position());
                 crate::host::failpoint::stall_while_file("secondary-replay-stall");
+                if !flipped && crate::host::failpoint::file_armed("secondary-flip-a-ram-bit") {
+                    // A silent fault in this side's memory: the next state
+                    // hash must catch it.
+                    flipped = true;
+                    let ram = &mut replayer.machine_mut().board.ram;
+                    let addr = ram.base() + ram.len() / 2;
+                    let mut byte = [0u8];
+                    ram.read(addr, &mut byte);
+                    ram.write(addr, &[byte[0] ^ 1]);
+                    tracing::warn!("failpoint secondary-flip-a-ram-bit: flipped a bit at {addr:#x}");
+                }
                 match replayer.step(LOG_WAIT) {
                     Ok(Step::Progress | Step::NeedMore) => Phase::Replaying,
                     Ok(Step::Ended(reason)) => Phase::Ended(reason),
@@ -203,7 +220,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                         Phase::Live { fresh_boot }
                     }
                     Claim::Lost(h) => {
-                        print_final(replayer.machine());
+                        print_final(replayer.machine_mut());
                         bail!("lost arbitration: epoch {} belongs to '{}'; this secondary stops", h.epoch, h.owner);
                     }
                 }
@@ -223,7 +240,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             }
             Phase::Ended(reason) => {
                 tracing::info!("the primary ended the VM ({reason:?}); the secondary stops with it");
-                print_final(replayer.machine());
+                print_final(replayer.machine_mut());
                 return Ok(if reason == EndReason::Panic { Outcome::GuestFailure } else { Outcome::Success });
             }
         };
@@ -265,7 +282,10 @@ fn go_live(
             if list.is_empty() { "no address seen yet".to_string() } else { list.join(", ") }
         );
     }
-    let run_opts = RunOpts { max_insns: opts.max_insns, hash_every: opts.hash_every, ..RunOpts::default() };
+    // Alone, the hashes have nobody to be compared with: only if asked for.
+    let hash_every = opts.hash_every.filter(|_| opts.print_hashes);
+    let run_opts = RunOpts { max_insns: opts.max_insns, hash_every, ..RunOpts::default() };
+    m.hash_every = hash_every;
     let mut live = LiveRun { console, log: None, snapshots: None, position: Some(position), opts: run_opts };
     live.serve(vm, m)
 }

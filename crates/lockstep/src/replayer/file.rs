@@ -107,7 +107,12 @@ pub fn replay(log: &Path, opts: &ReplayOpts) -> Result<Outcome> {
         maker.drop_entropy();
         report(&format!("replay: starting from the snapshot at position {}", m.hart.position().0));
     }
-    let mut r = Replayer::new(source, m, maker, ReplayerOpts { hash_every: opts.hash_every, mac: None });
+    let mut r = Replayer::new(
+        source,
+        m,
+        maker,
+        ReplayerOpts { hash_every: opts.hash_every, print_hashes: opts.hash_every.is_some(), mac: None },
+    );
     let outcome = loop {
         match r.step(Duration::ZERO) {
             Ok(Step::Progress | Step::NeedMore) => {}
@@ -117,7 +122,7 @@ pub fn replay(log: &Path, opts: &ReplayOpts) -> Result<Outcome> {
             Ok(Step::Exhausted(end) | Step::RebootUnseeded(end)) => {
                 let pos = r.machine().hart.position().0;
                 report(&format!("replay stopped at position {pos}: {end}"));
-                print_final(r.machine());
+                print_final(r.machine_mut());
                 bail!("{end}; replayed up to position {pos}");
             }
             Err(ReplayError::Log(e)) => bail!("'{}': {e}", log.display()),
@@ -127,6 +132,6 @@ pub fn replay(log: &Path, opts: &ReplayOpts) -> Result<Outcome> {
     if r.frames_out() > 0 {
         report(&format!("replay: the guest sent {} network frames (not delivered)", r.frames_out()));
     }
-    print_final(r.machine());
+    print_final(r.machine_mut());
     Ok(outcome)
 }

@@ -150,6 +150,8 @@ impl HostIo for ReplayIo {
 #[derive(Clone, Copy, Default)]
 pub struct ReplayOpts {
     pub hash_every: Option<u64>,
+    /// Print each state hash (`hash P H` on stderr).
+    pub print_hashes: bool,
     /// The guest's MAC: learn its addresses from its frames.
     pub mac: Option<[u8; 6]>,
 }
@@ -201,14 +203,17 @@ impl<S: Source> Replayer<S> {
     /// Replay `source` on `machine`, built by `maker` from the log's first
     /// boot record.
     pub fn new(source: S, machine: Machine, maker: MachineMaker, opts: ReplayOpts) -> Replayer<S> {
-        let io =
-            ReplayIo { frames_out: 0, print_hashes: opts.hash_every.is_some(), mac: opts.mac, addresses: Vec::new() };
+        let io = ReplayIo { frames_out: 0, print_hashes: opts.print_hashes, mac: opts.mac, addresses: Vec::new() };
         let (pending, through, base, last_good, closed) = (VecDeque::new(), 0, 0, 0, None);
         Replayer { source, machine, maker, io, pending, through, base, last_good, closed }
     }
 
     pub fn machine(&self) -> &Machine {
         &self.machine
+    }
+
+    pub fn machine_mut(&mut self) -> &mut Machine {
+        &mut self.machine
     }
 
     pub fn source(&self) -> &S {

@@ -104,7 +104,7 @@ impl LiveRun<'_> {
                 m = self.boot(vm, host_seed()?)?;
                 continue;
             }
-            print_final(&m);
+            print_final(&mut m);
             return outcome_of(stop, self.console.signalled(), self.opts.max_insns);
         }
     }

@@ -148,7 +148,7 @@ pub fn end_reason(stop: Stop) -> EndReason {
 }
 
 /// The closing lines every Linux run prints: where it ended and its state.
-pub fn print_final(m: &Machine) {
+pub fn print_final(m: &mut Machine) {
     report(&format!("position {}", m.hart.position().0));
     report(&format!("state-hash {:016x}", m.state_hash()));
 }

@@ -140,6 +140,10 @@ pub struct Block {
     pub io_errors: u64,
     /// 4 KiB chunks of the disk written since the last storage delta.
     written: std::collections::BTreeSet<u64>,
+    /// Hashes of the chunks written since boot, for the state hash, and
+    /// the chunks written since it was last brought up to date.
+    chunk_hashes: std::collections::BTreeMap<u64, u64>,
+    rehash: std::collections::BTreeSet<u64>,
 }
 
 /// Granule of the disk changes an incremental snapshot carries.
@@ -151,7 +155,16 @@ impl Block {
         let mut idb = [0u8; 20];
         let n = id.len().min(20);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Block { backend, read_only, capacity, id: idb, io_errors: 0, written: Default::default() }
+        Block {
+            backend,
+            read_only,
+            capacity,
+            id: idb,
+            io_errors: 0,
+            written: Default::default(),
+            chunk_hashes: Default::default(),
+            rehash: Default::default(),
+        }
     }
 
     /// A host I/O error on a transfer: counted, and reported to the host
@@ -237,6 +250,7 @@ impl Block {
                 continue;
             }
             self.written.extend(off / CHUNK..(off + len).div_ceil(CHUNK));
+            self.rehash.extend(off / CHUNK..(off + len).div_ceil(CHUNK));
             let result =
                 if kind == T_DISCARD { self.backend.discard(off, len) } else { self.backend.write_zeroes(off, len) };
             if let Err(e) = result {
@@ -257,6 +271,7 @@ impl Block {
                 ram.read(b.addr, &mut buf);
                 let end = off + b.len as u64;
                 self.written.extend(off / CHUNK..end.div_ceil(CHUNK));
+                self.rehash.extend(off / CHUNK..end.div_ceil(CHUNK));
                 self.backend.write_at(&buf, off)
             } else {
                 self.backend.read_at(&mut buf, off).map(|()| {
@@ -303,7 +318,28 @@ impl VirtioDevice for Block {
         Ok(out)
     }
     fn apply_storage(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.rehash.extend(offset / CHUNK..(offset + data.len() as u64).div_ceil(CHUNK));
         self.backend.write_at(data, offset)
+    }
+    fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
+        let size = self.backend.size_bytes();
+        let mut buf = vec![0u8; CHUNK as usize];
+        for chunk in std::mem::take(&mut self.rehash) {
+            let off = chunk * CHUNK;
+            let len = CHUNK.min(size.saturating_sub(off)) as usize;
+            // A chunk the host cannot read back hashes as unreadable: the
+            // state hash then differs from the peer's, and the side whose
+            // disk fails is the one in doubt.
+            let hash = match self.backend.read_at(&mut buf[..len], off) {
+                Ok(()) => xxhash_rust::xxh3::xxh3_64(&buf[..len]),
+                Err(_) => u64::MAX,
+            };
+            self.chunk_hashes.insert(chunk, hash);
+        }
+        for (chunk, hash) in &self.chunk_hashes {
+            h.update(&chunk.to_le_bytes());
+            h.update(&hash.to_le_bytes());
+        }
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // capacity, and the discard / write-zeroes limits (virtio 1.2,

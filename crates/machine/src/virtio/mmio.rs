@@ -126,6 +126,11 @@ impl MmioTransport {
         self.device.restore(&s.device)
     }
 
+    /// See [`VirtioDevice::storage_digest`].
+    pub fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
+        self.device.storage_digest(h);
+    }
+
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
     }

@@ -81,6 +81,12 @@ pub trait VirtioDevice {
         let _ = state;
         Ok(())
     }
+    /// Feed the state hash a digest of the storage the guest changed since
+    /// boot (updated for what changed since the last call); a device
+    /// without storage adds nothing.
+    fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
+        let _ = h;
+    }
     /// Storage written since the last call, as (byte offset, bytes)
     /// extents: what an incremental snapshot must carry of the disk.
     fn take_storage_delta(&mut self) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
