@@ -392,13 +392,17 @@ impl PrimaryLink {
         let (mut seen, mut moved) = (s.peer_position, Instant::now());
         while s.state == Some(State::Protected) && lag(&s) > self.cfg.max_lag / 2 {
             s = self.shared.cond.wait_timeout(s, self.cfg.heartbeat).unwrap().0;
-            if s.peer_position != seen {
+            // Stuck means: it holds log it does not execute. A secondary
+            // that has executed all it received waits for the link, which
+            // is slow, not dead (the heartbeats say so).
+            let holds_more = self.gate.acked() > s.peer_position;
+            if s.peer_position != seen || !holds_more {
                 (seen, moved) = (s.peer_position, Instant::now());
             } else if moved.elapsed() >= self.cfg.timeout {
                 let why = format!(
-                    "its execution has stood at position {seen} for {} ms while it trails by {} positions",
+                    "its execution has stood at position {seen} for {} ms although it holds the log to {}",
                     moved.elapsed().as_millis(),
-                    lag(&s)
+                    self.gate.acked()
                 );
                 drop(s);
                 self.lost.peer_lost(why);

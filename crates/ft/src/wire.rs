@@ -295,23 +295,8 @@ fn read_frame(r: &mut impl Read) -> Result<(Vec<u8>, u64, u8, usize), WireError>
 
 /// Read one message: its epoch and content.
 pub fn read_message(r: &mut impl Read) -> Result<(u64, Message), WireError> {
-    let mut head = [0u8; 8];
-    read_full(r, &mut head)?;
-    let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
-    let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
-    if len > MAX_MESSAGE {
-        return Err(WireError::TooLarge(len));
-    }
-    if len < 9 {
-        return Err(WireError::Malformed(Malformed::TooShort(len)));
-    }
-    let mut body = vec![0u8; len];
-    read_full(r, &mut body)?;
-    if crc32fast::hash(&body) != crc {
-        return Err(WireError::Checksum);
-    }
-    let epoch = u64::from_le_bytes(body[1..9].try_into().unwrap());
-    Ok((epoch, Message::parse(body[0], &body[9..])?))
+    let (framed, epoch, kind, start) = read_frame(r)?;
+    Ok((epoch, Message::parse(kind, &framed[start..])?))
 }
 
 #[cfg(test)]

@@ -62,6 +62,19 @@ impl Pair {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Pair> {
+        Pair::start_with_side_env(exe, g, net, dir, extra, env, env)
+    }
+
+    /// As [`Pair::start`], with environment variables for each side.
+    pub fn start_with_side_env(
+        exe: &Path,
+        g: &GuestPaths,
+        net: &PairNet,
+        dir: &Path,
+        extra: &[&str],
+        primary_env: &[(&str, &str)],
+        secondary_env: &[(&str, &str)],
+    ) -> Result<Pair> {
         let (pdisk, sdisk) = replicas(&g.disk, dir)?;
         let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
         let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
@@ -79,6 +92,7 @@ impl Pair {
             if !extra.contains(&"--arbiter") {
                 c.args(["--arbiter", &arbiter]);
             }
+            let env = if role == "primary" { primary_env } else { secondary_env };
             c.envs(env.iter().copied());
             c.spawn().with_context(|| format!("cannot start the {role}"))
         };

@@ -1168,3 +1168,45 @@ fn a_divergence_is_caught_without_asking_for_hashes() {
     let w = client.finish(&pair).unwrap();
     eprintln!("{} writes", w.acked);
 }
+
+/// 14.8 A disk error on one replica is a host fault, not guest input: it
+///      must not show the guest an error its twin never saw. A replica
+///      that fills up (a failpoint answers its writes with ENOSPC) stops
+///      its side before the guest sees anything of the failed request:
+///      the primary's, and the secondary goes on from the last mark (the
+///      guest's write then succeeds there, nothing lost); the secondary's,
+///      and the primary goes on alone.
+#[test]
+fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
+    let _one = serial();
+    for (failing, tag, net_id) in [("primary", "fullp", 68u8), ("secondary", "fulls", 69)] {
+        common::require_root_net();
+        let dir = fresh_dir(&format!("pair-{tag}"));
+        let net = PairNet::new(tag, net_id).unwrap();
+        let full = dir.join("full");
+        let env = [("LOCKSTEP_FAILPOINT", "disk-full"), ("LOCKSTEP_FAILPOINT_FILE", full.to_str().unwrap())];
+        let (penv, senv): (&[(&str, &str)], &[(&str, &str)]) =
+            if failing == "primary" { (&env, &[]) } else { (&[], &env) };
+        let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], penv, senv).unwrap();
+        pair.wait_for("primary.out", READY, BOOT).unwrap();
+        let client = Client::start(&net);
+        client.advance(20, BOOT, &pair).unwrap();
+        // Every acknowledged redis write is on the disk (appendfsync always).
+        std::fs::write(&full, b"").unwrap();
+        let child = if failing == "primary" { &mut pair.primary } else { &mut pair.secondary };
+        let status = wait_exit(child, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(2), "{}", pair.tails());
+        let said = pair.text(&format!("{failing}.err"));
+        assert!(said.contains(&format!("this {failing}'s disk replica failed (disk write")), "{said}");
+        assert!(said.contains("No space left on device"), "{said}");
+        let goes_on = if failing == "primary" {
+            ("secondary.err", "going live at position")
+        } else {
+            ("primary.err", "won epoch 2: running alone")
+        };
+        pair.wait_for(goes_on.0, goes_on.1, Duration::from_secs(30)).unwrap();
+        client.advance(20, Duration::from_secs(60), &pair).unwrap();
+        let w = client.finish(&pair).unwrap();
+        eprintln!("{failing} replica full: {} writes, nothing lost", w.acked);
+    }
+}

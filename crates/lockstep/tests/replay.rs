@@ -96,16 +96,26 @@ fn a_recorded_boot_replays_identically() {
     assert_eq!(hash_lines(&rep.stderr), hashes, "identical hash sequence and final state");
 }
 
-#[test]
-fn a_tampered_hash_is_reported_as_a_divergence_interval() {
+/// The recording, rewritten record by record by `edit` (with valid
+/// checksums) into `name`.
+fn rewritten(name: &str, mut edit: impl FnMut(&mut replay::Record)) -> PathBuf {
     let (log, _) = the_recording();
-    // Rewrite the log (valid checksums) with the 5th state hash changed.
     let bytes = std::fs::read(log).unwrap();
     let (mut reader, meta) = replay::LogReader::new(&bytes[..]).unwrap();
-    let bad = common::tmp_dir("replay").join("tampered.log");
-    let mut w = replay::LogWriter::new(std::fs::File::create(&bad).unwrap(), &meta).unwrap();
-    let (mut n, mut at) = (0, 0);
+    let out = common::tmp_dir("replay").join(name);
+    let mut w = replay::LogWriter::new(std::fs::File::create(&out).unwrap(), &meta).unwrap();
     while let Some(mut r) = reader.next_record().unwrap() {
+        edit(&mut r);
+        w.append(&r).unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_tampered_hash_is_reported_as_a_divergence_interval() {
+    // Rewrite the log (valid checksums) with the 5th state hash changed.
+    let (mut n, mut at) = (0, 0);
+    let bad = rewritten("tampered.log", |r| {
         if let replay::Event::Hash(h) = &mut r.event {
             n += 1;
             if n == 5 {
@@ -113,9 +123,7 @@ fn a_tampered_hash_is_reported_as_a_divergence_interval() {
                 at = r.position;
             }
         }
-        w.append(&r).unwrap();
-    }
-    drop(w);
+    });
     let out = replay(&bad, &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
@@ -131,25 +139,16 @@ fn a_tampered_hash_is_reported_as_a_divergence_interval() {
 /// idle skip is moved back into the skipped stretch.
 #[test]
 fn a_record_behind_the_machine_is_a_divergence() {
-    let (log, _) = the_recording();
-    let bytes = std::fs::read(log).unwrap();
-    let (mut reader, meta) = replay::LogReader::new(&bytes[..]).unwrap();
-    let bad = common::tmp_dir("replay").join("behind.log");
-    let mut w = replay::LogWriter::new(std::fs::File::create(&bad).unwrap(), &meta).unwrap();
     let (mut skipped_to, mut at) = (None, None);
-    while let Some(mut r) = reader.next_record().unwrap() {
-        match (&r.event, skipped_to, at) {
-            (replay::Event::Skip(n), None, None) if *n >= 2 => skipped_to = Some((r.position, *n)),
-            (replay::Event::Entropy(_), _, _) => {}
-            (_, Some((p, n)), None) => {
-                r.position = p + n / 2;
-                at = Some(r.position);
-            }
-            _ => {}
+    let bad = rewritten("behind.log", |r| match (&r.event, skipped_to, at) {
+        (replay::Event::Skip(n), None, None) if *n >= 2 => skipped_to = Some((r.position, *n)),
+        (replay::Event::Entropy(_), _, _) => {}
+        (_, Some((p, n)), None) => {
+            r.position = p + n / 2;
+            at = Some(r.position);
         }
-        w.append(&r).unwrap();
-    }
-    drop(w);
+        _ => {}
+    });
     let at = at.expect("the recording has an idle skip followed by a record");
     let out = replay(&bad, &[]);
     assert_eq!(out.status.code(), Some(2));

@@ -147,6 +147,11 @@ pub enum RunError {
     Stuck { pc: u64 },
     #[error("unexpected trap into M-mode (mcause {cause:#x}, mepc {epc:#x}, mtval {tval:#x}): the guest ran into firmware territory")]
     MachineTrap { cause: u64, epc: u64, tval: u64 },
+    /// A device's host backend failed where failing must not reach the
+    /// guest (a pair's disk replica: the guest would diverge from its
+    /// twin); the machine stops before the guest sees anything of it.
+    #[error("host fault: {0}")]
+    HostFault(String),
 }
 
 /// What the host gives the run loop: every input from outside the machine
@@ -536,6 +541,16 @@ impl Machine {
         }
     }
 
+    /// Whether a device's host failure (a disk replica's I/O error) stops
+    /// the machine with [`RunError::HostFault`] (a side of a pair: the
+    /// guest must not see an error its twin did not) or reaches the guest
+    /// as a device error (a VM alone).
+    pub fn stop_on_host_errors(&mut self, stop: bool) {
+        for dev in &mut self.board.virtio {
+            dev.stop_on_host_error(stop);
+        }
+    }
+
     /// RAM was rewritten without tracking (a snapshot restored): the
     /// next state hash hashes every page.
     pub(crate) fn ram_replaced(&mut self) {
@@ -591,6 +606,9 @@ impl Machine {
             self.hart.invalidate_ram(page << 12, 1 << 12);
         }
         let exit = self.hart.run(&mut self.board, Position(slice_end));
+        if let Some(fault) = self.board.virtio.iter().find_map(|d| d.host_fault()) {
+            return Err(RunError::HostFault(fault));
+        }
         self.waiting = false;
         match exit {
             Exit::Reached | Exit::Device => Ok(None),

@@ -26,6 +26,33 @@ pub fn file_armed(name: &str) -> bool {
         && std::env::var_os("LOCKSTEP_FAILPOINT_FILE").is_some_and(|f| std::path::Path::new(&f).exists())
 }
 
+/// A disk backend that fails every write with ENOSPC while the failpoint
+/// `disk-full` is armed and its file exists (a replica on a full disk).
+pub struct FillableDisk(pub Box<dyn machine::virtio::blk::BlockBackend>);
+
+impl machine::virtio::blk::BlockBackend for FillableDisk {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if file_armed("disk-full") {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+        }
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Whether the environment names failpoint `name` at all.
+pub fn named(name: &str) -> bool {
+    armed() == Some(name)
+}
+
 /// Hang here (as a blocked write or a hung disk would) while the file
 /// named by `LOCKSTEP_FAILPOINT_FILE` exists, if the environment names
 /// this failpoint.

@@ -116,6 +116,9 @@ impl HostIo for PrimaryIo<'_> {
 fn boot(vm: &LinuxVm, seed: [u8; 32], draws: &crate::host::entropy::Draws, opts: &PairOpts) -> Result<Machine> {
     let mut m = vm.machine(seed, Box::new(HostEntropy::logged(draws)?))?;
     m.hash_every = opts.hash_every;
+    // A disk error only this replica saw must not reach the guest: the
+    // run stops, and the secondary goes on from the last mark.
+    m.stop_on_host_errors(true);
     Ok(m)
 }
 
@@ -174,7 +177,15 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             vm_id: &vm_id,
             recorded: shared.epoch(),
         };
-        let stop = m.run_linux(&mut io, opts.max_insns)?;
+        let stop = match m.run_linux(&mut io, opts.max_insns) {
+            Ok(stop) => stop,
+            Err(machine::RunError::HostFault(fault)) => {
+                // No end record: the secondary goes on from the last mark,
+                // where the guest has not seen the failed request.
+                bail!("this primary's disk replica failed ({fault}): it stops, and the secondary goes on with the VM");
+            }
+            Err(e) => return Err(e.into()),
+        };
         let fenced = io.fenced;
         if fenced {
             print_final(&mut m);

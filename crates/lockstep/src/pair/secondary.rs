@@ -189,7 +189,12 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                     Ok(Step::RebootUnseeded(why)) => Phase::Claiming { why, fresh_boot: true },
                     Err(e @ ReplayError::Diverged { .. }) => bail!("{e}; this secondary resigns"),
                     Err(ReplayError::Log(e)) => bail!("the primary's log has {e}"),
-                    Err(ReplayError::Host(e)) => return Err(e),
+                    Err(ReplayError::Host(e)) => match e.downcast_ref::<machine::RunError>() {
+                        Some(machine::RunError::HostFault(fault)) => {
+                            bail!("this secondary's disk replica failed ({fault}): it resigns, and the primary goes on")
+                        }
+                        _ => return Err(e),
+                    },
                 }
             }
             Phase::Claiming { why, fresh_boot } => {
@@ -263,6 +268,8 @@ fn go_live(
         tracing::info!("dropped {typed} console bytes typed before going live");
     }
     m.resync_clock();
+    // Alone, a disk error reaches the guest as on any VM.
+    m.stop_on_host_errors(false);
     if let (Some(mut t), Some((_, mac))) = (tap, &vm.net) {
         let name = t.name().to_string();
         // Frames that reached this tap while the primary served the guest

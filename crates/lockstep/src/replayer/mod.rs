@@ -172,6 +172,8 @@ impl MachineMaker {
     pub fn machine(&self, seed: [u8; 32]) -> anyhow::Result<Machine> {
         let mut m = self.vm.machine(seed, Box::new(LoggedEntropy(self.feed.clone())))?;
         m.hash_every = self.hash_every;
+        // A replica's disk error is this host's fault, not the guest's.
+        m.stop_on_host_errors(true);
         Ok(m)
     }
 

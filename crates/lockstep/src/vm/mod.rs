@@ -84,8 +84,12 @@ impl LinuxVm {
         let mut m = Machine::new_firmware(self.mem);
         m.rng_seed = Some(seed);
         if let Some((path, read_only)) = &self.disk {
-            let backend = machine::virtio::blk::FileBackend::open(path, *read_only)?;
-            let blk = machine::virtio::blk::Block::new(Box::new(backend), *read_only, "lockstep-disk0");
+            let mut backend: Box<dyn machine::virtio::blk::BlockBackend> =
+                Box::new(machine::virtio::blk::FileBackend::open(path, *read_only)?);
+            if crate::host::failpoint::named("disk-full") {
+                backend = Box::new(crate::host::failpoint::FillableDisk(backend));
+            }
+            let blk = machine::virtio::blk::Block::new(backend, *read_only, "lockstep-disk0");
             m.add_virtio(Box::new(blk))?;
         }
         if let Some((_, mac)) = &self.net {

@@ -140,6 +140,12 @@ pub struct Block {
     pub io_errors: u64,
     /// 4 KiB chunks of the disk written since the last storage delta.
     written: std::collections::BTreeSet<u64>,
+    /// A host I/O error stops the machine instead of reaching the guest
+    /// as VIRTIO_BLK_S_IOERR: a pair's replica is one of two, and an error
+    /// only this side saw would make its guest diverge from the other's.
+    pub stop_on_host_error: bool,
+    /// The host error that stopped the device (with `stop_on_host_error`).
+    fault: Option<String>,
     /// Hashes of the chunks written since boot, for the state hash, and
     /// the chunks written since it was last brought up to date.
     chunk_hashes: std::collections::BTreeMap<u64, u64>,
@@ -161,6 +167,8 @@ impl Block {
             capacity,
             id: idb,
             io_errors: 0,
+            stop_on_host_error: false,
+            fault: None,
             written: Default::default(),
             chunk_hashes: Default::default(),
             rehash: Default::default(),
@@ -170,6 +178,10 @@ impl Block {
     /// A host I/O error on a transfer: counted, and reported to the host
     /// (the guest gets VIRTIO_BLK_S_IOERR).
     fn io_error(&mut self, op: &'static str, offset: u64, len: u64, error: &std::io::Error) {
+        if self.stop_on_host_error {
+            self.fault.get_or_insert_with(|| format!("disk {op} of {len} bytes at offset {offset} failed: {error}"));
+            return;
+        }
         self.io_errors += 1;
         tracing::warn!(device = "virtio-blk", offset, len, %error, "disk {op} failed");
     }
@@ -198,6 +210,10 @@ impl Block {
             T_OUT if data.iter().all(|b| !b.write) => self.transfer(data, sector, ram, true),
             T_FLUSH => match self.backend.flush() {
                 Ok(()) => (S_OK, 0),
+                Err(error) if self.stop_on_host_error => {
+                    self.fault.get_or_insert_with(|| format!("disk flush failed: {error}"));
+                    (S_IOERR, 0)
+                }
                 Err(error) => {
                     self.io_errors += 1;
                     tracing::warn!(device = "virtio-blk", %error, "disk flush failed");
@@ -321,6 +337,12 @@ impl VirtioDevice for Block {
         self.rehash.extend(offset / CHUNK..(offset + data.len() as u64).div_ceil(CHUNK));
         self.backend.write_at(data, offset)
     }
+    fn host_fault(&self) -> Option<String> {
+        self.fault.clone()
+    }
+    fn stop_on_host_error(&mut self, stop: bool) {
+        self.stop_on_host_error = stop;
+    }
     fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
         let size = self.backend.size_bytes();
         let mut buf = vec![0u8; CHUNK as usize];
@@ -360,6 +382,11 @@ impl VirtioDevice for Block {
         let mut notify = false;
         while let Some(chain) = queue.pop(ram)? {
             let (status, written) = self.serve(&chain, ram);
+            if self.fault.is_some() {
+                // Not completed: the machine stops before the guest learns
+                // anything of this request.
+                return Ok(notify);
+            }
             if let Some(s) = chain.buffers.last().filter(|b| b.write && b.len >= 1) {
                 ram.write(s.addr, &[status]);
             }
@@ -371,6 +398,20 @@ impl VirtioDevice for Block {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_host_error_stops_the_device_instead_of_reaching_the_guest_when_asked() {
+        let mut ram = Ram::new(BASE, 1 << 16);
+        let mut d = disk(true);
+        let write = request(&mut ram, T_OUT, 0, 512, false);
+        assert_eq!(d.serve(&write, &mut ram).0, S_IOERR, "by default the guest sees the error");
+        assert_eq!(d.host_fault(), None);
+        d.stop_on_host_error = true;
+        d.serve(&write, &mut ram);
+        let fault = d.host_fault().expect("a host fault");
+        assert!(fault.contains("disk write of 512 bytes at offset 0 failed"), "{fault}");
+    }
+
     use super::*;
 
     /// An in-memory disk that can be told to fail.

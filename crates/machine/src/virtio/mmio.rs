@@ -126,6 +126,16 @@ impl MmioTransport {
         self.device.restore(&s.device)
     }
 
+    /// See [`VirtioDevice::stop_on_host_error`].
+    pub fn stop_on_host_error(&mut self, stop: bool) {
+        self.device.stop_on_host_error(stop);
+    }
+
+    /// See [`VirtioDevice::host_fault`].
+    pub fn host_fault(&self) -> Option<String> {
+        self.device.host_fault()
+    }
+
     /// See [`VirtioDevice::storage_digest`].
     pub fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
         self.device.storage_digest(h);

@@ -81,6 +81,16 @@ pub trait VirtioDevice {
         let _ = state;
         Ok(())
     }
+    /// Whether a host failure stops the machine (a pair's replica) or
+    /// reaches the guest as a device error (a VM alone).
+    fn stop_on_host_error(&mut self, stop: bool) {
+        let _ = stop;
+    }
+    /// A host failure that stopped the device before the guest saw it
+    /// (see `blk::Block::stop_on_host_error`).
+    fn host_fault(&self) -> Option<String> {
+        None
+    }
     /// Feed the state hash a digest of the storage the guest changed since
     /// boot (updated for what changed since the last call); a device
     /// without storage adds nothing.
