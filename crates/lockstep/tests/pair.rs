@@ -1185,8 +1185,8 @@ fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
         let net = PairNet::new(tag, net_id).unwrap();
         let full = dir.join("full");
         let env = [("LOCKSTEP_FAILPOINT", "disk-full"), ("LOCKSTEP_FAILPOINT_FILE", full.to_str().unwrap())];
-        let (penv, senv): (&[(&str, &str)], &[(&str, &str)]) =
-            if failing == "primary" { (&env, &[]) } else { (&[], &env) };
+        let none: &[(&str, &str)] = &[];
+        let (penv, senv) = if failing == "primary" { (&env[..], none) } else { (none, &env[..]) };
         let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], penv, senv).unwrap();
         pair.wait_for("primary.out", READY, BOOT).unwrap();
         let client = Client::start(&net);
