@@ -25,6 +25,8 @@ pub enum BenchKind {
     /// Recording overhead, log bandwidth, replay speed, snapshot size and
     /// state-hash time. Needs root (network namespaces).
     Record,
+    /// The state hash: first and incremental, on a 512 MiB machine.
+    Hash,
     /// The fault-tolerant pair against the same guest alone: CPU-bound and
     /// request/response throughput, added latency, log rate, backup lag,
     /// and failover time over `--kills` SIGKILLs. Needs root.
@@ -146,6 +148,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Devices => return guest::devices(args.reps),
         BenchKind::Record => return guest::record(args.reps),
         BenchKind::Pair => return pair::pair(args.reps, args.kills),
+        BenchKind::Hash => {
+            guest::state_hash_figures();
+            return Ok(());
+        }
         BenchKind::Cpu => {}
     }
     let iters = args.minsns * 1_000_000 / machine::programs::LOOP_BODY;
