@@ -17,7 +17,9 @@
 pub mod arbiter;
 pub mod auth;
 pub mod gate;
+mod greet;
 pub mod link;
+pub mod liveness;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

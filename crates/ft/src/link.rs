@@ -11,6 +11,8 @@
 use crate::arbiter::{Arbiter, Claim, Holder};
 use crate::auth::{self, Key, Seal};
 use crate::gate::OutputGate;
+use crate::greet::{greet, refuse_latecomers, Deadline, Greeting, SealedStream};
+use crate::liveness::{Lease, Pulse};
 use crate::wire::{self, Hello, Message, WireError};
 use crate::{ErrorChain, PairConfig, State, Status};
 use replay::Record;
@@ -559,69 +561,6 @@ fn heartbeat_loop(
     }
 }
 
-/// When the primary's run loop last completed a slice, and whether it is
-/// waiting for input now (a wait is bounded by the run loop itself).
-struct Pulse {
-    last: Mutex<Instant>,
-    waiting: AtomicBool,
-}
-
-impl Pulse {
-    fn new() -> Pulse {
-        Pulse { last: Mutex::new(Instant::now()), waiting: AtomicBool::new(false) }
-    }
-
-    fn beat(&self) {
-        *self.last.lock().unwrap() = Instant::now();
-    }
-
-    fn waiting(&self, waiting: bool) {
-        self.beat();
-        self.waiting.store(waiting, Ordering::Relaxed);
-    }
-
-    /// How long the run loop has been stuck, if longer than `timeout`.
-    fn stuck_for(&self, timeout: Duration) -> Option<Duration> {
-        let quiet = self.last.lock().unwrap().elapsed();
-        (!self.waiting.load(Ordering::Relaxed) && quiet >= timeout).then_some(quiet)
-    }
-}
-
-/// The primary's right to release output: it holds while the secondary
-/// was heard within the timeout (monotonic clock), and once it has lapsed
-/// nothing renews it. A side that was paused (SIGSTOP, a stalled host)
-/// finds acks that waited in its socket when it resumes; acting on them
-/// would release frames after the secondary may have taken over, pulling
-/// the guest's address back to a dead port. Such a side must win
-/// arbitration first.
-pub struct Lease {
-    heard: Mutex<Instant>,
-    timeout: Duration,
-}
-
-impl Lease {
-    pub fn new(timeout: Duration) -> Lease {
-        Lease { heard: Mutex::new(Instant::now()), timeout }
-    }
-
-    /// How long the peer has been silent.
-    pub fn silence(&self) -> Duration {
-        self.heard.lock().unwrap().elapsed()
-    }
-
-    /// Word from the peer arrived: renew, unless the lease has lapsed
-    /// (then the silence before it, and the lease stays lapsed).
-    pub fn renew(&self) -> Result<(), Duration> {
-        let mut heard = self.heard.lock().unwrap();
-        let silent = heard.elapsed();
-        if silent >= self.timeout {
-            return Err(silent);
-        }
-        *heard = Instant::now();
-        Ok(())
-    }
-}
-
 /// The primary's receiver: acks release output while the [`Lease`] holds.
 fn ack_loop(mut r: BufReader<TcpStream>, mut seal: Option<Seal>, ctx: Lost, lease: Arc<Lease>, epoch: u64) {
     loop {
@@ -842,132 +781,8 @@ fn watch_arbiter(arbiter: Arc<dyn Arbiter>, shared: Arc<Shared>) {
     });
 }
 
-/// How long a connecting peer has to send its preamble and hello.
-pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the accept loop looks for connections, hellos and `stop`.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
-
-/// A connection that said hello.
-struct Greeting {
-    stream: TcpStream,
-    from: String,
-    w: TcpStream,
-    r: BufReader<Deadline>,
-    epoch: u64,
-    hello: Hello,
-    /// With `--key`: the seals of the secondary-to-primary and
-    /// primary-to-secondary directions.
-    seal_out: Option<Seal>,
-    seal_in: Option<Seal>,
-}
-
-/// Reads that fail once a deadline has passed, however slowly the peer
-/// trickles bytes (a read timeout alone restarts with every byte); once
-/// paired, every read that brings bytes stamps `heard`, so a large batch
-/// crawling over a slow link counts as word from the peer while it comes
-/// (the peer is silent only when nothing arrives).
-struct Deadline {
-    stream: TcpStream,
-    at: Option<Instant>,
-    heard: Option<Arc<Mutex<Instant>>>,
-}
-
-impl std::io::Read for Deadline {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if let Some(at) = self.at {
-            let left = at.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello within the deadline"));
-            }
-            self.stream.set_read_timeout(Some(left))?;
-        }
-        let n = self.stream.read(buf)?;
-        if let (Some(heard), true) = (&self.heard, n > 0) {
-            *heard.lock().unwrap() = Instant::now();
-        }
-        Ok(n)
-    }
-}
-
-/// The secondary's writing end: its stream, and with `--key` the seal of
-/// the secondary-to-primary direction.
-struct SealedStream {
-    stream: TcpStream,
-    seal: Option<Seal>,
-}
-
-/// The preamble exchange, the key exchange (with `--key`) and the hello of
-/// one connection, within [`HELLO_DEADLINE`]; `None` (with a warning) for
-/// anything else. A keyed secondary refuses a primary without the key, and
-/// an unkeyed one a primary that wants authentication, in so many words.
-fn greet(stream: TcpStream, from: String, key: Option<&Key>) -> Option<Greeting> {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_nodelay(true);
-    let (Ok(mut w), Ok(r)) = (stream.try_clone(), stream.try_clone()) else { return None };
-    let mut r = BufReader::new(Deadline { stream: r, at: Some(Instant::now() + HELLO_DEADLINE), heard: None });
-    let refuse = |w: &mut TcpStream, why: &str| {
-        let _ = wire::write_message(w, 0, &Message::Refuse(why.to_string()));
-        tracing::warn!("refused a connection from {from}: {why}");
-        None
-    };
-    let first = wire::write_preamble(&mut w)
-        .map_err(WireError::from)
-        .and_then(|_| wire::read_preamble(&mut r))
-        .and_then(|_| wire::read_message(&mut r));
-    let (mut seal_out, mut seal_in) = (None, None);
-    let hello = match (first, key) {
-        (Ok((_, Message::AuthInit { nonce: np })), Some(key)) => {
-            let exchange = auth::random32().map_err(WireError::from).and_then(|ns| {
-                let proof = key.secondary_proof(&np, &ns);
-                wire::write_message(&mut w, 0, &Message::AuthChallenge { nonce: ns, proof })?;
-                Ok((ns, wire::read_message(&mut r)?))
-            });
-            match exchange {
-                Ok((ns, (_, Message::AuthProof { proof }))) if auth::same(&proof, &key.primary_proof(&np, &ns)) => {
-                    let (into, out) = key.seals(&np, &ns);
-                    (seal_out, seal_in) = (Some(out), Some(into));
-                    wire::receive(&mut r, seal_in.as_mut())
-                }
-                Ok(_) => return refuse(&mut w, "it does not hold this pair's key (--key)"),
-                Err(e) => Err(e),
-            }
-        }
-        (Ok((_, Message::AuthInit { .. })), None) => {
-            return refuse(&mut w, "the primary authenticates with a key (--key); this secondary has none")
-        }
-        (Ok((_, Message::Hello(_))), Some(_)) => {
-            return refuse(&mut w, "this secondary requires an authenticated channel (--key); the primary has no key")
-        }
-        (first, _) => first,
-    };
-    match hello {
-        Ok((epoch, Message::Hello(hello))) => {
-            // Paired, the channel has no deadline (silence is the heartbeat's job).
-            r.get_mut().at = None;
-            let _ = stream.set_read_timeout(None);
-            Some(Greeting { stream, from, w, r, epoch, hello, seal_out, seal_in })
-        }
-        Ok((_, m)) => {
-            tracing::warn!("refused a connection from {from}: it sent {m:?} before a hello");
-            None
-        }
-        Err(e) => {
-            tracing::warn!("refused a connection from {from}: {}", ErrorChain(&e));
-            None
-        }
-    }
-}
-
-/// After pairing: anyone else who connects is told so and dropped.
-fn refuse_latecomers(listener: TcpListener, epoch: u64, peer: String) {
-    for stream in listener.incoming().flatten() {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut s = stream;
-        let _ = wire::write_preamble(&mut s);
-        let why = format!("this secondary is already paired with {peer} at epoch {epoch}");
-        let _ = wire::write_message(&mut s, epoch, &Message::Refuse(why));
-    }
-}
 
 #[derive(Clone)]
 struct SecondaryEnd {
@@ -1067,21 +882,5 @@ impl SecondaryEnd {
                 return self.lose(format!("cannot send a heartbeat: {e}"));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lapsed_lease_is_never_renewed() {
-        let lease = Lease::new(Duration::from_millis(30));
-        assert_eq!(lease.renew(), Ok(()));
-        std::thread::sleep(Duration::from_millis(40));
-        // The pause outlasted the timeout: the ack that arrives now, and
-        // every one after it, releases nothing.
-        assert!(lease.renew().unwrap_err() >= Duration::from_millis(30));
-        assert!(lease.renew().is_err());
     }
 }

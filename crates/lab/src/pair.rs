@@ -76,6 +76,12 @@ impl Pair {
         secondary_env: &[(&str, &str)],
     ) -> Result<Pair> {
         let (pdisk, sdisk) = replicas(&g.disk, dir)?;
+        // A new pair from copies of the base image: no history. (The
+        // arbiter's record of an earlier pair in `dir` would make these
+        // fresh copies stale, as it should for real replicas.)
+        for old in [dir.join("arbiter.epoch"), dir.join("primary.img.lockstep"), dir.join("secondary.img.lockstep")] {
+            let _ = std::fs::remove_file(old);
+        }
         let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
         let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
         let spawn = |ns: &str, role: &str, disk: &Path, addr_flag: &str, metrics: &str| -> Result<Child> {
