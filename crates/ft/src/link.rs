@@ -263,6 +263,7 @@ impl PrimaryLink {
         }
         let _ = stream.set_read_timeout(None);
         let shared = Shared::new("primary", epoch);
+        let pulse = Arc::new(Pulse::new());
         note!(shared, info, "paired with the secondary at {peer}, epoch {epoch}: the VM is protected");
         watch_arbiter(arbiter.clone(), shared.clone());
         let heard = Arc::new(Lease::new(cfg.timeout));
@@ -274,9 +275,10 @@ impl PrimaryLink {
             stream: stream.try_clone().ok().map(Arc::new),
             lost,
             owner,
+            pulse: pulse.clone(),
+            timeout: cfg.timeout,
         };
         let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now(), seal: seal_out }));
-        let pulse = Arc::new(Pulse::new());
         {
             let (ctx, heard, writer, pulse) = (ctx.clone(), heard.clone(), writer.clone(), pulse.clone());
             std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, pulse, cfg, epoch));
@@ -457,6 +459,11 @@ struct Lost {
     stream: Option<Arc<TcpStream>>,
     lost: Arc<AtomicBool>,
     owner: String,
+    /// The run loop's pulse, and how long it may be quiet: a primary whose
+    /// run loop is stuck does not claim (it could not run the VM; its
+    /// secondary must win), until the run loop moves again.
+    pulse: Arc<Pulse>,
+    timeout: Duration,
 }
 
 impl Lost {
@@ -476,6 +483,10 @@ impl Lost {
         std::thread::spawn(move || {
             let mut told = false;
             loop {
+                if ctx.pulse.stuck_for(ctx.timeout).is_some() {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 match ctx.arbiter.claim(epoch, &ctx.owner, true) {
                     Ok(Claim::Won(e)) => {
                         ctx.gate.open();

@@ -129,6 +129,18 @@ impl PairNet {
         Ok(())
     }
 
+    /// A slow log link without loss: both ends capped at `rate_kbit`,
+    /// with a queue of `queue_ms` (a link whose buffer absorbs bursts
+    /// rather than dropping them).
+    pub fn slow_log(&self, rate_kbit: u32, queue_ms: u32) -> Result<()> {
+        for ns in [&self.primary, &self.secondary] {
+            sh(&format!(
+                "tc -n {ns} qdisc replace dev log0 root tbf rate {rate_kbit}kbit burst 32kbit latency {queue_ms}ms"
+            ))?;
+        }
+        Ok(())
+    }
+
     fn remove(&self) {
         for ns in [&self.client, &self.bridge, &self.primary, &self.secondary] {
             let _ = Command::new("ip").args(["netns", "del", ns]).stderr(std::process::Stdio::null()).status();
