@@ -391,6 +391,8 @@ impl PrimaryLink {
             return;
         }
         let t = Instant::now();
+        // Waiting for the secondary is not a stuck run loop.
+        self.pulse.waiting(true);
         // Progress, not mere presence: a secondary whose acknowledgements
         // arrive but whose execution stands still for a timeout is lost.
         let (mut seen, mut moved) = (s.peer_position, Instant::now());
@@ -415,6 +417,8 @@ impl PrimaryLink {
             }
         }
         s.throttled_ms += t.elapsed().as_millis() as u64;
+        drop(s);
+        self.pulse.waiting(false);
     }
 
     pub fn state(&self) -> State {

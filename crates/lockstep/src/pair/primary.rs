@@ -57,9 +57,12 @@ impl PrimaryIo<'_> {
             "{} output items wait for an acknowledgement: the guest pauses until they can leave",
             gate.held()
         );
+        // A deliberate pause, not a stuck run loop (the heartbeat's pulse).
+        self.log.sink.waiting(true);
         while gate.held() > MAX_HELD / 2 && self.log.sink.state() != State::Stopped && !self.console.signalled() {
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.log.sink.waiting(false);
     }
 }
 
