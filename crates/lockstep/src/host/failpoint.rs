@@ -57,15 +57,11 @@ pub fn named(name: &str) -> bool {
 /// named by `LOCKSTEP_FAILPOINT_FILE` exists, if the environment names
 /// this failpoint.
 pub fn stall_while_file(name: &str) {
-    if armed() != Some(name) {
-        return;
-    }
-    let Some(file) = std::env::var_os("LOCKSTEP_FAILPOINT_FILE") else { return };
     let mut told = false;
-    while std::path::Path::new(&file).exists() {
+    while file_armed(name) {
         if !told {
             told = true;
-            tracing::warn!("failpoint {name}: stalling while {} exists", file.to_string_lossy());
+            tracing::warn!("failpoint {name}: stalling while its file exists");
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

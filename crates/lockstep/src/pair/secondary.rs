@@ -233,11 +233,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             Phase::Live { fresh_boot } => {
                 let (m, addresses) = replayer.go_live()?;
                 let m = if fresh_boot {
-                    // The old machine lets go of the disk (its lock) first.
+                    // The old machine lets go of the disk (its lock) first;
+                    // `go_live` sets the new one's hashing.
                     drop(m);
-                    let mut m = vm.machine(crate::host::entropy::host_seed()?, Box::new(HostEntropy::open()?))?;
-                    m.hash_every = opts.hash_every;
-                    m
+                    vm.machine(crate::host::entropy::host_seed()?, Box::new(HostEntropy::open()?))?
                 } else {
                     m
                 };
