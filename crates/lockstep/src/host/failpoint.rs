@@ -57,11 +57,15 @@ pub fn named(name: &str) -> bool {
 /// named by `LOCKSTEP_FAILPOINT_FILE` exists, if the environment names
 /// this failpoint.
 pub fn stall_while_file(name: &str) {
+    if armed() != Some(name) {
+        return;
+    }
+    let Some(file) = std::env::var_os("LOCKSTEP_FAILPOINT_FILE") else { return };
     let mut told = false;
-    while file_armed(name) {
+    while std::path::Path::new(&file).exists() {
         if !told {
             told = true;
-            tracing::warn!("failpoint {name}: stalling while its file exists");
+            tracing::warn!("failpoint {name}: stalling while {} exists", file.to_string_lossy());
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

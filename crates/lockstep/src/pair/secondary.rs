@@ -233,10 +233,11 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             Phase::Live { fresh_boot } => {
                 let (m, addresses) = replayer.go_live()?;
                 let m = if fresh_boot {
-                    // The old machine lets go of the disk (its lock) first;
-                    // `go_live` sets the new one's hashing.
+                    // The old machine lets go of the disk (its lock) first.
                     drop(m);
-                    vm.machine(crate::host::entropy::host_seed()?, Box::new(HostEntropy::open()?))?
+                    let mut m = vm.machine(crate::host::entropy::host_seed()?, Box::new(HostEntropy::open()?))?;
+                    m.hash_every = opts.hash_every;
+                    m
                 } else {
                     m
                 };
