@@ -56,6 +56,17 @@ pub struct PairConfig {
     pub connect_timeout: Duration,
 }
 
+impl PairConfig {
+    /// How long a secondary may hold log it does not execute before the
+    /// primary gives it up. Longer than the silence timeout: a secondary
+    /// that still answers but whose replay is starved for a moment (a busy
+    /// host, page faults at start) is slow, not dead, and giving it up
+    /// leaves the VM unprotected.
+    pub fn stall_timeout(&self) -> Duration {
+        self.timeout * 4
+    }
+}
+
 impl Default for PairConfig {
     fn default() -> PairConfig {
         PairConfig {

@@ -404,7 +404,7 @@ impl PrimaryLink {
             let holds_more = self.gate.acked() > s.peer_position;
             if s.peer_position != seen || !holds_more {
                 (seen, moved) = (s.peer_position, Instant::now());
-            } else if moved.elapsed() >= self.cfg.timeout {
+            } else if moved.elapsed() >= self.cfg.stall_timeout() {
                 let why = format!(
                     "its execution has stood at position {seen} for {} ms although it holds the log to {}",
                     moved.elapsed().as_millis(),

@@ -899,7 +899,7 @@ fn a_bulk_transfer_over_a_1_mbit_log_link_does_not_fail_over() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "iperf3: {text}{}", String::from_utf8_lossy(&out.stderr));
     let st = status(&net.primary, 9540);
-    assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("protected"), Some(1)), "{st}");
+    assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("protected"), Some(1)), "{st}\n{}", pair.tails());
     let said = pair.text("secondary.err");
     assert!(!said.contains("lost the primary"), "{said}");
     let rate = text.lines().rev().find(|l| l.contains("receiver")).unwrap_or_default().to_string();

@@ -34,9 +34,8 @@ struct PrimaryIo<'a> {
     console_nic: usize,
     /// The pair's policy stopped this side (lost arbitration).
     fenced: bool,
-    /// The VM, for its replica record, and the epoch recorded there.
-    vm: &'a LinuxVm,
-    vm_id: &'a str,
+    /// The replica's record, and the epoch recorded there.
+    records: &'a replica::RecordWriter,
     recorded: u64,
 }
 
@@ -80,7 +79,7 @@ impl HostIo for PrimaryIo<'_> {
         if epoch != self.recorded {
             // Won a new epoch (going on alone): this replica runs ahead.
             self.recorded = epoch;
-            replica::ran_at(self.vm, self.vm_id, epoch);
+            self.records.ran_at(epoch);
         }
         if timeout.is_zero() {
             self.log.sink.throttle();
@@ -163,7 +162,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let shared = link.shared.clone();
-    replica::ran_at(vm, &vm_id, shared.epoch());
+    let records = replica::RecordWriter::new(vm, &vm_id);
+    records.ran_at(shared.epoch());
     if let Some(addr) = &opts.metrics {
         crate::host::status::serve(addr, Box::new(status_fn(shared.clone(), Some(gate.clone()))))?;
     }
@@ -176,8 +176,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             print_hashes: opts.print_hashes,
             console_nic,
             fenced: false,
-            vm,
-            vm_id: &vm_id,
+            records: &records,
             recorded: shared.epoch(),
         };
         let stop = match m.run_linux(&mut io, opts.max_insns) {

@@ -137,7 +137,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let (m, maker) = built.take().context("paired without a machine")?;
-    replica::ran_at(&vm, &vm_id, link.epoch);
+    let records = replica::RecordWriter::new(&vm, &vm_id);
+    records.ran_at(link.epoch);
     let live_position = Arc::new(AtomicU64::new(0));
     if let Some(addr) = &opts.metrics {
         let f = status_fn(link.shared.clone(), None);
@@ -215,12 +216,12 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 }
                 match replayer.source().0.claim() {
                     Claim::Won(epoch) if fresh_boot => {
-                        replica::ran_at(&vm, &vm_id, epoch);
+                        records.ran_at(epoch);
                         tracing::info!("won epoch {epoch}: going live with the next boot (NOT PROTECTED)");
                         Phase::Live { fresh_boot }
                     }
                     Claim::Won(epoch) => {
-                        replica::ran_at(&vm, &vm_id, epoch);
+                        records.ran_at(epoch);
                         tracing::info!("won epoch {epoch}: going live at position {pos} (NOT PROTECTED)");
                         Phase::Live { fresh_boot }
                     }

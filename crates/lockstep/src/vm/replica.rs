@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaRecord {
@@ -50,13 +52,51 @@ pub fn write(disk: &Path, record: &ReplicaRecord) -> Result<()> {
     write().with_context(|| format!("cannot write the replica record '{}'", path.display()))
 }
 
-/// Record that `vm`'s replica (if it has a writable disk) runs at `epoch`;
-/// a failure is reported, not fatal (the replica may later be taken for
+/// Records, off the run loop and in order, that `vm`'s replica (if it has
+/// a writable disk) runs at an epoch. Each record is synced to disk, and a
+/// sync can take hundreds of milliseconds on a busy disk: a run loop or a
+/// replay that stood still that long would look dead to the other side.
+/// A failure is reported, not fatal (the replica may later be taken for
 /// stale, which is the safe mistake).
-pub fn ran_at(vm: &super::LinuxVm, vm_id: &str, epoch: u64) {
-    if let Some((disk, false)) = &vm.disk {
-        if let Err(e) = write(disk, &ReplicaRecord { vm: vm_id.to_string(), epoch }) {
-            tracing::warn!("{e:#}");
+pub struct RecordWriter {
+    epochs: Option<mpsc::Sender<u64>>,
+    done: Option<mpsc::Receiver<()>>,
+}
+
+/// How long a side that stops waits for its last record to be written.
+const LAST_RECORD_WAIT: Duration = Duration::from_secs(5);
+
+impl RecordWriter {
+    pub fn new(vm: &super::LinuxVm, vm_id: &str) -> RecordWriter {
+        let Some((disk, false)) = vm.disk.clone() else { return RecordWriter { epochs: None, done: None } };
+        let (tx, epochs) = mpsc::channel::<u64>();
+        let (finished, done) = mpsc::channel();
+        let vm = vm_id.to_string();
+        std::thread::spawn(move || {
+            for epoch in epochs {
+                if let Err(e) = write(&disk, &ReplicaRecord { vm: vm.clone(), epoch }) {
+                    tracing::warn!("{e:#}");
+                }
+            }
+            let _ = finished.send(());
+        });
+        RecordWriter { epochs: Some(tx), done: Some(done) }
+    }
+
+    pub fn ran_at(&self, epoch: u64) {
+        if let Some(tx) = &self.epochs {
+            let _ = tx.send(epoch);
+        }
+    }
+}
+
+impl Drop for RecordWriter {
+    /// The records asked for are on disk before the side goes (a hung disk
+    /// holds the exit up for a bounded time).
+    fn drop(&mut self) {
+        drop(self.epochs.take());
+        if let Some(done) = self.done.take() {
+            let _ = done.recv_timeout(LAST_RECORD_WAIT);
         }
     }
 }

@@ -95,7 +95,8 @@ pub struct PairSpec {
     /// Heartbeat interval on the log channel.
     #[arg(long, value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Silence after which the peer is lost.
+    /// Silence after which the peer is lost (a secondary that answers but
+    /// executes none of the log it holds is given up after four times this).
     #[arg(long, value_name = "MS")]
     pub timeout_ms: Option<u64>,
     /// The primary waits while the secondary's execution lags by more than
