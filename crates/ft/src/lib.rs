@@ -54,14 +54,20 @@ pub struct PairConfig {
     pub max_lag: u64,
     /// How long the primary tries to reach the secondary at start.
     pub connect_timeout: Duration,
+    /// Fault injection (tests only; zero otherwise): the secondary
+    /// acknowledges each mark this long after it arrived, as over a slow
+    /// return path, so the primary holds its output that much longer.
+    pub ack_delay: Duration,
 }
 
 impl PairConfig {
-    /// How long a secondary may hold log it does not execute before the
-    /// primary gives it up. Longer than the silence timeout: a secondary
-    /// that still answers but whose replay is starved for a moment (a busy
-    /// host, page faults at start) is slow, not dead, and giving it up
-    /// leaves the VM unprotected.
+    /// How long a run loop may stand still before its side counts as
+    /// stuck: a primary whose run loop completed no slice for this long
+    /// sends no more heartbeats (and does not claim the epoch), and a
+    /// secondary that holds log it does not execute for this long is given
+    /// up. Longer than the silence timeout: a run loop in a slow disk flush
+    /// or starved by a busy host for a few hundred milliseconds is slow,
+    /// not hung, and failing it over leaves the VM unprotected.
     pub fn stall_timeout(&self) -> Duration {
         self.timeout * 4
     }
@@ -74,6 +80,7 @@ impl Default for PairConfig {
             timeout: Duration::from_millis(250),
             max_lag: 100_000_000,
             connect_timeout: Duration::from_secs(60),
+            ack_delay: Duration::ZERO,
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::liveness::{Lease, Pulse};
 use crate::wire::{self, Hello, Message, WireError};
 use crate::{ErrorChain, PairConfig, State, Status};
 use replay::Record;
+use std::collections::VecDeque;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -276,7 +277,7 @@ impl PrimaryLink {
             lost,
             owner,
             pulse: pulse.clone(),
-            timeout: cfg.timeout,
+            stall: cfg.stall_timeout(),
         };
         let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now(), seal: seal_out }));
         {
@@ -333,7 +334,7 @@ impl PrimaryLink {
             messages.push(Message::Records(std::mem::take(&mut self.pending)));
             self.pending_bytes = 0;
         }
-        messages.push(Message::Through(through));
+        messages.push(Message::Through { through, released: self.gate.acked() });
         self.last_through = through;
         let result = self.writer.lock().unwrap().write(&messages, self.epoch, through);
         match result {
@@ -467,7 +468,7 @@ struct Lost {
     /// run loop is stuck does not claim (it could not run the VM; its
     /// secondary must win), until the run loop moves again.
     pulse: Arc<Pulse>,
-    timeout: Duration,
+    stall: Duration,
 }
 
 impl Lost {
@@ -487,7 +488,7 @@ impl Lost {
         std::thread::spawn(move || {
             let mut told = false;
             loop {
-                if ctx.pulse.stuck_for(ctx.timeout).is_some() {
+                if ctx.pulse.stuck_for(ctx.stall).is_some() {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
@@ -553,7 +554,7 @@ fn heartbeat_loop(
         }
         // A heartbeat says the run loop is alive: a stuck one (a blocked
         // write, a hung disk) gets none, so the secondary takes over.
-        if let Some(stuck) = pulse.stuck_for(cfg.timeout) {
+        if let Some(stuck) = pulse.stuck_for(cfg.stall_timeout()) {
             if !told {
                 told = true;
                 note!(
@@ -568,7 +569,8 @@ fn heartbeat_loop(
         let Ok(mut w) = writer.try_lock() else { continue };
         if w.written.elapsed() >= cfg.heartbeat {
             let through = w.through;
-            if let Err(e) = w.write(&[Message::Through(through)], epoch, through) {
+            let mark = Message::Through { through, released: ctx.gate.acked() };
+            if let Err(e) = w.write(&[mark], epoch, through) {
                 drop(w);
                 return ctx.peer_lost(format!("the log channel failed: {e}"));
             }
@@ -608,8 +610,12 @@ fn ack_loop(mut r: BufReader<TcpStream>, mut seal: Option<Seal>, ctx: Lost, leas
 #[derive(Debug)]
 pub enum Incoming {
     Records(Vec<Record>),
-    /// Every record before this position has arrived.
-    Through(u64),
+    /// Every record before `through` has arrived; the primary's output up
+    /// to `released` has left it.
+    Through {
+        through: u64,
+        released: u64,
+    },
     /// The primary is gone (why).
     Lost(String),
 }
@@ -712,6 +718,8 @@ impl SecondaryLink {
                 writer,
                 executed: executed.clone(),
                 received,
+                delayed: Arc::default(),
+                ack_delay: cfg.ack_delay,
                 heard,
                 epoch,
             };
@@ -808,11 +816,23 @@ struct SecondaryEnd {
     writer: Arc<Mutex<SealedStream>>,
     executed: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
+    /// Marks not yet acknowledged (only with [`PairConfig::ack_delay`]).
+    delayed: Arc<Mutex<VecDeque<(Instant, u64)>>>,
+    ack_delay: Duration,
     heard: Arc<Mutex<Instant>>,
     epoch: u64,
 }
 
 impl SecondaryEnd {
+    /// Mark `p` arrived: acknowledge it (now, or after the ack delay).
+    fn arrived(&self, p: u64) {
+        if self.ack_delay.is_zero() {
+            self.received.fetch_max(p, Ordering::Relaxed);
+        } else {
+            self.delayed.lock().unwrap().push_back((Instant::now(), p));
+        }
+    }
+
     fn lose(&self, why: String) {
         if !self.lost.swap(true, Ordering::SeqCst) {
             let _ = self.stream.shutdown(Shutdown::Both);
@@ -821,6 +841,15 @@ impl SecondaryEnd {
     }
 
     fn ack(&self) -> std::io::Result<()> {
+        let mut delayed = self.delayed.lock().unwrap();
+        while let Some(&(at, p)) = delayed.front() {
+            if at.elapsed() < self.ack_delay {
+                break;
+            }
+            self.received.fetch_max(p, Ordering::Relaxed);
+            delayed.pop_front();
+        }
+        drop(delayed);
         let msg = Message::Ack {
             received: self.received.load(Ordering::Relaxed),
             executed: self.executed.load(Ordering::Relaxed),
@@ -860,15 +889,15 @@ impl SecondaryEnd {
                         return;
                     }
                 }
-                Message::Through(p) => {
-                    self.received.fetch_max(p, Ordering::Relaxed);
+                Message::Through { through: p, released } => {
+                    self.arrived(p);
                     self.shared.update(|s| {
                         s.peer_position = s.peer_position.max(p);
                         s.log_bytes += size;
                         s.lag_positions = s.peer_position.saturating_sub(s.position);
                         s.lag_ms = s.lag_positions as f64 / 1e6;
                     });
-                    if self.tx.send(Incoming::Through(p)).is_err() {
+                    if self.tx.send(Incoming::Through { through: p, released }).is_err() {
                         return;
                     }
                     if let Err(e) = self.ack() {

@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 2: the key exchange, and the hello's host, arbiter kind and build.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -62,9 +62,11 @@ pub enum Message {
     Refuse(String),
     /// Primary → secondary: log records, in order.
     Records(Vec<Record>),
-    /// Primary → secondary: every record before this position has been
-    /// sent; also the primary's heartbeat.
-    Through(u64),
+    /// Primary → secondary: every record before `through` has been sent,
+    /// and every output item (frame, console chunk) produced at or before
+    /// `released` has left the primary; also the primary's heartbeat. A
+    /// secondary going live sends again what it produced after `released`.
+    Through { through: u64, released: u64 },
     /// Secondary → primary: the log is received up to (not including)
     /// `received` and executed up to `executed`; also the secondary's
     /// heartbeat.
@@ -153,7 +155,7 @@ impl Message {
             Message::Welcome => 2,
             Message::Refuse(_) => 3,
             Message::Records(_) => 4,
-            Message::Through(_) => 5,
+            Message::Through { .. } => 5,
             Message::Ack { .. } => 6,
             Message::AuthInit { .. } => 7,
             Message::AuthChallenge { .. } => 8,
@@ -175,11 +177,8 @@ impl Message {
                 }
                 p
             }
-            Message::Through(pos) => pos.to_le_bytes().to_vec(),
-            Message::Ack { received, executed } => {
-                let mut p = received.to_le_bytes().to_vec();
-                p.extend_from_slice(&executed.to_le_bytes());
-                p
+            Message::Through { through: a, released: b } | Message::Ack { received: a, executed: b } => {
+                [a.to_le_bytes(), b.to_le_bytes()].concat()
             }
             Message::AuthInit { nonce } => nonce.to_vec(),
             Message::AuthChallenge { nonce, proof } => [nonce.as_slice(), proof.as_slice()].concat(),
@@ -208,7 +207,7 @@ impl Message {
                 }
                 Message::Records(records)
             }
-            5 if p.len() == 8 => Message::Through(u64_at(p, 0)?),
+            5 if p.len() == 16 => Message::Through { through: u64_at(p, 0)?, released: u64_at(p, 8)? },
             6 if p.len() == 16 => Message::Ack { received: u64_at(p, 0)?, executed: u64_at(p, 8)? },
             7 if p.len() == 32 => Message::AuthInit { nonce: p.try_into().unwrap() },
             8 if p.len() == 64 => {
@@ -324,7 +323,7 @@ mod tests {
                 Record { position: 9, event: Event::Skip(1000) },
             ]),
             Message::Records(vec![]),
-            Message::Through(1 << 40),
+            Message::Through { through: 1 << 40, released: 1 << 39 },
             Message::Ack { received: 3, executed: 2 },
         ]
     }
@@ -349,7 +348,7 @@ mod tests {
         let mut other = MAGIC.to_vec();
         other.extend_from_slice(&7u32.to_le_bytes());
         let e = read_preamble(&mut &other[..]).unwrap_err();
-        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 2");
+        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 3");
         let e = read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]).unwrap_err();
         assert!(matches!(e, WireError::NotLockstep(_)), "{e}");
     }
@@ -359,7 +358,7 @@ mod tests {
         let mut big = ((MAX_MESSAGE + 1) as u32).to_le_bytes().to_vec();
         big.extend_from_slice(&[0; 4]);
         assert!(matches!(read_message(&mut &big[..]), Err(WireError::TooLarge(_))));
-        let mut m = Message::Through(77).encode(1);
+        let mut m = Message::Through { through: 77, released: 70 }.encode(1);
         let last = m.len() - 1;
         m[last] ^= 1;
         assert!(matches!(read_message(&mut &m[..]), Err(WireError::Checksum)));

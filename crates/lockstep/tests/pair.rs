@@ -592,7 +592,7 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     let mut serr = String::new();
     sec.stderr.take().unwrap().read_to_string(&mut serr).unwrap();
     assert!(serr.contains("is not a lockstep pair endpoint"), "{serr}");
-    assert!(serr.contains("speaks pair protocol version 9, this lockstep speaks version 2"), "{serr}");
+    assert!(serr.contains("speaks pair protocol version 9, this lockstep speaks version 3"), "{serr}");
     assert!(serr.contains("stale epoch") || serr.contains("has none"), "{serr}");
     assert!(serr.contains("refused to pair with the primary at 127.0.0.1:"), "{serr}");
     assert!(!serr.contains("panicked"), "{serr}");
@@ -1212,4 +1212,110 @@ fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
         let w = client.finish(&pair).unwrap();
         eprintln!("{failing} replica full: {} writes, nothing lost", w.acked);
     }
+}
+
+/// The guest's UDP request counter (`tests/guest/udpcount.c`), built with
+/// the cross compiler, as base64 to type into the guest.
+fn udpcount_base64() -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/udpcount.c");
+    let out = common::tmp_dir("udpcount").join("udpcount");
+    let built = Command::new(common::CROSS_GCC)
+        .args(["-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-O2", "-s"])
+        .args(["-Wl,--build-id=none", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(built.success(), "cannot build {}", src.display());
+    let b64 = Command::new("base64").arg("-w0").arg(&out).output().unwrap();
+    String::from_utf8(b64.stdout).unwrap()
+}
+
+/// 14.6 Output the primary held when it died is sent by the side that
+///      goes live. A UDP server in the guest counts requests and answers
+///      each with the count so far; a client sends numbered requests one
+///      at a time (retrying after 500 ms without a reply, as UDP clients
+///      do) while the primary is SIGKILLed. A request lost before the
+///      guest saw it is retried and counted once; a reply lost after the
+///      guest counted its request shows as a skipped count, since the
+///      retry is counted again. The secondary acknowledges marks 40 ms late
+///      (a failpoint), so the primary holds a reply when it is killed
+///      nearly every time; the replayed copy of that reply used to be
+///      dropped, and the client saw the count skip.
+#[test]
+fn udp_replies_the_primary_held_reach_the_client_after_a_kill() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let _one = serial();
+    common::require_root_net();
+    let dir = fresh_dir("pair-udp");
+    let net = PairNet::new("udp", 74).unwrap();
+    let slow_acks = [("LOCKSTEP_FAILPOINT", "secondary-delay-acks")];
+    let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], &[], &slow_acks).unwrap();
+    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    let b64 = udpcount_base64();
+    // In short lines: the console takes a bounded burst of typed bytes.
+    for chunk in b64.as_bytes().chunks(200) {
+        type_line(
+            &mut pair.primary,
+            &format!("printf %s {} >> /tmp/udpcount.b64", std::str::from_utf8(chunk).unwrap()),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    type_line(&mut pair.primary, "base64 -d /tmp/udpcount.b64 > /tmp/udpcount && chmod +x /tmp/udpcount").unwrap();
+    type_line(&mut pair.primary, "/tmp/udpcount &").unwrap();
+    pair.wait_for("primary.out", "udpcount: ready", Duration::from_secs(60)).unwrap();
+
+    const REQUESTS: u64 = 240;
+    // How many requests the client has sent (the last may await a reply).
+    let sent = Arc::new(AtomicU64::new(0));
+    let guest_addr = format!("{}:7777", net.guest_ip());
+    let progress = sent.clone();
+    let client = lab::netns::in_netns(&net.client, move || -> Result<(Vec<u64>, u64), String> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        sock.connect(&guest_addr).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
+        let (mut counts, mut retries) = (Vec::new(), 0);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for id in 0..REQUESTS {
+            let req = format!("req-{id}");
+            'attempt: loop {
+                if Instant::now() > deadline {
+                    return Err(format!("no reply to {req} within the deadline; counts so far {counts:?}"));
+                }
+                sock.send(req.as_bytes()).map_err(|e| e.to_string())?;
+                progress.fetch_max(id + 1, Ordering::SeqCst);
+                let mut buf = [0u8; 256];
+                // Replies to earlier requests (a resent copy) are skipped.
+                while let Ok(n) = sock.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if let Some(count) = text.strip_prefix(&format!("{req} ")) {
+                        counts.push(count.parse::<u64>().map_err(|e| format!("{text}: {e}"))?);
+                        break 'attempt;
+                    }
+                }
+                retries += 1;
+            }
+        }
+        Ok((counts, retries))
+    });
+    let t = Instant::now();
+    while sent.load(Ordering::SeqCst) < REQUESTS / 3 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the client made no progress: {}", pair.tails());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The request is in, its reply made and held (acks come 40 ms late).
+    std::thread::sleep(Duration::from_millis(15));
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    let killed_at = sent.load(Ordering::SeqCst);
+    let (counts, retries) = client.join().unwrap().unwrap().unwrap_or_else(|e| panic!("{e}: {}", pair.tails()));
+    let skipped: Vec<(u64, u64)> = counts.windows(2).filter(|w| w[1] != w[0] + 1).map(|w| (w[0], w[1])).collect();
+    let said = pair.text("secondary.err");
+    assert!(said.contains("going live at position"), "{said}");
+    assert!(skipped.is_empty(), "replies lost after the kill (count before, count after): {skipped:?}\n{said}");
+    let resent = said.lines().find(|l| l.contains("the primary may not have released")).unwrap_or("none resent");
+    eprintln!("killed after {killed_at} requests; {retries} retries; {resent}");
 }

@@ -35,6 +35,13 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
         timeout: millis(pair.timeout_ms, defaults.timeout),
         max_lag: pair.max_lag.unwrap_or(defaults.max_lag),
         connect_timeout: defaults.connect_timeout,
+        // A slow return path, so that output is held long enough for a
+        // kill to land while some is (the test of resending it).
+        ack_delay: if crate::host::failpoint::named("secondary-delay-acks") {
+            Duration::from_millis(40)
+        } else {
+            Duration::ZERO
+        },
     };
     if cfg.timeout <= cfg.heartbeat {
         bail!("--timeout-ms must be longer than --heartbeat-ms");

@@ -11,7 +11,7 @@
 use super::{announce, arbiter_for, status_fn, PairOpts};
 use crate::host::console::StdioConsole;
 use crate::host::entropy::HostEntropy;
-use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step};
+use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step, Takeover};
 use crate::vm::live::{LiveRun, RunOpts};
 use crate::vm::{print_final, replica, LinuxVm};
 use crate::Outcome;
@@ -42,7 +42,7 @@ impl Source for LinkSource {
         };
         Ok(match msg {
             Ok(Incoming::Records(records)) => Fetched::Records(records),
-            Ok(Incoming::Through(p)) => Fetched::Through(p),
+            Ok(Incoming::Through { through, released }) => Fetched::Through { through, released },
             Ok(Incoming::Lost(why)) => Fetched::Closed(why),
             Err(RecvTimeoutError::Timeout) => Fetched::Nothing,
             Err(RecvTimeoutError::Disconnected) => Fetched::Closed("the log channel closed".into()),
@@ -159,7 +159,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         LinkSource(link),
         m,
         maker,
-        ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac },
+        ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
     );
     let mut phase = Phase::Replaying;
     let mut flipped = false;
@@ -232,7 +232,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 }
             }
             Phase::Live { fresh_boot } => {
-                let (m, addresses) = replayer.go_live()?;
+                let (m, takeover) = replayer.go_live()?;
                 let m = if fresh_boot {
                     // The old machine lets go of the disk (its lock) first.
                     drop(m);
@@ -242,7 +242,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 } else {
                     m
                 };
-                return go_live(&vm, m, addresses, tap.take(), &mut console, live_position, opts);
+                return go_live(&vm, m, takeover, tap.take(), &mut console, live_position, opts);
             }
             Phase::Ended(reason) => {
                 tracing::info!("the primary ended the VM ({reason:?}); the secondary stops with it");
@@ -258,7 +258,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
 fn go_live(
     vm: &LinuxVm,
     mut m: Machine,
-    addresses: Vec<std::net::IpAddr>,
+    takeover: Takeover,
     tap: Option<tap::Tap>,
     console: &mut StdioConsole,
     position: Arc<AtomicU64>,
@@ -280,8 +280,16 @@ fn go_live(
             Ok(n) => tracing::info!("dropped {n} frames queued on tap '{name}' before going live"),
             Err(e) => tracing::warn!("cannot drain tap '{name}': {e}"),
         }
+        // What the primary may have died holding goes out first: replies
+        // its clients are waiting for (duplicates of what it did release
+        // are harmless). From the new port, they also move the address.
+        let resent = takeover.frames.iter().filter(|(_, frame)| t.send(frame).is_ok()).count();
+        if resent > 0 {
+            tracing::info!("sent {resent} frames the primary may not have released");
+        }
         let announcer = t.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
         console.add_tap(t).with_context(|| format!("cannot read tap '{name}'"))?;
+        let addresses = takeover.addresses;
         announce::spawn(announcer, *mac, addresses.clone());
         let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(

@@ -111,7 +111,12 @@ pub fn replay(log: &Path, opts: &ReplayOpts) -> Result<Outcome> {
         source,
         m,
         maker,
-        ReplayerOpts { hash_every: opts.hash_every, print_hashes: opts.hash_every.is_some(), mac: None },
+        ReplayerOpts {
+            hash_every: opts.hash_every,
+            print_hashes: opts.hash_every.is_some(),
+            mac: None,
+            keep_unreleased: false,
+        },
     );
     let outcome = loop {
         match r.step(Duration::ZERO) {

@@ -36,13 +36,22 @@ pub trait Source {
 pub enum Fetched {
     /// Records, in log order.
     Records(Vec<Record>),
-    /// Every record before this position has been fetched (counted across
-    /// guest reboots, see [`Replayer::position`]).
-    Through(u64),
+    /// Every record before `through` has been fetched, and output produced
+    /// at or before `released` has left the recording side (both counted
+    /// across guest reboots, see [`Replayer::position`]).
+    Through { through: u64, released: u64 },
     /// Nothing arrived within the wait.
     Nothing,
     /// Nothing more will come, and why.
     Closed(String),
+}
+
+/// What a secondary going live takes over from its replay.
+pub struct Takeover {
+    /// The guest's addresses, seen in its frames (to announce).
+    pub addresses: Vec<IpAddr>,
+    /// Frames the primary may have died holding (nic, frame), in order.
+    pub frames: Vec<(usize, Vec<u8>)>,
 }
 
 /// What one [`Replayer::step`] did.
@@ -116,12 +125,60 @@ impl EntropySource for LoggedEntropy {
 
 /// The replaying host side: console output to stdout, no input; network
 /// frames are counted, not delivered, and, given the guest's MAC, read for
-/// the guest's own addresses.
+/// the guest's own addresses. A secondary also keeps the frames the
+/// primary may not have released yet (see [`Unreleased`]).
 struct ReplayIo {
     frames_out: u64,
     print_hashes: bool,
     mac: Option<[u8; 6]>,
     addresses: Vec<IpAddr>,
+    unreleased: Option<Unreleased>,
+}
+
+/// Frames this side produced past the primary's last known release point.
+/// When the primary is lost, it may have died holding them (it releases a
+/// frame only once the secondary acknowledged the log up to it): the side
+/// that goes live sends them again, so that a client waiting for a reply
+/// has it at once instead of after a retransmission timeout (or, over
+/// UDP, never). Duplicates of frames the primary did release are harmless.
+#[derive(Default)]
+struct Unreleased {
+    /// Frames of the run in progress, not yet given a position.
+    fresh: Vec<(usize, Vec<u8>)>,
+    /// Frames in order, each with a position at or after where the guest
+    /// produced it (the end of the run that produced it).
+    kept: VecDeque<(u64, usize, Vec<u8>)>,
+    /// The primary's last reported release point: every frame it produced
+    /// at or before it has left.
+    released: u64,
+}
+
+/// At most this many unreleased frames are kept (the primary's gate pauses
+/// its guest at about as many held items).
+const MAX_UNRELEASED: usize = 4096;
+
+impl Unreleased {
+    /// The run that produced the fresh frames ended at `at`. A frame is
+    /// produced at or before `at`, and the primary tags it with its next
+    /// mark after the instruction that produced it; `released` is itself a
+    /// mark, so `at <= released` means the primary has released it.
+    fn settle(&mut self, at: u64) {
+        for (nic, frame) in self.fresh.drain(..) {
+            self.kept.push_back((at, nic, frame));
+        }
+        self.prune();
+    }
+
+    fn release(&mut self, released: u64) {
+        self.released = self.released.max(released);
+        self.prune();
+    }
+
+    fn prune(&mut self) {
+        while self.kept.front().is_some_and(|(at, _, _)| *at <= self.released) || self.kept.len() > MAX_UNRELEASED {
+            self.kept.pop_front();
+        }
+    }
 }
 
 impl HostIo for ReplayIo {
@@ -131,8 +188,11 @@ impl HostIo for ReplayIo {
     fn wait(&mut self, _: Duration) -> HostInput {
         HostInput::Nothing
     }
-    fn send_frame(&mut self, _: usize, frame: &[u8]) {
+    fn send_frame(&mut self, nic: usize, frame: &[u8]) {
         self.frames_out += 1;
+        if let Some(u) = &mut self.unreleased {
+            u.fresh.push((nic, frame.to_vec()));
+        }
         if let Some(ip) = self.mac.and_then(|mac| crate::pair::announce::source_address(frame, &mac)) {
             if !self.addresses.contains(&ip) {
                 self.addresses.push(ip);
@@ -154,6 +214,9 @@ pub struct ReplayOpts {
     pub print_hashes: bool,
     /// The guest's MAC: learn its addresses from its frames.
     pub mac: Option<[u8; 6]>,
+    /// Keep the frames the recording side may not have released (a
+    /// secondary, which sends them when it goes live).
+    pub keep_unreleased: bool,
 }
 
 /// Builds machines whose entropy comes from the log.
@@ -205,7 +268,13 @@ impl<S: Source> Replayer<S> {
     /// Replay `source` on `machine`, built by `maker` from the log's first
     /// boot record.
     pub fn new(source: S, machine: Machine, maker: MachineMaker, opts: ReplayOpts) -> Replayer<S> {
-        let io = ReplayIo { frames_out: 0, print_hashes: opts.print_hashes, mac: opts.mac, addresses: Vec::new() };
+        let io = ReplayIo {
+            frames_out: 0,
+            print_hashes: opts.print_hashes,
+            mac: opts.mac,
+            addresses: Vec::new(),
+            unreleased: opts.keep_unreleased.then(Unreleased::default),
+        };
         let (pending, through, base, last_good, closed) = (VecDeque::new(), 0, 0, 0, None);
         Replayer { source, machine, maker, io, pending, through, base, last_good, closed }
     }
@@ -239,10 +308,16 @@ impl<S: Source> Replayer<S> {
     }
 
     /// The machine, to run live from here: its entropy now comes from the
-    /// host. Also the guest addresses seen in its frames.
-    pub fn go_live(self) -> anyhow::Result<(Machine, Vec<IpAddr>)> {
+    /// host. Also what the live side must send first.
+    pub fn go_live(self) -> anyhow::Result<(Machine, Takeover)> {
         self.maker.feed.borrow_mut().host = Some(HostEntropy::open()?);
-        Ok((self.machine, self.io.addresses))
+        let frames = self.io.unreleased.map(|mut u| {
+            // Frames from applying the last records (none reach a wire
+            // before the next run) are as unreleased as any.
+            u.settle(u64::MAX);
+            u.kept.into_iter().map(|(_, nic, f)| (nic, f)).collect()
+        });
+        Ok((self.machine, Takeover { addresses: self.io.addresses, frames: frames.unwrap_or_default() }))
     }
 
     /// Take in what the source has, waiting up to `wait` for the first
@@ -259,7 +334,12 @@ impl<S: Source> Replayer<S> {
                         }
                     }
                 }
-                Fetched::Through(p) => self.through = self.through.max(p),
+                Fetched::Through { through, released } => {
+                    self.through = self.through.max(through);
+                    if let Some(u) = &mut self.io.unreleased {
+                        u.release(released);
+                    }
+                }
                 Fetched::Nothing => break,
                 Fetched::Closed(why) => self.closed = Some(why),
             }
@@ -396,7 +476,7 @@ impl<S: Source> Replayer<S> {
     /// `Machine::run_to`, stopping at each multiple of `hash_every` to
     /// report the state hash as a live run does.
     fn run_to(&mut self, target: u64) -> anyhow::Result<RunTo> {
-        let (m, io) = (&mut self.machine, &mut self.io);
+        let (m, io, base) = (&mut self.machine, &mut self.io, self.base);
         loop {
             let before = m.hart.position().0;
             let bound = match m.hash_every {
@@ -405,6 +485,9 @@ impl<S: Source> Replayer<S> {
             };
             let r = m.run_to(io, bound)?;
             let pos = m.hart.position().0;
+            if let Some(u) = &mut io.unreleased {
+                u.settle(base + pos);
+            }
             if let Some(n) = m.hash_every {
                 // Hashed on arrival only (a position reached earlier was hashed).
                 if r == RunTo::Reached && pos.is_multiple_of(n) && pos > before {
@@ -416,5 +499,46 @@ impl<S: Source> Replayer<S> {
                 return Ok(r);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame is dropped once the primary reports a release point at or
+    /// after the end of the run that produced it, and kept otherwise.
+    #[test]
+    fn unreleased_frames_are_kept_until_the_primary_releases_past_them() {
+        let mut u = Unreleased::default();
+        u.fresh.push((0, vec![1]));
+        u.settle(100);
+        u.fresh.push((0, vec![2]));
+        u.fresh.push((0, vec![3]));
+        u.settle(200);
+        u.release(150);
+        let kept: Vec<u8> = u.kept.iter().map(|(_, _, f)| f[0]).collect();
+        assert_eq!(kept, [2, 3]);
+        // A release point never moves back.
+        u.release(120);
+        assert_eq!(u.kept.len(), 2);
+        u.release(200);
+        assert!(u.kept.is_empty());
+        // Frames made while the primary's report is already past them
+        // (this side lags) are dropped at once.
+        u.fresh.push((0, vec![4]));
+        u.settle(190);
+        assert!(u.kept.is_empty());
+    }
+
+    #[test]
+    fn unreleased_frames_are_bounded() {
+        let mut u = Unreleased::default();
+        for i in 0..MAX_UNRELEASED + 10 {
+            u.fresh.push((0, vec![(i % 256) as u8]));
+            u.settle(1000 + i as u64);
+        }
+        assert_eq!(u.kept.len(), MAX_UNRELEASED);
+        assert_eq!(u.kept.front().unwrap().0, 1010, "the oldest go first");
     }
 }
