@@ -147,6 +147,9 @@ impl LogWriter {
     }
 }
 
+/// Where a copy of each record goes ([`PrimaryLink::keep_log`]).
+pub type KeepFn = Box<dyn FnMut(&Record) + Send>;
+
 /// The primary's end.
 pub struct PrimaryLink {
     pub shared: Arc<Shared>,
@@ -163,6 +166,8 @@ pub struct PrimaryLink {
     /// Some of them are inputs from outside (frames, console bytes).
     pending_input: bool,
     last_through: u64,
+    /// A copy of every record, for a log kept beside the pair's.
+    keep: Option<KeepFn>,
     /// The position on the channel: marks, acks and the gate count across
     /// guest reboots (the log's positions restart at 0 after each), so
     /// this is `base` plus the run loop's position.
@@ -300,6 +305,7 @@ impl PrimaryLink {
             pending_bytes: 0,
             pending_input: false,
             last_through: 0,
+            keep: None,
             position: 0,
             base: 0,
         })
@@ -309,8 +315,16 @@ impl PrimaryLink {
         self.shared.state() == State::Protected
     }
 
+    /// Hand every record from now on to `keep` as well (paired or alone).
+    pub fn keep_log(&mut self, keep: KeepFn) {
+        self.keep = Some(keep);
+    }
+
     /// A record of the log, in order.
     pub fn record(&mut self, record: Record) {
+        if let Some(keep) = &mut self.keep {
+            keep(&record);
+        }
         if self.protected() {
             self.pending_bytes += record_size(&record);
             self.pending_input |= matches!(record.event, replay::Event::Frame { .. } | replay::Event::Console(_));

@@ -1059,13 +1059,13 @@ fn a_keyed_pair_refuses_peers_without_its_key() {
 
 /// A pair whose sides carry a file-controlled failpoint (`name`): it
 /// stalls while the returned path exists.
-fn start_with_failpoint(tag: &str, net_id: u8, name: &str) -> (PairNet, Pair, PathBuf, PathBuf) {
+fn start_with_failpoint(tag: &str, net_id: u8, name: &str, extra: &[&str]) -> (PairNet, Pair, PathBuf, PathBuf) {
     common::require_root_net();
     let dir = fresh_dir(&format!("pair-{tag}"));
     let net = PairNet::new(tag, net_id).unwrap();
     let stall = dir.join("stall");
     let env = [("LOCKSTEP_FAILPOINT", name), ("LOCKSTEP_FAILPOINT_FILE", stall.to_str().unwrap())];
-    let mut pair = Pair::start_with_env(&exe(), guest(), &net, &dir, &[], &env).unwrap();
+    let mut pair = Pair::start_with_env(&exe(), guest(), &net, &dir, extra, &env).unwrap();
     pair.wait_for("primary.out", READY, BOOT).unwrap();
     (net, pair, dir, stall)
 }
@@ -1077,7 +1077,7 @@ fn start_with_failpoint(tag: &str, net_id: u8, name: &str) -> (PairNet, Pair, Pa
 #[test]
 fn a_primary_whose_run_loop_is_stuck_is_failed_over() {
     let _one = serial();
-    let (net, mut pair, _dir, stall) = start_with_failpoint("stuckp", 75, "primary-run-loop-stall");
+    let (net, mut pair, _dir, stall) = start_with_failpoint("stuckp", 75, "primary-run-loop-stall", &[]);
     let client = Client::start(&net);
     client.advance(20, BOOT, &pair).unwrap();
     std::fs::write(&stall, b"").unwrap();
@@ -1100,7 +1100,7 @@ fn a_primary_whose_run_loop_is_stuck_is_failed_over() {
 #[test]
 fn a_primary_goes_on_alone_when_its_secondary_stops_executing() {
     let _one = serial();
-    let (net, mut pair, _dir, stall) = start_with_failpoint("stucks", 76, "secondary-replay-stall");
+    let (net, mut pair, _dir, stall) = start_with_failpoint("stucks", 76, "secondary-replay-stall", &[]);
     let client = Client::start(&net);
     client.advance(20, BOOT, &pair).unwrap();
     std::fs::write(&stall, b"").unwrap();
@@ -1153,11 +1153,17 @@ fn the_old_primary_restarted_on_its_stale_replica_is_refused() {
 ///      sides still compare (incremental) state hashes; a bit flipped in
 ///      the secondary's RAM (a failpoint) is caught at the next hash, the
 ///      secondary resigns naming the interval, and the primary goes on
-///      alone with nothing lost.
+///      alone with nothing lost. With `--keep-log`, the secondary's copy
+///      of the log and of its replica at pairing replay (`lockstep
+///      replay`) past the divergence without one: the primary's execution,
+///      checked against its own hashes, for the post-mortem.
 #[test]
 fn a_divergence_is_caught_without_asking_for_hashes() {
     let _one = serial();
-    let (net, mut pair, _dir, flip) = start_with_failpoint("diverge", 78, "secondary-flip-a-ram-bit");
+    let keep = common::tmp_dir("pair-diverge-kept");
+    let _ = std::fs::remove_dir_all(&keep);
+    let keep_flags = ["--keep-log", keep.to_str().unwrap()];
+    let (net, mut pair, _dir, flip) = start_with_failpoint("diverge", 78, "secondary-flip-a-ram-bit", &keep_flags);
     let client = Client::start(&net);
     client.advance(20, BOOT, &pair).unwrap();
     std::fs::write(&flip, b"").unwrap();
@@ -1170,6 +1176,24 @@ fn a_divergence_is_caught_without_asking_for_hashes() {
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
     let w = client.finish(&pair).unwrap();
     eprintln!("{} writes", w.acked);
+
+    // The post-mortem: the kept log names itself, and replays on the
+    // kept replica copy past the divergence, checking every hash in it.
+    let line = said.lines().find(|l| l.contains("replay diverged between positions")).unwrap();
+    let number_after = |text: &str, words: &str| -> u64 {
+        let rest = &text[text.find(words).unwrap_or_else(|| panic!("no '{words}' in {text}")) + words.len()..];
+        rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+    };
+    let to = number_after(line, " and ");
+    let kept =
+        line.split("log is kept in '").nth(1).and_then(|r| r.split('\'').next()).unwrap_or_else(|| panic!("{line}"));
+    let out = Command::new(exe()).args(["replay", kept]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("diverged"), "{text}");
+    let stopped = text.lines().find(|l| l.contains("replay stopped at position")).unwrap_or_else(|| panic!("{text}"));
+    let end = number_after(stopped, "replay stopped at position ");
+    assert!(end >= to, "the kept log replays to {end}, short of the divergence at {to}: {text}");
+    eprintln!("kept log '{kept}' replays to {end}, past the divergence at {to}");
 }
 
 /// 14.8 A disk error on one replica is a host fault, not guest input: it

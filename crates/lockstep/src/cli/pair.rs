@@ -69,6 +69,7 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
         print_hashes: spec.hash_every.is_some(),
         max_insns: spec.max_insns,
         key,
+        keep_log: pair.keep_log,
     };
     let vm = LinuxVm::from_spec(&spec)?.context("a pair needs a Linux VM")?;
     match side {

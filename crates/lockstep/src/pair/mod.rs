@@ -15,11 +15,15 @@ pub mod announce;
 pub mod primary;
 pub mod secondary;
 
-use anyhow::Result;
+use crate::vm::record::{LogSink, Meta, Recorder};
+use crate::vm::LinuxVm;
+use anyhow::{bail, Context, Result};
 use ft::arbiter::Arbiter;
 use ft::gate::OutputGate;
 use ft::link::Shared;
 use ft::{PairConfig, Status};
+use replay::Record;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How often a pair compares state hashes unless told otherwise: every
@@ -44,6 +48,78 @@ pub struct PairOpts {
     pub max_insns: Option<u64>,
     /// Authenticates the log channel.
     pub key: Option<ft::auth::Key>,
+    /// Keep this side's copy of the log here (see [`KeptLog`]).
+    pub keep_log: Option<PathBuf>,
+}
+
+/// `--keep-log DIR`: this side's copy of the pair's event log, in the
+/// format of `run --record`, beside a copy of its disk replica taken before
+/// the guest ran, so that `lockstep replay LOG` rebuilds the run (after a
+/// divergence: the primary's execution, which the secondary's failed to
+/// match). Files are named `ROLE-SECONDS.log` and `ROLE-SECONDS.img`.
+pub struct KeptLog {
+    pub path: PathBuf,
+    recorder: Recorder,
+}
+
+/// The first half of [`KeptLog`]: the replica copy, taken while nothing
+/// runs on it (before pairing).
+pub struct KeptReplica {
+    stem: PathBuf,
+    copy: Option<PathBuf>,
+}
+
+impl KeptReplica {
+    pub fn take(vm: &LinuxVm, dir: &Path, role: &str) -> Result<KeptReplica> {
+        std::fs::create_dir_all(dir).with_context(|| format!("--keep-log: cannot create '{}'", dir.display()))?;
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let stem = dir.join(format!("{role}-{secs}"));
+        let copy = match &vm.disk {
+            Some((disk, _)) => {
+                let copy = stem.with_extension("img");
+                let copied = std::process::Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(disk)
+                    .arg(&copy)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if !copied {
+                    let _ = std::fs::remove_file(&copy);
+                    bail!("--keep-log: cannot copy the replica '{}' to '{}'", disk.display(), copy.display());
+                }
+                Some(copy)
+            }
+            None => None,
+        };
+        Ok(KeptReplica { stem, copy })
+    }
+
+    /// Start the log for `vm` as paired (the secondary's has the primary's
+    /// MAC); `disk_hash` is the replica's, which the copy shares.
+    pub fn start(self, vm: &LinuxVm, disk_hash: Option<String>) -> Result<KeptLog> {
+        let mut kept = vm.clone();
+        if let (Some((disk, _)), Some(copy)) = (&mut kept.disk, &self.copy) {
+            *disk = copy.clone();
+        }
+        let path = self.stem.with_extension("log");
+        let recorder = Recorder::create(&path, &Meta::with_disk_hash(&kept, disk_hash)?)?;
+        Ok(KeptLog { path, recorder })
+    }
+}
+
+impl KeptLog {
+    pub fn append(&mut self, record: &Record) {
+        self.recorder.append(record.clone());
+    }
+
+    /// Everything so far is in the file; a line saying where it is.
+    pub fn close(mut self) -> String {
+        match self.recorder.flush() {
+            Ok(()) => format!("this side's log is kept in '{}' (`lockstep replay` it)", self.path.display()),
+            Err(e) => format!("{e:#}"),
+        }
+    }
 }
 
 fn arbiter_for(opts: &PairOpts, vm_id: &str) -> Result<Arc<dyn Arbiter>> {

@@ -1,7 +1,7 @@
 //! The primary: the guest live on this host, its inputs streamed to the
 //! secondary, its network output held until the secondary has them.
 
-use super::{arbiter_for, status_fn, PairOpts};
+use super::{arbiter_for, status_fn, KeptReplica, PairOpts};
 use crate::host::console::StdioConsole;
 use crate::host::entropy::{host_seed, HostEntropy};
 use crate::host::log::report;
@@ -156,11 +156,20 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     if let Some((disk, false)) = &vm.disk {
         replica::check_fresh(disk, &vm_id, arbiter.read()?.as_ref())?;
     }
+    // The replica is copied now, before the guest runs on it.
+    let kept = opts.keep_log.as_deref().map(|dir| KeptReplica::take(vm, dir, "primary")).transpose()?;
+    let disk_hash = hello.disk_hash.clone();
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = console.stop_flag();
     let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, opts.key.as_ref(), &|| {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
+    let mut link = link;
+    if let Some(kept) = kept {
+        let mut kept = kept.start(vm, disk_hash)?;
+        tracing::info!("keeping this side's log in '{}'", kept.path.display());
+        link.keep_log(Box::new(move |r| kept.append(r)));
+    }
     let shared = link.shared.clone();
     let records = replica::RecordWriter::new(vm, &vm_id);
     records.ran_at(shared.epoch());

@@ -8,7 +8,7 @@
 //! and reboots alone, as `run` does); or *ended* when the primary ended
 //! the VM or another side won.
 
-use super::{announce, arbiter_for, status_fn, PairOpts};
+use super::{announce, arbiter_for, status_fn, KeptLog, KeptReplica, PairOpts};
 use crate::host::console::StdioConsole;
 use crate::host::entropy::HostEntropy;
 use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step, Takeover};
@@ -27,8 +27,8 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The primary's log as it arrives on the link.
-pub struct LinkSource(pub SecondaryLink);
+/// The primary's log as it arrives on the link (and into the kept log).
+pub struct LinkSource(pub SecondaryLink, pub Option<KeptLog>);
 
 impl Source for LinkSource {
     fn fetch(&mut self, wait: Duration) -> Result<Fetched, ReplayError> {
@@ -41,7 +41,12 @@ impl Source for LinkSource {
             self.0.rx.recv_timeout(wait)
         };
         Ok(match msg {
-            Ok(Incoming::Records(records)) => Fetched::Records(records),
+            Ok(Incoming::Records(records)) => {
+                if let Some(kept) = &mut self.1 {
+                    records.iter().for_each(|r| kept.append(r));
+                }
+                Fetched::Records(records)
+            }
             Ok(Incoming::Through { through, released }) => Fetched::Through { through, released },
             Ok(Incoming::Lost(why)) => Fetched::Closed(why),
             Err(RecvTimeoutError::Timeout) => Fetched::Nothing,
@@ -79,6 +84,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         None => None,
     };
     let disk_hash = vm.disk_hash()?;
+    // The replica is copied now, while nothing runs on it.
+    let kept = opts.keep_log.as_deref().map(|dir| KeptReplica::take(vm, dir, "secondary")).transpose()?;
     let mut vm = vm.clone();
     let mut built: Option<(Machine, MachineMaker)> = None;
     tracing::info!("secondary: listening on {} (arbiter {})", opts.addr, arbiter.describe());
@@ -137,6 +144,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let (m, maker) = built.take().context("paired without a machine")?;
+    let kept = kept.map(|k| k.start(&vm, disk_hash.clone())).transpose()?;
+    if let Some(k) = &kept {
+        tracing::info!("keeping this side's log in '{}'", k.path.display());
+    }
     let records = replica::RecordWriter::new(&vm, &vm_id);
     records.ran_at(link.epoch);
     let live_position = Arc::new(AtomicU64::new(0));
@@ -156,7 +167,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     }
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
     let mut replayer = Replayer::new(
-        LinkSource(link),
+        LinkSource(link, kept),
         m,
         maker,
         ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
@@ -188,7 +199,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                     Ok(Step::Ended(reason)) => Phase::Ended(reason),
                     Ok(Step::Exhausted(why)) => Phase::Claiming { why, fresh_boot: false },
                     Ok(Step::RebootUnseeded(why)) => Phase::Claiming { why, fresh_boot: true },
-                    Err(e @ ReplayError::Diverged { .. }) => bail!("{e}; this secondary resigns"),
+                    Err(e @ ReplayError::Diverged { .. }) => {
+                        let kept = replayer.source_mut().1.take().map(|k| format!("; {}", k.close()));
+                        bail!("{e}; this secondary resigns{}", kept.unwrap_or_default())
+                    }
                     Err(ReplayError::Log(e)) => bail!("the primary's log has {e}"),
                     Err(ReplayError::Host(e)) => match e.downcast_ref::<machine::RunError>() {
                         Some(machine::RunError::HostFault(fault)) => {

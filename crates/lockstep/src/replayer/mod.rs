@@ -291,6 +291,10 @@ impl<S: Source> Replayer<S> {
         &self.source
     }
 
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
+    }
+
     /// Where the replay is, counted across guest reboots (as marks are).
     pub fn position(&self) -> u64 {
         self.base + self.machine.hart.position().0

@@ -32,6 +32,11 @@ impl Meta {
     /// The header for a recording of `vm`, with absolute paths so that the
     /// log replays from any directory.
     pub fn of(vm: &LinuxVm) -> Result<Meta> {
+        Meta::with_disk_hash(vm, vm.disk_hash()?)
+    }
+
+    /// As [`Meta::of`], with the disk's hash already known.
+    pub fn with_disk_hash(vm: &LinuxVm, disk_hash: Option<String>) -> Result<Meta> {
         let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         let mut recorded = vm.clone();
         recorded.kernel = abs(&recorded.kernel);
@@ -43,7 +48,7 @@ impl Meta {
             vm: recorded,
             kernel_hash: file_hash(&vm.kernel)?,
             initrd_hash: vm.initrd.as_deref().map(file_hash).transpose()?,
-            disk_hash: vm.disk_hash()?,
+            disk_hash,
         })
     }
 }

@@ -108,6 +108,11 @@ pub struct PairSpec {
     /// sides; `lockstep key new FILE` makes one).
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
+    /// Keep this side's copy of the pair's event log in DIR, with a copy of
+    /// its disk replica as it was at pairing, for post-mortem `lockstep
+    /// replay` (after a divergence, say). The log grows with every input.
+    #[arg(long, value_name = "DIR")]
+    pub keep_log: Option<PathBuf>,
 }
 
 /// A VM description file, split into its machine and pair settings.
@@ -148,7 +153,7 @@ impl VmFile {
             }
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        for p in vm.paths_mut().into_iter().chain([&mut pair.key]).flatten() {
+        for p in vm.paths_mut().into_iter().chain([&mut pair.key, &mut pair.keep_log]).flatten() {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
