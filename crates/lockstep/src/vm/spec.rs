@@ -247,7 +247,7 @@ mod tests {
         std::fs::write(
             &f,
             "kernel = \"Image\"\ninitrd = \"/abs/initrd\"\nappend = \"console=ttyS0\"\nmem = \"256M\"\nmax-insns = 5\n\
-             disk-readonly = true\npeer = \"10.0.0.2:7300\"\ntimeout-ms = 400\n",
+             disk-readonly = true\npeer = \"10.0.0.2:7300\"\ntimeout-ms = 400\nkeep-log = \"kept\"\n",
         )
         .unwrap();
         let file = VmFile::load(&f).unwrap();
@@ -258,6 +258,7 @@ mod tests {
         assert_eq!(file.vm.disk_readonly, Some(true));
         assert_eq!(file.pair.peer.as_deref(), Some("10.0.0.2:7300"));
         assert_eq!(file.pair.timeout_ms, Some(400));
+        assert_eq!(file.pair.keep_log, Some(dir.join("kept")));
         std::fs::write(&f, "kernel = \"Image\"\nbogus-key = 1\n").unwrap();
         let e = VmFile::load(&f).unwrap_err().to_string();
         assert!(e.contains("bogus-key") && !e.contains('\n'), "{e}");
