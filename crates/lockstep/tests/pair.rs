@@ -1238,6 +1238,35 @@ fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
     }
 }
 
+/// 14.8 ... but a primary already running alone is the VM: a disk error
+///      of its replica reaches its guest as on any VM (the write fails in
+///      the guest), and the VM runs on. It used to stop, taking the only
+///      copy of the VM with it.
+#[test]
+fn a_disk_error_on_a_primary_running_alone_reaches_the_guest() {
+    let _one = serial();
+    common::require_root_net();
+    let dir = fresh_dir("pair-fulla");
+    let net = PairNet::new("fulla", 67).unwrap();
+    let full = dir.join("full");
+    let env = [("LOCKSTEP_FAILPOINT", "disk-full"), ("LOCKSTEP_FAILPOINT_FILE", full.to_str().unwrap())];
+    let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], &env, &[]).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    pair.wait_for("primary.err", "won epoch 2: running alone", Duration::from_secs(30)).unwrap();
+    std::fs::write(&full, b"").unwrap();
+    type_line(&mut pair.primary, "echo probe > /root/eio-probe; sync; echo write-status-$?").unwrap();
+    pair.wait_for("primary.err", "it runs alone, so the guest sees the error", Duration::from_secs(60)).unwrap();
+    std::fs::remove_file(&full).unwrap();
+    type_line(&mut pair.primary, "echo still-$((6*7))").unwrap();
+    pair.wait_for("primary.out", "still-42", Duration::from_secs(60)).unwrap();
+    assert!(pair.primary.try_wait().unwrap().is_none(), "{}", pair.tails());
+    let said = pair.text("primary.err");
+    assert!(said.contains("No space left on device"), "{said}");
+    assert!(!said.contains("it stops, and the secondary goes on"), "{said}");
+}
+
 /// The guest's UDP request counter (`tests/guest/udpcount.c`), built with
 /// the cross compiler, as base64 to type into the guest.
 fn udpcount_base64() -> String {

@@ -547,7 +547,7 @@ impl Machine {
     /// as a device error (a VM alone).
     pub fn stop_on_host_errors(&mut self, stop: bool) {
         for dev in &mut self.board.virtio {
-            dev.stop_on_host_error(stop);
+            dev.stop_on_host_error(stop, &mut self.board.ram);
         }
     }
 

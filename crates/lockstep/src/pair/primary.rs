@@ -190,6 +190,15 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         };
         let stop = match m.run_linux(&mut io, opts.max_insns) {
             Ok(stop) => stop,
+            Err(machine::RunError::HostFault(fault)) if shared.state() == State::Alone => {
+                // No secondary to go on from the last mark: this is the VM,
+                // and a disk error reaches its guest as on any VM.
+                tracing::error!(
+                    "this primary's disk replica failed ({fault}); it runs alone, so the guest sees the error"
+                );
+                m.stop_on_host_errors(false);
+                continue;
+            }
             Err(machine::RunError::HostFault(fault)) => {
                 // No end record: the secondary goes on from the last mark,
                 // where the guest has not seen the failed request.

@@ -146,6 +146,10 @@ pub struct Block {
     pub stop_on_host_error: bool,
     /// The host error that stopped the device (with `stop_on_host_error`).
     fault: Option<String>,
+    /// The request that failed then, not yet completed: (head, bytes
+    /// written, where its status goes, the status). If the side runs on
+    /// alone, it completes with its error status.
+    unfinished: Option<(u16, u32, Option<u64>, u8)>,
     /// Hashes of the chunks written since boot, for the state hash, and
     /// the chunks written since it was last brought up to date.
     chunk_hashes: std::collections::BTreeMap<u64, u64>,
@@ -169,6 +173,7 @@ impl Block {
             io_errors: 0,
             stop_on_host_error: false,
             fault: None,
+            unfinished: None,
             written: Default::default(),
             chunk_hashes: Default::default(),
             rehash: Default::default(),
@@ -342,6 +347,11 @@ impl VirtioDevice for Block {
     }
     fn stop_on_host_error(&mut self, stop: bool) {
         self.stop_on_host_error = stop;
+        if !stop {
+            // A machine that stopped on the fault runs on with it: the
+            // guest already has the failed request's error status.
+            self.fault = None;
+        }
     }
     fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
         let size = self.backend.size_bytes();
@@ -380,15 +390,26 @@ impl VirtioDevice for Block {
     }
     fn process(&mut self, _index: usize, queue: &mut Queue, ram: &mut Ram) -> Result<bool, QueueError> {
         let mut notify = false;
+        if self.fault.is_some() {
+            return Ok(false);
+        }
+        if let Some((head, written, status_at, status)) = self.unfinished.take() {
+            if let Some(at) = status_at {
+                ram.write(at, &[status]);
+            }
+            notify |= queue.push_used(ram, head, written + 1)?;
+        }
         while let Some(chain) = queue.pop(ram)? {
             let (status, written) = self.serve(&chain, ram);
+            let status_at = chain.buffers.last().filter(|b| b.write && b.len >= 1).map(|b| b.addr);
             if self.fault.is_some() {
                 // Not completed: the machine stops before the guest learns
                 // anything of this request.
+                self.unfinished = Some((chain.head, written, status_at, status));
                 return Ok(notify);
             }
-            if let Some(s) = chain.buffers.last().filter(|b| b.write && b.len >= 1) {
-                ram.write(s.addr, &[status]);
+            if let Some(at) = status_at {
+                ram.write(at, &[status]);
             }
             notify |= queue.push_used(ram, chain.head, written + 1)?;
         }
@@ -410,6 +431,12 @@ mod tests {
         d.serve(&write, &mut ram);
         let fault = d.host_fault().expect("a host fault");
         assert!(fault.contains("disk write of 512 bytes at offset 0 failed"), "{fault}");
+        // A side left alone runs on: the fault is cleared, and the next
+        // error reaches the guest as on any VM.
+        VirtioDevice::stop_on_host_error(&mut d, false);
+        assert_eq!(d.host_fault(), None);
+        assert_eq!(d.serve(&write, &mut ram).0, S_IOERR);
+        assert_eq!((d.host_fault(), d.io_errors), (None, 2));
     }
 
     use super::*;

@@ -126,9 +126,17 @@ impl MmioTransport {
         self.device.restore(&s.device)
     }
 
-    /// See [`VirtioDevice::stop_on_host_error`].
-    pub fn stop_on_host_error(&mut self, stop: bool) {
+    /// See [`VirtioDevice::stop_on_host_error`]. A device that stopped on
+    /// a host fault and is told to run on finishes the request it stopped
+    /// at (with its error status) and interrupts, as on a notify.
+    pub fn stop_on_host_error(&mut self, stop: bool, ram: &mut Ram) {
+        let stopped = self.device.host_fault().is_some();
         self.device.stop_on_host_error(stop);
+        if stopped && !stop {
+            for index in 0..self.queues.len() {
+                self.notify(index, ram);
+            }
+        }
     }
 
     /// See [`VirtioDevice::host_fault`].
