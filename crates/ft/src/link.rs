@@ -286,8 +286,8 @@ impl PrimaryLink {
         };
         let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now(), seal: seal_out }));
         {
-            let (ctx, heard, writer, pulse) = (ctx.clone(), heard.clone(), writer.clone(), pulse.clone());
-            std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, pulse, cfg, epoch));
+            let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
+            std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
         }
         {
             let ctx = ctx.clone();
@@ -543,14 +543,7 @@ impl Lost {
 /// written nothing for a heartbeat interval (skipping a beat rather than
 /// waiting if the run loop is writing), and watches for silence from the
 /// secondary.
-fn heartbeat_loop(
-    writer: Arc<Mutex<LogWriter>>,
-    ctx: Lost,
-    heard: Arc<Lease>,
-    pulse: Arc<Pulse>,
-    cfg: PairConfig,
-    epoch: u64,
-) {
+fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, cfg: PairConfig, epoch: u64) {
     let mut missed_at = Instant::now();
     let mut told = false;
     while !ctx.lost.load(Ordering::SeqCst) {
@@ -568,7 +561,7 @@ fn heartbeat_loop(
         }
         // A heartbeat says the run loop is alive: a stuck one (a blocked
         // write, a hung disk) gets none, so the secondary takes over.
-        if let Some(stuck) = pulse.stuck_for(cfg.stall_timeout()) {
+        if let Some(stuck) = ctx.pulse.stuck_for(ctx.stall) {
             if !told {
                 told = true;
                 note!(

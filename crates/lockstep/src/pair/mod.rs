@@ -63,7 +63,8 @@ pub struct KeptLog {
 }
 
 /// The first half of [`KeptLog`]: the replica copy, taken while nothing
-/// runs on it (before pairing).
+/// runs on it (before pairing). Dropped without [`KeptReplica::start`] (the
+/// pairing failed), it removes the copy: no log will go with it.
 pub struct KeptReplica {
     stem: PathBuf,
     copy: Option<PathBuf>,
@@ -97,14 +98,24 @@ impl KeptReplica {
 
     /// Start the log for `vm` as paired (the secondary's has the primary's
     /// MAC); `disk_hash` is the replica's, which the copy shares.
-    pub fn start(self, vm: &LinuxVm, disk_hash: Option<String>) -> Result<KeptLog> {
+    pub fn start(mut self, vm: &LinuxVm, disk_hash: Option<String>) -> Result<KeptLog> {
         let mut kept = vm.clone();
         if let (Some((disk, _)), Some(copy)) = (&mut kept.disk, &self.copy) {
             *disk = copy.clone();
         }
         let path = self.stem.with_extension("log");
         let recorder = Recorder::create(&path, &Meta::with_disk_hash(&kept, disk_hash)?)?;
+        // The copy now belongs with the log.
+        self.copy = None;
         Ok(KeptLog { path, recorder })
+    }
+}
+
+impl Drop for KeptReplica {
+    fn drop(&mut self) {
+        if let Some(copy) = &self.copy {
+            let _ = std::fs::remove_file(copy);
+        }
     }
 }
 
@@ -142,5 +153,36 @@ fn status_fn(shared: Arc<Shared>, gate: Option<Arc<OutputGate>>) -> impl Fn() ->
             s.hold_us_max = st.hold_us_max;
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kept replica copy goes with its log; without one (the pairing
+    /// failed) it is removed, and a started one stays beside its log.
+    #[test]
+    fn a_kept_replica_without_a_log_is_removed() {
+        let dir = std::env::temp_dir().join(format!("lockstep-kept-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kernel, disk) = (dir.join("Image"), dir.join("disk.img"));
+        std::fs::write(&kernel, b"kernel").unwrap();
+        std::fs::write(&disk, vec![7u8; 8192]).unwrap();
+        let vm =
+            LinuxVm { kernel, initrd: None, append: String::new(), mem: 1 << 20, disk: Some((disk, false)), net: None };
+        let keep = dir.join("keep");
+        let copies = || {
+            std::fs::read_dir(&keep)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "img"))
+                .count()
+        };
+        drop(KeptReplica::take(&vm, &keep, "secondary").unwrap());
+        assert_eq!(copies(), 0);
+        let kept = KeptReplica::take(&vm, &keep, "primary").unwrap().start(&vm, vm.disk_hash().unwrap()).unwrap();
+        assert_eq!(copies(), 1);
+        assert!(kept.close().contains("primary-"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

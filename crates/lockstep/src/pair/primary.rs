@@ -161,10 +161,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let disk_hash = hello.disk_hash.clone();
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = console.stop_flag();
-    let link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, opts.key.as_ref(), &|| {
-        stop.load(std::sync::atomic::Ordering::Relaxed)
-    })?;
-    let mut link = link;
+    let mut link =
+        PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, opts.key.as_ref(), &|| {
+            stop.load(std::sync::atomic::Ordering::Relaxed)
+        })?;
     if let Some(kept) = kept {
         let mut kept = kept.start(vm, disk_hash)?;
         tracing::info!("keeping this side's log in '{}'", kept.path.display());

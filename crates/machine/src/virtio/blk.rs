@@ -349,7 +349,8 @@ impl VirtioDevice for Block {
         self.stop_on_host_error = stop;
         if !stop {
             // A machine that stopped on the fault runs on with it: the
-            // guest already has the failed request's error status.
+            // request it stopped at completes with its error status at the
+            // next `process` (the transport calls it at once).
             self.fault = None;
         }
     }
