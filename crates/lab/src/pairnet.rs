@@ -101,6 +101,26 @@ impl PairNet {
         sh(&format!("ip -n {} link set log0 {state}", self.primary)).map(drop)
     }
 
+    /// Make the guest network deliver the guest's frames to both sides, as
+    /// a hub or a port mirror would (`on`), or send them only where the
+    /// guest was last heard, as a learning switch does (off, the default).
+    /// Mirroring, the bridges stop learning where the guest's address
+    /// lives on the ports towards the sides (and forget what they
+    /// learned), so they flood frames for it to both: the secondary then
+    /// holds a copy of every packet a client sends the primary (see
+    /// lockstep's input mirror).
+    pub fn mirror_guest_frames(&self, on: bool) -> Result<()> {
+        let how = if on { "learning off fdb_flush" } else { "learning on" };
+        let b = &self.bridge;
+        sh(&format!(
+            "ip -n {b} link set dev top type bridge_slave {how} && ip -n {b} link set dev tos type bridge_slave {how}"
+        ))?;
+        for ns in [&self.primary, &self.secondary] {
+            sh(&format!("ip -n {ns} link set dev up0 type bridge_slave {how}"))?;
+        }
+        Ok(())
+    }
+
     /// Drop everything the primary sends on the log link (a one-way cut:
     /// the secondary's acks still arrive).
     pub fn cut_log_one_way(&self) -> Result<()> {

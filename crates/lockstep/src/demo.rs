@@ -31,8 +31,12 @@ pub fn run(opts: &DemoOpts) -> Result<()> {
     say("building (or reusing) the default guest ...");
     crate::guest::build(false)?;
     let net = PairNet::new("demo", 77)?;
+    // As a hub would: a client's packet sent as the primary dies reaches
+    // the secondary too, which hands it to the guest when it goes live.
+    net.mirror_guest_frames(true)?;
     say(&format!(
-        "network: client {} | bridge | primary tap, secondary tap; log channel on its own veth ({})",
+        "network: client {} | bridge (delivering the guest's frames to both sides) | primary tap, secondary tap; \
+         log channel on its own veth ({})",
         net.client,
         net.log_addr(LOG_PORT)
     ));

@@ -1269,6 +1269,23 @@ fn a_disk_error_on_a_primary_running_alone_reaches_the_guest() {
 
 /// The guest's UDP request counter (`tests/guest/udpcount.c`), built with
 /// the cross compiler, as base64 to type into the guest.
+/// Type udpcount into the primary's guest and start it there.
+fn start_udpcount(pair: &mut Pair) {
+    let b64 = udpcount_base64();
+    // In short lines: the console takes a bounded burst of typed bytes.
+    for chunk in b64.as_bytes().chunks(200) {
+        type_line(
+            &mut pair.primary,
+            &format!("printf %s {} >> /tmp/udpcount.b64", std::str::from_utf8(chunk).unwrap()),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    type_line(&mut pair.primary, "base64 -d /tmp/udpcount.b64 > /tmp/udpcount && chmod +x /tmp/udpcount").unwrap();
+    type_line(&mut pair.primary, "/tmp/udpcount &").unwrap();
+    pair.wait_for("primary.out", "udpcount: ready", Duration::from_secs(60)).unwrap();
+}
+
 fn udpcount_base64() -> String {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/udpcount.c");
     let out = common::tmp_dir("udpcount").join("udpcount");
@@ -1307,19 +1324,7 @@ fn udp_replies_the_primary_held_reach_the_client_after_a_kill() {
     let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], &[], &slow_acks).unwrap();
     pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
     pair.wait_for("primary.out", READY, BOOT).unwrap();
-    let b64 = udpcount_base64();
-    // In short lines: the console takes a bounded burst of typed bytes.
-    for chunk in b64.as_bytes().chunks(200) {
-        type_line(
-            &mut pair.primary,
-            &format!("printf %s {} >> /tmp/udpcount.b64", std::str::from_utf8(chunk).unwrap()),
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    type_line(&mut pair.primary, "base64 -d /tmp/udpcount.b64 > /tmp/udpcount && chmod +x /tmp/udpcount").unwrap();
-    type_line(&mut pair.primary, "/tmp/udpcount &").unwrap();
-    pair.wait_for("primary.out", "udpcount: ready", Duration::from_secs(60)).unwrap();
+    start_udpcount(&mut pair);
 
     const REQUESTS: u64 = 240;
     // How many requests the client has sent (the last may await a reply).
@@ -1371,4 +1376,72 @@ fn udp_replies_the_primary_held_reach_the_client_after_a_kill() {
     assert!(skipped.is_empty(), "replies lost after the kill (count before, count after): {skipped:?}\n{said}");
     let resent = said.lines().find(|l| l.contains("the primary may not have released")).unwrap_or("none resent");
     eprintln!("killed after {killed_at} requests; {retries} retries; {resent}");
+}
+
+/// 14.6 A request a client sends as the primary dies reaches the guest.
+///      The switch still sends it to the dead primary's port; on a network
+///      that delivers the guest's frames to both sides (here: bridges that
+///      do not learn the guest's port, as a hub), the secondary's tap has
+///      a copy, and going live it hands the guest what the primary's log
+///      did not deliver. The takeover is slowed (a failpoint) so that the
+///      request certainly arrives before it; a lost request would be
+///      retried only after the client's 3 s timeout.
+#[test]
+fn a_request_sent_as_the_primary_dies_is_answered_from_the_secondarys_copy() {
+    use std::sync::mpsc;
+    let _one = serial();
+    common::require_root_net();
+    let dir = fresh_dir("pair-mirror");
+    let net = PairNet::new("mirror", 66).unwrap();
+    net.mirror_guest_frames(true).unwrap();
+    let slow = [("LOCKSTEP_FAILPOINT", "secondary-slow-go-live")];
+    let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], &[], &slow).unwrap();
+    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    start_udpcount(&mut pair);
+
+    const BEFORE: u64 = 10;
+    let (ready_tx, ready) = mpsc::channel::<()>();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let guest_addr = format!("{}:7777", net.guest_ip());
+    let client = lab::netns::in_netns(&net.client, move || -> Result<(Vec<u64>, Vec<u64>), String> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        sock.connect(&guest_addr).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        let (mut counts, mut retried) = (Vec::new(), Vec::new());
+        for id in 0..2 * BEFORE {
+            if id == BEFORE {
+                ready_tx.send(()).map_err(|e| e.to_string())?;
+                go_rx.recv().map_err(|e| e.to_string())?;
+            }
+            let req = format!("req-{id}");
+            'attempt: for _ in 0..10 {
+                sock.send(req.as_bytes()).map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 256];
+                while let Ok(n) = sock.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if let Some(count) = text.strip_prefix(&format!("{req} ")) {
+                        counts.push(count.parse::<u64>().map_err(|e| format!("{text}: {e}"))?);
+                        break 'attempt;
+                    }
+                }
+                retried.push(id);
+            }
+        }
+        Ok((counts, retried))
+    });
+    ready
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("the client stalled ({e}): {}", pair.tails()));
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    // The secondary is still taking over (300 ms) when this request leaves.
+    go.send(()).unwrap();
+    let (counts, retried) = client.join().unwrap().unwrap().unwrap_or_else(|e| panic!("{e}: {}", pair.tails()));
+    let said = pair.text("secondary.err");
+    assert!(said.contains("going live at position"), "{said}");
+    assert_eq!(counts, (1..=2 * BEFORE).collect::<Vec<_>>(), "{said}");
+    assert!(retried.is_empty(), "requests the guest never got and the client sent again: {retried:?}\n{said}");
+    let handed = said.lines().find(|l| l.contains("handing the guest")).unwrap_or_else(|| panic!("{said}"));
+    eprintln!("request {BEFORE} sent after the kill, answered without a retry; {handed}");
 }

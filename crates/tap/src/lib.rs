@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -136,6 +136,38 @@ impl Tap {
     /// Block until a frame arrives; returns its length.
     pub fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.file.read(buf)
+    }
+
+    /// Block until a frame arrives (its length) or `wake` becomes readable
+    /// (`None`, the frame queue untouched): a reader that another thread
+    /// can stop without losing a frame to it.
+    pub fn recv_until(&mut self, buf: &mut [u8], wake: BorrowedFd<'_>) -> std::io::Result<Option<usize>> {
+        let mut fds = [
+            libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        loop {
+            // SAFETY: poll reads and writes exactly the two pollfds of
+            // `fds`, which lives across the call; both descriptors are
+            // open (one owned by self, one borrowed for the call).
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if fds[1].revents != 0 {
+                return Ok(None);
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return self.file.read(buf).map(Some);
+            }
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the tap went away"));
+            }
+        }
     }
 
     /// Drop the frames queued for reading now (what arrived while nobody

@@ -10,7 +10,9 @@
 //! - Log bandwidth, backup lag and output hold time from the primary's
 //!   status endpoint.
 //! - Failover: SIGKILL of the primary under the numbered-write client, time
-//!   to the client's next acknowledged write, over `--kills` fresh pairs.
+//!   to the client's next acknowledged write, over `--kills` fresh pairs
+//!   on each of two guest networks, alternating: a learning switch, and one
+//!   that delivers the guest's frames to both sides (the input mirror).
 
 use anyhow::{anyhow, bail, Context, Result};
 use lab::netns::in_netns;
@@ -22,6 +24,8 @@ use std::time::{Duration, Instant};
 
 const LUA: &str = "local x = 0 for i = 1, 3000000 do x = x + i % 7 end return x";
 const PINGS: usize = 3000;
+/// The two guest networks kills are timed on (see `PairNet::mirror_guest_frames`).
+const NETWORKS: [&str; 2] = ["learning switch", "mirroring network"];
 /// Typed on the guest's console to start the iperf3 server.
 const IPERF_SERVER: &str = "iperf3 -s -D >/dev/null 2>&1";
 
@@ -171,7 +175,7 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
     let _ = std::fs::remove_file(&key);
     ft::auth::Key::generate()?.write_new(&key)?;
     let key_flags = ["--key", key.to_str().context("the temp directory's path is not UTF-8")?];
-    let (mut solo, mut ft, mut keyed) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut solo, mut ft, mut keyed, mut mirrored) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps {
         let mut child = start_solo(&exe, &g, &net, &dir)?;
         wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
@@ -192,6 +196,16 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
         type_line(&mut pair.primary, IPERF_SERVER)?;
         keyed.push(measure(&net, true)?);
         drop(pair);
+        net.mirror_guest_frames(true)?;
+        let pair = Pair::start(&exe, &g, &net, &dir, &[]);
+        let f = pair.and_then(|mut pair| {
+            pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
+            pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+            type_line(&mut pair.primary, IPERF_SERVER)?;
+            measure(&net, true)
+        });
+        net.mirror_guest_frames(false)?;
+        mirrored.push(f?);
         eprintln!("bench pair: rep {} of {reps} done", rep + 1);
     }
     let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
@@ -219,6 +233,16 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
         let (plain, with_key) = (med(&ft, f), med(&keyed, f));
         println!("| {what} | {plain:.1} | {with_key:.1} | {:.3} |", with_key / plain);
     }
+    println!("the cost of a mirroring network (the secondary reads every frame for the guest), mirrored / learning:");
+    for (what, f) in [
+        ("CPU-bound, s (time)", (|f: &Figures| f.cpu_secs) as fn(&Figures) -> f64),
+        ("request/response, ops/s", |f: &Figures| f.ops_per_sec),
+        ("PING latency median, us", |f: &Figures| f.median_us),
+        ("bulk into the guest, Mbit/s", |f: &Figures| f.bulk_mbits),
+    ] {
+        let (plain, with_mirror) = (med(&ft, f), med(&mirrored, f));
+        println!("| {what} | {plain:.1} | {with_mirror:.1} | {:.3} |", with_mirror / plain);
+    }
     println!(
         "log rate during the request/response workload {:.0} B/s; backup lag at its end {:.2} ms of guest time; mean output hold {:.0} us",
         med(&ft, |f| f.log_bytes_per_sec),
@@ -226,29 +250,46 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
         med(&ft, |f| f.hold_us)
     );
     if kills > 0 {
-        let (mut times, mut pauses) = (Vec::new(), Vec::new());
+        // Alternating: each kill on a learning network, then one on a
+        // mirroring network, with the same delay.
+        let mut times = [Vec::new(), Vec::new()];
+        let mut pauses = [Vec::new(), Vec::new()];
         let mut rng = 0x2545_f491_4f6c_dd1du64 ^ std::process::id() as u64;
         for k in 0..kills {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            let (t, pause) = failover_once(&exe, &g, &net, &dir, Duration::from_millis(rng % 1000))?;
-            eprintln!(
-                "bench pair: kill {} of {kills}: next write acknowledged {:.0} ms after the kill, client paused {:.0} ms",
-                k + 1,
-                t * 1e3,
-                pause * 1e3
-            );
-            times.push(t * 1e3);
-            pauses.push(pause * 1e3);
+            for (i, mirror) in [false, true].into_iter().enumerate() {
+                net.mirror_guest_frames(mirror)?;
+                let once = failover_once(&exe, &g, &net, &dir, Duration::from_millis(rng % 1000));
+                net.mirror_guest_frames(false)?;
+                let (t, pause) = once?;
+                eprintln!(
+                    "bench pair: kill {} of {kills} ({}): next write acknowledged {:.0} ms after the kill, client paused \
+                     {:.0} ms",
+                    k + 1,
+                    NETWORKS[i],
+                    t * 1e3,
+                    pause * 1e3
+                );
+                times[i].push(t * 1e3);
+                pauses[i].push(pause * 1e3);
+            }
         }
-        for (what, v) in [
-            ("SIGKILL of the primary to the client's next acknowledged write", &mut times),
-            ("the client's pause across the kill", &mut pauses),
-        ] {
-            let max = v.iter().cloned().fold(0.0, f64::max);
-            let min = v.iter().cloned().fold(f64::MAX, f64::min);
-            println!("failover, {what}, {kills} kills: median {:.0} ms, min {min:.0} ms, max {max:.0} ms", median(v));
+        for (i, network) in NETWORKS.iter().enumerate() {
+            for (what, v) in [
+                ("SIGKILL of the primary to the client's next acknowledged write", &mut times[i]),
+                ("the client's pause across the kill", &mut pauses[i]),
+            ] {
+                let max = v.iter().cloned().fold(0.0, f64::max);
+                let min = v.iter().cloned().fold(f64::MAX, f64::min);
+                let over = v.iter().filter(|&&t| t > 100.0).count();
+                println!(
+                    "failover ({network}), {what}, {kills} kills: median {:.0} ms, min {min:.0} ms, max {max:.0} ms, \
+                     over 100 ms: {over}",
+                    median(v)
+                );
+            }
         }
     }
     drop(net);

@@ -106,10 +106,21 @@ impl StdioConsole {
 
     /// Attach the next network card to `tap`: a thread reads its frames.
     pub fn add_tap(&mut self, tap: tap::Tap) -> std::io::Result<()> {
+        self.add_tap_after(tap, Vec::new())
+    }
+
+    /// [`Self::add_tap`], the card receiving `earlier` (frames that reached
+    /// this host for the guest before anything read the tap) first.
+    pub fn add_tap_after(&mut self, tap: tap::Tap, earlier: Vec<Vec<u8>>) -> std::io::Result<()> {
         let nic = self.taps.len();
         let mut reader = tap.try_clone()?;
         let tx = self.tx.clone();
         std::thread::spawn(move || {
+            for frame in earlier {
+                if tx.send(Msg::Frame(nic, frame)).is_err() {
+                    return;
+                }
+            }
             let mut buf = vec![0u8; tap::MAX_PACKET];
             loop {
                 match reader.recv(&mut buf) {

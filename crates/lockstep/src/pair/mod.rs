@@ -12,6 +12,7 @@
 //! bridge and the clients' neighbours learn the new port.
 
 pub mod announce;
+pub mod mirror;
 pub mod primary;
 pub mod secondary;
 

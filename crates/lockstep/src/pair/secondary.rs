@@ -8,6 +8,7 @@
 //! and reboots alone, as `run` does); or *ended* when the primary ended
 //! the VM or another side won.
 
+use super::mirror::{InputMirror, LogTally};
 use super::{announce, arbiter_for, status_fn, KeptLog, KeptReplica, PairOpts};
 use crate::host::console::StdioConsole;
 use crate::host::entropy::HostEntropy;
@@ -27,8 +28,9 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The primary's log as it arrives on the link (and into the kept log).
-pub struct LinkSource(pub SecondaryLink, pub Option<KeptLog>);
+/// The primary's log as it arrives on the link (and into the kept log; its
+/// frames are crossed off the input mirror's window).
+pub struct LinkSource(pub SecondaryLink, pub Option<KeptLog>, pub Option<LogTally>);
 
 impl Source for LinkSource {
     fn fetch(&mut self, wait: Duration) -> Result<Fetched, ReplayError> {
@@ -44,6 +46,13 @@ impl Source for LinkSource {
             Ok(Incoming::Records(records)) => {
                 if let Some(kept) = &mut self.1 {
                     records.iter().for_each(|r| kept.append(r));
+                }
+                if let Some(tally) = &self.2 {
+                    for r in &records {
+                        if let replay::Event::Frame { nic: 0, data } = &r.event {
+                            tally.delivered(data);
+                        }
+                    }
                 }
                 Fetched::Records(records)
             }
@@ -78,7 +87,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let arbiter = arbiter_for(opts, &vm_id)?;
     let listener = ft::link::listen(&opts.addr)?;
     let mut console = StdioConsole::open();
-    // Opened now so a bad tap is an error before pairing; read only once live.
+    // Opened now so a bad tap is an error before pairing; read by the input
+    // mirror while replaying, by the guest once live.
     let mut tap = match &vm.net {
         Some((name, _)) => Some(tap::Tap::open(name, true)?),
         None => None,
@@ -166,8 +176,15 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         )?;
     }
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
+    let mut mirror = match (&tap, mac) {
+        (Some(t), Some(mac)) => {
+            Some(InputMirror::start(t.try_clone()?, mac).with_context(|| format!("cannot read tap '{}'", t.name()))?)
+        }
+        _ => None,
+    };
+    let tally = mirror.as_ref().map(InputMirror::tally);
     let mut replayer = Replayer::new(
-        LinkSource(link, kept),
+        LinkSource(link, kept, tally),
         m,
         maker,
         ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
@@ -228,6 +245,11 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                         arbiter.describe()
                     );
                 }
+                if crate::host::failpoint::named("secondary-slow-go-live") {
+                    // A takeover that takes long enough for a client's
+                    // packet to reach the dead primary's port first.
+                    std::thread::sleep(Duration::from_millis(300));
+                }
                 match replayer.source().0.claim() {
                     Claim::Won(epoch) if fresh_boot => {
                         records.ran_at(epoch);
@@ -256,7 +278,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 } else {
                     m
                 };
-                return go_live(&vm, m, takeover, tap.take(), &mut console, live_position, opts);
+                // A new boot has no use for the old one's traffic.
+                let input = mirror.take().filter(|_| !fresh_boot).map(mirrored_input).unwrap_or_default();
+                let net = tap.take().map(|t| (t, input));
+                return go_live(&vm, m, takeover, net, &mut console, live_position, opts);
             }
             Phase::Ended(reason) => {
                 tracing::info!("the primary ended the VM ({reason:?}); the secondary stops with it");
@@ -267,13 +292,27 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     }
 }
 
+/// What reached this side's tap for the guest and the primary's log did
+/// not deliver: its senders' packets to a dying primary (see [`super::mirror`]).
+fn mirrored_input(mirror: InputMirror) -> Vec<Vec<u8>> {
+    let (left, seen, matched) = mirror.finish();
+    if !left.is_empty() {
+        tracing::info!(
+            "handing the guest {} frames this tap received and the primary's log did not deliver ({seen} received \
+             while replaying, {matched} matched in the log)",
+            left.len()
+        );
+    }
+    left
+}
+
 /// Live: the host's entropy, the host's clock, the tap, the console; the
 /// guest's addresses announced from the new port.
 fn go_live(
     vm: &LinuxVm,
     mut m: Machine,
     takeover: Takeover,
-    tap: Option<tap::Tap>,
+    net: Option<(tap::Tap, Vec<Vec<u8>>)>,
     console: &mut StdioConsole,
     position: Arc<AtomicU64>,
     opts: &PairOpts,
@@ -285,15 +324,8 @@ fn go_live(
     m.resync_clock();
     // Alone, a disk error reaches the guest as on any VM.
     m.stop_on_host_errors(false);
-    if let (Some(mut t), Some((_, mac))) = (tap, &vm.net) {
+    if let (Some((mut t, input)), Some((_, mac))) = (net, &vm.net) {
         let name = t.name().to_string();
-        // Frames that reached this tap while the primary served the guest
-        // were the primary's to answer (or are resent by their senders).
-        match t.discard_queued() {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("dropped {n} frames queued on tap '{name}' before going live"),
-            Err(e) => tracing::warn!("cannot drain tap '{name}': {e}"),
-        }
         // What the primary may have died holding goes out first: replies
         // its clients are waiting for (duplicates of what it did release
         // are harmless). From the new port, they also move the address.
@@ -302,7 +334,7 @@ fn go_live(
             tracing::info!("sent {resent} frames the primary may not have released");
         }
         let announcer = t.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
-        console.add_tap(t).with_context(|| format!("cannot read tap '{name}'"))?;
+        console.add_tap_after(t, input).with_context(|| format!("cannot read tap '{name}'"))?;
         let addresses = takeover.addresses;
         announce::spawn(announcer, *mac, addresses.clone());
         let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();

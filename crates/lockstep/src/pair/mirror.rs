@@ -1,0 +1,292 @@
+//! The secondary's copy of the guest's network input.
+//!
+//! A client's packet sent as the primary dies reaches a dead process: the
+//! switch still sends the guest's address to the primary's port until the
+//! secondary announces it from its own. The client then recovers only by
+//! retransmitting, after ~200 ms for TCP's first timeout, or never for UDP.
+//! When the network delivers the guest's frames to both sides (a bridge or
+//! switch that floods them to both ports, a hub, a port mirror: what COLO
+//! asks of its network), the secondary's tap holds that packet too.
+//!
+//! So while it replays, the secondary reads its tap into an [`InputWindow`]
+//! (the last [`KEEP`] of frames) and crosses off every frame the primary's
+//! log delivered to the guest. Going live, it hands the frames left over
+//! (what the network delivered but the guest of this execution never saw)
+//! to its guest first. A frame the primary received but never logged is
+//! one the secondary's execution never saw, so giving it to the guest is
+//! the network delivering it late, never twice. Without a mirroring
+//! network the tap sees only broadcasts, which the log also has: nothing
+//! is left over and nothing changes.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hasher};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a frame stays in the window: longer than any delay between
+/// the tap's copy and the log's copy of one frame reaching this side.
+pub const KEEP: Duration = Duration::from_secs(2);
+/// Bounds on what the window holds, whatever the traffic.
+const MAX_FRAMES: usize = 65_536;
+const MAX_BYTES: usize = 64 << 20;
+/// At most this many frames (the newest) are handed to the guest.
+pub const MAX_HANDED: usize = 512;
+
+fn frame_hash(frame: &[u8]) -> u64 {
+    // Fixed keys: the same frame hashes the same on every call.
+    let mut h = DefaultHasher::new();
+    h.write(frame);
+    h.finish()
+}
+
+struct Seen {
+    at: Instant,
+    hash: u64,
+    /// `None` once the log delivered it.
+    frame: Option<Vec<u8>>,
+}
+
+/// The frames the tap delivered, less those the log delivered, over the
+/// last [`KEEP`]. A frame and its copy are matched by content, whichever
+/// arrives first.
+#[derive(Default)]
+pub struct InputWindow {
+    seen: VecDeque<Seen>,
+    /// Sequence number of `seen[0]`.
+    first: u64,
+    /// Unmatched tap frames by hash: their sequence numbers, oldest first.
+    waiting: HashMap<u64, VecDeque<u64>>,
+    bytes: usize,
+    /// Log frames whose tap copy has not arrived (yet), by arrival.
+    logged: VecDeque<(Instant, u64)>,
+    unmatched_logged: HashMap<u64, u32>,
+    /// Totals, for the log line at go-live.
+    pub tap_frames: u64,
+    pub matched: u64,
+}
+
+impl InputWindow {
+    /// A frame the tap delivered.
+    pub fn on_tap(&mut self, frame: Vec<u8>, now: Instant) {
+        self.prune(now);
+        self.tap_frames += 1;
+        let hash = frame_hash(&frame);
+        if let Some(n) = self.unmatched_logged.get_mut(&hash) {
+            *n -= 1;
+            if *n == 0 {
+                self.unmatched_logged.remove(&hash);
+            }
+            self.matched += 1;
+            return;
+        }
+        let seq = self.first + self.seen.len() as u64;
+        self.bytes += frame.len();
+        self.seen.push_back(Seen { at: now, hash, frame: Some(frame) });
+        self.waiting.entry(hash).or_default().push_back(seq);
+    }
+
+    /// A frame the primary's log delivered to the guest.
+    pub fn on_log(&mut self, frame: &[u8], now: Instant) {
+        self.prune(now);
+        let hash = frame_hash(frame);
+        if let Some(seqs) = self.waiting.get_mut(&hash) {
+            let seq = seqs.pop_front().expect("empty lists are removed");
+            if seqs.is_empty() {
+                self.waiting.remove(&hash);
+            }
+            let seen = &mut self.seen[(seq - self.first) as usize];
+            self.bytes -= seen.frame.take().map_or(0, |f| f.len());
+            self.matched += 1;
+            return;
+        }
+        self.logged.push_back((now, hash));
+        *self.unmatched_logged.entry(hash).or_default() += 1;
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some(front) = self.seen.front() {
+            let old = now.saturating_duration_since(front.at) > KEEP;
+            if !old && self.seen.len() <= MAX_FRAMES && self.bytes <= MAX_BYTES {
+                break;
+            }
+            let front = self.seen.pop_front().expect("checked above");
+            if let Some(frame) = front.frame {
+                self.bytes -= frame.len();
+                // The oldest unmatched frame of its hash: first in its list.
+                if let Some(seqs) = self.waiting.get_mut(&front.hash) {
+                    seqs.pop_front();
+                    if seqs.is_empty() {
+                        self.waiting.remove(&front.hash);
+                    }
+                }
+            }
+            self.first += 1;
+        }
+        while let Some(&(at, hash)) = self.logged.front() {
+            if now.saturating_duration_since(at) <= KEEP && self.logged.len() <= MAX_FRAMES {
+                break;
+            }
+            self.logged.pop_front();
+            if let Some(n) = self.unmatched_logged.get_mut(&hash) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unmatched_logged.remove(&hash);
+                }
+            }
+        }
+    }
+
+    /// The tap frames the log did not deliver, oldest first (at most
+    /// [`MAX_HANDED`], the newest).
+    pub fn leftovers(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        self.prune(now);
+        self.waiting.clear();
+        self.bytes = 0;
+        let mut left: Vec<Vec<u8>> = self.seen.iter_mut().filter_map(|s| s.frame.take()).collect();
+        if left.len() > MAX_HANDED {
+            left.drain(..left.len() - MAX_HANDED);
+        }
+        left
+    }
+}
+
+/// The thread that reads the secondary's tap into the window while it
+/// replays.
+pub struct InputMirror {
+    window: Arc<Mutex<InputWindow>>,
+    wake: UnixStream,
+    reader: Option<JoinHandle<()>>,
+}
+
+/// The log side's handle on the window (for `LinkSource`).
+#[derive(Clone)]
+pub struct LogTally(Arc<Mutex<InputWindow>>);
+
+impl LogTally {
+    pub fn delivered(&self, frame: &[u8]) {
+        if let Ok(mut w) = self.0.lock() {
+            w.on_log(frame, Instant::now());
+        }
+    }
+}
+
+/// Ethernet source address of a tap frame (after the virtio-net header).
+fn source_mac(frame: &[u8]) -> Option<&[u8]> {
+    frame.get(tap::VNET_HDR_LEN + 6..tap::VNET_HDR_LEN + 12)
+}
+
+impl InputMirror {
+    /// Start reading `tap` (a second handle on the secondary's tap).
+    /// Frames from `guest_mac` are the primary's guest talking, not input.
+    pub fn start(mut tap: tap::Tap, guest_mac: [u8; 6]) -> std::io::Result<InputMirror> {
+        // What queued before pairing predates the log.
+        tap.discard_queued()?;
+        let (wake, wait) = UnixStream::pair()?;
+        let window = Arc::new(Mutex::new(InputWindow::default()));
+        let w = window.clone();
+        let reader = std::thread::Builder::new().name("input-mirror".into()).spawn(move || {
+            let mut buf = vec![0u8; tap::MAX_PACKET];
+            // Stops when woken, or when the tap fails (no more copies).
+            while let Ok(Some(n)) = tap.recv_until(&mut buf, wait.as_fd()) {
+                let frame = &buf[..n];
+                if source_mac(frame) == Some(&guest_mac[..]) {
+                    continue;
+                }
+                let Ok(mut w) = w.lock() else { return };
+                w.on_tap(frame.to_vec(), Instant::now());
+            }
+        })?;
+        Ok(InputMirror { window, wake, reader: Some(reader) })
+    }
+
+    pub fn tally(&self) -> LogTally {
+        LogTally(self.window.clone())
+    }
+
+    /// Stop reading (what arrives from now on stays queued on the tap for
+    /// whoever reads it next) and return the leftovers with the totals
+    /// (frames the tap delivered, frames matched with the log).
+    pub fn finish(mut self) -> (Vec<Vec<u8>>, u64, u64) {
+        use std::io::Write;
+        let _ = self.wake.write_all(&[1]);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let Ok(mut w) = self.window.lock() else { return (Vec::new(), 0, 0) };
+        let left = w.leftovers(Instant::now());
+        (left, w.tap_frames, w.matched)
+    }
+}
+
+impl Drop for InputMirror {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = self.wake.write_all(&[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[20] = n;
+        f
+    }
+
+    #[test]
+    fn frames_the_log_delivered_are_crossed_off_whichever_copy_comes_first() {
+        let t = Instant::now();
+        let mut w = InputWindow::default();
+        w.on_tap(frame(1), t);
+        w.on_log(&frame(2), t);
+        w.on_log(&frame(1), t);
+        w.on_tap(frame(2), t);
+        w.on_tap(frame(3), t);
+        assert_eq!(w.leftovers(t), vec![frame(3)]);
+        assert_eq!(w.matched, 2);
+    }
+
+    #[test]
+    fn a_frame_sent_twice_and_logged_once_is_left_over_once() {
+        let t = Instant::now();
+        let mut w = InputWindow::default();
+        w.on_tap(frame(7), t);
+        w.on_tap(frame(7), t);
+        w.on_log(&frame(7), t);
+        assert_eq!(w.leftovers(t), vec![frame(7)]);
+    }
+
+    #[test]
+    fn old_frames_are_forgotten_on_both_sides() {
+        let t = Instant::now();
+        let mut w = InputWindow::default();
+        w.on_tap(frame(1), t);
+        w.on_log(&frame(2), t);
+        let later = t + KEEP + Duration::from_millis(1);
+        // The log's copy of 2 is forgotten: a new tap copy is left over.
+        w.on_tap(frame(2), later);
+        assert_eq!(w.leftovers(later), vec![frame(2)]);
+        assert!(w.unmatched_logged.is_empty());
+    }
+
+    #[test]
+    fn the_window_is_bounded_and_hands_over_the_newest() {
+        let t = Instant::now();
+        let mut w = InputWindow::default();
+        for i in 0..(MAX_FRAMES + 10) {
+            let mut f = frame(0);
+            f[30..38].copy_from_slice(&(i as u64).to_le_bytes());
+            w.on_tap(f, t);
+        }
+        assert!(w.seen.len() <= MAX_FRAMES + 1);
+        let left = w.leftovers(t);
+        assert_eq!(left.len(), MAX_HANDED);
+        let last = u64::from_le_bytes(left[MAX_HANDED - 1][30..38].try_into().unwrap());
+        assert_eq!(last, (MAX_FRAMES + 9) as u64);
+    }
+}
