@@ -173,6 +173,36 @@ pub struct PrimaryLink {
     /// this is `base` plus the run loop's position.
     position: u64,
     base: u64,
+    stream: TcpStream,
+    peer: String,
+    /// The receiver's hand-back of its end after a handover.
+    switched: Receiver<HandBack>,
+}
+
+/// The reading end of a channel, with its seal (what a side's receiver
+/// hands back when the roles swap), and the new epoch.
+type HandBack = (BufReader<Deadline>, Option<Seal>, u64);
+
+/// A connection between the sides after its greeting, in either role:
+/// both directions, and with `--key` the seal of each (a side keeps its
+/// seals when the roles swap: each direction goes on with its sequence).
+pub struct Channel {
+    stream: TcpStream,
+    w: TcpStream,
+    r: BufReader<Deadline>,
+    seal_out: Option<Seal>,
+    seal_in: Option<Seal>,
+    peer: String,
+}
+
+/// A planned switchover done: the channel, to go on with the roles swapped
+/// at `epoch`, from the channel position `at` (`base`: the positions of
+/// the guest's earlier boots).
+pub struct Switched {
+    channel: Channel,
+    pub epoch: u64,
+    pub at: u64,
+    pub base: u64,
 }
 
 /// Records are written at least this often while the guest runs (the
@@ -235,7 +265,8 @@ impl PrimaryLink {
         // answers: give it time.
         let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
         let mut w = stream.try_clone().map_err(|e| wire_err(e.into()))?;
-        let mut r = BufReader::new(stream.try_clone().map_err(|e| wire_err(e.into()))?);
+        let reader = stream.try_clone().map_err(|e| wire_err(e.into()))?;
+        let mut r = BufReader::new(Deadline { stream: reader, at: None, heard: None });
         wire::write_preamble(&mut w).map_err(|e| wire_err(e.into()))?;
         wire::read_preamble(&mut r).map_err(wire_err)?;
         let (mut seal_out, mut seal_in) = (None, None);
@@ -268,32 +299,53 @@ impl PrimaryLink {
             }
         }
         let _ = stream.set_read_timeout(None);
+        let ch = Channel { stream, w, r, seal_out, seal_in, peer: peer.to_string() };
+        let link = PrimaryLink::start(ch, epoch, arbiter, gate, cfg, 0, 0);
+        note!(link.shared, info, "paired with the secondary at {peer}, epoch {epoch}: the VM is protected");
+        Ok(link)
+    }
+
+    /// This side's end of `ch` as the primary at `epoch`, the channel's
+    /// positions counting from `base` (the boots before this one) and
+    /// every record before `through` already in the secondary's hands.
+    fn start(
+        ch: Channel,
+        epoch: u64,
+        arbiter: Arc<dyn Arbiter>,
+        gate: Arc<OutputGate>,
+        cfg: PairConfig,
+        base: u64,
+        through: u64,
+    ) -> PrimaryLink {
+        let Channel { stream, w, r, seal_out, seal_in, peer } = ch;
         let shared = Shared::new("primary", epoch);
+        // A resumed pair starts in step: no lag to throttle for.
+        shared.update(|s| (s.position, s.peer_position) = (through, through));
         let pulse = Arc::new(Pulse::new());
-        note!(shared, info, "paired with the secondary at {peer}, epoch {epoch}: the VM is protected");
         watch_arbiter(arbiter.clone(), shared.clone());
         let heard = Arc::new(Lease::new(cfg.timeout));
-        let lost = Arc::new(AtomicBool::new(false));
         let ctx = Lost {
             shared: shared.clone(),
             arbiter,
             gate: gate.clone(),
             stream: stream.try_clone().ok().map(Arc::new),
-            lost,
-            owner,
+            lost: Arc::default(),
+            handing: Arc::default(),
+            owner: owner_name("primary"),
             pulse: pulse.clone(),
             stall: cfg.stall_timeout(),
         };
-        let writer = Arc::new(Mutex::new(LogWriter { stream: w, through: 0, written: Instant::now(), seal: seal_out }));
+        let writer = Arc::new(Mutex::new(LogWriter { stream: w, through, written: Instant::now(), seal: seal_out }));
         {
             let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
             std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
         }
+        let (handback, switched) = mpsc::channel();
         {
             let ctx = ctx.clone();
-            std::thread::spawn(move || ack_loop(r, seal_in, ctx, heard, epoch));
+            std::thread::spawn(move || ack_loop(r, seal_in, ctx, heard, epoch, handback));
         }
-        Ok(PrimaryLink {
+        PrimaryLink {
             shared,
             gate,
             writer,
@@ -304,11 +356,82 @@ impl PrimaryLink {
             pending: Vec::new(),
             pending_bytes: 0,
             pending_input: false,
-            last_through: 0,
+            last_through: through,
             keep: None,
-            position: 0,
-            base: 0,
-        })
+            position: through,
+            base,
+            stream,
+            peer,
+            switched,
+        }
+    }
+
+    /// The new primary after a planned switchover ([`SecondaryLink::take_over`]).
+    pub fn resume(s: Switched, arbiter: Arc<dyn Arbiter>, gate: Arc<OutputGate>, cfg: PairConfig) -> PrimaryLink {
+        let (epoch, at) = (s.epoch, s.at);
+        let link = PrimaryLink::start(s.channel, epoch, arbiter, gate, cfg, s.base, at);
+        note!(link.shared, info, "switched over at position {at}: now the primary, epoch {epoch}: the VM is protected");
+        link
+    }
+
+    /// A planned switchover: the guest stopped at `at` (this boot's
+    /// position). Everything before it goes to the secondary, which must
+    /// acknowledge it all (so all output is released), then the handover;
+    /// once the secondary has replayed to `at` and won the next epoch, this
+    /// side's end of the channel comes back for [`SecondaryLink::resume`].
+    /// On an error the pair's usual rules apply (a lost secondary is
+    /// arbitrated for), and this side goes on as the primary.
+    pub fn handover(&mut self, at: u64, timeout: Duration) -> Result<Switched, String> {
+        let at = self.base + at;
+        self.position = at;
+        self.flush(at);
+        let t = Instant::now();
+        while self.protected() && self.gate.acked() < at {
+            if t.elapsed() >= timeout {
+                return Err(format!(
+                    "the secondary did not acknowledge the log to {at} within {} s",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !self.protected() {
+            return Err(format!("the pair broke: {}", self.shared.status().note));
+        }
+        {
+            let mut w = self.writer.lock().unwrap();
+            // No heartbeat after the handover: the next message on this
+            // direction is the new secondary's first acknowledgement.
+            self.lost.handing.store(true, Ordering::SeqCst);
+            if let Err(e) = w.write(&[Message::Handover { at }], self.epoch, at) {
+                drop(w);
+                self.lost.peer_lost(format!("the log channel failed: {e}"));
+                return Err(format!("cannot send the handover: {e}"));
+            }
+        }
+        let wait = timeout.saturating_sub(t.elapsed()).max(Duration::from_secs(1));
+        match self.switched.recv_timeout(wait) {
+            Ok((r, seal_in, epoch)) => {
+                // This side's primary role is over: nothing of it may act.
+                self.lost.lost.store(true, Ordering::SeqCst);
+                self.shared.update(|s| s.state = Some(State::Stopped));
+                let mut w = self.writer.lock().unwrap();
+                let stream = self.stream.try_clone().map_err(|e| format!("cannot keep the channel: {e}"))?;
+                let w = LogWriter {
+                    stream: w.stream.try_clone().map_err(|e| format!("cannot keep the channel: {e}"))?,
+                    through: w.through,
+                    written: w.written,
+                    seal: w.seal.take(),
+                };
+                let channel = Channel { stream, w: w.stream, r, seal_out: w.seal, seal_in, peer: self.peer.clone() };
+                Ok(Switched { channel, epoch, at, base: self.base })
+            }
+            Err(_) => {
+                let why = format!("the secondary did not take over within {} s of the handover", wait.as_secs());
+                self.lost.peer_lost(why.clone());
+                Err(why)
+            }
+        }
     }
 
     fn protected(&self) -> bool {
@@ -477,6 +600,8 @@ struct Lost {
     gate: Arc<OutputGate>,
     stream: Option<Arc<TcpStream>>,
     lost: Arc<AtomicBool>,
+    /// A planned switchover is under way: no more heartbeats.
+    handing: Arc<AtomicBool>,
     owner: String,
     /// The run loop's pulse, and how long it may be quiet: a primary whose
     /// run loop is stuck does not claim (it could not run the VM; its
@@ -548,6 +673,9 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
     let mut told = false;
     while !ctx.lost.load(Ordering::SeqCst) {
         std::thread::sleep(cfg.heartbeat);
+        if ctx.handing.load(Ordering::SeqCst) {
+            return;
+        }
         let silent = heard.silence();
         if silent >= cfg.timeout {
             return ctx.peer_lost(format!("no word from it for {} ms", silent.as_millis()));
@@ -574,6 +702,9 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
             continue;
         }
         let Ok(mut w) = writer.try_lock() else { continue };
+        if ctx.handing.load(Ordering::SeqCst) {
+            return;
+        }
         if w.written.elapsed() >= cfg.heartbeat {
             let through = w.through;
             let mark = Message::Through { through, released: ctx.gate.acked() };
@@ -586,9 +717,21 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
 }
 
 /// The primary's receiver: acks release output while the [`Lease`] holds.
-fn ack_loop(mut r: BufReader<TcpStream>, mut seal: Option<Seal>, ctx: Lost, lease: Arc<Lease>, epoch: u64) {
+fn ack_loop(
+    mut r: BufReader<Deadline>,
+    mut seal: Option<Seal>,
+    ctx: Lost,
+    lease: Arc<Lease>,
+    epoch: u64,
+    handback: Sender<HandBack>,
+) {
     loop {
         match wire::receive(&mut r, seal.as_mut()) {
+            Ok((e, Message::Switched { epoch: new })) if e == epoch && ctx.handing.load(Ordering::SeqCst) => {
+                // The rest of this direction is the new primary's.
+                let _ = handback.send((r, seal, new));
+                return;
+            }
             Ok((e, Message::Ack { received, executed })) if e == epoch => {
                 if let Err(silent) = lease.renew() {
                     return ctx.peer_lost(format!(
@@ -625,6 +768,21 @@ pub enum Incoming {
     },
     /// The primary is gone (why).
     Lost(String),
+    /// A planned switchover: the primary stopped at `at` (a mark before
+    /// this said so) and waits for [`SecondaryLink::take_over`].
+    Handover {
+        at: u64,
+        end: HandoverEnd,
+    },
+}
+
+/// The reading end of the channel, handed over with [`Incoming::Handover`].
+pub struct HandoverEnd(BufReader<Deadline>, Option<Seal>);
+
+impl std::fmt::Debug for HandoverEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandoverEnd")
+    }
 }
 
 /// The secondary's end.
@@ -635,6 +793,9 @@ pub struct SecondaryLink {
     pub epoch: u64,
     pub peer: String,
     arbiter: Arc<dyn Arbiter>,
+    stream: Arc<TcpStream>,
+    writer: Arc<Mutex<SealedStream>>,
+    lost: Arc<AtomicBool>,
 }
 
 /// Bind the secondary's listening socket.
@@ -706,39 +867,90 @@ impl SecondaryLink {
             wire::send(&mut w, epoch, &Message::Welcome, seal_out.as_mut())
                 .map_err(|e| PairError::Wire { addr: from.clone(), source: e.into() })?;
             let _ = stream.set_read_timeout(None);
-            let shared = Shared::new("secondary", epoch);
-            note!(shared, info, "paired with the primary at {from}, epoch {epoch}: replaying its log");
-            watch_arbiter(arbiter.clone(), shared.clone());
-            let (tx, rx) = mpsc::channel();
-            let executed = Arc::new(AtomicU64::new(0));
-            let received = Arc::new(AtomicU64::new(0));
-            let heard = Arc::new(Mutex::new(Instant::now()));
-            let mut r = r;
-            r.get_mut().heard = Some(heard.clone());
-            let lost = Arc::new(AtomicBool::new(false));
-            let writer = Arc::new(Mutex::new(SealedStream { stream: w, seal: seal_out }));
-            let end = SecondaryEnd {
-                shared: shared.clone(),
-                tx,
-                lost,
-                stream: Arc::new(stream),
-                writer,
-                executed: executed.clone(),
-                received,
-                delayed: Arc::default(),
-                ack_delay: cfg.ack_delay,
-                heard,
-                epoch,
-            };
-            {
-                let end = end.clone();
-                std::thread::spawn(move || end.receive_loop(r, seal_in));
-            }
-            std::thread::spawn(move || end.heartbeat_loop(cfg));
+            let ch = Channel { stream, w, r, seal_out, seal_in, peer: from.clone() };
+            let link = SecondaryLink::start(ch, epoch, arbiter, cfg, 0);
+            note!(link.shared, info, "paired with the primary at {from}, epoch {epoch}: replaying its log");
             let _ = listener.set_nonblocking(false);
             std::thread::spawn(move || refuse_latecomers(listener, epoch, from));
-            return Ok(SecondaryLink { shared, rx, executed, epoch, peer: String::new(), arbiter });
+            return Ok(link);
         }
+    }
+
+    /// This side's end of `ch` as the secondary at `epoch`, holding the log
+    /// up to `received` already.
+    fn start(ch: Channel, epoch: u64, arbiter: Arc<dyn Arbiter>, cfg: PairConfig, received: u64) -> SecondaryLink {
+        let Channel { stream, w, mut r, seal_out, seal_in, peer } = ch;
+        let shared = Shared::new("secondary", epoch);
+        shared.update(|s| (s.position, s.peer_position) = (received, received));
+        watch_arbiter(arbiter.clone(), shared.clone());
+        let (tx, rx) = mpsc::channel();
+        let executed = Arc::new(AtomicU64::new(received));
+        let heard = Arc::new(Mutex::new(Instant::now()));
+        r.get_mut().heard = Some(heard.clone());
+        let lost = Arc::new(AtomicBool::new(false));
+        let stream = Arc::new(stream);
+        let writer = Arc::new(Mutex::new(SealedStream { stream: w, seal: seal_out }));
+        let end = SecondaryEnd {
+            shared: shared.clone(),
+            tx,
+            lost: lost.clone(),
+            handing: Arc::default(),
+            stream: stream.clone(),
+            writer: writer.clone(),
+            executed: executed.clone(),
+            received: Arc::new(AtomicU64::new(received)),
+            delayed: Arc::default(),
+            ack_delay: cfg.ack_delay,
+            heard,
+            epoch,
+        };
+        {
+            let end = end.clone();
+            std::thread::spawn(move || end.receive_loop(r, seal_in));
+        }
+        std::thread::spawn(move || end.heartbeat_loop(cfg));
+        SecondaryLink { shared, rx, executed, epoch, peer, arbiter, stream, writer, lost }
+    }
+
+    /// The new secondary after a planned switchover ([`PrimaryLink::handover`]).
+    pub fn resume(s: Switched, arbiter: Arc<dyn Arbiter>, cfg: PairConfig) -> SecondaryLink {
+        let (epoch, at) = (s.epoch, s.at);
+        let link = SecondaryLink::start(s.channel, epoch, arbiter, cfg, at);
+        note!(link.shared, info, "switched over at position {at}: now the secondary, epoch {epoch}, replaying");
+        link
+    }
+
+    /// The switchover's second half, once this side has replayed to the
+    /// handover point `at`: win the next epoch as the primary and tell the
+    /// old primary, which becomes this side's secondary. An error (the
+    /// arbiter unreachable or taken) leaves the pair to its usual rules:
+    /// the caller treats the primary as lost, unless the epoch was won
+    /// (`Some`: the old primary is gone; this side goes on alone).
+    pub fn take_over(&self, end: HandoverEnd, at: u64, base: u64) -> Result<Switched, (String, Option<u64>)> {
+        let epoch = match self.arbiter.claim(self.epoch, &owner_name("primary"), false) {
+            Ok(Claim::Won(e)) => e,
+            Ok(Claim::Lost(h)) => return Err((format!("epoch {} belongs to '{}'", h.epoch, h.owner), None)),
+            Err(e) => return Err((ErrorChain(&e).to_string(), None)),
+        };
+        self.shared.update(|s| s.epoch = epoch);
+        let mut guard = self.writer.lock().unwrap();
+        let w = &mut *guard;
+        let sent = wire::send(&mut w.stream, self.epoch, &Message::Switched { epoch }, w.seal.as_mut());
+        sent.map_err(|e| (format!("cannot answer the handover: {e}"), Some(epoch)))?;
+        // This side's secondary role is over.
+        self.lost.store(true, Ordering::SeqCst);
+        self.shared.update(|s| s.state = Some(State::Stopped));
+        let keep =
+            |r: std::io::Result<TcpStream>| r.map_err(|e| (format!("cannot keep the channel: {e}"), Some(epoch)));
+        let channel = Channel {
+            stream: keep(self.stream.try_clone())?,
+            w: keep(w.stream.try_clone())?,
+            r: end.0,
+            seal_out: w.seal.take(),
+            seal_in: end.1,
+            peer: self.peer.clone(),
+        };
+        Ok(Switched { channel, epoch, at, base })
     }
 
     /// The run loop executed up to `position`.
@@ -819,6 +1031,8 @@ struct SecondaryEnd {
     shared: Arc<Shared>,
     tx: Sender<Incoming>,
     lost: Arc<AtomicBool>,
+    /// A planned switchover is under way: no more acknowledgements.
+    handing: Arc<AtomicBool>,
     stream: Arc<TcpStream>,
     writer: Arc<Mutex<SealedStream>>,
     executed: Arc<AtomicU64>,
@@ -862,6 +1076,9 @@ impl SecondaryEnd {
             executed: self.executed.load(Ordering::Relaxed),
         };
         let mut w = self.writer.lock().unwrap();
+        if self.handing.load(Ordering::SeqCst) || self.lost.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let w = &mut *w;
         wire::send(&mut w.stream, self.epoch, &msg, w.seal.as_mut())
     }
@@ -911,6 +1128,11 @@ impl SecondaryEnd {
                         return self.lose(format!("cannot acknowledge: {e}"));
                     }
                 }
+                Message::Handover { at } => {
+                    self.handing.store(true, Ordering::SeqCst);
+                    let _ = self.tx.send(Incoming::Handover { at, end: HandoverEnd(r, seal) });
+                    return;
+                }
                 Message::Refuse(why) => return self.lose(format!("it ended the pair: {why}")),
                 m => return self.lose(format!("it sent {m:?} on a paired channel")),
             }
@@ -921,6 +1143,9 @@ impl SecondaryEnd {
         let mut last_missed = Instant::now();
         while !self.lost.load(Ordering::SeqCst) {
             std::thread::sleep(cfg.heartbeat);
+            if self.handing.load(Ordering::SeqCst) {
+                return;
+            }
             let silent = self.heard.lock().unwrap().elapsed();
             if silent >= cfg.timeout {
                 return self.lose(format!("no word from it for {} ms", silent.as_millis()));

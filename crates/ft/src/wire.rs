@@ -18,7 +18,8 @@ use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 2: the key exchange, and the hello's host, arbiter kind and build.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 3: the release point in marks. 4: the planned switchover.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -71,6 +72,15 @@ pub enum Message {
     /// `received` and executed up to `executed`; also the secondary's
     /// heartbeat.
     Ack { received: u64, executed: u64 },
+    /// Primary → secondary, a planned switchover: the primary's guest
+    /// stopped at `at` (every record before it sent, all output before it
+    /// released); the secondary replays to there and takes over, and the
+    /// primary becomes its secondary on this same connection.
+    Handover { at: u64 },
+    /// Secondary → primary, the answer: it replayed to the handover point
+    /// and won `epoch` as the primary; from the next message on, the
+    /// connection runs with the roles swapped, at that epoch.
+    Switched { epoch: u64 },
     /// Primary → secondary, first with `--key`: a fresh nonce.
     AuthInit { nonce: [u8; 32] },
     /// Secondary → primary: its nonce, and proof that it holds the key.
@@ -160,6 +170,8 @@ impl Message {
             Message::AuthInit { .. } => 7,
             Message::AuthChallenge { .. } => 8,
             Message::AuthProof { .. } => 9,
+            Message::Handover { .. } => 10,
+            Message::Switched { .. } => 11,
         }
     }
 
@@ -183,6 +195,7 @@ impl Message {
             Message::AuthInit { nonce } => nonce.to_vec(),
             Message::AuthChallenge { nonce, proof } => [nonce.as_slice(), proof.as_slice()].concat(),
             Message::AuthProof { proof } => proof.to_vec(),
+            Message::Handover { at: v } | Message::Switched { epoch: v } => v.to_le_bytes().to_vec(),
         }
     }
 
@@ -214,6 +227,8 @@ impl Message {
                 Message::AuthChallenge { nonce: p[..32].try_into().unwrap(), proof: p[32..].try_into().unwrap() }
             }
             9 if p.len() == 32 => Message::AuthProof { proof: p.try_into().unwrap() },
+            10 if p.len() == 8 => Message::Handover { at: u64_at(p, 0)? },
+            11 if p.len() == 8 => Message::Switched { epoch: u64_at(p, 0)? },
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -325,6 +340,8 @@ mod tests {
             Message::Records(vec![]),
             Message::Through { through: 1 << 40, released: 1 << 39 },
             Message::Ack { received: 3, executed: 2 },
+            Message::Handover { at: 77 },
+            Message::Switched { epoch: 4 },
         ]
     }
 
@@ -348,7 +365,7 @@ mod tests {
         let mut other = MAGIC.to_vec();
         other.extend_from_slice(&7u32.to_le_bytes());
         let e = read_preamble(&mut &other[..]).unwrap_err();
-        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 3");
+        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 4");
         let e = read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]).unwrap_err();
         assert!(matches!(e, WireError::NotLockstep(_)), "{e}");
     }

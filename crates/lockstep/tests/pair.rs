@@ -592,7 +592,8 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     let mut serr = String::new();
     sec.stderr.take().unwrap().read_to_string(&mut serr).unwrap();
     assert!(serr.contains("is not a lockstep pair endpoint"), "{serr}");
-    assert!(serr.contains("speaks pair protocol version 9, this lockstep speaks version 3"), "{serr}");
+    let want = format!("speaks pair protocol version 9, this lockstep speaks version {}", ft::wire::PROTOCOL_VERSION);
+    assert!(serr.contains(&want), "{serr}");
     assert!(serr.contains("stale epoch") || serr.contains("has none"), "{serr}");
     assert!(serr.contains("refused to pair with the primary at 127.0.0.1:"), "{serr}");
     assert!(!serr.contains("panicked"), "{serr}");
@@ -1444,4 +1445,53 @@ fn a_request_sent_as_the_primary_dies_is_answered_from_the_secondarys_copy() {
     assert!(retried.is_empty(), "requests the guest never got and the client sent again: {retried:?}\n{said}");
     let handed = said.lines().find(|l| l.contains("handing the guest")).unwrap_or_else(|| panic!("{said}"));
     eprintln!("request {BEFORE} sent after the kill, answered without a retry; {handed}");
+}
+
+/// 15. A planned switchover under the numbered-write client: the roles
+///     swap with nothing lost and the connection never reset, `status`
+///     shows the new pair protected (the old primary now replays), a
+///     switchover asked of the secondary is refused, and a kill of the new
+///     primary leaves the old one to go live in its turn.
+#[test]
+fn a_switchover_swaps_the_roles_and_a_kill_after_it_loses_nothing() {
+    let _one = serial();
+    let (net, mut pair, _dir) = start("swap", 65, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair).unwrap();
+    // Asked of the secondary, it is refused, naming the reason.
+    let wrong = exec(&net.secondary, exe().to_str().unwrap()).args(["switchover", "127.0.0.1:9541"]).output().unwrap();
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && said.contains("this side is the secondary"), "{said}");
+
+    let before = client.acked();
+    let out = exec(&net.primary, exe().to_str().unwrap()).args(["switchover", "127.0.0.1:9540"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "switchover: {stdout} {stderr}\n{}", pair.tails());
+    assert!(stdout.contains("is now the secondary"), "{stdout}");
+    let old_primary = status(&net.primary, 9540);
+    let new_primary = status(&net.secondary, 9541);
+    assert_eq!(
+        (old_primary["role"].as_str(), old_primary["protected"].as_bool()),
+        (Some("secondary"), Some(true)),
+        "{old_primary}"
+    );
+    assert_eq!(
+        (new_primary["role"].as_str(), new_primary["protected"].as_bool(), new_primary["epoch"].as_u64()),
+        (Some("primary"), Some(true), old_primary["epoch"].as_u64()),
+        "{new_primary}"
+    );
+    client.advance(before + 40, Duration::from_secs(60), &pair).unwrap();
+
+    // The new pair is a pair: kill its primary, the old one goes live.
+    let killed_at = client.acked();
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    client.advance(killed_at + 40, Duration::from_secs(60), &pair).unwrap();
+    let w = client.finish(&pair).unwrap();
+    let p = pair.text("primary.err");
+    assert!(p.contains("now the secondary") && p.contains("going live at position"), "{p}");
+    eprintln!(
+        "{stdout}; {} writes acknowledged in all, none lost, never reset; longest pause {:?}",
+        w.acked, w.max_gap
+    );
 }

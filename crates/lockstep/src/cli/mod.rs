@@ -36,6 +36,11 @@ enum Command {
     /// Show each side of a pair: role, epoch, position, lag, log rate,
     /// output hold time, heartbeats, protected or not.
     Status(StatusArgs),
+    /// Swap the roles of a protected pair with nothing lost: the primary
+    /// stops its guest once the secondary holds everything up to there,
+    /// the secondary goes on as the primary, and the old primary becomes
+    /// its secondary. Exits 0 once the new pair is protected.
+    Switchover(SwitchoverArgs),
     /// Print guest MIPS for the built-in integer loops (M-mode, and U-mode
     /// under Sv39 paging).
     Bench(crate::bench::BenchArgs),
@@ -123,6 +128,16 @@ struct StatusArgs {
 }
 
 #[derive(clap::Args)]
+struct SwitchoverArgs {
+    /// The primary's status endpoint (its --metrics address).
+    #[arg(value_name = "HOST:PORT", default_value = "127.0.0.1:9540")]
+    addr: String,
+    /// Give up (exit 1) if the new pair is not protected within this long.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(clap::Args)]
 struct ReplayArgs {
     /// The event log.
     #[arg(value_name = "LOG")]
@@ -166,6 +181,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Command::Primary(a) => pair::side(*a, pair::Side::Primary),
         Command::Secondary(a) => pair::side(*a, pair::Side::Secondary),
         Command::Status(a) => pair::status(a),
+        Command::Switchover(a) => pair::switchover(&a.addr, std::time::Duration::from_secs(a.timeout)),
         Command::Bench(a) => crate::bench::run(a).map(|_| Outcome::Success),
         Command::Demo(a) if a.bare_metal => run::bare_metal_demo(),
         Command::Demo(a) => crate::demo::run(&crate::demo::DemoOpts { kill_after: a.kill_after, after: a.after })

@@ -100,3 +100,31 @@ pub(super) fn status(args: StatusArgs) -> Result<Outcome> {
     }
     Ok(Outcome::Success)
 }
+
+/// `lockstep switchover`: ask the primary at `addr`, then watch it until it
+/// is the protected secondary of the new pair.
+pub(super) fn switchover(addr: &str, timeout: Duration) -> Result<Outcome> {
+    let before = status::fetch(addr)?;
+    let asked = status::post(addr, "/switchover").context("the switchover was refused")?;
+    tracing::info!("{addr}: {asked}");
+    let t = std::time::Instant::now();
+    let mut last = before.clone();
+    while t.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
+        // The endpoint is busy with the swap for a moment: ask again.
+        let Ok(s) = status::fetch(addr) else { continue };
+        if s.role == "secondary" && s.protected && s.epoch > before.epoch {
+            println!(
+                "switched over in {} ms: {addr} is now the secondary at epoch {}, replaying the new primary's log",
+                t.elapsed().as_millis(),
+                s.epoch
+            );
+            return Ok(Outcome::Success);
+        }
+        if s.role == "primary" && s.epoch > before.epoch {
+            bail!("the switchover failed: {addr} is still the primary, now at epoch {} ({})", s.epoch, s.note);
+        }
+        last = s;
+    }
+    bail!("no new pair within {} s: {addr} says {}", timeout.as_secs(), status::one_line(&last))
+}

@@ -8,7 +8,9 @@
 
 use machine::{HostInput, HostIo};
 use nix::sys::termios::{self, SetArg, Termios};
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -48,6 +50,8 @@ pub struct StdioConsole {
     tx: SyncSender<Msg>,
     /// Write ends of the network cards' taps, by card number.
     taps: Vec<tap::Tap>,
+    /// Their reader threads, and what wakes each to stop.
+    tap_readers: Vec<(UnixStream, std::thread::JoinHandle<()>)>,
     /// Frames the host would not take (tap down or gone), reported once.
     tap_errors: Vec<bool>,
     /// Ctrl-A was the last byte typed.
@@ -101,7 +105,16 @@ impl StdioConsole {
             // Registration fails only for forbidden signals; these are not.
             let _ = signal_hook::flag::register(sig, signalled.clone());
         }
-        StdioConsole { rx, tx, taps: Vec::new(), tap_errors: Vec::new(), escape: false, raw, signalled }
+        StdioConsole {
+            rx,
+            tx,
+            taps: Vec::new(),
+            tap_readers: Vec::new(),
+            tap_errors: Vec::new(),
+            escape: false,
+            raw,
+            signalled,
+        }
     }
 
     /// Attach the next network card to `tap`: a thread reads its frames.
@@ -115,7 +128,8 @@ impl StdioConsole {
         let nic = self.taps.len();
         let mut reader = tap.try_clone()?;
         let tx = self.tx.clone();
-        std::thread::spawn(move || {
+        let (wake, wait) = UnixStream::pair()?;
+        let thread = std::thread::spawn(move || {
             for frame in earlier {
                 if tx.send(Msg::Frame(nic, frame)).is_err() {
                     return;
@@ -123,12 +137,14 @@ impl StdioConsole {
             }
             let mut buf = vec![0u8; tap::MAX_PACKET];
             loop {
-                match reader.recv(&mut buf) {
-                    Ok(n) => {
+                match reader.recv_until(&mut buf, wait.as_fd()) {
+                    Ok(Some(n)) => {
                         if tx.send(Msg::Frame(nic, buf[..n].to_vec())).is_err() {
                             return;
                         }
                     }
+                    // Told to stop: what is queued stays for the next reader.
+                    Ok(None) => return,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     // The tap went away: the card sees no more input.
                     Err(_) => return,
@@ -136,8 +152,41 @@ impl StdioConsole {
             }
         });
         self.taps.push(tap);
+        self.tap_readers.push((wake, thread));
         self.tap_errors.push(false);
         Ok(())
+    }
+
+    /// Let go of the network cards' taps (a primary that becomes a
+    /// secondary): their readers stop, frames they had read and the guest
+    /// had not taken are dropped, and nothing more is sent. Returns how
+    /// many frames were dropped.
+    pub fn detach_taps(&mut self) -> usize {
+        let (mut dropped, mut keep) = (0, Vec::new());
+        let mut sort = |msg: Msg| match msg {
+            Msg::Frame(..) => dropped += 1,
+            other => keep.push(other),
+        };
+        for (mut wake, thread) in self.tap_readers.drain(..) {
+            let _ = wake.write_all(&[1]);
+            // A reader blocked on a full channel needs room to see it.
+            while !thread.is_finished() {
+                if let Ok(msg) = self.rx.recv_timeout(Duration::from_millis(1)) {
+                    sort(msg);
+                }
+            }
+            let _ = thread.join();
+        }
+        while let Ok(msg) = self.rx.try_recv() {
+            sort(msg);
+        }
+        self.taps.clear();
+        self.tap_errors.clear();
+        // Console input stays, in order, for whoever reads it next.
+        for msg in keep {
+            let _ = self.tx.try_send(msg);
+        }
+        dropped
     }
 
     /// Drop input that arrived while nothing was reading it (a secondary's

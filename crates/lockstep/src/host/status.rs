@@ -1,5 +1,6 @@
-//! The status endpoint of a pair side: `GET /metrics` (Prometheus text)
-//! and `GET /status` (JSON, what `lockstep status` reads).
+//! The status endpoint of a pair side: `GET /metrics` (Prometheus text),
+//! `GET /status` (JSON, what `lockstep status` reads) and `POST
+//! /switchover` (what `lockstep switchover` asks a primary).
 
 use anyhow::{Context, Result};
 use ft::Status;
@@ -8,6 +9,9 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 pub type StatusFn = Box<dyn Fn() -> Status + Send + Sync>;
+/// An action a request asks for: `Ok` with what was done, or `Err` with
+/// why not (answered 409).
+pub type ActionFn = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 /// How long one request may take to arrive, whole.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
@@ -17,19 +21,19 @@ const MAX_HEAD: u64 = 8 << 10;
 /// Serve the side's figures on `addr`: each connection on a thread of its
 /// own, with a deadline for the whole request and a bound on its size, so
 /// a client that trickles bytes or sends an endless line holds up nobody.
-pub fn serve(addr: &str, status: StatusFn) -> Result<()> {
+pub fn serve(addr: &str, status: StatusFn, switchover: ActionFn) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
-    let status = std::sync::Arc::new(status);
+    let both = std::sync::Arc::new((status, switchover));
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let status = status.clone();
-            std::thread::spawn(move || answer(stream, &status));
+            let both = both.clone();
+            std::thread::spawn(move || answer(stream, &both.0, &both.1));
         }
     });
     Ok(())
 }
 
-fn answer(mut stream: TcpStream, status: &StatusFn) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, status: &StatusFn, switchover: &ActionFn) -> std::io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut head = Vec::new();
     let mut reader = stream.try_clone()?.take(MAX_HEAD);
@@ -48,11 +52,16 @@ fn answer(mut stream: TcpStream, status: &StatusFn) -> std::io::Result<()> {
         }
     }
     let text = String::from_utf8_lossy(&head);
-    let path = text.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("");
-    let (code, kind, body) = match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", status().prometheus()),
-        "/status" => ("200 OK", "application/json", serde_json::to_string(&status()).unwrap_or_default()),
-        _ => ("404 Not Found", "text/plain", "try /metrics or /status\n".to_string()),
+    let mut line = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+    let (code, kind, body) = match (method, path) {
+        (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", status().prometheus()),
+        (_, "/status") => ("200 OK", "application/json", serde_json::to_string(&status()).unwrap_or_default()),
+        ("POST", "/switchover") => match switchover() {
+            Ok(done) => ("202 Accepted", "text/plain", format!("{done}\n")),
+            Err(why) => ("409 Conflict", "text/plain", format!("{why}\n")),
+        },
+        _ => ("404 Not Found", "text/plain", "try GET /metrics, GET /status or POST /switchover\n".to_string()),
     };
     stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
     write!(
@@ -73,6 +82,25 @@ pub fn fetch(addr: &str) -> Result<Status> {
     s.read_to_string(&mut text).with_context(|| format!("reading the status from {addr}"))?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     serde_json::from_str(body).with_context(|| format!("{addr} did not answer with a lockstep status"))
+}
+
+/// Ask a side for an action (`POST PATH`): its answer's text, or an
+/// error with the text of a refusal.
+pub fn post(addr: &str, path: &str) -> Result<String> {
+    let sock = addr.parse().with_context(|| format!("'{addr}' is not HOST:PORT"))?;
+    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(2))
+        .with_context(|| format!("no lockstep side answers on {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).with_context(|| format!("reading the answer from {addr}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let ok = head.split_whitespace().nth(1).is_some_and(|code| code.starts_with('2'));
+    if ok {
+        Ok(body.trim().to_string())
+    } else {
+        anyhow::bail!("{addr}: {}", body.trim())
+    }
 }
 
 /// The human form of `lockstep status`.

@@ -10,22 +10,36 @@
 //! epoch, it replays what it holds, goes live at exactly that position on
 //! its own tap, and announces the guest's addresses ([`announce`]) so the
 //! bridge and the clients' neighbours learn the new port.
+//!
+//! A planned switchover (`lockstep switchover`) swaps the roles of a
+//! running pair on the same connection: the primary stops its guest at a
+//! position P once everything before P is acknowledged, the secondary
+//! replays to P and goes on as the primary, and the old primary replays
+//! from P as its secondary ([`Next`], [`drive`]).
 
 pub mod announce;
 pub mod mirror;
 pub mod primary;
 pub mod secondary;
 
+use crate::host::console::StdioConsole;
+use crate::host::status::StatusFn;
+use crate::replayer::{MachineMaker, Takeover};
 use crate::vm::record::{LogSink, Meta, Recorder};
-use crate::vm::LinuxVm;
+use crate::vm::{replica, LinuxVm};
+use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::arbiter::Arbiter;
 use ft::gate::OutputGate;
 use ft::link::Shared;
+use ft::link::Switched;
 use ft::{PairConfig, Status};
+use machine::Machine;
 use replay::Record;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 
 /// How often a pair compares state hashes unless told otherwise: every
 /// 0.25 s of guest time. The hash is incremental (pages and disk chunks
@@ -131,6 +145,89 @@ impl KeptLog {
             Ok(()) => format!("this side's log is kept in '{}' (`lockstep replay` it)", self.path.display()),
             Err(e) => format!("{e:#}"),
         }
+    }
+}
+
+/// What a side holds across its role changes: the host's console and tap,
+/// the status endpoint, the replica's record, the arbiter.
+pub struct SideHost {
+    pub console: StdioConsole,
+    /// The side's own handle on its tap (readers and senders are clones).
+    pub tap: Option<tap::Tap>,
+    pub status: StatusSlot,
+    /// Set by `POST /switchover`; the primary's run loop takes it.
+    pub switch: Arc<AtomicBool>,
+    pub records: replica::RecordWriter,
+    pub arbiter: Arc<dyn Arbiter>,
+    /// The live run's position (a secondary gone live), for the status.
+    pub live_position: Arc<AtomicU64>,
+}
+
+/// What a side's run loop ended with.
+pub enum Next {
+    /// The side is done (the VM ended, or this side stops).
+    Done(Outcome),
+    /// A switchover made this side (the old primary) the secondary: it
+    /// replays from its machine's position on.
+    Secondary { machine: Machine, maker: MachineMaker, switched: Switched },
+    /// A switchover made this side (the old secondary) the primary: its
+    /// guest runs live from here, after `input` (frames the mirror holds).
+    Primary { machine: Machine, maker: MachineMaker, switched: Switched, input: Vec<Vec<u8>>, takeover: Takeover },
+}
+
+/// Run a side through its role changes until it is done.
+pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) -> Result<Outcome> {
+    let mut next = first;
+    loop {
+        next = match next {
+            Next::Done(outcome) => return Ok(outcome),
+            Next::Secondary { machine, maker, switched } => {
+                secondary::resume(vm, opts, host, machine, maker, switched)?
+            }
+            Next::Primary { machine, maker, switched, input, takeover } => {
+                primary::resume(vm, opts, host, machine, maker, switched, input, takeover)?
+            }
+        };
+    }
+}
+
+/// The status endpoint's source, which a role change replaces.
+#[derive(Clone, Default)]
+pub struct StatusSlot(Arc<Mutex<Option<StatusFn>>>);
+
+impl StatusSlot {
+    /// Serve `/status`, `/metrics` and `/switchover` on `addr` (if given)
+    /// from whatever the slot holds; a switchover request sets `switch`
+    /// when this side is a protected primary.
+    pub fn serve(addr: Option<&str>, switch: Arc<AtomicBool>) -> Result<StatusSlot> {
+        let slot = StatusSlot::default();
+        if let Some(addr) = addr {
+            let (a, b) = (slot.clone(), slot.clone());
+            let action = move || {
+                let s = b.status();
+                if s.role != "primary" {
+                    return Err(format!(
+                        "this side is the {}: ask the primary's endpoint",
+                        if s.role.is_empty() { "unpaired side" } else { &s.role }
+                    ));
+                }
+                if !s.protected {
+                    return Err(format!("the VM is not protected (no secondary to switch to): {}", s.note));
+                }
+                switch.store(true, Ordering::SeqCst);
+                Ok(format!("switchover requested at epoch {}", s.epoch))
+            };
+            crate::host::status::serve(addr, Box::new(move || a.status()), Box::new(action))?;
+        }
+        Ok(slot)
+    }
+
+    pub fn set(&self, f: impl Fn() -> Status + Send + Sync + 'static) {
+        *self.0.lock().unwrap() = Some(Box::new(f));
+    }
+
+    pub fn status(&self) -> Status {
+        self.0.lock().unwrap().as_ref().map(|f| f()).unwrap_or_default()
     }
 }
 

@@ -1,20 +1,22 @@
 //! The primary: the guest live on this host, its inputs streamed to the
 //! secondary, its network output held until the secondary has them.
 
-use super::{arbiter_for, status_fn, KeptReplica, PairOpts};
+use super::{announce, arbiter_for, drive, status_fn, KeptReplica, Next, PairOpts, SideHost, StatusSlot};
 use crate::host::console::StdioConsole;
 use crate::host::entropy::{host_seed, HostEntropy};
 use crate::host::log::report;
+use crate::replayer::{MachineMaker, Takeover};
 use crate::vm::record::{InputLog, LogSink};
 use crate::vm::{end_reason, outcome_of, print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::gate::{FrameSink, OutputGate};
-use ft::link::PrimaryLink;
+use ft::link::{PrimaryLink, Switched};
 use ft::wire::Hello;
 use ft::State;
 use machine::{HostInput, HostIo, Machine, Stop};
 use replay::{Event, Record};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,10 @@ struct PrimaryIo<'a> {
     console_nic: usize,
     /// The pair's policy stopped this side (lost arbitration).
     fenced: bool,
+    /// A switchover was asked for (the status endpoint sets it) ...
+    switch: &'a AtomicBool,
+    /// ... and the run loop stopped for it.
+    switching: bool,
     /// The replica's record, and the epoch recorded there.
     records: &'a replica::RecordWriter,
     recorded: u64,
@@ -75,6 +81,13 @@ impl HostIo for PrimaryIo<'_> {
             self.fenced = true;
             return HostInput::Quit;
         }
+        if self.switch.swap(false, Ordering::SeqCst) {
+            if self.log.sink.state() == State::Protected {
+                self.switching = true;
+                return HostInput::Quit;
+            }
+            tracing::warn!("a switchover was asked for, but the VM is not protected: ignored");
+        }
         let epoch = self.log.sink.shared.epoch();
         if epoch != self.recorded {
             // Won a new epoch (going on alone): this replica runs ahead.
@@ -114,35 +127,43 @@ impl HostIo for PrimaryIo<'_> {
     }
 }
 
-/// Build and boot the VM with `seed`, its draws kept for the log.
-fn boot(vm: &LinuxVm, seed: [u8; 32], draws: &crate::host::entropy::Draws, opts: &PairOpts) -> Result<Machine> {
-    let mut m = vm.machine(seed, Box::new(HostEntropy::logged(draws)?))?;
-    m.hash_every = opts.hash_every;
-    // A disk error only this replica saw must not reach the guest: the
-    // run stops, and the secondary goes on from the last mark.
-    m.stop_on_host_errors(true);
-    Ok(m)
+/// How long a planned switchover may take, each half (the secondary
+/// acknowledging the log to the handover point, then taking over).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The output gate's sinks: the tap (a clone of the side's handle, whose
+/// reader also starts, after `earlier`) and the console.
+fn attach_output(host: &mut SideHost, vm: &LinuxVm, earlier: Vec<Vec<u8>>) -> Result<(Arc<OutputGate>, usize)> {
+    let mut sinks: Vec<Box<dyn FrameSink>> = Vec::new();
+    if let (Some(tap), Some((name, _))) = (&host.tap, &vm.net) {
+        let clone = || tap.try_clone().with_context(|| format!("cannot use tap '{name}'"));
+        sinks.push(Box::new(clone()?));
+        host.console.add_tap_after(clone()?, earlier).with_context(|| format!("cannot read tap '{name}'"))?;
+    }
+    let console_nic = sinks.len();
+    sinks.push(Box::new(crate::host::output::GatedConsole));
+    Ok((Arc::new(OutputGate::new(sinks)), console_nic))
 }
 
 /// Run the primary of a pair.
 pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let vm_id = vm.identity()?;
     let arbiter = arbiter_for(opts, &vm_id)?;
-    let mut console = StdioConsole::open();
-    let mut sinks: Vec<Box<dyn FrameSink>> = Vec::new();
-    if let Some((name, _)) = &vm.net {
-        let tap = tap::Tap::open(name, true)?;
-        sinks.push(Box::new(tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?));
-        console.add_tap(tap).with_context(|| format!("cannot read tap '{name}'"))?;
-    }
-    let console_nic = sinks.len();
-    sinks.push(Box::new(crate::host::output::GatedConsole));
-    let gate = Arc::new(OutputGate::new(sinks));
+    let console = StdioConsole::open();
+    let tap = match &vm.net {
+        Some((name, _)) => Some(tap::Tap::open(name, true)?),
+        None => None,
+    };
     let seed = host_seed()?;
     // The machine exists before the link (its state hash is in the hello):
     // what it draws waits in `draws` until the link takes it.
     let draws = crate::host::entropy::Draws::default();
-    let mut m = boot(vm, seed, &draws, opts)?;
+    let maker = MachineMaker::new(vm, opts.hash_every);
+    maker.set_host(Some(HostEntropy::logged(&draws)?));
+    // A disk error only this replica saw must not reach the guest: the
+    // run stops, and the secondary goes on from the last mark (the maker's
+    // machines stop on host errors).
+    let mut m = maker.machine(seed)?;
     let hello = Hello {
         vm_id: vm_id.clone(),
         disk_hash: vm.disk_hash()?,
@@ -159,33 +180,81 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     // The replica is copied now, before the guest runs on it.
     let kept = opts.keep_log.as_deref().map(|dir| KeptReplica::take(vm, dir, "primary")).transpose()?;
     let disk_hash = hello.disk_hash.clone();
+    let switch = Arc::new(AtomicBool::new(false));
+    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone())?;
+    let records = replica::RecordWriter::new(vm, &vm_id);
+    let live_position = Arc::default();
+    let mut host = SideHost { console, tap, status, switch, records, arbiter: arbiter.clone(), live_position };
+    let (gate, console_nic) = attach_output(&mut host, vm, Vec::new())?;
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
-    let stop = console.stop_flag();
-    let mut link =
-        PrimaryLink::connect(&opts.addr, hello, arbiter, gate.clone(), opts.cfg, opts.key.as_ref(), &|| {
-            stop.load(std::sync::atomic::Ordering::Relaxed)
-        })?;
+    let stop = host.console.stop_flag();
+    let mut link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate, opts.cfg, opts.key.as_ref(), &|| {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+    })?;
     if let Some(kept) = kept {
         let mut kept = kept.start(vm, disk_hash)?;
         tracing::info!("keeping this side's log in '{}'", kept.path.display());
         link.keep_log(Box::new(move |r| kept.append(r)));
     }
-    let shared = link.shared.clone();
-    let records = replica::RecordWriter::new(vm, &vm_id);
-    records.ran_at(shared.epoch());
-    if let Some(addr) = &opts.metrics {
-        crate::host::status::serve(addr, Box::new(status_fn(shared.clone(), Some(gate.clone()))))?;
-    }
     let mut log = InputLog::with_draws(link, draws);
     log.record(0, Event::Seed(seed));
+    let next = serve(opts, &mut host, m, maker, log, console_nic)?;
+    drive(vm, opts, &mut host, next)
+}
+
+/// A switchover made this side, the old secondary, the primary: its guest
+/// goes on live from the handover point, its log to the old primary.
+#[allow(clippy::too_many_arguments)]
+pub fn resume(
+    vm: &LinuxVm,
+    opts: &PairOpts,
+    host: &mut SideHost,
+    mut m: Machine,
+    maker: MachineMaker,
+    switched: Switched,
+    input: Vec<Vec<u8>>,
+    takeover: Takeover,
+) -> Result<Next> {
+    let draws = crate::host::entropy::Draws::default();
+    maker.set_host(Some(HostEntropy::logged(&draws)?));
+    m.resync_clock();
+    m.stop_on_host_errors(true);
+    let (gate, console_nic) = attach_output(host, vm, input)?;
+    let link = PrimaryLink::resume(switched, host.arbiter.clone(), gate, opts.cfg);
+    if let (Some(tap), Some((name, mac))) = (&host.tap, &vm.net) {
+        // The guest's address now lives behind this port: say so at once,
+        // so that a switch sends its frames here, not to the old port.
+        let announcer = tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
+        announce::spawn(announcer, *mac, takeover.addresses.clone());
+    }
+    let log = InputLog::with_draws(link, draws);
+    serve(opts, host, m, maker, log, console_nic)
+}
+
+/// The primary's run loop, from a booted machine (or one a switchover
+/// handed over) and a paired link, across guest reboots; it ends with the
+/// VM, or with a switchover that makes this side the secondary.
+fn serve(
+    opts: &PairOpts,
+    host: &mut SideHost,
+    mut m: Machine,
+    maker: MachineMaker,
+    mut log: InputLog<PrimaryLink>,
+    console_nic: usize,
+) -> Result<Next> {
+    let shared = log.sink.shared.clone();
+    host.status.set(status_fn(shared.clone(), Some(log.sink.gate.clone())));
+    host.records.ran_at(shared.epoch());
     loop {
         let mut io = PrimaryIo {
-            console: &mut console,
+            console: &mut host.console,
             log: &mut log,
             print_hashes: opts.print_hashes,
             console_nic,
             fenced: false,
-            records: &records,
+            switch: &host.switch,
+            switching: false,
+            records: &host.records,
             recorded: shared.epoch(),
         };
         let stop = match m.run_linux(&mut io, opts.max_insns) {
@@ -206,12 +275,34 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             }
             Err(e) => return Err(e.into()),
         };
-        let fenced = io.fenced;
+        let (fenced, switching) = (io.fenced, io.switching);
         if fenced {
             print_final(&mut m);
             bail!("{}", shared.status().note);
         }
-        if stop == Stop::Quit && console.signalled() {
+        if switching {
+            let at = m.hart.position().0;
+            // Entropy drawn before the stop goes before the handover.
+            log.take_draws();
+            tracing::info!("switchover: the guest stopped at position {at}; handing over to the secondary");
+            match log.sink.handover(at, HANDOVER_TIMEOUT) {
+                Ok(switched) => {
+                    maker.set_host(None);
+                    let dropped = host.console.detach_taps();
+                    if dropped > 0 {
+                        // The new primary's input mirror has them on a
+                        // mirroring network; elsewhere their senders resend.
+                        tracing::info!("dropped {dropped} frames that arrived after the handover point");
+                    }
+                    return Ok(Next::Secondary { machine: m, maker, switched });
+                }
+                Err(why) => {
+                    tracing::warn!("the switchover failed: {why}; this side goes on as the primary");
+                    continue;
+                }
+            }
+        }
+        if stop == Stop::Quit && host.console.signalled() {
             // Told to stop: this side goes, the VM does not. No end record:
             // the secondary sees the channel close and takes over.
             print_final(&mut m);
@@ -228,13 +319,13 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             // the next takes a while: not a stuck run loop.
             log.sink.waiting(true);
             drop(m);
-            m = boot(vm, seed, log.draws(), opts)?;
+            m = maker.machine(seed)?;
             log.sink.waiting(false);
             continue;
         }
         // Let the secondary have the end before this side goes.
         log.sink.finish(end, Duration::from_secs(5));
         print_final(&mut m);
-        return outcome_of(stop, console.signalled(), opts.max_insns);
+        return outcome_of(stop, host.console.signalled(), opts.max_insns).map(Next::Done);
     }
 }

@@ -9,7 +9,7 @@
 //! the VM or another side won.
 
 use super::mirror::{InputMirror, LogTally};
-use super::{announce, arbiter_for, status_fn, KeptLog, KeptReplica, PairOpts};
+use super::{announce, arbiter_for, drive, status_fn, KeptLog, KeptReplica, Next, PairOpts, SideHost, StatusSlot};
 use crate::host::console::StdioConsole;
 use crate::host::entropy::HostEntropy;
 use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step, Takeover};
@@ -18,19 +18,26 @@ use crate::vm::{print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::arbiter::Claim;
-use ft::link::{Incoming, SecondaryLink};
+use ft::link::{Incoming, SecondaryLink, Switched};
 use ft::wire::Hello;
 use ft::State;
 use machine::Machine;
 use replay::EndReason;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// The primary's log as it arrives on the link (and into the kept log; its
 /// frames are crossed off the input mirror's window).
-pub struct LinkSource(pub SecondaryLink, pub Option<KeptLog>, pub Option<LogTally>);
+/// A handover (a planned switchover) ends the log like a loss, and leaves
+/// its point and the channel's reading end here.
+pub struct LinkSource(
+    pub SecondaryLink,
+    pub Option<KeptLog>,
+    pub Option<LogTally>,
+    pub Option<(u64, ft::link::HandoverEnd)>,
+);
 
 impl Source for LinkSource {
     fn fetch(&mut self, wait: Duration) -> Result<Fetched, ReplayError> {
@@ -58,6 +65,10 @@ impl Source for LinkSource {
             }
             Ok(Incoming::Through { through, released }) => Fetched::Through { through, released },
             Ok(Incoming::Lost(why)) => Fetched::Closed(why),
+            Ok(Incoming::Handover { at, end }) => {
+                self.3 = Some((at, end));
+                Fetched::Closed(format!("the primary handed over at position {at}"))
+            }
             Err(RecvTimeoutError::Timeout) => Fetched::Nothing,
             Err(RecvTimeoutError::Disconnected) => Fetched::Closed("the log channel closed".into()),
         })
@@ -86,10 +97,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let vm_id = vm.identity()?;
     let arbiter = arbiter_for(opts, &vm_id)?;
     let listener = ft::link::listen(&opts.addr)?;
-    let mut console = StdioConsole::open();
+    let console = StdioConsole::open();
     // Opened now so a bad tap is an error before pairing; read by the input
     // mirror while replaying, by the guest once live.
-    let mut tap = match &vm.net {
+    let tap = match &vm.net {
         Some((name, _)) => Some(tap::Tap::open(name, true)?),
         None => None,
     };
@@ -159,42 +170,86 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         tracing::info!("keeping this side's log in '{}'", k.path.display());
     }
     let records = replica::RecordWriter::new(&vm, &vm_id);
-    records.ran_at(link.epoch);
+    let switch = Arc::new(AtomicBool::new(false));
+    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone())?;
     let live_position = Arc::new(AtomicU64::new(0));
-    if let Some(addr) = &opts.metrics {
-        let f = status_fn(link.shared.clone(), None);
-        let pos = live_position.clone();
-        crate::host::status::serve(
-            addr,
-            Box::new(move || {
-                let mut s = f();
-                if s.state == Some(State::Alone) {
-                    s.position = pos.load(Ordering::Relaxed);
-                }
-                s
-            }),
-        )?;
-    }
+    let mut host = SideHost { console, tap, status, switch, records, arbiter, live_position };
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
-    let mut mirror = match (&tap, mac) {
-        (Some(t), Some(mac)) => {
-            Some(InputMirror::start(t.try_clone()?, mac).with_context(|| format!("cannot read tap '{}'", t.name()))?)
-        }
-        _ => None,
-    };
+    let mirror = start_mirror(&host, mac)?;
     let tally = mirror.as_ref().map(InputMirror::tally);
-    let mut replayer = Replayer::new(
-        LinkSource(link, kept, tally),
+    let replayer = Replayer::new(
+        LinkSource(link, kept, tally, None),
         m,
         maker,
         ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
     );
+    let next = serve(&vm, opts, &mut host, replayer, mirror)?;
+    drive(&vm, opts, &mut host, next)
+}
+
+/// The input mirror on the side's tap, if the VM has a network card.
+fn start_mirror(host: &SideHost, mac: Option<[u8; 6]>) -> Result<Option<InputMirror>> {
+    Ok(match (&host.tap, mac) {
+        (Some(t), Some(mac)) => {
+            Some(InputMirror::start(t.try_clone()?, mac).with_context(|| format!("cannot read tap '{}'", t.name()))?)
+        }
+        _ => None,
+    })
+}
+
+/// A switchover made this side, the old primary, the secondary: it replays
+/// the new primary's log from the handover point, on the machine it ran.
+pub fn resume(
+    vm: &LinuxVm,
+    opts: &PairOpts,
+    host: &mut SideHost,
+    m: Machine,
+    maker: MachineMaker,
+    switched: Switched,
+) -> Result<Next> {
+    let (base, at) = (switched.base, switched.at);
+    let link = SecondaryLink::resume(switched, host.arbiter.clone(), opts.cfg);
+    let mac = vm.net.as_ref().map(|(_, mac)| *mac);
+    let mirror = start_mirror(host, mac)?;
+    let tally = mirror.as_ref().map(InputMirror::tally);
+    let replayer = Replayer::resume(
+        LinkSource(link, None, tally, None),
+        m,
+        maker,
+        ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
+        base,
+        at,
+    );
+    serve(vm, opts, host, replayer, mirror)
+}
+
+/// The secondary's life from a paired link on: see [`Phase`].
+fn serve(
+    vm: &LinuxVm,
+    opts: &PairOpts,
+    host: &mut SideHost,
+    mut replayer: Replayer<LinkSource>,
+    mut mirror: Option<InputMirror>,
+) -> Result<Next> {
+    let epoch = replayer.source().0.epoch;
+    host.records.ran_at(epoch);
+    {
+        let f = status_fn(replayer.source().0.shared.clone(), None);
+        let pos = host.live_position.clone();
+        host.status.set(move || {
+            let mut s = f();
+            if s.state == Some(State::Alone) {
+                s.position = pos.load(Ordering::Relaxed);
+            }
+            s
+        });
+    }
     let mut phase = Phase::Replaying;
     let mut flipped = false;
     loop {
         phase = match phase {
             Phase::Replaying => {
-                if console.signalled() {
+                if host.console.signalled() {
                     bail!("stopped by a signal");
                 }
                 let link = &replayer.source().0;
@@ -231,6 +286,21 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             }
             Phase::Claiming { why, fresh_boot } => {
                 let pos = replayer.machine().hart.position().0;
+                let arbiter = host.arbiter.clone();
+                if let Some((at, end)) = replayer.source_mut().3.take() {
+                    match switch_over(&mut replayer, at, end, &host.records) {
+                        Switch::Done(switched) => {
+                            let (machine, maker, takeover) = replayer.into_parts();
+                            let input = mirror.take().map(mirrored_input).unwrap_or_default();
+                            return Ok(Next::Primary { machine, maker, switched: *switched, input, takeover });
+                        }
+                        Switch::Alone => {
+                            phase = Phase::Live { fresh_boot: false };
+                            continue;
+                        }
+                        Switch::Failed => {}
+                    }
+                }
                 if fresh_boot {
                     tracing::info!(
                         "lost the primary: {why}; it was lost while the guest rebooted, before the next boot began; \
@@ -252,12 +322,12 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 }
                 match replayer.source().0.claim() {
                     Claim::Won(epoch) if fresh_boot => {
-                        records.ran_at(epoch);
+                        host.records.ran_at(epoch);
                         tracing::info!("won epoch {epoch}: going live with the next boot (NOT PROTECTED)");
                         Phase::Live { fresh_boot }
                     }
                     Claim::Won(epoch) => {
-                        records.ran_at(epoch);
+                        host.records.ran_at(epoch);
                         tracing::info!("won epoch {epoch}: going live at position {pos} (NOT PROTECTED)");
                         Phase::Live { fresh_boot }
                     }
@@ -280,15 +350,61 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 };
                 // A new boot has no use for the old one's traffic.
                 let input = mirror.take().filter(|_| !fresh_boot).map(mirrored_input).unwrap_or_default();
-                let net = tap.take().map(|t| (t, input));
-                return go_live(&vm, m, takeover, net, &mut console, live_position, opts);
+                let net = host.tap.take().map(|t| (t, input));
+                let position = host.live_position.clone();
+                return go_live(vm, m, takeover, net, &mut host.console, position, opts).map(Next::Done);
             }
             Phase::Ended(reason) => {
                 tracing::info!("the primary ended the VM ({reason:?}); the secondary stops with it");
                 print_final(replayer.machine_mut());
-                return Ok(if reason == EndReason::Panic { Outcome::GuestFailure } else { Outcome::Success });
+                let outcome = if reason == EndReason::Panic { Outcome::GuestFailure } else { Outcome::Success };
+                return Ok(Next::Done(outcome));
             }
         };
+    }
+}
+
+/// How a switchover's second half went.
+enum Switch {
+    /// This side is the primary now, the old primary its secondary.
+    Done(Box<Switched>),
+    /// This side won the epoch, but the old primary is gone: live alone.
+    Alone,
+    /// Not taken over: the primary counts as lost (the usual claim).
+    Failed,
+}
+
+/// The primary handed over at `at` (the replay has run to its last mark):
+/// take over there, if the replay is exactly there.
+fn switch_over(
+    replayer: &mut Replayer<LinkSource>,
+    at: u64,
+    end: ft::link::HandoverEnd,
+    records: &replica::RecordWriter,
+) -> Switch {
+    let here = replayer.position();
+    if here != at {
+        tracing::error!("the primary handed over at position {at}, but this side's replay stands at {here}");
+        return Switch::Failed;
+    }
+    match replayer.source().0.take_over(end, at, replayer.base()) {
+        Ok(switched) => {
+            records.ran_at(switched.epoch);
+            tracing::info!(
+                "switchover: replayed to the handover point {at}; now the primary at epoch {}",
+                switched.epoch
+            );
+            Switch::Done(Box::new(switched))
+        }
+        Err((why, Some(epoch))) => {
+            records.ran_at(epoch);
+            tracing::warn!("switchover: won epoch {epoch}, but the old primary is gone ({why}): going live alone");
+            Switch::Alone
+        }
+        Err((why, None)) => {
+            tracing::warn!("switchover: cannot take over ({why})");
+            Switch::Failed
+        }
     }
 }
 

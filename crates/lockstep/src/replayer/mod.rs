@@ -240,6 +240,14 @@ impl MachineMaker {
         Ok(m)
     }
 
+    /// Where the machines' entropy comes from from now on: the host's
+    /// (`Some`, logged or not: a side running its guest live) or the log
+    /// (`None`: replaying). A side whose role changes keeps its machine
+    /// and changes this.
+    pub fn set_host(&self, host: Option<HostEntropy>) {
+        self.feed.borrow_mut().host = host;
+    }
+
     /// Forget logged entropy held so far (a replay started at a snapshot).
     pub fn drop_entropy(&self) {
         self.feed.borrow_mut().queue.clear();
@@ -268,6 +276,21 @@ impl<S: Source> Replayer<S> {
     /// Replay `source` on `machine`, built by `maker` from the log's first
     /// boot record.
     pub fn new(source: S, machine: Machine, maker: MachineMaker, opts: ReplayOpts) -> Replayer<S> {
+        Replayer::resume(source, machine, maker, opts, 0, 0)
+    }
+
+    /// Replay `source` from where `machine` is (a switchover's new
+    /// secondary): the log's positions so far count from `base` (the
+    /// guest's earlier boots), and every record before `through` has been
+    /// executed.
+    pub fn resume(
+        source: S,
+        machine: Machine,
+        maker: MachineMaker,
+        opts: ReplayOpts,
+        base: u64,
+        through: u64,
+    ) -> Replayer<S> {
         let io = ReplayIo {
             frames_out: 0,
             print_hashes: opts.print_hashes,
@@ -275,7 +298,8 @@ impl<S: Source> Replayer<S> {
             addresses: Vec::new(),
             unreleased: opts.keep_unreleased.then(Unreleased::default),
         };
-        let (pending, through, base, last_good, closed) = (VecDeque::new(), 0, 0, 0, None);
+        let last_good = through.saturating_sub(base);
+        let (pending, closed) = (VecDeque::new(), None);
         Replayer { source, machine, maker, io, pending, through, base, last_good, closed }
     }
 
@@ -306,6 +330,11 @@ impl<S: Source> Replayer<S> {
         self.through.saturating_sub(self.base)
     }
 
+    /// The positions of the guest's boots before this one.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
     /// Frames the guest sent (not delivered).
     pub fn frames_out(&self) -> u64 {
         self.io.frames_out
@@ -314,14 +343,22 @@ impl<S: Source> Replayer<S> {
     /// The machine, to run live from here: its entropy now comes from the
     /// host. Also what the live side must send first.
     pub fn go_live(self) -> anyhow::Result<(Machine, Takeover)> {
-        self.maker.feed.borrow_mut().host = Some(HostEntropy::open()?);
+        self.maker.set_host(Some(HostEntropy::open()?));
+        let (m, _, takeover) = self.into_parts();
+        Ok((m, takeover))
+    }
+
+    /// The machine and its maker, to run live from here (the caller sets
+    /// where entropy comes from), and what the live side takes over.
+    pub fn into_parts(self) -> (Machine, MachineMaker, Takeover) {
         let frames = self.io.unreleased.map(|mut u| {
             // Frames from applying the last records (none reach a wire
             // before the next run) are as unreleased as any.
             u.settle(u64::MAX);
             u.kept.into_iter().map(|(_, nic, f)| (nic, f)).collect()
         });
-        Ok((self.machine, Takeover { addresses: self.io.addresses, frames: frames.unwrap_or_default() }))
+        let takeover = Takeover { addresses: self.io.addresses, frames: frames.unwrap_or_default() };
+        (self.machine, self.maker, takeover)
     }
 
     /// Take in what the source has, waiting up to `wait` for the first
