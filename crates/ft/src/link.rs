@@ -259,47 +259,7 @@ impl PrimaryLink {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let wire_err = |source: WireError| PairError::Wire { addr: peer.into(), source };
-        let _ = stream.set_nodelay(true);
-        // The secondary builds the machine and hashes its disk before it
-        // answers: give it time.
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-        let mut w = stream.try_clone().map_err(|e| wire_err(e.into()))?;
-        let reader = stream.try_clone().map_err(|e| wire_err(e.into()))?;
-        let mut r = BufReader::new(Deadline { stream: reader, at: None, heard: None });
-        wire::write_preamble(&mut w).map_err(|e| wire_err(e.into()))?;
-        wire::read_preamble(&mut r).map_err(wire_err)?;
-        let (mut seal_out, mut seal_in) = (None, None);
-        if let Some(key) = key {
-            let np = auth::random32().map_err(|e| wire_err(e.into()))?;
-            wire::write_message(&mut w, epoch, &Message::AuthInit { nonce: np }).map_err(|e| wire_err(e.into()))?;
-            match wire::read_message(&mut r).map_err(wire_err)? {
-                (_, Message::AuthChallenge { nonce: ns, proof }) => {
-                    if !auth::same(&proof, &key.secondary_proof(&np, &ns)) {
-                        return Err(PairError::WrongKey { addr: peer.into() });
-                    }
-                    let proof = key.primary_proof(&np, &ns);
-                    wire::write_message(&mut w, epoch, &Message::AuthProof { proof })
-                        .map_err(|e| wire_err(e.into()))?;
-                    let (out, into) = key.seals(&np, &ns);
-                    (seal_out, seal_in) = (Some(out), Some(into));
-                }
-                (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
-                (got_epoch, got) => {
-                    return Err(PairError::NoWelcome { addr: peer.into(), epoch, got_epoch, got: Box::new(got) })
-                }
-            }
-        }
-        wire::send(&mut w, epoch, &Message::Hello(hello), seal_out.as_mut()).map_err(|e| wire_err(e.into()))?;
-        match wire::receive(&mut r, seal_in.as_mut()).map_err(wire_err)? {
-            (e, Message::Welcome) if e == epoch => {}
-            (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
-            (got_epoch, got) => {
-                return Err(PairError::NoWelcome { addr: peer.into(), epoch, got_epoch, got: Box::new(got) })
-            }
-        }
-        let _ = stream.set_read_timeout(None);
-        let ch = Channel { stream, w, r, seal_out, seal_in, peer: peer.to_string() };
+        let ch = handshake(stream, peer, epoch, hello, key)?;
         let link = PrimaryLink::start(ch, epoch, arbiter, gate, cfg, 0, 0);
         note!(link.shared, info, "paired with the secondary at {peer}, epoch {epoch}: the VM is protected");
         Ok(link)
@@ -436,6 +396,19 @@ impl PrimaryLink {
 
     fn protected(&self) -> bool {
         self.shared.state() == State::Protected
+    }
+
+    /// The positions of the guest's boots before this one (the channel
+    /// counts across reboots).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// This link is replaced (a secondary joined the side running alone):
+    /// nothing of it acts any more.
+    pub fn retire(&self) {
+        self.lost.lost.store(true, Ordering::SeqCst);
+        self.shared.update(|s| s.state = Some(State::Stopped));
     }
 
     /// Hand every record from now on to `keep` as well (paired or alone).
@@ -589,6 +562,161 @@ impl PrimaryLink {
         while self.protected() && self.gate.acked() <= end && t.elapsed() < timeout {
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+/// The primary's half of opening a connection: the preamble, the key
+/// exchange (with `key`), the hello at `epoch` and the secondary's welcome.
+fn handshake(stream: TcpStream, peer: &str, epoch: u64, hello: Hello, key: Option<&Key>) -> Result<Channel, PairError> {
+    let wire_err = |source: WireError| PairError::Wire { addr: peer.into(), source };
+    let _ = stream.set_nodelay(true);
+    // The secondary builds the machine and hashes its disk before it
+    // answers: give it time.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut w = stream.try_clone().map_err(|e| wire_err(e.into()))?;
+    let reader = stream.try_clone().map_err(|e| wire_err(e.into()))?;
+    let mut r = BufReader::new(Deadline { stream: reader, at: None, heard: None });
+    wire::write_preamble(&mut w).map_err(|e| wire_err(e.into()))?;
+    wire::read_preamble(&mut r).map_err(wire_err)?;
+    let (mut seal_out, mut seal_in) = (None, None);
+    if let Some(key) = key {
+        let np = auth::random32().map_err(|e| wire_err(e.into()))?;
+        wire::write_message(&mut w, epoch, &Message::AuthInit { nonce: np }).map_err(|e| wire_err(e.into()))?;
+        match wire::read_message(&mut r).map_err(wire_err)? {
+            (_, Message::AuthChallenge { nonce: ns, proof }) => {
+                if !auth::same(&proof, &key.secondary_proof(&np, &ns)) {
+                    return Err(PairError::WrongKey { addr: peer.into() });
+                }
+                let proof = key.primary_proof(&np, &ns);
+                wire::write_message(&mut w, epoch, &Message::AuthProof { proof }).map_err(|e| wire_err(e.into()))?;
+                let (out, into) = key.seals(&np, &ns);
+                (seal_out, seal_in) = (Some(out), Some(into));
+            }
+            (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
+            (got_epoch, got) => {
+                return Err(PairError::NoWelcome { addr: peer.into(), epoch, got_epoch, got: Box::new(got) })
+            }
+        }
+    }
+    wire::send(&mut w, epoch, &Message::Hello(hello), seal_out.as_mut()).map_err(|e| wire_err(e.into()))?;
+    match wire::receive(&mut r, seal_in.as_mut()).map_err(wire_err)? {
+        (e, Message::Welcome) if e == epoch => {}
+        (_, Message::Refuse(why)) => return Err(PairError::RefusedByPeer(why)),
+        (got_epoch, got) => {
+            return Err(PairError::NoWelcome { addr: peer.into(), epoch, got_epoch, got: Box::new(got) })
+        }
+    }
+    let _ = stream.set_read_timeout(None);
+    Ok(Channel { stream, w, r, seal_out, seal_in, peer: peer.to_string() })
+}
+
+/// A connection to a secondary that is joining a running primary: the
+/// primary's state goes over it ([`Joining::send`]), the secondary says
+/// it is in place ([`Joining::synced`]), and the pair starts from there.
+/// Both sides hold one; no heartbeats run while it lasts.
+pub struct Joining {
+    ch: Channel,
+    pub epoch: u64,
+}
+
+impl Joining {
+    /// Primary: one attempt to reach a secondary listening at `peer`
+    /// (within `wait`) and greet it with `hello` (whose `join` is set) at
+    /// `epoch`, the epoch this side runs at.
+    pub fn connect(
+        peer: &str,
+        epoch: u64,
+        hello: Hello,
+        key: Option<&Key>,
+        wait: Duration,
+    ) -> Result<Joining, PairError> {
+        let unreachable = |source| PairError::Unreachable { addr: peer.into(), secs: wait.as_secs(), source };
+        let addr = match peer.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => addr,
+            Ok(None) => return Err(unreachable(std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))),
+            Err(e) => return Err(unreachable(e)),
+        };
+        let stream = TcpStream::connect_timeout(&addr, wait).map_err(unreachable)?;
+        let ch = handshake(stream, peer, epoch, hello, key)?;
+        // The transfer has no deadline of its own: the secondary writes a
+        // disk and RAM before it answers.
+        let _ = ch.stream.set_read_timeout(None);
+        Ok(Joining { ch, epoch })
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.ch.peer
+    }
+
+    /// Primary: a piece of the state.
+    pub fn send(&mut self, piece: Vec<u8>) -> std::io::Result<()> {
+        wire::send(&mut self.ch.w, self.epoch, &Message::Sync(piece), self.ch.seal_out.as_mut())
+    }
+
+    /// Secondary: the next piece of the state.
+    pub fn receive(&mut self) -> Result<Vec<u8>, String> {
+        match wire::receive(&mut self.ch.r, self.ch.seal_in.as_mut()) {
+            Ok((e, Message::Sync(piece))) if e == self.epoch => Ok(piece),
+            Ok((_, Message::Refuse(why))) => Err(format!("the primary gave up the transfer: {why}")),
+            Ok((e, m)) => Err(format!("the primary sent {m:?} at epoch {e} during the transfer")),
+            Err(e) => Err(format!("the transfer broke: {}", ErrorChain(&e))),
+        }
+    }
+
+    /// Primary: wait for the secondary's state hash.
+    pub fn wait_synced(&mut self) -> Result<u64, String> {
+        match wire::receive(&mut self.ch.r, self.ch.seal_in.as_mut()) {
+            Ok((e, Message::Synced { state_hash })) if e == self.epoch => Ok(state_hash),
+            Ok((_, Message::Refuse(why))) => Err(format!("the secondary refused the transfer: {why}")),
+            Ok((e, m)) => Err(format!("the secondary sent {m:?} at epoch {e} instead of its state hash")),
+            Err(e) => Err(format!("the transfer broke: {}", ErrorChain(&e))),
+        }
+    }
+
+    /// Either side: give up, saying why.
+    pub fn refuse(mut self, why: &str) {
+        let _ = wire::send(&mut self.ch.w, self.epoch, &Message::Refuse(why.into()), self.ch.seal_out.as_mut());
+    }
+
+    /// Secondary: the state is in place and hashes to `state_hash`; the
+    /// log follows from the channel position `through` on.
+    pub fn synced(
+        mut self,
+        state_hash: u64,
+        arbiter: Arc<dyn Arbiter>,
+        cfg: PairConfig,
+        through: u64,
+    ) -> Result<SecondaryLink, String> {
+        let msg = Message::Synced { state_hash };
+        wire::send(&mut self.ch.w, self.epoch, &msg, self.ch.seal_out.as_mut()).map_err(|e| e.to_string())?;
+        let (epoch, peer) = (self.epoch, self.ch.peer.clone());
+        let link = SecondaryLink::start(self.ch, epoch, arbiter, cfg, through);
+        note!(
+            link.shared,
+            info,
+            "joined the primary at {peer} at position {through}, epoch {epoch}: replaying its log"
+        );
+        Ok(link)
+    }
+
+    /// Primary: the secondary holds the state at `through` (`base`: the
+    /// positions of the guest's earlier boots): the pair runs from here.
+    pub fn joined(
+        self,
+        arbiter: Arc<dyn Arbiter>,
+        gate: Arc<OutputGate>,
+        cfg: PairConfig,
+        base: u64,
+        through: u64,
+    ) -> PrimaryLink {
+        let (epoch, peer) = (self.epoch, self.ch.peer.clone());
+        let link = PrimaryLink::start(self.ch, epoch, arbiter, gate, cfg, base, through);
+        note!(
+            link.shared,
+            info,
+            "the secondary at {peer} joined at position {through}, epoch {epoch}: the VM is protected"
+        );
+        link
     }
 }
 
@@ -798,6 +926,13 @@ pub struct SecondaryLink {
     lost: Arc<AtomicBool>,
 }
 
+/// How a secondary was paired: with a primary that boots the guest with
+/// it, or with one whose guest runs already (the state comes first).
+pub enum Paired {
+    Boot(SecondaryLink),
+    Join(Joining),
+}
+
 /// Bind the secondary's listening socket.
 pub fn listen(addr: &str) -> Result<TcpListener, PairError> {
     TcpListener::bind(addr).map_err(|source| PairError::Listen { addr: addr.into(), source })
@@ -821,7 +956,7 @@ impl SecondaryLink {
         check: &mut dyn FnMut(&Hello) -> Result<(), String>,
         key: Option<Arc<Key>>,
         stop: &dyn Fn() -> bool,
-    ) -> Result<SecondaryLink, PairError> {
+    ) -> Result<Paired, PairError> {
         listener.set_nonblocking(true).map_err(PairError::Accept)?;
         let (hellos, said) = mpsc::channel::<Greeting>();
         loop {
@@ -868,11 +1003,17 @@ impl SecondaryLink {
                 .map_err(|e| PairError::Wire { addr: from.clone(), source: e.into() })?;
             let _ = stream.set_read_timeout(None);
             let ch = Channel { stream, w, r, seal_out, seal_in, peer: from.clone() };
-            let link = SecondaryLink::start(ch, epoch, arbiter, cfg, 0);
-            note!(link.shared, info, "paired with the primary at {from}, epoch {epoch}: replaying its log");
+            let paired = if hello.join {
+                tracing::info!("the primary at {from} runs already: receiving its state (epoch {epoch})");
+                Paired::Join(Joining { ch, epoch })
+            } else {
+                let link = SecondaryLink::start(ch, epoch, arbiter, cfg, 0);
+                note!(link.shared, info, "paired with the primary at {from}, epoch {epoch}: replaying its log");
+                Paired::Boot(link)
+            };
             let _ = listener.set_nonblocking(false);
             std::thread::spawn(move || refuse_latecomers(listener, epoch, from));
-            return Ok(link);
+            return Ok(paired);
         }
     }
 

@@ -18,7 +18,8 @@ use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 2: the key exchange, and the hello's host, arbiter kind and build.
-/// 3: the release point in marks. 4: the planned switchover.
+/// 3: the release point in marks. 4: the planned switchover, joining a
+/// running primary.
 pub const PROTOCOL_VERSION: u32 = 4;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -50,6 +51,10 @@ pub struct Hello {
     /// The primary's lockstep build: both sides must run the same engine.
     #[serde(default)]
     pub build: String,
+    /// The primary's guest is already running: the secondary joins it by
+    /// a transfer of its state (`Sync`), not by booting from `seed`.
+    #[serde(default)]
+    pub join: bool,
 }
 
 /// One message on the log channel.
@@ -81,6 +86,11 @@ pub enum Message {
     /// and won `epoch` as the primary; from the next message on, the
     /// connection runs with the roles swapped, at that epoch.
     Switched { epoch: u64 },
+    /// Primary → secondary, joining a running primary: a piece of its
+    /// state (what the pieces are is the sides' business, not the wire's).
+    Sync(Vec<u8>),
+    /// Secondary → primary: the state is in place, and hashes to this.
+    Synced { state_hash: u64 },
     /// Primary → secondary, first with `--key`: a fresh nonce.
     AuthInit { nonce: [u8; 32] },
     /// Secondary → primary: its nonce, and proof that it holds the key.
@@ -172,6 +182,8 @@ impl Message {
             Message::AuthProof { .. } => 9,
             Message::Handover { .. } => 10,
             Message::Switched { .. } => 11,
+            Message::Sync(_) => 12,
+            Message::Synced { .. } => 13,
         }
     }
 
@@ -195,7 +207,10 @@ impl Message {
             Message::AuthInit { nonce } => nonce.to_vec(),
             Message::AuthChallenge { nonce, proof } => [nonce.as_slice(), proof.as_slice()].concat(),
             Message::AuthProof { proof } => proof.to_vec(),
-            Message::Handover { at: v } | Message::Switched { epoch: v } => v.to_le_bytes().to_vec(),
+            Message::Handover { at: v } | Message::Switched { epoch: v } | Message::Synced { state_hash: v } => {
+                v.to_le_bytes().to_vec()
+            }
+            Message::Sync(bytes) => bytes.clone(),
         }
     }
 
@@ -229,6 +244,8 @@ impl Message {
             9 if p.len() == 32 => Message::AuthProof { proof: p.try_into().unwrap() },
             10 if p.len() == 8 => Message::Handover { at: u64_at(p, 0)? },
             11 if p.len() == 8 => Message::Switched { epoch: u64_at(p, 0)? },
+            12 => Message::Sync(p.to_vec()),
+            13 if p.len() == 8 => Message::Synced { state_hash: u64_at(p, 0)? },
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -329,6 +346,7 @@ mod tests {
                 seed: [7; 32],
                 state_hash: 9,
                 mac: None,
+                join: false,
             }),
             Message::Welcome,
             Message::Refuse("no".into()),
@@ -342,6 +360,8 @@ mod tests {
             Message::Ack { received: 3, executed: 2 },
             Message::Handover { at: 77 },
             Message::Switched { epoch: 4 },
+            Message::Sync(vec![1, 2, 3]),
+            Message::Synced { state_hash: 5 },
         ]
     }
 

@@ -45,7 +45,59 @@ pub fn replicas(disk: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((p, s))
 }
 
+/// The command line of one side (`role`) in namespace `ns` on replica
+/// `disk`, its output in `dir/NAME.out` and `dir/NAME.err` (the address
+/// and status flags are the caller's).
+#[allow(clippy::too_many_arguments)]
+fn side_command(
+    exe: &Path,
+    g: &GuestPaths,
+    net: &PairNet,
+    dir: &Path,
+    ns: &str,
+    role: &str,
+    name: &str,
+    disk: &Path,
+    extra: &[&str],
+) -> Result<Command> {
+    let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
+    let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
+    let mut c = exec(ns, exe.to_str().unwrap());
+    c.arg(role)
+        .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
+        .args(["--append", &append, "--disk", disk.to_str().unwrap()])
+        .args(["--net", "tap:tap0", "--mac", GUEST_MAC])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(dir.join(format!("{name}.out")))?)
+        .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?);
+    if !extra.contains(&"--arbiter") {
+        c.args(["--arbiter", &arbiter]);
+    }
+    Ok(c)
+}
+
 impl Pair {
+    /// Start a secondary again in the secondary's namespace, on its old
+    /// replica, listening where the first one did (as a supervisor would
+    /// after it died): its output goes to `dir/NAME.out` and `.err`.
+    pub fn restart_secondary(
+        &mut self,
+        exe: &Path,
+        g: &GuestPaths,
+        net: &PairNet,
+        extra: &[&str],
+        name: &str,
+    ) -> Result<()> {
+        let _ = self.secondary.kill();
+        let _ = self.secondary.wait();
+        let disk = self.dir.join("secondary.img");
+        let mut c = side_command(exe, g, net, &self.dir, &net.secondary, "secondary", name, &disk, extra)?;
+        c.args(["--listen", &net.log_addr(LOG_PORT), "--metrics", "127.0.0.1:9541"]);
+        self.secondary = c.spawn().context("cannot start the secondary again")?;
+        Ok(())
+    }
+
     /// Start secondary, then primary, of the guest `g` on `net`, with
     /// `lockstep` binary `exe`; `extra` flags go to both sides.
     pub fn start(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path, extra: &[&str]) -> Result<Pair> {
@@ -82,22 +134,9 @@ impl Pair {
         for old in [dir.join("arbiter.epoch"), dir.join("primary.img.lockstep"), dir.join("secondary.img.lockstep")] {
             let _ = std::fs::remove_file(old);
         }
-        let append = format!("{} root=/dev/vda lockstep.ip={}/24", g.append, net.guest_ip());
-        let arbiter = format!("file:{}", dir.join("arbiter.epoch").display());
         let spawn = |ns: &str, role: &str, disk: &Path, addr_flag: &str, metrics: &str| -> Result<Child> {
-            let mut c = exec(ns, exe.to_str().unwrap());
-            c.arg(role)
-                .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
-                .args(["--append", &append, "--disk", disk.to_str().unwrap()])
-                .args(["--net", "tap:tap0", "--mac", GUEST_MAC, addr_flag, &net.log_addr(LOG_PORT)])
-                .args(["--metrics", metrics])
-                .args(extra)
-                .stdin(Stdio::piped())
-                .stdout(std::fs::File::create(dir.join(format!("{role}.out")))?)
-                .stderr(std::fs::File::create(dir.join(format!("{role}.err")))?);
-            if !extra.contains(&"--arbiter") {
-                c.args(["--arbiter", &arbiter]);
-            }
+            let mut c = side_command(exe, g, net, dir, ns, role, role, disk, extra)?;
+            c.args([addr_flag, &net.log_addr(LOG_PORT), "--metrics", metrics]);
             let env = if role == "primary" { primary_env } else { secondary_env };
             c.envs(env.iter().copied());
             c.spawn().with_context(|| format!("cannot start the {role}"))

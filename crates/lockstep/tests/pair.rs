@@ -576,6 +576,7 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
         host: "h".into(),
         shared_arbiter: false,
         build: String::new(),
+        join: false,
     };
     ft::wire::write_message(&mut s, 7, &ft::wire::Message::Hello(hello)).unwrap();
     let mut r = std::io::BufReader::new(s);
@@ -1494,4 +1495,41 @@ fn a_switchover_swaps_the_roles_and_a_kill_after_it_loses_nothing() {
         "{stdout}; {} writes acknowledged in all, none lost, never reset; longest pause {:?}",
         w.acked, w.max_gap
     );
+}
+
+/// 15. Re-protection: the secondary dies under the client, the primary runs
+///     alone, and a secondary started again on the old (now stale) replica
+///     joins the running primary (its disk and machine state go over, the
+///     state hashes must match) without a restart of the guest; the pair is
+///     protected again, and a kill of the primary then loses nothing.
+#[test]
+fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
+    let _one = serial();
+    let (net, mut pair, _dir) = start("rejoin", 64, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair).unwrap();
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    pair.wait_for("primary.err", "running alone", Duration::from_secs(30)).unwrap();
+    let alone = client.acked();
+    client.advance(alone + 30, Duration::from_secs(60), &pair).unwrap();
+
+    pair.restart_secondary(&exe(), guest(), &net, &[], "secondary2").unwrap();
+    pair.wait_for("primary.err", "joined at position", Duration::from_secs(120)).unwrap();
+    pair.wait_for("secondary2.err", "matches", Duration::from_secs(30)).unwrap();
+    let st = status(&net.primary, 9540);
+    assert_eq!((st["state"].as_str(), st["protected"].as_bool()), (Some("protected"), Some(true)), "{st}");
+    let joined = client.acked();
+    client.advance(joined + 40, Duration::from_secs(60), &pair).unwrap();
+
+    let killed_at = client.acked();
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    client.advance(killed_at + 40, Duration::from_secs(60), &pair).unwrap();
+    let w = client.finish(&pair).unwrap();
+    let s = pair.text("secondary2.err");
+    assert!(s.contains("going live at position"), "{s}");
+    let p = pair.text("primary.err");
+    let sent = p.lines().find(|l| l.contains("machine state in")).unwrap_or("");
+    eprintln!("{sent}; {} writes acknowledged in all, none lost; longest pause {:?}", w.acked, w.max_gap);
 }

@@ -190,6 +190,23 @@ impl Snapshot {
         Ok(chain)
     }
 
+    /// The snapshot as bytes (the file's format), to send elsewhere.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let body = self.body();
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        b.extend_from_slice(&body);
+        b.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        b
+    }
+
+    /// A snapshot from [`Snapshot::to_bytes`]'s bytes (`what` names them
+    /// in errors); returns it and its id.
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<(Snapshot, u64), SnapshotError> {
+        Snapshot::parse(bytes, what.to_string())
+    }
+
     /// Write to `path` (via a temporary file and a rename); returns the id.
     pub fn write(&self, path: &Path) -> Result<u64, SnapshotError> {
         let body = self.body();
@@ -217,6 +234,10 @@ impl Snapshot {
     pub fn read(path: &Path) -> Result<(Snapshot, u64), SnapshotError> {
         let p = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| SnapshotError::Read { path: p.clone(), source })?;
+        Snapshot::parse(&bytes, p)
+    }
+
+    fn parse(bytes: &[u8], p: String) -> Result<(Snapshot, u64), SnapshotError> {
         if bytes.len() < 24 || bytes[..8] != MAGIC {
             return Err(SnapshotError::NotASnapshot { path: p });
         }

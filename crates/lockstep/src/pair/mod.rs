@@ -21,6 +21,7 @@ pub mod announce;
 pub mod mirror;
 pub mod primary;
 pub mod secondary;
+pub mod sync;
 
 use crate::host::console::StdioConsole;
 use crate::host::status::StatusFn;

@@ -11,13 +11,13 @@ use crate::vm::{end_reason, outcome_of, print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::gate::{FrameSink, OutputGate};
-use ft::link::{PrimaryLink, Switched};
+use ft::link::{Joining, PrimaryLink, Shared, Switched};
 use ft::wire::Hello;
 use ft::State;
 use machine::{HostInput, HostIo, Machine, Stop};
 use replay::{Event, Record};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 impl LogSink for PrimaryLink {
@@ -40,6 +40,9 @@ struct PrimaryIo<'a> {
     switch: &'a AtomicBool,
     /// ... and the run loop stopped for it.
     switching: bool,
+    /// Running alone: a secondary to join, and the run loop stopped for it.
+    seeker: &'a Seeker,
+    joining: bool,
     /// The replica's record, and the epoch recorded there.
     records: &'a replica::RecordWriter,
     recorded: u64,
@@ -80,6 +83,15 @@ impl HostIo for PrimaryIo<'_> {
         if self.log.sink.state() == State::Stopped {
             self.fenced = true;
             return HostInput::Quit;
+        }
+        if self.log.sink.state() == State::Alone {
+            self.seeker.want(self.log.sink.shared.epoch());
+            if self.seeker.ready() {
+                self.joining = true;
+                return HostInput::Quit;
+            }
+        } else {
+            self.seeker.want(0);
         }
         if self.switch.swap(false, Ordering::SeqCst) {
             if self.log.sink.state() == State::Protected {
@@ -131,18 +143,91 @@ impl HostIo for PrimaryIo<'_> {
 /// acknowledging the log to the handover point, then taking over).
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The output gate's sinks: the tap (a clone of the side's handle, whose
-/// reader also starts, after `earlier`) and the console.
-fn attach_output(host: &mut SideHost, vm: &LinuxVm, earlier: Vec<Vec<u8>>) -> Result<(Arc<OutputGate>, usize)> {
+/// An output gate for the side's tap (a clone of its handle) and console;
+/// also the console's sink number.
+fn new_gate(host: &SideHost, vm: &LinuxVm) -> Result<(Arc<OutputGate>, usize)> {
     let mut sinks: Vec<Box<dyn FrameSink>> = Vec::new();
     if let (Some(tap), Some((name, _))) = (&host.tap, &vm.net) {
-        let clone = || tap.try_clone().with_context(|| format!("cannot use tap '{name}'"));
-        sinks.push(Box::new(clone()?));
-        host.console.add_tap_after(clone()?, earlier).with_context(|| format!("cannot read tap '{name}'"))?;
+        sinks.push(Box::new(tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?));
     }
     let console_nic = sinks.len();
     sinks.push(Box::new(crate::host::output::GatedConsole));
     Ok((Arc::new(OutputGate::new(sinks)), console_nic))
+}
+
+/// The output gate, and the tap's reader started (after `earlier`).
+fn attach_output(host: &mut SideHost, vm: &LinuxVm, earlier: Vec<Vec<u8>>) -> Result<(Arc<OutputGate>, usize)> {
+    let gate = new_gate(host, vm)?;
+    if let (Some(tap), Some((name, _))) = (&host.tap, &vm.net) {
+        let reader = tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
+        host.console.add_tap_after(reader, earlier).with_context(|| format!("cannot read tap '{name}'"))?;
+    }
+    Ok(gate)
+}
+
+/// Looks for a secondary at the side's `--peer` while the primary runs
+/// alone, on a thread of its own: the run loop says at which epoch to
+/// look (`want`, 0: not at all) and takes a greeted connection
+/// ([`Joining`]) when there is one.
+struct Seeker {
+    want: Arc<AtomicU64>,
+    found: Arc<Mutex<Option<Joining>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// How often a primary running alone looks for a secondary.
+const SEEK_EVERY: Duration = Duration::from_secs(1);
+
+impl Seeker {
+    fn start(peer: String, hello: Hello, key: Option<ft::auth::Key>) -> Seeker {
+        let (want, found, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(None)), Arc::default());
+        let seeker = Seeker { want, found, stop };
+        let (want, found, stop) = (seeker.want.clone(), seeker.found.clone(), seeker.stop.clone());
+        std::thread::spawn(move || {
+            let mut said = String::new();
+            while !stop.load(Ordering::Relaxed) {
+                let epoch = want.load(Ordering::Relaxed);
+                if epoch != 0 && found.lock().unwrap().is_none() {
+                    match Joining::connect(&peer, epoch, hello.clone(), key.as_ref(), SEEK_EVERY) {
+                        Ok(j) => *found.lock().unwrap() = Some(j),
+                        // Nobody there yet is the usual case: say only a
+                        // refusal, once.
+                        Err(e @ ft::link::PairError::Unreachable { .. }) => tracing::debug!("{e}"),
+                        Err(e) => {
+                            let text = format!("{:#}", anyhow::Error::from(e));
+                            if text != said {
+                                tracing::warn!("no secondary joins from {peer}: {text}");
+                                said = text;
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(SEEK_EVERY);
+            }
+        });
+        seeker
+    }
+
+    /// Look at `epoch` (running alone), or not (0).
+    fn want(&self, epoch: u64) {
+        if self.want.swap(epoch, Ordering::Relaxed) != epoch && epoch != 0 {
+            tracing::info!("looking for a secondary to protect the VM again");
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.found.lock().unwrap().is_some()
+    }
+
+    fn take(&self) -> Option<Joining> {
+        self.found.lock().unwrap().take()
+    }
+}
+
+impl Drop for Seeker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Run the primary of a pair.
@@ -173,6 +258,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         host: crate::host::identity::host_id(),
         shared_arbiter: arbiter.shared_across_hosts(),
         build: crate::host::identity::build_id(),
+        join: false,
     };
     if let Some((disk, false)) = &vm.disk {
         replica::check_fresh(disk, &vm_id, arbiter.read()?.as_ref())?;
@@ -198,7 +284,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     }
     let mut log = InputLog::with_draws(link, draws);
     log.record(0, Event::Seed(seed));
-    let next = serve(opts, &mut host, m, maker, log, console_nic)?;
+    let next = serve(vm, opts, &mut host, m, maker, log, console_nic)?;
     drive(vm, opts, &mut host, next)
 }
 
@@ -228,13 +314,14 @@ pub fn resume(
         announce::spawn(announcer, *mac, takeover.addresses.clone());
     }
     let log = InputLog::with_draws(link, draws);
-    serve(opts, host, m, maker, log, console_nic)
+    serve(vm, opts, host, m, maker, log, console_nic)
 }
 
 /// The primary's run loop, from a booted machine (or one a switchover
 /// handed over) and a paired link, across guest reboots; it ends with the
 /// VM, or with a switchover that makes this side the secondary.
 fn serve(
+    vm: &LinuxVm,
     opts: &PairOpts,
     host: &mut SideHost,
     mut m: Machine,
@@ -242,9 +329,21 @@ fn serve(
     mut log: InputLog<PrimaryLink>,
     console_nic: usize,
 ) -> Result<Next> {
-    let shared = log.sink.shared.clone();
+    let mut shared = log.sink.shared.clone();
     host.status.set(status_fn(shared.clone(), Some(log.sink.gate.clone())));
     host.records.ran_at(shared.epoch());
+    let join_hello = Hello {
+        vm_id: vm.identity()?,
+        disk_hash: None,
+        seed: [0; 32],
+        state_hash: 0,
+        mac: vm.net.as_ref().map(|(_, mac)| *mac),
+        host: crate::host::identity::host_id(),
+        shared_arbiter: host.arbiter.shared_across_hosts(),
+        build: crate::host::identity::build_id(),
+        join: true,
+    };
+    let seeker = Seeker::start(opts.addr.clone(), join_hello, opts.key.clone());
     loop {
         let mut io = PrimaryIo {
             console: &mut host.console,
@@ -254,6 +353,8 @@ fn serve(
             fenced: false,
             switch: &host.switch,
             switching: false,
+            seeker: &seeker,
+            joining: false,
             records: &host.records,
             recorded: shared.epoch(),
         };
@@ -275,10 +376,16 @@ fn serve(
             }
             Err(e) => return Err(e.into()),
         };
-        let (fenced, switching) = (io.fenced, io.switching);
+        let (fenced, switching, joining) = (io.fenced, io.switching, io.joining);
         if fenced {
             print_final(&mut m);
             bail!("{}", shared.status().note);
+        }
+        if let Some(j) = seeker.take().filter(|_| joining) {
+            if let Some(link) = join(vm, opts, host, &mut m, &mut log, j)? {
+                shared = link;
+            }
+            continue;
         }
         if switching {
             let at = m.hart.position().0;
@@ -328,4 +435,45 @@ fn serve(
         print_final(&mut m);
         return outcome_of(stop, host.console.signalled(), opts.max_insns).map(Next::Done);
     }
+}
+
+/// A secondary joins this primary, running alone: the guest pauses while
+/// its state goes over (see [`super::sync`]); on success the pair runs on
+/// from here with a new link and gate. A failed join leaves this side
+/// running alone, looking again. Returns the new link's shared state.
+fn join(
+    vm: &LinuxVm,
+    opts: &PairOpts,
+    host: &mut SideHost,
+    m: &mut Machine,
+    log: &mut InputLog<PrimaryLink>,
+    mut j: Joining,
+) -> Result<Option<Arc<Shared>>> {
+    let at = m.hart.position().0;
+    let base = log.sink.base();
+    tracing::info!("a secondary at {} joins: sending the VM's state at position {at} (the guest pauses)", j.peer());
+    // A deliberate pause, not a stuck run loop.
+    log.sink.waiting(true);
+    let sent = super::sync::send_state(&mut j, m, vm, base);
+    log.sink.waiting(false);
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            tracing::warn!("the secondary could not join: {e:#}; running on alone");
+            j.refuse(&format!("{e:#}"));
+            return Ok(None);
+        }
+    };
+    let (gate, _) = new_gate(host, vm)?;
+    let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg, base, base + at);
+    tracing::info!(
+        "sent {} MB of disk and {} MB of machine state in {} ms",
+        sent.disk_bytes >> 20,
+        sent.snapshot_bytes >> 20,
+        sent.millis
+    );
+    let shared = link.shared.clone();
+    std::mem::replace(&mut log.sink, link).retire();
+    host.status.set(status_fn(shared.clone(), Some(gate)));
+    Ok(Some(shared))
 }

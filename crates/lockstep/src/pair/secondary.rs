@@ -18,7 +18,7 @@ use crate::vm::{print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::arbiter::Claim;
-use ft::link::{Incoming, SecondaryLink, Switched};
+use ft::link::{Incoming, Paired, SecondaryLink, Switched};
 use ft::wire::Hello;
 use ft::State;
 use machine::Machine;
@@ -136,16 +136,20 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 h.vm_id
             ));
         }
+        // Same guest MAC on both sides: the secondary takes over the address.
+        if let (Some((_, mac)), Some(theirs)) = (&mut vm.net, h.mac) {
+            *mac = theirs;
+        }
+        if h.join {
+            // The primary's state (disk included) comes over the channel.
+            return Ok(());
+        }
         if h.disk_hash != disk_hash {
             return Err(format!(
                 "the disk replicas differ (primary {}, secondary {}): copy the primary's image first",
                 h.disk_hash.as_deref().unwrap_or("none"),
                 disk_hash.as_deref().unwrap_or("none")
             ));
-        }
-        // Same guest MAC on both sides: the secondary takes over the address.
-        if let (Some((_, mac)), Some(theirs)) = (&mut vm.net, h.mac) {
-            *mac = theirs;
         }
         let maker = MachineMaker::new(&vm, opts.hash_every);
         let mut m = maker.machine(h.seed).map_err(|e| format!("cannot build the machine: {e:#}"))?;
@@ -161,14 +165,43 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     };
     let stop = console.stop_flag();
     let key = opts.key.clone().map(Arc::new);
-    let link = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, key, &|| {
+    let paired = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, key, &|| {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
-    let (m, maker) = built.take().context("paired without a machine")?;
-    let kept = kept.map(|k| k.start(&vm, disk_hash.clone())).transpose()?;
-    if let Some(k) = &kept {
-        tracing::info!("keeping this side's log in '{}'", k.path.display());
-    }
+    let (link, m, maker, base, through, kept) = match paired {
+        Paired::Boot(link) => {
+            let (m, maker) = built.take().context("paired without a machine")?;
+            let kept = kept.map(|k| k.start(&vm, disk_hash.clone())).transpose()?;
+            if let Some(k) = &kept {
+                tracing::info!("keeping this side's log in '{}'", k.path.display());
+            }
+            (link, m, maker, 0, 0, kept)
+        }
+        Paired::Join(mut j) => {
+            if kept.is_some() {
+                tracing::warn!("--keep-log: a log kept from a join could not be replayed (no boot); not kept");
+            }
+            drop(kept);
+            let maker = MachineMaker::new(&vm, opts.hash_every);
+            let t = std::time::Instant::now();
+            let r = match super::sync::receive_state(&mut j, &vm, &vm_id, &maker) {
+                Ok(r) => r,
+                Err(e) => {
+                    j.refuse(&format!("{e:#}"));
+                    return Err(e.context("joining the running primary"));
+                }
+            };
+            tracing::info!(
+                "received the primary's state at position {} in {} ms; state hash {:016x} matches",
+                r.at,
+                t.elapsed().as_millis(),
+                r.state_hash
+            );
+            let through = r.base + r.at;
+            let link = j.synced(r.state_hash, arbiter.clone(), opts.cfg, through).map_err(anyhow::Error::msg)?;
+            (link, r.machine, maker, r.base, through, None)
+        }
+    };
     let records = replica::RecordWriter::new(&vm, &vm_id);
     let switch = Arc::new(AtomicBool::new(false));
     let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone())?;
@@ -177,11 +210,13 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
     let mirror = start_mirror(&host, mac)?;
     let tally = mirror.as_ref().map(InputMirror::tally);
-    let replayer = Replayer::new(
+    let replayer = Replayer::resume(
         LinkSource(link, kept, tally, None),
         m,
         maker,
         ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
+        base,
+        through,
     );
     let next = serve(&vm, opts, &mut host, replayer, mirror)?;
     drive(&vm, opts, &mut host, next)

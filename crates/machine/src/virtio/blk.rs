@@ -11,6 +11,7 @@
 //! ```
 
 use super::queue::{Buffer, Chain, Queue, QueueError};
+use super::RestoreError;
 use super::VirtioDevice;
 use crate::ram::Ram;
 use std::fs::File;
@@ -353,6 +354,24 @@ impl VirtioDevice for Block {
             // next `process` (the transport calls it at once).
             self.fault = None;
         }
+    }
+    /// The chunks written since boot (which the state hash covers): a
+    /// machine restored elsewhere hashes the same chunks of its copy.
+    fn save(&self) -> Vec<u8> {
+        let chunks: std::collections::BTreeSet<u64> =
+            self.chunk_hashes.keys().chain(self.rehash.iter()).copied().collect();
+        serde_json::to_vec(&chunks).unwrap_or_default()
+    }
+    fn restore(&mut self, state: &[u8]) -> Result<(), RestoreError> {
+        // Snapshots from before this state existed carry none.
+        let chunks: std::collections::BTreeSet<u64> = if state.is_empty() {
+            Default::default()
+        } else {
+            serde_json::from_slice(state).map_err(|source| RestoreError::Malformed { device: "virtio-blk", source })?
+        };
+        self.chunk_hashes.clear();
+        self.rehash = chunks;
+        Ok(())
     }
     fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
         let size = self.backend.size_bytes();
