@@ -673,6 +673,12 @@ impl Joining {
         }
     }
 
+    /// Secondary: a round of the state is in place, and hashes to
+    /// `state_hash`.
+    pub fn ack(&mut self, state_hash: u64) -> std::io::Result<()> {
+        wire::send(&mut self.ch.w, self.epoch, &Message::Synced { state_hash }, self.ch.seal_out.as_mut())
+    }
+
     /// Either side: give up, saying why.
     pub fn refuse(mut self, why: &str) {
         let _ = wire::send(&mut self.ch.w, self.epoch, &Message::Refuse(why.into()), self.ch.seal_out.as_mut());

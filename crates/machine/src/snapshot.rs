@@ -190,15 +190,17 @@ impl Snapshot {
         Ok(chain)
     }
 
-    /// The snapshot as bytes (the file's format), to send elsewhere.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The snapshot as bytes (the file's format), to send elsewhere, and
+    /// its id (what a delta of it names as its parent).
+    pub fn to_bytes(&self) -> (Vec<u8>, u64) {
         let body = self.body();
+        let id = xxhash_rust::xxh3::xxh3_64(&body);
         let mut b = MAGIC.to_vec();
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&(body.len() as u64).to_le_bytes());
         b.extend_from_slice(&body);
         b.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        b
+        (b, id)
     }
 
     /// A snapshot from [`Snapshot::to_bytes`]'s bytes (`what` names them
@@ -334,11 +336,24 @@ impl Machine {
     /// Restore a chain of snapshots (oldest first, each a delta of the one
     /// before): RAM, disks and state end as they were at the last one.
     pub fn restore(&mut self, chain: &[(Snapshot, u64)]) -> Result<(), SnapshotError> {
+        self.apply_chain(chain, None)
+    }
+
+    /// Go on from the snapshot `parent` this machine was restored to (or
+    /// last went on to) with `delta`, a delta of it: only the pages and
+    /// disk chunks it carries are written (and rehashed for the state
+    /// hash), so a machine kept up to date this way (a secondary joining
+    /// a running primary) pays for what changed, not for all of RAM.
+    pub fn restore_delta(&mut self, parent: u64, delta: &(Snapshot, u64)) -> Result<(), SnapshotError> {
+        self.apply_chain(std::slice::from_ref(delta), Some(parent))
+    }
+
+    fn apply_chain(&mut self, chain: &[(Snapshot, u64)], onto: Option<u64>) -> Result<(), SnapshotError> {
         let Some((last, _)) = chain.last() else {
             return Err(SnapshotError::Mismatch(Mismatch::Empty));
         };
         for (i, (s, _)) in chain.iter().enumerate() {
-            let want = if i == 0 { None } else { Some(chain[i - 1].1) };
+            let want = if i == 0 { onto } else { Some(chain[i - 1].1) };
             if s.parent != want {
                 return Err(SnapshotError::Mismatch(Mismatch::NotADelta { position: s.position }));
             }
@@ -351,14 +366,21 @@ impl Machine {
             let (snapshot, machine) = (last.state.virtio.len(), self.board.virtio.len());
             return Err(SnapshotError::Mismatch(Mismatch::DeviceCount { snapshot, machine }));
         }
-        self.ram_replaced();
-        let ram = self.board.ram.bytes_mut();
-        ram.fill(0);
+        if onto.is_none() {
+            self.ram_replaced();
+            self.board.ram.bytes_mut().fill(0);
+        }
         for (s, _) in chain {
+            let ram = self.board.ram.bytes_mut();
             for (n, data) in &s.pages {
                 let off = *n as usize * PAGE;
                 let dst = ram.get_mut(off..off + PAGE).ok_or(SnapshotError::Mismatch(Mismatch::PageOutsideRam(*n)))?;
                 dst.copy_from_slice(data);
+            }
+            if onto.is_some() {
+                for (n, _) in &s.pages {
+                    self.digest.mark(*n);
+                }
             }
             for (slot, off, data) in &s.extents {
                 let dev = self

@@ -40,8 +40,11 @@ struct PrimaryIo<'a> {
     switch: &'a AtomicBool,
     /// ... and the run loop stopped for it.
     switching: bool,
-    /// Running alone: a secondary to join, and the run loop stopped for it.
+    /// Running alone: a secondary to join, a transfer to it under way and
+    /// its round through, and the run loop stopped for either.
     seeker: &'a Seeker,
+    copying: bool,
+    copy_done: &'a AtomicBool,
     joining: bool,
     /// The replica's record, and the epoch recorded there.
     records: &'a replica::RecordWriter,
@@ -84,7 +87,13 @@ impl HostIo for PrimaryIo<'_> {
             self.fenced = true;
             return HostInput::Quit;
         }
-        if self.log.sink.state() == State::Alone {
+        if self.copying {
+            self.seeker.want(0);
+            if self.copy_done.swap(false, Ordering::SeqCst) {
+                self.joining = true;
+                return HostInput::Quit;
+            }
+        } else if self.log.sink.state() == State::Alone {
             self.seeker.want(self.log.sink.shared.epoch());
             if self.seeker.ready() {
                 self.joining = true;
@@ -344,6 +353,7 @@ fn serve(
         join: true,
     };
     let seeker = Seeker::start(opts.addr.clone(), join_hello, opts.key.clone());
+    let (mut copy, copy_done) = (None, Arc::new(AtomicBool::new(false)));
     loop {
         let mut io = PrimaryIo {
             console: &mut host.console,
@@ -354,6 +364,8 @@ fn serve(
             switch: &host.switch,
             switching: false,
             seeker: &seeker,
+            copying: copy.is_some(),
+            copy_done: &copy_done,
             joining: false,
             records: &host.records,
             recorded: shared.epoch(),
@@ -381,8 +393,9 @@ fn serve(
             print_final(&mut m);
             bail!("{}", shared.status().note);
         }
-        if let Some(j) = seeker.take().filter(|_| joining) {
-            if let Some(link) = join(vm, opts, host, &mut m, &mut log, j)? {
+        if joining {
+            let found = if copy.is_none() { seeker.take() } else { None };
+            if let Some(link) = join_step(vm, opts, host, &mut m, &mut log, &mut copy, found, &copy_done)? {
                 shared = link;
             }
             continue;
@@ -437,43 +450,59 @@ fn serve(
     }
 }
 
-/// A secondary joins this primary, running alone: the guest pauses while
-/// its state goes over (see [`super::sync`]); on success the pair runs on
-/// from here with a new link and gate. A failed join leaves this side
-/// running alone, looking again. Returns the new link's shared state.
-fn join(
+/// A secondary joins this primary, running alone (see [`super::sync`]):
+/// each call moves the transfer one step (the guest runs between steps),
+/// and the last one puts the new link and gate in place, the pair running
+/// on from the machine's position. A failed join leaves this side running
+/// alone, looking again. Returns the new link's shared state when joined.
+fn join_step(
     vm: &LinuxVm,
     opts: &PairOpts,
     host: &mut SideHost,
     m: &mut Machine,
     log: &mut InputLog<PrimaryLink>,
-    mut j: Joining,
+    copy: &mut Option<super::sync::Copy>,
+    j: Option<Joining>,
+    done: &Arc<AtomicBool>,
 ) -> Result<Option<Arc<Shared>>> {
+    use super::sync::{next_round, start_copy, Round};
     let at = m.hart.position().0;
     let base = log.sink.base();
-    tracing::info!("a secondary at {} joins: sending the VM's state at position {at} (the guest pauses)", j.peer());
     // A deliberate pause, not a stuck run loop.
     log.sink.waiting(true);
-    let sent = super::sync::send_state(&mut j, m, vm, base);
+    let step = match (copy.take(), j) {
+        (Some(c), _) => next_round(c, m, base, done.clone()),
+        (None, Some(j)) => {
+            tracing::info!("a secondary at {} joins: sending the VM's state, from position {at} on", j.peer());
+            start_copy(j, m, vm, done.clone()).map(Round::Sending)
+        }
+        (None, None) => return Ok(None),
+    };
     log.sink.waiting(false);
-    let sent = match sent {
-        Ok(sent) => sent,
+    match step {
+        Ok(Round::Sending(c)) => {
+            *copy = Some(c);
+            Ok(None)
+        }
+        Ok(Round::Joined(j, sent)) => {
+            let (gate, _) = new_gate(host, vm)?;
+            let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg, base, base + at);
+            tracing::info!(
+                "sent {} MB of disk and {} MB of machine state in {} rounds while the guest ran; the last paused it \
+                 {} ms",
+                sent.disk_bytes >> 20,
+                sent.snapshot_bytes >> 20,
+                sent.rounds,
+                sent.pause_ms
+            );
+            let shared = link.shared.clone();
+            std::mem::replace(&mut log.sink, link).retire();
+            host.status.set(status_fn(shared.clone(), Some(gate)));
+            Ok(Some(shared))
+        }
         Err(e) => {
             tracing::warn!("the secondary could not join: {e:#}; running on alone");
-            j.refuse(&format!("{e:#}"));
-            return Ok(None);
+            Ok(None)
         }
-    };
-    let (gate, _) = new_gate(host, vm)?;
-    let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg, base, base + at);
-    tracing::info!(
-        "sent {} MB of disk and {} MB of machine state in {} ms",
-        sent.disk_bytes >> 20,
-        sent.snapshot_bytes >> 20,
-        sent.millis
-    );
-    let shared = link.shared.clone();
-    std::mem::replace(&mut log.sink, link).retire();
-    host.status.set(status_fn(shared.clone(), Some(gate)));
-    Ok(Some(shared))
+    }
 }

@@ -1,13 +1,18 @@
 //! Joining a running primary: its state, sent over the pair's channel as
 //! `Sync` pieces, and put in place on the joining secondary.
 //!
-//! The primary's guest is paused at a position P while it sends (stop and
-//! copy): the disk replica's allocated contents (all-zero blocks are not
-//! sent; the joining replica starts empty), then a full snapshot of the
-//! machine (every non-zero RAM page, the hart's and devices' state). The
-//! secondary writes the disk, restores the machine, and answers with its
-//! state hash, which must be the primary's at P (RAM, devices and the
-//! disk chunks the guest wrote); the pair then runs from P.
+//! Pre-copy, as live migration does it: at a position P0 the primary takes
+//! a full snapshot of the machine (every non-zero RAM page, the hart's and
+//! devices' state) and lets its guest run on, alone, while a thread sends
+//! the disk replica's allocated contents (all-zero blocks are not sent:
+//! the joining replica starts empty) and that snapshot. Then rounds: a
+//! delta snapshot (the RAM pages and disk chunks written since the last
+//! one), sent while the guest runs on, until one is small; that last one
+//! is sent with the guest paused at P, and the secondary restores the
+//! chain onto its copy of the disk and answers with its state hash, which
+//! must be the primary's at P (RAM, devices and the disk chunks the guest
+//! wrote). The pair runs from P. A disk block the guest wrote while it was
+//! being read is in a later delta, so what it read does not matter.
 //!
 //! Until the copy is whole, the joining replica's record says it last ran
 //! at epoch 0, older than the epoch the primary ran alone: a replica left
@@ -20,6 +25,8 @@ use ft::link::Joining;
 use machine::snapshot::Snapshot;
 use machine::Machine;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Disk contents go in blocks of this size; all-zero blocks are skipped.
@@ -34,8 +41,10 @@ enum Piece {
     DiskSize(u64),
     /// Disk contents at a byte offset.
     Disk { offset: u64, data: Vec<u8> },
-    /// The next part of the snapshot's bytes.
+    /// The next part of the current snapshot's bytes ...
     Snapshot(Vec<u8>),
+    /// ... and its end (the next snapshot is a delta of it).
+    SnapshotEnd,
     /// The end: the primary stopped at `at` (this boot's position;
     /// `base`: the positions of earlier boots), its state hash there.
     Done { at: u64, base: u64, state_hash: u64 },
@@ -58,6 +67,7 @@ impl Piece {
                 b.push(3);
                 b.extend_from_slice(part);
             }
+            Piece::SnapshotEnd => b.push(5),
             Piece::Done { at, base, state_hash } => {
                 b.push(4);
                 for v in [at, base, state_hash] {
@@ -75,56 +85,133 @@ impl Piece {
             2 => Piece::Disk { offset: u64_at(1)?, data: b.get(9..)?.to_vec() },
             3 => Piece::Snapshot(b[1..].to_vec()),
             4 if b.len() == 25 => Piece::Done { at: u64_at(1)?, base: u64_at(9)?, state_hash: u64_at(17)? },
+            5 if b.len() == 1 => Piece::SnapshotEnd,
             _ => return None,
         })
     }
 }
 
 /// What a transfer moved, for the log line.
+#[derive(Default)]
 pub struct Sent {
     pub disk_bytes: u64,
     pub snapshot_bytes: u64,
-    pub millis: u128,
+    /// Delta rounds sent while the guest ran.
+    pub rounds: u32,
+    /// The guest's pause for the last round and the secondary's answer.
+    pub pause_ms: u128,
 }
 
-/// Primary: send the state of `m` (paused at its position) and `vm`'s disk
-/// replica, then wait for the secondary's state hash and compare.
-pub fn send_state(j: &mut Joining, m: &mut Machine, vm: &LinuxVm, base: u64) -> Result<Sent> {
-    let t = Instant::now();
-    let mut disk_bytes = 0;
-    let send = |j: &mut Joining, p: Piece| j.send(p.encode()).context("the transfer broke");
-    if let Some((path, _)) = &vm.disk {
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("cannot read the replica '{}'", path.display()))?;
-        let size = f.metadata()?.len();
-        send(j, Piece::DiskSize(size))?;
-        let mut buf = vec![0u8; DISK_BLOCK];
-        let mut offset = 0u64;
-        while offset < size {
-            let n = (size - offset).min(DISK_BLOCK as u64) as usize;
-            f.read_exact(&mut buf[..n]).with_context(|| format!("cannot read the replica '{}'", path.display()))?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                send(j, Piece::Disk { offset, data: buf[..n].to_vec() })?;
-                disk_bytes += n as u64;
-            }
-            offset += n as u64;
-        }
-    }
-    let mut snap = m.snapshot(None).context("cannot take the machine's snapshot")?;
-    // The disk went whole: what the guest wrote is in it already.
-    snap.extents.clear();
-    let bytes = snap.to_bytes();
+/// A delta at most this large is the last (sent with the guest paused).
+const LAST_ROUND_BYTES: usize = 8 << 20;
+/// At most this many rounds while the guest runs (a guest that writes
+/// memory faster than the link carries it never converges).
+const MAX_ROUNDS: u32 = 4;
+
+/// A transfer under way: the thread sending the current round, and the id
+/// of the last snapshot taken (the next is a delta of it).
+pub struct Copy {
+    sending: std::thread::JoinHandle<Result<(Joining, u64)>>,
+    parent: u64,
+    rounds: u32,
+    disk_bytes: u64,
+    snapshot_bytes: u64,
+}
+
+/// Send a snapshot and wait until the secondary has it in place; returns
+/// the secondary's state hash there.
+fn send_snapshot(j: &mut Joining, bytes: &[u8]) -> Result<u64> {
     for part in bytes.chunks(SNAPSHOT_PART) {
-        send(j, Piece::Snapshot(part.to_vec()))?;
+        j.send(Piece::Snapshot(part.to_vec()).encode()).context("the transfer broke")?;
     }
+    j.send(Piece::SnapshotEnd.encode()).context("the transfer broke")?;
+    j.wait_synced().map_err(anyhow::Error::msg)
+}
+
+/// Primary: take the full snapshot of `m` at its position and start
+/// sending it, after `vm`'s disk replica, on a thread; `done` is set when
+/// the thread is through (the guest runs on meanwhile).
+pub fn start_copy(mut j: Joining, m: &mut Machine, vm: &LinuxVm, done: Arc<AtomicBool>) -> Result<Copy> {
+    let mut snap = m.snapshot(None).context("cannot take the machine's snapshot")?;
+    // The disk goes whole: what the guest wrote is in it already.
+    snap.extents.clear();
+    let (bytes, parent) = snap.to_bytes();
+    let snapshot_bytes = bytes.len() as u64;
+    let disk = vm.disk.as_ref().map(|(path, _)| path.clone());
+    let sending = std::thread::spawn(move || {
+        let result = (|| {
+            let mut disk_bytes = 0;
+            if let Some(path) = disk {
+                disk_bytes = send_disk(&mut j, &path)?;
+            }
+            send_snapshot(&mut j, &bytes)?;
+            Ok((j, disk_bytes))
+        })();
+        done.store(true, Ordering::SeqCst);
+        result
+    });
+    Ok(Copy { sending, parent, rounds: 0, disk_bytes: 0, snapshot_bytes })
+}
+
+/// The disk's size, then its non-zero blocks; returns the bytes sent.
+fn send_disk(j: &mut Joining, path: &std::path::Path) -> Result<u64> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read the replica '{}'", path.display()))?;
+    let size = f.metadata()?.len();
+    j.send(Piece::DiskSize(size).encode()).context("the transfer broke")?;
+    let mut buf = vec![0u8; DISK_BLOCK];
+    let (mut offset, mut sent) = (0u64, 0u64);
+    while offset < size {
+        let n = (size - offset).min(DISK_BLOCK as u64) as usize;
+        f.read_exact(&mut buf[..n]).with_context(|| format!("cannot read the replica '{}'", path.display()))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            j.send(Piece::Disk { offset, data: buf[..n].to_vec() }.encode()).context("the transfer broke")?;
+            sent += n as u64;
+        }
+        offset += n as u64;
+    }
+    Ok(sent)
+}
+
+/// What the primary does next with a transfer whose round is through.
+pub enum Round {
+    /// Another round is on its way (the guest runs on).
+    Sending(Copy),
+    /// The secondary holds the state at the machine's position.
+    Joined(Joining, Sent),
+}
+
+/// Primary: the round on its way is through (`done` was set): take the
+/// delta since it; a large one is sent while the guest runs on, a small
+/// one (or the last allowed) ends the transfer with the guest paused, and
+/// the state hashes are compared.
+pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>) -> Result<Round> {
+    let (mut j, disk) = copy.sending.join().map_err(|_| anyhow::anyhow!("the transfer thread failed"))??;
+    let disk_bytes = copy.disk_bytes + disk;
+    let t = Instant::now();
+    let delta = m.snapshot(Some(copy.parent)).context("cannot take the machine's snapshot")?;
+    let (bytes, parent) = delta.to_bytes();
+    let snapshot_bytes = copy.snapshot_bytes + bytes.len() as u64;
+    let rounds = copy.rounds + 1;
+    if bytes.len() > LAST_ROUND_BYTES && rounds < MAX_ROUNDS {
+        done.store(false, Ordering::SeqCst);
+        let sending = std::thread::spawn(move || {
+            let result = send_snapshot(&mut j, &bytes).map(|_| (j, 0));
+            done.store(true, Ordering::SeqCst);
+            result
+        });
+        return Ok(Round::Sending(Copy { sending, parent, rounds, disk_bytes, snapshot_bytes }));
+    }
+    let theirs = send_snapshot(&mut j, &bytes)?;
     let at = m.hart.position().0;
     let state_hash = m.state_hash();
-    send(j, Piece::Done { at, base, state_hash })?;
-    let theirs = j.wait_synced().map_err(anyhow::Error::msg)?;
     if theirs != state_hash {
         bail!("the joined secondary's state hash is {theirs:016x}, this side's {state_hash:016x} at position {at}");
     }
-    Ok(Sent { disk_bytes, snapshot_bytes: bytes.len() as u64, millis: t.elapsed().as_millis() })
+    j.send(Piece::Done { at, base, state_hash }.encode()).context("the transfer broke")?;
+    // The secondary's word that it runs from here.
+    j.wait_synced().map_err(anyhow::Error::msg)?;
+    let sent = Sent { disk_bytes, snapshot_bytes, rounds, pause_ms: t.elapsed().as_millis() };
+    Ok(Round::Joined(j, sent))
 }
 
 /// What a secondary received.
@@ -142,6 +229,9 @@ pub struct Received {
 pub fn receive_state(j: &mut Joining, vm: &LinuxVm, vm_id: &str, maker: &MachineMaker) -> Result<Received> {
     let mut disk = None;
     let mut snapshot = Vec::new();
+    // The machine, once the first (full) snapshot is in, and the id of the
+    // last snapshot it was brought to.
+    let mut built: Option<(Machine, u64)> = None;
     let piece = |j: &mut Joining| -> Result<Piece> {
         let bytes = j.receive().map_err(anyhow::Error::msg)?;
         Piece::decode(&bytes).context("the primary sent a malformed piece of its state")
@@ -169,16 +259,34 @@ pub fn receive_state(j: &mut Joining, vm: &LinuxVm, vm_id: &str, maker: &Machine
                 write.with_context(|| format!("cannot write the replica '{}' at {offset}", path.display()))?;
             }
             Piece::Snapshot(part) => snapshot.extend_from_slice(&part),
+            Piece::SnapshotEnd => {
+                let n = if built.is_some() { "a delta of" } else { "a full snapshot of" };
+                let snap = Snapshot::from_bytes(&std::mem::take(&mut snapshot), &format!("{n} the primary's state"))?;
+                let id = snap.1;
+                let (m, id) = match built.take() {
+                    None => {
+                        // The disk is whole before the first snapshot.
+                        if let Some((f, path)) = disk.take() {
+                            f.sync_all().with_context(|| format!("cannot write the replica '{}'", path.display()))?;
+                        }
+                        // Any seed: the restore replaces what the boot put in RAM.
+                        let mut m = maker.machine([0; 32])?;
+                        m.restore(&[snap]).context("cannot restore the primary's state")?;
+                        (m, id)
+                    }
+                    Some((mut m, parent)) => {
+                        m.restore_delta(parent, &snap).context("cannot restore the primary's state")?;
+                        (m, id)
+                    }
+                };
+                let mut m = m;
+                j.ack(m.state_hash()).context("the transfer broke")?;
+                built = Some((m, id));
+            }
             Piece::Done { at, base, state_hash } => break (at, base, state_hash),
         }
     };
-    if let Some((f, path)) = disk.take() {
-        f.sync_all().with_context(|| format!("cannot write the replica '{}'", path.display()))?;
-    }
-    let (snap, id) = Snapshot::from_bytes(&snapshot, "the primary's state").context("the primary's state")?;
-    // Any seed: the restore replaces what the boot put in RAM.
-    let mut machine = maker.machine([0; 32])?;
-    machine.restore(&[(snap, id)]).context("cannot restore the primary's state")?;
+    let (mut machine, _) = built.context("the primary ended its state without a snapshot")?;
     let mine = machine.state_hash();
     if mine != state_hash {
         bail!("the restored state hashes to {mine:016x}, the primary's to {state_hash:016x} (at position {at})");
@@ -196,6 +304,7 @@ mod tests {
             Piece::DiskSize(1 << 30),
             Piece::Disk { offset: 4096, data: vec![7; 100] },
             Piece::Snapshot(vec![1, 2, 3]),
+            Piece::SnapshotEnd,
             Piece::Done { at: 5, base: 6, state_hash: 7 },
         ] {
             assert_eq!(Piece::decode(&p.encode()), Some(p));

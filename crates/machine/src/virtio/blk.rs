@@ -369,8 +369,11 @@ impl VirtioDevice for Block {
         } else {
             serde_json::from_slice(state).map_err(|source| RestoreError::Malformed { device: "virtio-blk", source })?
         };
-        self.chunk_hashes.clear();
-        self.rehash = chunks;
+        // Chunks hashed already keep their hashes: their contents change
+        // only through writes, which mark them for rehashing.
+        self.chunk_hashes.retain(|c, _| chunks.contains(c));
+        self.rehash.retain(|c| chunks.contains(c));
+        self.rehash.extend(chunks.into_iter().filter(|c| !self.chunk_hashes.contains_key(c)));
         Ok(())
     }
     fn storage_digest(&mut self, h: &mut xxhash_rust::xxh3::Xxh3) {
