@@ -353,7 +353,7 @@ fn serve(
         join: true,
     };
     let seeker = Seeker::start(opts.addr.clone(), join_hello, opts.key.clone());
-    let (mut copy, copy_done) = (None, Arc::new(AtomicBool::new(false)));
+    let mut transfer = Transfer { copy: None, done: Arc::new(AtomicBool::new(false)) };
     loop {
         let mut io = PrimaryIo {
             console: &mut host.console,
@@ -364,8 +364,8 @@ fn serve(
             switch: &host.switch,
             switching: false,
             seeker: &seeker,
-            copying: copy.is_some(),
-            copy_done: &copy_done,
+            copying: transfer.copy.is_some(),
+            copy_done: &transfer.done,
             joining: false,
             records: &host.records,
             recorded: shared.epoch(),
@@ -394,8 +394,8 @@ fn serve(
             bail!("{}", shared.status().note);
         }
         if joining {
-            let found = if copy.is_none() { seeker.take() } else { None };
-            if let Some(link) = join_step(vm, opts, host, &mut m, &mut log, &mut copy, found, &copy_done)? {
+            let found = if transfer.copy.is_none() { seeker.take() } else { None };
+            if let Some(link) = join_step(vm, opts, host, &mut m, &mut log, &mut transfer, found)? {
                 shared = link;
             }
             continue;
@@ -450,6 +450,13 @@ fn serve(
     }
 }
 
+/// A join under way: its round on the wire, and the flag its thread sets
+/// when the round is through.
+struct Transfer {
+    copy: Option<super::sync::Copy>,
+    done: Arc<AtomicBool>,
+}
+
 /// A secondary joins this primary, running alone (see [`super::sync`]):
 /// each call moves the transfer one step (the guest runs between steps),
 /// and the last one puts the new link and gate in place, the pair running
@@ -461,10 +468,10 @@ fn join_step(
     host: &mut SideHost,
     m: &mut Machine,
     log: &mut InputLog<PrimaryLink>,
-    copy: &mut Option<super::sync::Copy>,
+    transfer: &mut Transfer,
     j: Option<Joining>,
-    done: &Arc<AtomicBool>,
 ) -> Result<Option<Arc<Shared>>> {
+    let Transfer { copy, done } = transfer;
     use super::sync::{next_round, start_copy, Round};
     let at = m.hart.position().0;
     let base = log.sink.base();
