@@ -154,7 +154,6 @@ pub type KeepFn = Box<dyn FnMut(&Record) + Send>;
 pub struct PrimaryLink {
     pub shared: Arc<Shared>,
     pub gate: Arc<OutputGate>,
-    writer: Arc<Mutex<LogWriter>>,
     lost: Lost,
     cfg: PairConfig,
     epoch: u64,
@@ -173,7 +172,10 @@ pub struct PrimaryLink {
     /// this is `base` plus the run loop's position.
     position: u64,
     base: u64,
-    stream: TcpStream,
+    /// The channel (`None`: a primary that runs alone from the start of
+    /// this link, a secondary gone live).
+    stream: Option<TcpStream>,
+    writer: Option<Arc<Mutex<LogWriter>>>,
     peer: String,
     /// The receiver's hand-back of its end after a handover.
     switched: Receiver<HandBack>,
@@ -308,7 +310,7 @@ impl PrimaryLink {
         PrimaryLink {
             shared,
             gate,
-            writer,
+            writer: Some(writer),
             pulse,
             lost: ctx,
             cfg,
@@ -320,9 +322,56 @@ impl PrimaryLink {
             keep: None,
             position: through,
             base,
-            stream,
+            stream: Some(stream),
             peer,
             switched,
+        }
+    }
+
+    /// A primary without a secondary (a secondary gone live): the VM runs
+    /// alone at `epoch`, which this side won, its output not held; it can
+    /// be joined ([`Joining::joined`] then replaces this link).
+    pub fn alone(
+        epoch: u64,
+        arbiter: Arc<dyn Arbiter>,
+        gate: Arc<OutputGate>,
+        cfg: PairConfig,
+        base: u64,
+    ) -> PrimaryLink {
+        let shared = Shared::new("primary", epoch);
+        shared.update(|s| s.state = Some(State::Alone));
+        gate.open();
+        watch_arbiter(arbiter.clone(), shared.clone());
+        let pulse = Arc::new(Pulse::new());
+        let lost = Lost {
+            shared: shared.clone(),
+            arbiter,
+            gate: gate.clone(),
+            stream: None,
+            lost: Arc::new(AtomicBool::new(true)),
+            handing: Arc::default(),
+            owner: owner_name("primary"),
+            pulse: pulse.clone(),
+            stall: cfg.stall_timeout(),
+        };
+        PrimaryLink {
+            shared,
+            gate,
+            writer: None,
+            pulse,
+            lost,
+            cfg,
+            epoch,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            pending_input: false,
+            last_through: 0,
+            keep: None,
+            position: 0,
+            base,
+            stream: None,
+            peer: String::new(),
+            switched: mpsc::channel().1,
         }
     }
 
@@ -355,11 +404,11 @@ impl PrimaryLink {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        if !self.protected() {
+        let (Some(writer), Some(stream), true) = (self.writer.clone(), &self.stream, self.protected()) else {
             return Err(format!("the pair broke: {}", self.shared.status().note));
-        }
+        };
         {
-            let mut w = self.writer.lock().unwrap();
+            let mut w = writer.lock().unwrap();
             // No heartbeat after the handover: the next message on this
             // direction is the new secondary's first acknowledgement.
             self.lost.handing.store(true, Ordering::SeqCst);
@@ -375,8 +424,8 @@ impl PrimaryLink {
                 // This side's primary role is over: nothing of it may act.
                 self.lost.lost.store(true, Ordering::SeqCst);
                 self.shared.update(|s| s.state = Some(State::Stopped));
-                let mut w = self.writer.lock().unwrap();
-                let stream = self.stream.try_clone().map_err(|e| format!("cannot keep the channel: {e}"))?;
+                let mut w = writer.lock().unwrap();
+                let stream = stream.try_clone().map_err(|e| format!("cannot keep the channel: {e}"))?;
                 let w = LogWriter {
                     stream: w.stream.try_clone().map_err(|e| format!("cannot keep the channel: {e}"))?,
                     through: w.through,
@@ -446,7 +495,8 @@ impl PrimaryLink {
         }
         messages.push(Message::Through { through, released: self.gate.acked() });
         self.last_through = through;
-        let result = self.writer.lock().unwrap().write(&messages, self.epoch, through);
+        let Some(writer) = &self.writer else { return };
+        let result = writer.lock().unwrap().write(&messages, self.epoch, through);
         match result {
             Ok(n) => self.shared.status.lock().unwrap().log_bytes += n as u64,
             Err(e) => self.lost.peer_lost(format!("the log channel failed: {e}")),
@@ -467,7 +517,7 @@ impl PrimaryLink {
         if position <= self.last_through || !self.protected() {
             return;
         }
-        let quiet = self.writer.lock().unwrap().written.elapsed();
+        let quiet = self.writer.as_ref().map_or(Duration::ZERO, |w| w.lock().unwrap().written.elapsed());
         if self.pending_input || quiet >= MARK_EVERY || self.gate.held() > 0 {
             self.flush(position);
         }

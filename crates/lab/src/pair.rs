@@ -78,23 +78,30 @@ fn side_command(
 }
 
 impl Pair {
-    /// Start a secondary again in the secondary's namespace, on its old
-    /// replica, listening where the first one did (as a supervisor would
-    /// after it died): its output goes to `dir/NAME.out` and `.err`.
-    pub fn restart_secondary(
+    /// Start a secondary (as a supervisor would after a side died) in the
+    /// namespace of `side` ("primary" or "secondary": the side it replaces),
+    /// on that side's replica, listening at that side's log address and
+    /// serving its status where that side did; its output goes to
+    /// `dir/NAME.out` and `.err`.
+    pub fn restart_as_secondary(
         &mut self,
         exe: &Path,
         g: &GuestPaths,
         net: &PairNet,
+        side: &str,
         extra: &[&str],
         name: &str,
     ) -> Result<()> {
-        let _ = self.secondary.kill();
-        let _ = self.secondary.wait();
-        let disk = self.dir.join("secondary.img");
-        let mut c = side_command(exe, g, net, &self.dir, &net.secondary, "secondary", name, &disk, extra)?;
-        c.args(["--listen", &net.log_addr(LOG_PORT), "--metrics", "127.0.0.1:9541"]);
-        self.secondary = c.spawn().context("cannot start the secondary again")?;
+        let (child, ns, listen, metrics) = match side {
+            "primary" => (&mut self.primary, &net.primary, net.primary_log_addr(LOG_PORT), "127.0.0.1:9540"),
+            _ => (&mut self.secondary, &net.secondary, net.log_addr(LOG_PORT), "127.0.0.1:9541"),
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let disk = self.dir.join(format!("{side}.img"));
+        let mut c = side_command(exe, g, net, &self.dir, ns, "secondary", name, &disk, extra)?;
+        c.args(["--listen", &listen, "--metrics", metrics]);
+        *child = c.spawn().context("cannot start a secondary again")?;
         Ok(())
     }
 
@@ -127,6 +134,32 @@ impl Pair {
         primary_env: &[(&str, &str)],
         secondary_env: &[(&str, &str)],
     ) -> Result<Pair> {
+        Pair::start_full(exe, g, net, dir, extra, primary_env, secondary_env, &[])
+    }
+
+    /// As [`Pair::start`], with flags for the secondary alone.
+    pub fn start_with_secondary_args(
+        exe: &Path,
+        g: &GuestPaths,
+        net: &PairNet,
+        dir: &Path,
+        extra: &[&str],
+        secondary_extra: &[&str],
+    ) -> Result<Pair> {
+        Pair::start_full(exe, g, net, dir, extra, &[], &[], secondary_extra)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_full(
+        exe: &Path,
+        g: &GuestPaths,
+        net: &PairNet,
+        dir: &Path,
+        extra: &[&str],
+        primary_env: &[(&str, &str)],
+        secondary_env: &[(&str, &str)],
+        secondary_extra: &[&str],
+    ) -> Result<Pair> {
         let (pdisk, sdisk) = replicas(&g.disk, dir)?;
         // A new pair from copies of the base image: no history. (The
         // arbiter's record of an earlier pair in `dir` would make these
@@ -139,6 +172,9 @@ impl Pair {
             c.args([addr_flag, &net.log_addr(LOG_PORT), "--metrics", metrics]);
             let env = if role == "primary" { primary_env } else { secondary_env };
             c.envs(env.iter().copied());
+            if role == "secondary" {
+                c.args(secondary_extra);
+            }
             c.spawn().with_context(|| format!("cannot start the {role}"))
         };
         let secondary = spawn(&net.secondary, "secondary", &sdisk, "--listen", "127.0.0.1:9541")?;

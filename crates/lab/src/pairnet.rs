@@ -95,6 +95,12 @@ impl PairNet {
         format!("10.{}.1.2:{port}", self.net)
     }
 
+    /// The primary's log-channel address (where a side started in the
+    /// primary's namespace listens, and a secondary's `--peer`).
+    pub fn primary_log_addr(&self, port: u16) -> String {
+        format!("10.{}.1.1:{port}", self.net)
+    }
+
     /// Cut the log link (both ways) or heal it.
     pub fn set_log_link(&self, up: bool) -> Result<()> {
         let state = if up { "up" } else { "down" };

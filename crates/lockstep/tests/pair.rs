@@ -1514,7 +1514,7 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     let alone = client.acked();
     client.advance(alone + 30, Duration::from_secs(60), &pair).unwrap();
 
-    pair.restart_secondary(&exe(), guest(), &net, &[], "secondary2").unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "secondary2").unwrap();
     pair.wait_for("primary.err", "joined at position", Duration::from_secs(120)).unwrap();
     pair.wait_for("secondary2.err", "matches", Duration::from_secs(30)).unwrap();
     let st = status(&net.primary, 9540);
@@ -1532,4 +1532,60 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     let p = pair.text("primary.err");
     let sent = p.lines().find(|l| l.contains("machine state in")).unwrap_or("");
     eprintln!("{sent}; {} writes acknowledged in all, none lost; longest pause {:?}", w.acked, w.max_gap);
+}
+
+/// 15. Continuous protection, both ways: each side knows the other's
+///     address (`--peer`). Kill A, the primary: B goes live alone and keeps
+///     looking for A; a secondary started again on A (its old, stale
+///     replica) is joined by B, and the pair is protected again; kill B:
+///     A goes live. One client connection throughout, nothing lost.
+#[test]
+fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
+    let _one = serial();
+    common::require_root_net();
+    let dir = fresh_dir("pair-both");
+    let net = PairNet::new("both", 63).unwrap();
+    let a_addr = net.primary_log_addr(lab::pair::LOG_PORT);
+    let b_addr = net.log_addr(lab::pair::LOG_PORT);
+    let mut pair = Pair::start_with_secondary_args(&exe(), guest(), &net, &dir, &[], &["--peer", &a_addr]).unwrap();
+    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair).unwrap();
+
+    // Kill A: B goes live, alone.
+    let at = client.acked();
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    client.advance(at + 30, Duration::from_secs(60), &pair).unwrap();
+    pair.wait_for("secondary.err", "going live at position", Duration::from_secs(10)).unwrap();
+    let st = status(&net.secondary, 9541);
+    assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("alone"), Some(2)), "{st}");
+
+    // A comes back as a secondary: B joins it, protected again.
+    pair.restart_as_secondary(&exe(), guest(), &net, "primary", &["--peer", &b_addr], "a2").unwrap();
+    pair.wait_for("secondary.err", "joined at position", Duration::from_secs(120)).unwrap();
+    let st = status(&net.secondary, 9541);
+    assert_eq!(
+        (st["role"].as_str(), st["state"].as_str(), st["epoch"].as_u64()),
+        (Some("primary"), Some("protected"), Some(2)),
+        "{st}"
+    );
+    let rejoined = client.acked();
+    client.advance(rejoined + 30, Duration::from_secs(60), &pair).unwrap();
+
+    // Kill B: A goes live.
+    let at = client.acked();
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    client.advance(at + 30, Duration::from_secs(60), &pair).unwrap();
+    let w = client.finish(&pair).unwrap();
+    let a = pair.text("a2.err");
+    assert!(a.contains("joined the primary") && a.contains("won epoch 3: going live"), "{a}");
+    let b = pair.text("secondary.err");
+    let sent = b.lines().find(|l| l.contains("machine state in")).unwrap_or("");
+    eprintln!(
+        "{sent}; {} writes acknowledged across kill, rejoin, kill; none lost; longest pause {:?}",
+        w.acked, w.max_gap
+    );
 }

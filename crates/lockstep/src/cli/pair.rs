@@ -24,10 +24,12 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
         );
     }
     let (addr, what) = match side {
-        Side::Primary => (pair.peer, "the primary needs --peer HOST:PORT (the secondary's --listen)"),
-        Side::Secondary => (pair.listen, "the secondary needs --listen HOST:PORT"),
+        Side::Primary => (pair.peer.clone(), "the primary needs --peer HOST:PORT (the secondary's --listen)"),
+        Side::Secondary => (pair.listen.clone(), "the secondary needs --listen HOST:PORT"),
     };
     let addr = addr.context(what)?;
+    // Running alone, a side looks for a secondary to join it at its peer.
+    let peer = pair.peer;
     let defaults = ft::PairConfig::default();
     let millis = |ms: Option<u64>, default: Duration| ms.map_or(default, |ms| Duration::from_millis(ms.max(1)));
     let cfg = ft::PairConfig {
@@ -62,6 +64,7 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
     }
     let opts = PairOpts {
         addr,
+        peer,
         arbiter: pair.arbiter,
         cfg,
         metrics,

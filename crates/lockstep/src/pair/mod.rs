@@ -51,6 +51,9 @@ pub const DEFAULT_HASH_EVERY: u64 = 250_000_000;
 pub struct PairOpts {
     /// Primary: the secondary's address. Secondary: the address to listen on.
     pub addr: String,
+    /// Where a side running alone looks for a secondary to join it (the
+    /// primary's `--peer`; a secondary's, if given, once it has gone live).
+    pub peer: Option<String>,
     /// `file:PATH` or `etcd:http://HOST:PORT` (default: a file for this VM
     /// in the state directory, for pairs on one host).
     pub arbiter: Option<String>,
@@ -174,6 +177,19 @@ pub enum Next {
     /// A switchover made this side (the old secondary) the primary: its
     /// guest runs live from here, after `input` (frames the mirror holds).
     Primary { machine: Machine, maker: MachineMaker, switched: Switched, input: Vec<Vec<u8>>, takeover: Takeover },
+    /// This side (a secondary) won `epoch` after losing the primary: the
+    /// guest runs here alone, as a primary a secondary can join. With
+    /// `fresh_boot`, the machine boots afresh (lost between a reboot and
+    /// the next boot).
+    Alone {
+        machine: Machine,
+        maker: MachineMaker,
+        takeover: Takeover,
+        input: Vec<Vec<u8>>,
+        epoch: u64,
+        base: u64,
+        fresh_boot: bool,
+    },
 }
 
 /// Run a side through its role changes until it is done.
@@ -187,6 +203,10 @@ pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) ->
             }
             Next::Primary { machine, maker, switched, input, takeover } => {
                 primary::resume(vm, opts, host, machine, maker, switched, input, takeover)?
+            }
+            Next::Alone { machine, maker, takeover, input, epoch, base, fresh_boot } => {
+                let live = primary::Live { takeover, input, epoch, base, fresh_boot };
+                primary::alone(vm, opts, host, machine, maker, live)?
             }
         };
     }

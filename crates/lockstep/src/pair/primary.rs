@@ -42,7 +42,7 @@ struct PrimaryIo<'a> {
     switching: bool,
     /// Running alone: a secondary to join, a transfer to it under way and
     /// its round through, and the run loop stopped for either.
-    seeker: &'a Seeker,
+    seeker: Option<&'a Seeker>,
     copying: bool,
     copy_done: &'a AtomicBool,
     joining: bool,
@@ -87,20 +87,22 @@ impl HostIo for PrimaryIo<'_> {
             self.fenced = true;
             return HostInput::Quit;
         }
-        if self.copying {
-            self.seeker.want(0);
-            if self.copy_done.swap(false, Ordering::SeqCst) {
-                self.joining = true;
-                return HostInput::Quit;
+        if let Some(seeker) = self.seeker {
+            if self.copying {
+                seeker.want(0);
+                if self.copy_done.swap(false, Ordering::SeqCst) {
+                    self.joining = true;
+                    return HostInput::Quit;
+                }
+            } else if self.log.sink.state() == State::Alone {
+                seeker.want(self.log.sink.shared.epoch());
+                if seeker.ready() {
+                    self.joining = true;
+                    return HostInput::Quit;
+                }
+            } else {
+                seeker.want(0);
             }
-        } else if self.log.sink.state() == State::Alone {
-            self.seeker.want(self.log.sink.shared.epoch());
-            if self.seeker.ready() {
-                self.joining = true;
-                return HostInput::Quit;
-            }
-        } else {
-            self.seeker.want(0);
         }
         if self.switch.swap(false, Ordering::SeqCst) {
             if self.log.sink.state() == State::Protected {
@@ -297,6 +299,76 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     drive(vm, opts, &mut host, next)
 }
 
+/// What a secondary that won the epoch takes over (see [`Next::Alone`]).
+pub struct Live {
+    pub takeover: Takeover,
+    pub input: Vec<Vec<u8>>,
+    pub epoch: u64,
+    pub base: u64,
+    pub fresh_boot: bool,
+}
+
+/// A secondary that lost its primary and won the epoch goes live here: the
+/// host's entropy (logged, for a secondary that joins later), the host's
+/// clock, the tap and the console; first the frames the primary may have
+/// died holding, then the guest's addresses announced from this port, and
+/// the frames the input mirror kept handed to the guest. It runs as a
+/// primary alone, which a secondary at `--peer` can join.
+pub fn alone(
+    vm: &LinuxVm,
+    opts: &PairOpts,
+    host: &mut SideHost,
+    mut m: Machine,
+    maker: MachineMaker,
+    live: Live,
+) -> Result<Next> {
+    let typed = host.console.discard_pending();
+    if typed > 0 {
+        tracing::info!("dropped {typed} console bytes typed before going live");
+    }
+    let draws = crate::host::entropy::Draws::default();
+    maker.set_host(Some(HostEntropy::logged(&draws)?));
+    let mut seed = None;
+    if live.fresh_boot {
+        // The old machine lets go of the disk (its lock) first.
+        drop(m);
+        let s = host_seed()?;
+        m = maker.machine(s)?;
+        seed = Some(s);
+    }
+    m.resync_clock();
+    // Alone, a disk error reaches the guest as on any VM.
+    m.stop_on_host_errors(false);
+    if let (Some(tap), Some((name, _))) = (&host.tap, &vm.net) {
+        // What the primary may have died holding goes out first: replies
+        // its clients are waiting for (duplicates of what it did release
+        // are harmless). From the new port, they also move the address.
+        let mut t = tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
+        let resent = live.takeover.frames.iter().filter(|(_, frame)| t.send(frame).is_ok()).count();
+        if resent > 0 {
+            tracing::info!("sent {resent} frames the primary may not have released");
+        }
+    }
+    let (gate, console_nic) = attach_output(host, vm, live.input)?;
+    if let (Some(tap), Some((name, mac))) = (&host.tap, &vm.net) {
+        let announcer = tap.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
+        let addresses = live.takeover.addresses;
+        announce::spawn(announcer, *mac, addresses.clone());
+        let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+        tracing::info!(
+            "announcing {} ({}) on tap '{name}'",
+            announce::mac_text(mac),
+            if list.is_empty() { "no address seen yet".to_string() } else { list.join(", ") }
+        );
+    }
+    let link = PrimaryLink::alone(live.epoch, host.arbiter.clone(), gate, opts.cfg, live.base);
+    let mut log = InputLog::with_draws(link, draws);
+    if let Some(seed) = seed {
+        log.record(0, Event::Seed(seed));
+    }
+    serve(vm, opts, host, m, maker, log, console_nic)
+}
+
 /// A switchover made this side, the old secondary, the primary: its guest
 /// goes on live from the handover point, its log to the old primary.
 #[allow(clippy::too_many_arguments)]
@@ -352,7 +424,7 @@ fn serve(
         build: crate::host::identity::build_id(),
         join: true,
     };
-    let seeker = Seeker::start(opts.addr.clone(), join_hello, opts.key.clone());
+    let seeker = opts.peer.clone().map(|peer| Seeker::start(peer, join_hello, opts.key.clone()));
     let mut transfer = Transfer { copy: None, done: Arc::new(AtomicBool::new(false)) };
     loop {
         let mut io = PrimaryIo {
@@ -363,7 +435,7 @@ fn serve(
             fenced: false,
             switch: &host.switch,
             switching: false,
-            seeker: &seeker,
+            seeker: seeker.as_ref(),
             copying: transfer.copy.is_some(),
             copy_done: &transfer.done,
             joining: false,
@@ -394,7 +466,7 @@ fn serve(
             bail!("{}", shared.status().note);
         }
         if joining {
-            let found = if transfer.copy.is_none() { seeker.take() } else { None };
+            let found = if transfer.copy.is_none() { seeker.as_ref().and_then(Seeker::take) } else { None };
             if let Some(link) = join_step(vm, opts, host, &mut m, &mut log, &mut transfer, found)? {
                 shared = link;
             }
@@ -423,10 +495,13 @@ fn serve(
             }
         }
         if stop == Stop::Quit && host.console.signalled() {
-            // Told to stop: this side goes, the VM does not. No end record:
-            // the secondary sees the channel close and takes over.
             print_final(&mut m);
-            bail!("stopped by a signal; the secondary goes on with the VM");
+            if shared.state() == State::Protected {
+                // Told to stop: this side goes, the VM does not. No end
+                // record: the secondary sees the channel close and takes over.
+                bail!("stopped by a signal; the secondary goes on with the VM");
+            }
+            bail!("stopped by a signal");
         }
         let end = m.hart.position().0;
         log.record(end, Event::End(end_reason(stop)));

@@ -9,11 +9,9 @@
 //! the VM or another side won.
 
 use super::mirror::{InputMirror, LogTally};
-use super::{announce, arbiter_for, drive, status_fn, KeptLog, KeptReplica, Next, PairOpts, SideHost, StatusSlot};
+use super::{arbiter_for, drive, status_fn, KeptLog, KeptReplica, Next, PairOpts, SideHost, StatusSlot};
 use crate::host::console::StdioConsole;
-use crate::host::entropy::HostEntropy;
-use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step, Takeover};
-use crate::vm::live::{LiveRun, RunOpts};
+use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step};
 use crate::vm::{print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
@@ -84,7 +82,7 @@ enum Phase {
     /// boot's record: the side that goes on boots the VM afresh.
     Claiming { why: String, fresh_boot: bool },
     /// This side won the epoch: the guest runs here.
-    Live { fresh_boot: bool },
+    Live { fresh_boot: bool, epoch: u64 },
     /// The primary ended the VM.
     Ended(EndReason),
 }
@@ -218,7 +216,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         base,
         through,
     );
-    let next = serve(&vm, opts, &mut host, replayer, mirror)?;
+    let next = serve(&mut host, replayer, mirror)?;
     drive(&vm, opts, &mut host, next)
 }
 
@@ -255,17 +253,11 @@ pub fn resume(
         base,
         at,
     );
-    serve(vm, opts, host, replayer, mirror)
+    serve(host, replayer, mirror)
 }
 
 /// The secondary's life from a paired link on: see [`Phase`].
-fn serve(
-    vm: &LinuxVm,
-    opts: &PairOpts,
-    host: &mut SideHost,
-    mut replayer: Replayer<LinkSource>,
-    mut mirror: Option<InputMirror>,
-) -> Result<Next> {
+fn serve(host: &mut SideHost, mut replayer: Replayer<LinkSource>, mut mirror: Option<InputMirror>) -> Result<Next> {
     let epoch = replayer.source().0.epoch;
     host.records.ran_at(epoch);
     {
@@ -329,8 +321,8 @@ fn serve(
                             let input = mirror.take().map(mirrored_input).unwrap_or_default();
                             return Ok(Next::Primary { machine, maker, switched: *switched, input, takeover });
                         }
-                        Switch::Alone => {
-                            phase = Phase::Live { fresh_boot: false };
+                        Switch::Alone(epoch) => {
+                            phase = Phase::Live { fresh_boot: false, epoch };
                             continue;
                         }
                         Switch::Failed => {}
@@ -359,12 +351,12 @@ fn serve(
                     Claim::Won(epoch) if fresh_boot => {
                         host.records.ran_at(epoch);
                         tracing::info!("won epoch {epoch}: going live with the next boot (NOT PROTECTED)");
-                        Phase::Live { fresh_boot }
+                        Phase::Live { fresh_boot, epoch }
                     }
                     Claim::Won(epoch) => {
                         host.records.ran_at(epoch);
                         tracing::info!("won epoch {epoch}: going live at position {pos} (NOT PROTECTED)");
-                        Phase::Live { fresh_boot }
+                        Phase::Live { fresh_boot, epoch }
                     }
                     Claim::Lost(h) => {
                         print_final(replayer.machine_mut());
@@ -372,22 +364,12 @@ fn serve(
                     }
                 }
             }
-            Phase::Live { fresh_boot } => {
-                let (m, takeover) = replayer.go_live()?;
-                let m = if fresh_boot {
-                    // The old machine lets go of the disk (its lock) first.
-                    drop(m);
-                    let mut m = vm.machine(crate::host::entropy::host_seed()?, Box::new(HostEntropy::open()?))?;
-                    m.hash_every = opts.hash_every;
-                    m
-                } else {
-                    m
-                };
+            Phase::Live { fresh_boot, epoch } => {
+                let base = replayer.base();
+                let (machine, maker, takeover) = replayer.into_parts();
                 // A new boot has no use for the old one's traffic.
                 let input = mirror.take().filter(|_| !fresh_boot).map(mirrored_input).unwrap_or_default();
-                let net = host.tap.take().map(|t| (t, input));
-                let position = host.live_position.clone();
-                return go_live(vm, m, takeover, net, &mut host.console, position, opts).map(Next::Done);
+                return Ok(Next::Alone { machine, maker, takeover, input, epoch, base, fresh_boot });
             }
             Phase::Ended(reason) => {
                 tracing::info!("the primary ended the VM ({reason:?}); the secondary stops with it");
@@ -404,7 +386,7 @@ enum Switch {
     /// This side is the primary now, the old primary its secondary.
     Done(Box<Switched>),
     /// This side won the epoch, but the old primary is gone: live alone.
-    Alone,
+    Alone(u64),
     /// Not taken over: the primary counts as lost (the usual claim).
     Failed,
 }
@@ -434,7 +416,7 @@ fn switch_over(
         Err((why, Some(epoch))) => {
             records.ran_at(epoch);
             tracing::warn!("switchover: won epoch {epoch}, but the old primary is gone ({why}): going live alone");
-            Switch::Alone
+            Switch::Alone(epoch)
         }
         Err((why, None)) => {
             tracing::warn!("switchover: cannot take over ({why})");
@@ -455,50 +437,4 @@ fn mirrored_input(mirror: InputMirror) -> Vec<Vec<u8>> {
         );
     }
     left
-}
-
-/// Live: the host's entropy, the host's clock, the tap, the console; the
-/// guest's addresses announced from the new port.
-fn go_live(
-    vm: &LinuxVm,
-    mut m: Machine,
-    takeover: Takeover,
-    net: Option<(tap::Tap, Vec<Vec<u8>>)>,
-    console: &mut StdioConsole,
-    position: Arc<AtomicU64>,
-    opts: &PairOpts,
-) -> Result<Outcome> {
-    let typed = console.discard_pending();
-    if typed > 0 {
-        tracing::info!("dropped {typed} console bytes typed before going live");
-    }
-    m.resync_clock();
-    // Alone, a disk error reaches the guest as on any VM.
-    m.stop_on_host_errors(false);
-    if let (Some((mut t, input)), Some((_, mac))) = (net, &vm.net) {
-        let name = t.name().to_string();
-        // What the primary may have died holding goes out first: replies
-        // its clients are waiting for (duplicates of what it did release
-        // are harmless). From the new port, they also move the address.
-        let resent = takeover.frames.iter().filter(|(_, frame)| t.send(frame).is_ok()).count();
-        if resent > 0 {
-            tracing::info!("sent {resent} frames the primary may not have released");
-        }
-        let announcer = t.try_clone().with_context(|| format!("cannot use tap '{name}'"))?;
-        console.add_tap_after(t, input).with_context(|| format!("cannot read tap '{name}'"))?;
-        let addresses = takeover.addresses;
-        announce::spawn(announcer, *mac, addresses.clone());
-        let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
-        tracing::info!(
-            "announcing {} ({}) on tap '{name}'",
-            announce::mac_text(mac),
-            if list.is_empty() { "no address seen yet".to_string() } else { list.join(", ") }
-        );
-    }
-    // Alone, the hashes have nobody to be compared with: only if asked for.
-    let hash_every = opts.hash_every.filter(|_| opts.print_hashes);
-    let run_opts = RunOpts { max_insns: opts.max_insns, hash_every, ..RunOpts::default() };
-    m.hash_every = hash_every;
-    let mut live = LiveRun { console, log: None, snapshots: None, position: Some(position), opts: run_opts };
-    live.serve(vm, m)
 }

@@ -340,14 +340,6 @@ impl<S: Source> Replayer<S> {
         self.io.frames_out
     }
 
-    /// The machine, to run live from here: its entropy now comes from the
-    /// host. Also what the live side must send first.
-    pub fn go_live(self) -> anyhow::Result<(Machine, Takeover)> {
-        self.maker.set_host(Some(HostEntropy::open()?));
-        let (m, _, takeover) = self.into_parts();
-        Ok((m, takeover))
-    }
-
     /// The machine and its maker, to run live from here (the caller sets
     /// where entropy comes from), and what the live side takes over.
     pub fn into_parts(self) -> (Machine, MachineMaker, Takeover) {
