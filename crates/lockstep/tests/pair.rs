@@ -1059,15 +1059,19 @@ fn a_keyed_pair_refuses_peers_without_its_key() {
     let _ = sec.wait();
 }
 
-/// A pair whose sides carry a file-controlled failpoint (`name`): it
-/// stalls while the returned path exists.
+/// A pair whose side named by the failpoint's name (`primary-...` or
+/// `secondary-...`) carries it: it acts while the returned path exists.
+/// Only that side: a secondary gone live runs the primary's run loop, and
+/// a failpoint meant for the old primary must not stall the new one.
 fn start_with_failpoint(tag: &str, net_id: u8, name: &str, extra: &[&str]) -> (PairNet, Pair, PathBuf, PathBuf) {
     common::require_root_net();
     let dir = fresh_dir(&format!("pair-{tag}"));
     let net = PairNet::new(tag, net_id).unwrap();
     let stall = dir.join("stall");
     let env = [("LOCKSTEP_FAILPOINT", name), ("LOCKSTEP_FAILPOINT_FILE", stall.to_str().unwrap())];
-    let mut pair = Pair::start_with_env(&exe(), guest(), &net, &dir, extra, &env).unwrap();
+    let (primary_env, secondary_env): (&[(&str, &str)], &[(&str, &str)]) =
+        if name.starts_with("primary") { (&env, &[]) } else { (&[], &env) };
+    let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, extra, primary_env, secondary_env).unwrap();
     pair.wait_for("primary.out", READY, BOOT).unwrap();
     (net, pair, dir, stall)
 }

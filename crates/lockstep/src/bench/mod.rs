@@ -5,6 +5,7 @@
 
 mod guest;
 mod pair;
+mod protect;
 
 use anyhow::{bail, Result};
 use lab::stats::median;
@@ -31,6 +32,9 @@ pub enum BenchKind {
     /// request/response throughput, added latency, log rate, backup lag,
     /// and failover time over `--kills` SIGKILLs. Needs root.
     Pair,
+    /// Continuous protection: `--reps` planned switchovers under a client,
+    /// then a killed secondary restarted and joined. Needs root.
+    Protect,
 }
 
 #[derive(clap::Args)]
@@ -148,6 +152,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Devices => return guest::devices(args.reps),
         BenchKind::Record => return guest::record(args.reps),
         BenchKind::Pair => return pair::pair(args.reps, args.kills),
+        BenchKind::Protect => return protect::protect(args.reps),
         BenchKind::Hash => {
             guest::state_hash_figures();
             return Ok(());

@@ -1,0 +1,145 @@
+//! `bench protect`: continuous protection under the numbered-write client,
+//! on one pair of the default guest whose sides know each other
+//! (`--peer` both ways).
+//!
+//! - Planned switchovers, alternating direction: the time `lockstep
+//!   switchover` reports, and the client's longest pause around each.
+//! - Re-protection: the secondary is killed and started again on its old
+//!   replica; the primary, alone, is joined by it: the time from the
+//!   restart to protected, what went over, the guest's pause for the last
+//!   round, and the client's longest pause meanwhile.
+
+use anyhow::{bail, Context, Result};
+use lab::pair::{Client, GuestPaths, Pair, LOG_PORT};
+use lab::pairnet::PairNet;
+use lab::stats::median;
+use std::time::{Duration, Instant};
+
+/// The longest gap between two of the client's acknowledged writes from
+/// `from` on (including the wait for the first one).
+fn longest_gap_since(client: &Client, from: Instant) -> Duration {
+    let (first, _) = client.acks_around(from);
+    let mut worst = first.map_or(Duration::ZERO, |f| f - from);
+    let mut t = first;
+    while let Some(at) = t {
+        let (next, _) = client.acks_around(at);
+        if let Some(n) = next {
+            worst = worst.max(n - at);
+        }
+        t = next;
+    }
+    worst
+}
+
+fn status_of(ns: &str, exe: &std::path::Path, addr: &str) -> Result<serde_json::Value> {
+    let out = lab::netns::exec(ns, exe.to_str().context("the executable's path is not UTF-8")?)
+        .args(["status", "--json", addr])
+        .output()?;
+    if !out.status.success() {
+        bail!("status {addr}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+pub fn protect(reps: usize) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("bench protect builds network namespaces: run it as root");
+    }
+    let exe = std::env::current_exe()?;
+    let built = crate::guest::build(false)?;
+    let g = GuestPaths {
+        kernel: built.kernel,
+        initrd: built.initrd,
+        disk: built.disk,
+        append: crate::guest::DEFAULT_APPEND.into(),
+    };
+    let dir = std::env::temp_dir().join(format!("lockstep-bench-protect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let net = PairNet::new("bprot", 62)?;
+    let a_addr = net.primary_log_addr(LOG_PORT);
+    let mut pair = Pair::start_with_secondary_args(&exe, &g, &net, &dir, &[], &["--peer", &a_addr])?;
+    pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
+    pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+    let client = Client::start(&net);
+    client.advance(50, Duration::from_secs(60), &pair)?;
+
+    // Switchovers, alternating: (namespace, status address) of the primary.
+    let sides = [(net.primary.clone(), "127.0.0.1:9540"), (net.secondary.clone(), "127.0.0.1:9541")];
+    let (mut reported, mut pauses) = (Vec::new(), Vec::new());
+    for i in 0..reps {
+        let (ns, addr) = &sides[i % 2];
+        let t = Instant::now();
+        let out = lab::netns::exec(ns, exe.to_str().unwrap()).args(["switchover", addr]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("switchover {} failed: {} {}", i + 1, text, String::from_utf8_lossy(&out.stderr));
+        }
+        let ms: f64 = text
+            .split_whitespace()
+            .skip_while(|w| *w != "in")
+            .nth(1)
+            .and_then(|w| w.parse().ok())
+            .context("the switchover did not say how long it took")?;
+        let acked = client.acked();
+        client.advance(acked + 30, Duration::from_secs(60), &pair)?;
+        let pause = longest_gap_since(&client, t);
+        eprintln!(
+            "bench protect: switchover {} of {reps}: {ms:.0} ms, client's longest pause {:.1} ms",
+            i + 1,
+            pause.as_secs_f64() * 1e3
+        );
+        reported.push(ms);
+        pauses.push(pause.as_secs_f64() * 1e3);
+    }
+    // Whichever side is the secondary now is killed and restarted.
+    let secondary_side = if reps % 2 == 0 { "secondary" } else { "primary" };
+    let (ns, addr) = if reps % 2 == 0 { &sides[0] } else { &sides[1] };
+    let primary_file = if reps % 2 == 0 { "primary.err" } else { "secondary.err" };
+    let peer = if secondary_side == "secondary" { a_addr.clone() } else { net.log_addr(LOG_PORT) };
+    match secondary_side {
+        "secondary" => pair.secondary.kill()?,
+        _ => pair.primary.kill()?,
+    }
+    let acked = client.acked();
+    client.advance(acked + 20, Duration::from_secs(60), &pair)?;
+    let before = pair.text(primary_file).matches("joined at position").count();
+    let t = Instant::now();
+    pair.restart_as_secondary(&exe, &g, &net, secondary_side, &["--peer", &peer], "rejoined")?;
+    while pair.text(primary_file).matches("joined at position").count() == before {
+        if t.elapsed() > Duration::from_secs(180) {
+            bail!("no join within 180 s: {}", pair.tails());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let joined = t.elapsed();
+    let acked = client.acked();
+    client.advance(acked + 30, Duration::from_secs(60), &pair)?;
+    let pause = longest_gap_since(&client, t);
+    let said = pair.text(primary_file);
+    let sent =
+        said.lines().rev().find(|l| l.contains("machine state in")).unwrap_or("").trim_start_matches("lockstep: ");
+    let st = status_of(ns, &exe, addr)?;
+    let w = client.finish(&pair)?;
+    println!("continuous protection, one pair of the default guest under the numbered-write client:");
+    println!(
+        "planned switchover, {reps} alternating: lockstep switchover median {:.0} ms (max {:.0}); client's longest \
+         pause median {:.1} ms (max {:.1})",
+        median(&mut reported.clone()),
+        reported.iter().cloned().fold(0.0, f64::max),
+        median(&mut pauses.clone()),
+        pauses.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "re-protection: a secondary restarted on its old replica was joined in {:.2} s (restart to protected); {sent}; \
+         client's longest pause meanwhile {:.1} ms; the pair: {} {}",
+        joined.as_secs_f64(),
+        pause.as_secs_f64() * 1e3,
+        st["role"],
+        st["state"]
+    );
+    println!("{} writes acknowledged in all, every one read back", w.acked);
+    drop(pair);
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
