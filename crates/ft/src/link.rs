@@ -147,6 +147,9 @@ impl LogWriter {
     }
 }
 
+/// Where frames a secondary forwards go ([`PrimaryLink::on_forward`]).
+pub type ForwardFn = Box<dyn Fn(Vec<u8>) + Send>;
+
 /// Where a copy of each record goes ([`PrimaryLink::keep_log`]).
 pub type KeepFn = Box<dyn FnMut(&Record) + Send>;
 
@@ -293,6 +296,7 @@ impl PrimaryLink {
             stream: stream.try_clone().ok().map(Arc::new),
             lost: Arc::default(),
             handing: Arc::default(),
+            forward: Arc::default(),
             owner: owner_name("primary"),
             pulse: pulse.clone(),
             stall: cfg.stall_timeout(),
@@ -350,6 +354,7 @@ impl PrimaryLink {
             stream: None,
             lost: Arc::new(AtomicBool::new(true)),
             handing: Arc::default(),
+            forward: Arc::default(),
             owner: owner_name("primary"),
             pulse: pulse.clone(),
             stall: cfg.stall_timeout(),
@@ -451,6 +456,11 @@ impl PrimaryLink {
     /// counts across reboots).
     pub fn base(&self) -> u64 {
         self.base
+    }
+
+    /// Frames the secondary forwards (see [`Message::Forward`]) go to `f`.
+    pub fn on_forward(&self, f: ForwardFn) {
+        *self.lost.forward.lock().unwrap() = Some(f);
     }
 
     /// This link is replaced (a secondary joined the side running alone):
@@ -786,6 +796,8 @@ struct Lost {
     lost: Arc<AtomicBool>,
     /// A planned switchover is under way: no more heartbeats.
     handing: Arc<AtomicBool>,
+    /// Where frames the secondary forwards go (the guest's input).
+    forward: Arc<Mutex<Option<ForwardFn>>>,
     owner: String,
     /// The run loop's pulse, and how long it may be quiet: a primary whose
     /// run loop is stuck does not claim (it could not run the VM; its
@@ -929,6 +941,11 @@ fn ack_loop(
                     s.lag_positions = s.position.saturating_sub(s.peer_position);
                     s.lag_ms = s.lag_positions as f64 / 1e6;
                 });
+            }
+            Ok((e, Message::Forward(frame))) if e == epoch => {
+                if let Some(f) = &*ctx.forward.lock().unwrap() {
+                    f(frame);
+                }
             }
             Ok((_, Message::Refuse(why))) => return ctx.peer_lost(format!("it refused to go on: {why}")),
             Ok((e, m)) => {
@@ -1150,6 +1167,12 @@ impl SecondaryLink {
         Ok(Switched { channel, epoch, at, base })
     }
 
+    /// Something that sends frames to the primary ([`Message::Forward`])
+    /// from another thread, for as long as this link is paired.
+    pub fn forwarder(&self) -> Forwarder {
+        Forwarder { writer: self.writer.clone(), lost: self.lost.clone(), epoch: self.epoch }
+    }
+
     /// The run loop executed up to `position`.
     pub fn executed(&self, position: u64) {
         self.executed.store(position, Ordering::Relaxed);
@@ -1188,6 +1211,26 @@ impl SecondaryLink {
                 }
             }
         }
+    }
+}
+
+/// See [`SecondaryLink::forwarder`].
+#[derive(Clone)]
+pub struct Forwarder {
+    writer: Arc<Mutex<SealedStream>>,
+    lost: Arc<AtomicBool>,
+    epoch: u64,
+}
+
+impl Forwarder {
+    /// Send `frame` to the primary; false once the link is gone.
+    pub fn send(&self, frame: Vec<u8>) -> bool {
+        let mut w = self.writer.lock().unwrap();
+        if self.lost.load(Ordering::SeqCst) {
+            return false;
+        }
+        let w = &mut *w;
+        wire::send(&mut w.stream, self.epoch, &Message::Forward(frame), w.seal.as_mut()).is_ok()
     }
 }
 

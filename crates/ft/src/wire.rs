@@ -91,6 +91,10 @@ pub enum Message {
     Sync(Vec<u8>),
     /// Secondary → primary: the state is in place, and hashes to this.
     Synced { state_hash: u64 },
+    /// Secondary → primary: a frame for the guest that reached this side's
+    /// tap and not, it seems, the primary's (a switch still sending the
+    /// guest's address to this port just after a switchover).
+    Forward(Vec<u8>),
     /// Primary → secondary, first with `--key`: a fresh nonce.
     AuthInit { nonce: [u8; 32] },
     /// Secondary → primary: its nonce, and proof that it holds the key.
@@ -184,6 +188,7 @@ impl Message {
             Message::Switched { .. } => 11,
             Message::Sync(_) => 12,
             Message::Synced { .. } => 13,
+            Message::Forward(_) => 14,
         }
     }
 
@@ -210,7 +215,7 @@ impl Message {
             Message::Handover { at: v } | Message::Switched { epoch: v } | Message::Synced { state_hash: v } => {
                 v.to_le_bytes().to_vec()
             }
-            Message::Sync(bytes) => bytes.clone(),
+            Message::Sync(bytes) | Message::Forward(bytes) => bytes.clone(),
         }
     }
 
@@ -246,6 +251,7 @@ impl Message {
             11 if p.len() == 8 => Message::Switched { epoch: u64_at(p, 0)? },
             12 => Message::Sync(p.to_vec()),
             13 if p.len() == 8 => Message::Synced { state_hash: u64_at(p, 0)? },
+            14 => Message::Forward(p.to_vec()),
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -362,6 +368,7 @@ mod tests {
             Message::Switched { epoch: 4 },
             Message::Sync(vec![1, 2, 3]),
             Message::Synced { state_hash: 5 },
+            Message::Forward(vec![9; 60]),
         ]
     }
 

@@ -32,6 +32,15 @@ const TUN_F_CSUM: u32 = 0x01;
 const TUN_F_TSO4: u32 = 0x02;
 const TUN_F_TSO6: u32 = 0x04;
 
+/// What [`Tap::recv_until`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// A frame of this many bytes.
+    Frame(usize),
+    Woken,
+    TimedOut,
+}
+
 /// An open tap interface.
 #[derive(Debug)]
 pub struct Tap {
@@ -138,19 +147,25 @@ impl Tap {
         self.file.read(buf)
     }
 
-    /// Block until a frame arrives (its length) or `wake` becomes readable
-    /// (`None`, the frame queue untouched): a reader that another thread
-    /// can stop without losing a frame to it.
-    pub fn recv_until(&mut self, buf: &mut [u8], wake: BorrowedFd<'_>) -> std::io::Result<Option<usize>> {
+    /// Wait for a frame (read into `buf`), for `wake` to become readable
+    /// (the queue untouched: a reader another thread can stop without
+    /// losing a frame to it), or for `timeout` (`None`: no limit).
+    pub fn recv_until(
+        &mut self,
+        buf: &mut [u8],
+        wake: BorrowedFd<'_>,
+        timeout: Option<std::time::Duration>,
+    ) -> std::io::Result<Received> {
         let mut fds = [
             libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
         loop {
             // SAFETY: poll reads and writes exactly the two pollfds of
             // `fds`, which lives across the call; both descriptors are
             // open (one owned by self, one borrowed for the call).
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
             if rc < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -158,11 +173,14 @@ impl Tap {
                 }
                 return Err(e);
             }
+            if rc == 0 {
+                return Ok(Received::TimedOut);
+            }
             if fds[1].revents != 0 {
-                return Ok(None);
+                return Ok(Received::Woken);
             }
             if fds[0].revents & libc::POLLIN != 0 {
-                return self.file.read(buf).map(Some);
+                return self.file.read(buf).map(Received::Frame);
             }
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
                 return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the tap went away"));

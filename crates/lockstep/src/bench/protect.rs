@@ -80,8 +80,7 @@ pub fn protect(reps: usize) -> Result<()> {
             .nth(1)
             .and_then(|w| w.parse().ok())
             .context("the switchover did not say how long it took")?;
-        let acked = client.acked();
-        client.advance(acked + 30, Duration::from_secs(60), &pair)?;
+        client.advance(30, Duration::from_secs(60), &pair)?;
         let pause = longest_gap_since(&client, t);
         eprintln!(
             "bench protect: switchover {} of {reps}: {ms:.0} ms, client's longest pause {:.1} ms",
@@ -92,16 +91,15 @@ pub fn protect(reps: usize) -> Result<()> {
         pauses.push(pause.as_secs_f64() * 1e3);
     }
     // Whichever side is the secondary now is killed and restarted.
-    let secondary_side = if reps % 2 == 0 { "secondary" } else { "primary" };
-    let (ns, addr) = if reps % 2 == 0 { &sides[0] } else { &sides[1] };
-    let primary_file = if reps % 2 == 0 { "primary.err" } else { "secondary.err" };
+    let secondary_side = if reps.is_multiple_of(2) { "secondary" } else { "primary" };
+    let (ns, addr) = if reps.is_multiple_of(2) { &sides[0] } else { &sides[1] };
+    let primary_file = if reps.is_multiple_of(2) { "primary.err" } else { "secondary.err" };
     let peer = if secondary_side == "secondary" { a_addr.clone() } else { net.log_addr(LOG_PORT) };
     match secondary_side {
         "secondary" => pair.secondary.kill()?,
         _ => pair.primary.kill()?,
     }
-    let acked = client.acked();
-    client.advance(acked + 20, Duration::from_secs(60), &pair)?;
+    client.advance(20, Duration::from_secs(60), &pair)?;
     let before = pair.text(primary_file).matches("joined at position").count();
     let t = Instant::now();
     pair.restart_as_secondary(&exe, &g, &net, secondary_side, &["--peer", &peer], "rejoined")?;
@@ -112,8 +110,7 @@ pub fn protect(reps: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let joined = t.elapsed();
-    let acked = client.acked();
-    client.advance(acked + 30, Duration::from_secs(60), &pair)?;
+    client.advance(30, Duration::from_secs(60), &pair)?;
     let pause = longest_gap_since(&client, t);
     let said = pair.text(primary_file);
     let sent =

@@ -137,14 +137,14 @@ impl StdioConsole {
             }
             let mut buf = vec![0u8; tap::MAX_PACKET];
             loop {
-                match reader.recv_until(&mut buf, wait.as_fd()) {
-                    Ok(Some(n)) => {
+                match reader.recv_until(&mut buf, wait.as_fd(), None) {
+                    Ok(tap::Received::Frame(n)) => {
                         if tx.send(Msg::Frame(nic, buf[..n].to_vec())).is_err() {
                             return;
                         }
                     }
                     // Told to stop: what is queued stays for the next reader.
-                    Ok(None) => return,
+                    Ok(_) => return,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     // The tap went away: the card sees no more input.
                     Err(_) => return,
@@ -158,13 +158,14 @@ impl StdioConsole {
     }
 
     /// Let go of the network cards' taps (a primary that becomes a
-    /// secondary): their readers stop, frames they had read and the guest
-    /// had not taken are dropped, and nothing more is sent. Returns how
-    /// many frames were dropped.
-    pub fn detach_taps(&mut self) -> usize {
-        let (mut dropped, mut keep) = (0, Vec::new());
+    /// secondary): their readers stop and nothing more is sent. Returns the
+    /// frames they had read for the first card and the guest had not taken
+    /// (others are dropped).
+    pub fn detach_taps(&mut self) -> Vec<Vec<u8>> {
+        let (mut frames, mut keep) = (Vec::new(), Vec::new());
         let mut sort = |msg: Msg| match msg {
-            Msg::Frame(..) => dropped += 1,
+            Msg::Frame(0, frame) => frames.push(frame),
+            Msg::Frame(..) => {}
             other => keep.push(other),
         };
         for (mut wake, thread) in self.tap_readers.drain(..) {
@@ -186,7 +187,17 @@ impl StdioConsole {
         for msg in keep {
             let _ = self.tx.try_send(msg);
         }
-        dropped
+        frames
+    }
+
+    /// Something that hands frames to network card `nic` from another
+    /// thread, as if its tap had them (a secondary's forwarded frames).
+    pub fn frame_sender(&self, nic: usize) -> impl Fn(Vec<u8>) + Send + 'static {
+        let tx = self.tx.clone();
+        move |frame| {
+            // A full queue drops the frame, as a full tap queue would.
+            let _ = tx.try_send(Msg::Frame(nic, frame));
+        }
     }
 
     /// Drop input that arrived while nothing was reading it (a secondary's

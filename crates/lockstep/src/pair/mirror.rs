@@ -17,6 +17,14 @@
 //! the network delivering it late, never twice. Without a mirroring
 //! network the tap sees only broadcasts, which the log also has: nothing
 //! is left over and nothing changes.
+//!
+//! Just after a planned switchover the window also works the other way
+//! (`forward`): the new secondary was the primary, and a learning switch
+//! sends the guest's frames to its port until the new primary's
+//! announcement lands. A frame the new primary's log has not delivered
+//! within [`FORWARD_AFTER`] of reaching this tap is forwarded to it over
+//! the channel, for [`FORWARD_WINDOW`]; on a mirroring network the log has
+//! it by then, and nothing is forwarded.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hasher};
@@ -34,6 +42,11 @@ const MAX_FRAMES: usize = 65_536;
 const MAX_BYTES: usize = 64 << 20;
 /// At most this many frames (the newest) are handed to the guest.
 pub const MAX_HANDED: usize = 512;
+/// A tap frame the log has not delivered this long after it arrived is
+/// forwarded (see the module documentation) ...
+pub const FORWARD_AFTER: Duration = Duration::from_millis(8);
+/// ... for this long after a switchover.
+pub const FORWARD_WINDOW: Duration = Duration::from_secs(2);
 
 fn frame_hash(frame: &[u8]) -> u64 {
     // Fixed keys: the same frame hashes the same on every call.
@@ -63,9 +76,13 @@ pub struct InputWindow {
     /// Log frames whose tap copy has not arrived (yet), by arrival.
     logged: VecDeque<(Instant, u64)>,
     unmatched_logged: HashMap<u64, u32>,
+    /// The first tap frame not yet looked at for forwarding (a sequence
+    /// number, see `first`).
+    forward_from: u64,
     /// Totals, for the log line at go-live.
     pub tap_frames: u64,
     pub matched: u64,
+    pub forwarded: u64,
 }
 
 impl InputWindow {
@@ -139,6 +156,34 @@ impl InputWindow {
         }
     }
 
+    /// Tap frames that arrived `after` ago or earlier and the log has not
+    /// delivered, oldest first: taken out of the window (to forward).
+    pub fn overdue(&mut self, now: Instant, after: Duration) -> Vec<Vec<u8>> {
+        self.prune(now);
+        let mut out = Vec::new();
+        let mut seq = self.forward_from.max(self.first);
+        while let Some(s) = self.seen.get_mut((seq - self.first) as usize) {
+            if now.saturating_duration_since(s.at) < after {
+                break;
+            }
+            if let Some(frame) = s.frame.take() {
+                self.bytes -= frame.len();
+                // The oldest unmatched frame of its hash: first in its list.
+                if let Some(seqs) = self.waiting.get_mut(&s.hash) {
+                    seqs.pop_front();
+                    if seqs.is_empty() {
+                        self.waiting.remove(&s.hash);
+                    }
+                }
+                out.push(frame);
+            }
+            seq += 1;
+        }
+        self.forward_from = seq;
+        self.forwarded += out.len() as u64;
+        out
+    }
+
     /// The tap frames the log did not deliver, oldest first (at most
     /// [`MAX_HANDED`], the newest).
     pub fn leftovers(&mut self, now: Instant) -> Vec<Vec<u8>> {
@@ -181,22 +226,49 @@ fn source_mac(frame: &[u8]) -> Option<&[u8]> {
 impl InputMirror {
     /// Start reading `tap` (a second handle on the secondary's tap).
     /// Frames from `guest_mac` are the primary's guest talking, not input.
-    pub fn start(mut tap: tap::Tap, guest_mac: [u8; 6]) -> std::io::Result<InputMirror> {
-        // What queued before pairing predates the log.
-        tap.discard_queued()?;
+    /// `earlier`: frames for the guest this side read before (a primary
+    /// that just handed over). With `forward`, frames the log does not
+    /// deliver go to the primary for a while (see the module documentation).
+    pub fn start(
+        mut tap: tap::Tap,
+        guest_mac: [u8; 6],
+        earlier: Vec<Vec<u8>>,
+        forward: Option<ft::link::Forwarder>,
+    ) -> std::io::Result<InputMirror> {
+        // What queued before pairing predates the log (after a switchover
+        // it is the old primary's late input: kept, to forward).
+        if forward.is_none() {
+            tap.discard_queued()?;
+        }
         let (wake, wait) = UnixStream::pair()?;
         let window = Arc::new(Mutex::new(InputWindow::default()));
+        let now = Instant::now();
+        for frame in earlier {
+            window.lock().unwrap().on_tap(frame, now);
+        }
         let w = window.clone();
+        let until = now + FORWARD_WINDOW;
         let reader = std::thread::Builder::new().name("input-mirror".into()).spawn(move || {
             let mut buf = vec![0u8; tap::MAX_PACKET];
-            // Stops when woken, or when the tap fails (no more copies).
-            while let Ok(Some(n)) = tap.recv_until(&mut buf, wait.as_fd()) {
-                let frame = &buf[..n];
-                if source_mac(frame) == Some(&guest_mac[..]) {
-                    continue;
-                }
+            loop {
+                let forwarding = forward.as_ref().filter(|_| Instant::now() < until);
+                let timeout = forwarding.map(|_| FORWARD_AFTER / 2);
+                // Stops when woken, or when the tap fails (no more copies).
+                let got = match tap.recv_until(&mut buf, wait.as_fd(), timeout) {
+                    Ok(tap::Received::Frame(n)) => Some(&buf[..n]),
+                    Ok(tap::Received::TimedOut) => None,
+                    Ok(tap::Received::Woken) | Err(_) => return,
+                };
                 let Ok(mut w) = w.lock() else { return };
-                w.on_tap(frame.to_vec(), Instant::now());
+                let now = Instant::now();
+                if let Some(frame) = got.filter(|f| source_mac(f) != Some(&guest_mac[..])) {
+                    w.on_tap(frame.to_vec(), now);
+                }
+                if let Some(f) = forwarding {
+                    for frame in w.overdue(now, FORWARD_AFTER) {
+                        f.send(frame);
+                    }
+                }
             }
         })?;
         Ok(InputMirror { window, wake, reader: Some(reader) })
@@ -217,6 +289,9 @@ impl InputMirror {
         }
         let Ok(mut w) = self.window.lock() else { return (Vec::new(), 0, 0) };
         let left = w.leftovers(Instant::now());
+        if w.forwarded > 0 {
+            tracing::info!("forwarded {} frames to the primary after the switchover", w.forwarded);
+        }
         (left, w.tap_frames, w.matched)
     }
 }
@@ -272,6 +347,22 @@ mod tests {
         w.on_tap(frame(2), later);
         assert_eq!(w.leftovers(later), vec![frame(2)]);
         assert!(w.unmatched_logged.is_empty());
+    }
+
+    #[test]
+    fn overdue_frames_are_taken_once_and_matched_ones_never() {
+        let t = Instant::now();
+        let mut w = InputWindow::default();
+        w.on_tap(frame(1), t);
+        w.on_tap(frame(2), t);
+        w.on_tap(frame(3), t + FORWARD_AFTER);
+        w.on_log(&frame(2), t);
+        assert!(w.overdue(t, FORWARD_AFTER).is_empty(), "nothing is overdue yet");
+        assert_eq!(w.overdue(t + FORWARD_AFTER, FORWARD_AFTER), vec![frame(1)]);
+        assert!(w.overdue(t + FORWARD_AFTER, FORWARD_AFTER).is_empty(), "taken once");
+        assert_eq!(w.overdue(t + 2 * FORWARD_AFTER, FORWARD_AFTER), vec![frame(3)]);
+        assert!(w.leftovers(t + 2 * FORWARD_AFTER).is_empty());
+        assert_eq!(w.forwarded, 2);
     }
 
     #[test]

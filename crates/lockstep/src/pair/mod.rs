@@ -173,7 +173,9 @@ pub enum Next {
     Done(Outcome),
     /// A switchover made this side (the old primary) the secondary: it
     /// replays from its machine's position on.
-    Secondary { machine: Machine, maker: MachineMaker, switched: Switched },
+    /// `late`: frames for the guest that reached this side after the
+    /// handover point.
+    Secondary { machine: Machine, maker: MachineMaker, switched: Switched, late: Vec<Vec<u8>> },
     /// A switchover made this side (the old secondary) the primary: its
     /// guest runs live from here, after `input` (frames the mirror holds).
     Primary { machine: Machine, maker: MachineMaker, switched: Switched, input: Vec<Vec<u8>>, takeover: Takeover },
@@ -198,8 +200,8 @@ pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) ->
     loop {
         next = match next {
             Next::Done(outcome) => return Ok(outcome),
-            Next::Secondary { machine, maker, switched } => {
-                secondary::resume(vm, opts, host, machine, maker, switched)?
+            Next::Secondary { machine, maker, switched, late } => {
+                secondary::resume(vm, opts, host, machine, maker, switched, late)?
             }
             Next::Primary { machine, maker, switched, input, takeover } => {
                 primary::resume(vm, opts, host, machine, maker, switched, input, takeover)?

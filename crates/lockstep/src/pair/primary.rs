@@ -412,6 +412,7 @@ fn serve(
 ) -> Result<Next> {
     let mut shared = log.sink.shared.clone();
     host.status.set(status_fn(shared.clone(), Some(log.sink.gate.clone())));
+    log.sink.on_forward(Box::new(host.console.frame_sender(0)));
     host.records.ran_at(shared.epoch());
     let join_hello = Hello {
         vm_id: vm.identity()?,
@@ -480,13 +481,11 @@ fn serve(
             match log.sink.handover(at, HANDOVER_TIMEOUT) {
                 Ok(switched) => {
                     maker.set_host(None);
-                    let dropped = host.console.detach_taps();
-                    if dropped > 0 {
-                        // The new primary's input mirror has them on a
-                        // mirroring network; elsewhere their senders resend.
-                        tracing::info!("dropped {dropped} frames that arrived after the handover point");
-                    }
-                    return Ok(Next::Secondary { machine: m, maker, switched });
+                    // Frames that came after the handover point: the new
+                    // secondary's mirror forwards those the new primary
+                    // did not get itself.
+                    let late = host.console.detach_taps();
+                    return Ok(Next::Secondary { machine: m, maker, switched, late });
                 }
                 Err(why) => {
                     tracing::warn!("the switchover failed: {why}; this side goes on as the primary");
@@ -578,6 +577,7 @@ fn join_step(
                 sent.pause_ms
             );
             let shared = link.shared.clone();
+            link.on_forward(Box::new(host.console.frame_sender(0)));
             std::mem::replace(&mut log.sink, link).retire();
             host.status.set(status_fn(shared.clone(), Some(gate)));
             Ok(Some(shared))

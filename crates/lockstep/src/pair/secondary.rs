@@ -206,7 +206,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let live_position = Arc::new(AtomicU64::new(0));
     let mut host = SideHost { console, tap, status, switch, records, arbiter, live_position };
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
-    let mirror = start_mirror(&host, mac)?;
+    let mirror = start_mirror(&host, mac, Vec::new(), None)?;
     let tally = mirror.as_ref().map(InputMirror::tally);
     let replayer = Replayer::resume(
         LinkSource(link, kept, tally, None),
@@ -220,12 +220,19 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     drive(&vm, opts, &mut host, next)
 }
 
-/// The input mirror on the side's tap, if the VM has a network card.
-fn start_mirror(host: &SideHost, mac: Option<[u8; 6]>) -> Result<Option<InputMirror>> {
+/// The input mirror on the side's tap, if the VM has a network card (see
+/// [`InputMirror::start`] for `earlier` and `forward`).
+fn start_mirror(
+    host: &SideHost,
+    mac: Option<[u8; 6]>,
+    earlier: Vec<Vec<u8>>,
+    forward: Option<ft::link::Forwarder>,
+) -> Result<Option<InputMirror>> {
     Ok(match (&host.tap, mac) {
-        (Some(t), Some(mac)) => {
-            Some(InputMirror::start(t.try_clone()?, mac).with_context(|| format!("cannot read tap '{}'", t.name()))?)
-        }
+        (Some(t), Some(mac)) => Some(
+            InputMirror::start(t.try_clone()?, mac, earlier, forward)
+                .with_context(|| format!("cannot read tap '{}'", t.name()))?,
+        ),
         _ => None,
     })
 }
@@ -239,11 +246,12 @@ pub fn resume(
     m: Machine,
     maker: MachineMaker,
     switched: Switched,
+    late: Vec<Vec<u8>>,
 ) -> Result<Next> {
     let (base, at) = (switched.base, switched.at);
     let link = SecondaryLink::resume(switched, host.arbiter.clone(), opts.cfg);
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
-    let mirror = start_mirror(host, mac)?;
+    let mirror = start_mirror(host, mac, late, Some(link.forwarder()))?;
     let tally = mirror.as_ref().map(InputMirror::tally);
     let replayer = Replayer::resume(
         LinkSource(link, None, tally, None),
