@@ -156,9 +156,11 @@ fn failover_once(
     Ok((next.duration_since(killed).as_secs_f64(), next.duration_since(last_before).as_secs_f64()))
 }
 
-pub fn pair(reps: usize, kills: usize) -> Result<()> {
+/// What a pair benchmark (`bench NAME`) needs: root, this executable, the
+/// default guest (built if missing) and a fresh directory.
+pub(super) fn setup(name: &str) -> Result<(std::path::PathBuf, GuestPaths, std::path::PathBuf)> {
     if !nix::unistd::Uid::effective().is_root() {
-        bail!("bench pair builds network namespaces: run it as root");
+        bail!("bench {name} builds network namespaces: run it as root");
     }
     let exe = std::env::current_exe()?;
     let built = crate::guest::build(false)?;
@@ -168,8 +170,13 @@ pub fn pair(reps: usize, kills: usize) -> Result<()> {
         disk: built.disk,
         append: crate::guest::DEFAULT_APPEND.into(),
     };
-    let dir = std::env::temp_dir().join(format!("lockstep-bench-pair-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("lockstep-bench-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    Ok((exe, g, dir))
+}
+
+pub fn pair(reps: usize, kills: usize) -> Result<()> {
+    let (exe, g, dir) = setup("pair")?;
     let net = PairNet::new("bench", 79)?;
     let key = dir.join("bench.key");
     let _ = std::fs::remove_file(&key);

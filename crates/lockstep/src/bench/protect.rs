@@ -10,7 +10,7 @@
 //!   round, and the client's longest pause meanwhile.
 
 use anyhow::{bail, Context, Result};
-use lab::pair::{Client, GuestPaths, Pair, LOG_PORT};
+use lab::pair::{Client, Pair, LOG_PORT};
 use lab::pairnet::PairNet;
 use lab::stats::median;
 use std::time::{Duration, Instant};
@@ -42,19 +42,7 @@ fn status_of(ns: &str, exe: &std::path::Path, addr: &str) -> Result<serde_json::
 }
 
 pub fn protect(reps: usize) -> Result<()> {
-    if !nix::unistd::Uid::effective().is_root() {
-        bail!("bench protect builds network namespaces: run it as root");
-    }
-    let exe = std::env::current_exe()?;
-    let built = crate::guest::build(false)?;
-    let g = GuestPaths {
-        kernel: built.kernel,
-        initrd: built.initrd,
-        disk: built.disk,
-        append: crate::guest::DEFAULT_APPEND.into(),
-    };
-    let dir = std::env::temp_dir().join(format!("lockstep-bench-protect-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let (exe, g, dir) = super::pair::setup("protect")?;
     let net = PairNet::new("bprot", 62)?;
     let a_addr = net.primary_log_addr(LOG_PORT);
     let mut pair = Pair::start_with_secondary_args(&exe, &g, &net, &dir, &[], &["--peer", &a_addr])?;

@@ -205,19 +205,45 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone())?;
     let live_position = Arc::new(AtomicU64::new(0));
     let mut host = SideHost { console, tap, status, switch, records, arbiter, live_position };
+    let from = Replay { m, maker, base, through, late: Vec::new(), forward: false };
+    let next = replay(&vm, opts, &mut host, link, kept, from)?;
+    drive(&vm, opts, &mut host, next)
+}
+
+/// Where a replay starts: the machine (at `through`, `base` counting the
+/// guest's earlier boots), and after a switchover (`forward`) the frames
+/// that reached this side late.
+struct Replay {
+    m: Machine,
+    maker: MachineMaker,
+    base: u64,
+    through: u64,
+    late: Vec<Vec<u8>>,
+    forward: bool,
+}
+
+/// Replay `link`'s log (see [`serve`]), with the input mirror on the tap.
+fn replay(
+    vm: &LinuxVm,
+    opts: &PairOpts,
+    host: &mut SideHost,
+    link: SecondaryLink,
+    kept: Option<KeptLog>,
+    from: Replay,
+) -> Result<Next> {
     let mac = vm.net.as_ref().map(|(_, mac)| *mac);
-    let mirror = start_mirror(&host, mac, Vec::new(), None)?;
+    let forward = from.forward.then(|| link.forwarder());
+    let mirror = start_mirror(host, mac, from.late, forward)?;
     let tally = mirror.as_ref().map(InputMirror::tally);
     let replayer = Replayer::resume(
         LinkSource(link, kept, tally, None),
-        m,
-        maker,
+        from.m,
+        from.maker,
         ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
-        base,
-        through,
+        from.base,
+        from.through,
     );
-    let next = serve(&mut host, replayer, mirror)?;
-    drive(&vm, opts, &mut host, next)
+    serve(host, replayer, mirror)
 }
 
 /// The input mirror on the side's tap, if the VM has a network card (see
@@ -250,18 +276,7 @@ pub fn resume(
 ) -> Result<Next> {
     let (base, at) = (switched.base, switched.at);
     let link = SecondaryLink::resume(switched, host.arbiter.clone(), opts.cfg);
-    let mac = vm.net.as_ref().map(|(_, mac)| *mac);
-    let mirror = start_mirror(host, mac, late, Some(link.forwarder()))?;
-    let tally = mirror.as_ref().map(InputMirror::tally);
-    let replayer = Replayer::resume(
-        LinkSource(link, None, tally, None),
-        m,
-        maker,
-        ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
-        base,
-        at,
-    );
-    serve(host, replayer, mirror)
+    replay(vm, opts, host, link, None, Replay { m, maker, base, through: at, late, forward: true })
 }
 
 /// The secondary's life from a paired link on: see [`Phase`].
