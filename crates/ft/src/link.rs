@@ -200,6 +200,15 @@ pub struct Channel {
     peer: String,
 }
 
+impl Switched {
+    /// Do not go on with the swapped roles: this side (the old primary)
+    /// stops, telling the new primary why (it then runs alone).
+    pub fn release(mut self, why: &str) {
+        let msg = Message::Refuse(why.to_string());
+        let _ = wire::send(&mut self.channel.w, self.epoch, &msg, self.channel.seal_out.as_mut());
+    }
+}
+
 /// A planned switchover done: the channel, to go on with the roles swapped
 /// at `epoch`, from the channel position `at` (`base`: the positions of
 /// the guest's earlier boots).
@@ -456,6 +465,22 @@ impl PrimaryLink {
     /// counts across reboots).
     pub fn base(&self) -> u64 {
         self.base
+    }
+
+    /// Let the secondary go (it stops without going live, see
+    /// [`Message::Release`]) and run alone: the next epoch is claimed as
+    /// after a loss, so the released replica counts as stale.
+    pub fn release(&mut self, why: &str) {
+        if !self.protected() {
+            return;
+        }
+        if let Some(writer) = &self.writer {
+            let mut w = writer.lock().unwrap();
+            self.lost.handing.store(true, Ordering::SeqCst);
+            let through = w.through;
+            let _ = w.write(&[Message::Release], self.epoch, through);
+        }
+        self.lost.peer_lost(format!("released it: {why}"));
     }
 
     /// Frames the secondary forwards (see [`Message::Forward`]) go to `f`.
@@ -975,6 +1000,8 @@ pub enum Incoming {
         at: u64,
         end: HandoverEnd,
     },
+    /// The primary let this secondary go: it stops, without going live.
+    Released,
 }
 
 /// The reading end of the channel, handed over with [`Incoming::Handover`].
@@ -1367,6 +1394,11 @@ impl SecondaryEnd {
                     if let Err(e) = self.ack() {
                         return self.lose(format!("cannot acknowledge: {e}"));
                     }
+                }
+                Message::Release => {
+                    self.lost.store(true, Ordering::SeqCst);
+                    let _ = self.tx.send(Incoming::Released);
+                    return;
                 }
                 Message::Handover { at } => {
                     self.handing.store(true, Ordering::SeqCst);

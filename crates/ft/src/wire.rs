@@ -95,6 +95,9 @@ pub enum Message {
     /// tap and not, it seems, the primary's (a switch still sending the
     /// guest's address to this port just after a switchover).
     Forward(Vec<u8>),
+    /// Primary → secondary: stop, without going live (the primary moves
+    /// the VM elsewhere and goes on alone meanwhile).
+    Release,
     /// Primary → secondary, first with `--key`: a fresh nonce.
     AuthInit { nonce: [u8; 32] },
     /// Secondary → primary: its nonce, and proof that it holds the key.
@@ -189,13 +192,14 @@ impl Message {
             Message::Sync(_) => 12,
             Message::Synced { .. } => 13,
             Message::Forward(_) => 14,
+            Message::Release => 15,
         }
     }
 
     fn payload(&self) -> Vec<u8> {
         match self {
             Message::Hello(h) => serde_json::to_vec(h).expect("a Hello always serializes"),
-            Message::Welcome => vec![],
+            Message::Welcome | Message::Release => vec![],
             Message::Refuse(why) => why.as_bytes().to_vec(),
             Message::Records(records) => {
                 let mut p = Vec::new();
@@ -252,6 +256,7 @@ impl Message {
             12 => Message::Sync(p.to_vec()),
             13 if p.len() == 8 => Message::Synced { state_hash: u64_at(p, 0)? },
             14 => Message::Forward(p.to_vec()),
+            15 if p.is_empty() => Message::Release,
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -369,6 +374,7 @@ mod tests {
             Message::Sync(vec![1, 2, 3]),
             Message::Synced { state_hash: 5 },
             Message::Forward(vec![9; 60]),
+            Message::Release,
         ]
     }
 

@@ -1585,3 +1585,103 @@ fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
         w.acked, w.max_gap
     );
 }
+
+/// 15. A kill in the middle of a join: the joining secondary killed while
+///     the state goes over leaves the primary running alone, looking
+///     again, and the next secondary joins cleanly; the sending primary
+///     killed mid-transfer leaves the joiner with nothing to run: it exits
+///     with an error instead of going live, and its half-copied replica is
+///     marked as never having run.
+#[test]
+fn a_kill_during_a_join_leaves_one_vm_and_the_next_join_works() {
+    let _one = serial();
+    let (net, mut pair, dir) = start("joinkill", 61, &[]);
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair).unwrap();
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    pair.wait_for("primary.err", "running alone", Duration::from_secs(30)).unwrap();
+
+    // The joiner dies mid-transfer: the primary goes on alone.
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner1").unwrap();
+    pair.wait_for("primary.err", "joins: sending the VM's state", Duration::from_secs(60)).unwrap();
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    pair.wait_for("primary.err", "could not join", Duration::from_secs(30)).unwrap();
+    client.advance(20, Duration::from_secs(60), &pair).unwrap();
+    let st = status(&net.primary, 9540);
+    assert_eq!(st["state"].as_str(), Some("alone"), "{st}");
+
+    // The next one joins.
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner2").unwrap();
+    pair.wait_for("primary.err", "joined at position", Duration::from_secs(120)).unwrap();
+    client.advance(20, Duration::from_secs(60), &pair).unwrap();
+    let st = status(&net.primary, 9540);
+    assert_eq!(st["state"].as_str(), Some("protected"), "{st}");
+
+    // Now the primary dies while it sends to a third joiner (the second
+    // is stopped first, leaving the primary alone again).
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    pair.wait_for("primary.err", "the VM is NOT PROTECTED", Duration::from_secs(30)).unwrap();
+    client.advance(20, Duration::from_secs(60), &pair).unwrap();
+    let w = client.finish(&pair).unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner3").unwrap();
+    let sending = pair.text("primary.err").matches("joins: sending the VM's state").count();
+    let t = Instant::now();
+    while pair.text("primary.err").matches("joins: sending the VM's state").count() == sending {
+        assert!(t.elapsed() < Duration::from_secs(60), "no third join: {}", pair.tails());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pair.primary.kill().unwrap();
+    pair.primary.wait().unwrap();
+    let status = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    let said = pair.text("joiner3.err");
+    assert!(!status.success(), "{said}");
+    assert!(said.contains("joining the running primary") && !said.contains("going live"), "{said}");
+    // Its replica is behind what ran alone since, so no primary starts
+    // from it (the stale check); half-copied, it says it never ran at all.
+    let json = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap_or_default()).unwrap_or_default()
+    };
+    let (record, holder) = (json("secondary.img.lockstep"), json("arbiter.epoch"));
+    assert!(record["epoch"].as_u64().unwrap_or(0) < holder["alone"].as_u64().unwrap(), "{record} {holder}");
+    eprintln!("{} writes, none lost; the third joiner said: {}", w.acked, said.lines().last().unwrap_or(""));
+}
+
+/// 15. Migration: `lockstep migrate --to B` on a protected pair lets the
+///     present secondary go (it stops without going live), waits for a
+///     secondary at B (here the same namespace, started again, as a
+///     supervisor would on the target host), which joins; a switchover
+///     moves the VM there and the old side stops. One client connection
+///     throughout, nothing lost.
+#[test]
+fn a_migration_moves_the_running_vm_and_loses_nothing() {
+    let _one = serial();
+    let (net, mut pair, _dir) = start("migrate", 60, &[]);
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair).unwrap();
+    let to = net.log_addr(lab::pair::LOG_PORT);
+    let (ns, exe_path, to2) = (net.primary.clone(), exe(), to.clone());
+    let migrate = std::thread::spawn(move || {
+        exec(&ns, exe_path.to_str().unwrap()).args(["migrate", "--to", &to2, "127.0.0.1:9540"]).output().unwrap()
+    });
+    // The present secondary is let go: it stops, and does not go live.
+    let released = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    let s = pair.text("secondary.err");
+    assert!(released.success() && s.contains("released this secondary") && !s.contains("going live"), "{s}");
+    client.advance(20, Duration::from_secs(60), &pair).unwrap();
+    // The target comes up; the VM moves there.
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "target").unwrap();
+    let out = migrate.join().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "migrate: {stdout} {stderr}\n{}", pair.tails());
+    let old = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    let p = pair.text("primary.err");
+    assert!(old.success() && p.contains("released after the migration"), "{p}");
+    client.advance(30, Duration::from_secs(60), &pair).unwrap();
+    let st = status(&net.secondary, 9541);
+    assert_eq!((st["role"].as_str(), st["state"].as_str()), (Some("primary"), Some("alone")), "{st}");
+    let w = client.finish(&pair).unwrap();
+    eprintln!("{}; {} writes, none lost; longest pause {:?}", stdout.trim(), w.acked, w.max_gap);
+}

@@ -41,6 +41,12 @@ enum Command {
     /// the secondary goes on as the primary, and the old primary becomes
     /// its secondary. Exits 0 once the new pair is protected.
     Switchover(SwitchoverArgs),
+    /// Move a running VM (protected or alone) to a secondary listening at
+    /// --to: its present secondary, if any, is let go; the one at --to
+    /// joins (the VM's state goes over while it runs) and a switchover
+    /// makes it the primary; this side then stops (or, with --keep, stays
+    /// as its secondary). Exits 0 once the VM runs there.
+    Migrate(MigrateArgs),
     /// Print guest MIPS for the built-in integer loops (M-mode, and U-mode
     /// under Sv39 paging).
     Bench(crate::bench::BenchArgs),
@@ -138,6 +144,22 @@ struct SwitchoverArgs {
 }
 
 #[derive(clap::Args)]
+struct MigrateArgs {
+    /// The target: a `lockstep secondary` listening there (its --listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// The primary's status endpoint (its --metrics address).
+    #[arg(value_name = "HOST:PORT", default_value = "127.0.0.1:9540")]
+    addr: String,
+    /// Keep this side as the secondary of the VM at its new place.
+    #[arg(long)]
+    keep: bool,
+    /// Give up (exit 1) if the VM does not run there within this long.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    timeout: u64,
+}
+
+#[derive(clap::Args)]
 struct ReplayArgs {
     /// The event log.
     #[arg(value_name = "LOG")]
@@ -182,6 +204,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Command::Secondary(a) => pair::side(*a, pair::Side::Secondary),
         Command::Status(a) => pair::status(a),
         Command::Switchover(a) => pair::switchover(&a.addr, std::time::Duration::from_secs(a.timeout)),
+        Command::Migrate(a) => pair::migrate(&a.addr, &a.to, a.keep, std::time::Duration::from_secs(a.timeout)),
         Command::Bench(a) => crate::bench::run(a).map(|_| Outcome::Success),
         Command::Demo(a) if a.bare_metal => run::bare_metal_demo(),
         Command::Demo(a) => crate::demo::run(&crate::demo::DemoOpts { kill_after: a.kill_after, after: a.after })

@@ -131,3 +131,43 @@ pub(super) fn switchover(addr: &str, timeout: Duration) -> Result<Outcome> {
     }
     bail!("no new pair within {} s: {addr} says {}", timeout.as_secs(), status::one_line(&last))
 }
+
+/// `lockstep migrate`: ask the primary at `addr` to move the VM to the
+/// secondary at `to`, then watch it: done when it is that primary's
+/// secondary (`keep`) or has stopped after the switchover.
+pub(super) fn migrate(addr: &str, to: &str, keep: bool, timeout: Duration) -> Result<Outcome> {
+    let before = status::fetch(addr)?;
+    let path = format!("/migrate?to={to}&keep={}", u8::from(keep));
+    let asked = status::post(addr, &path).context("the migration was refused")?;
+    tracing::info!("{addr}: {asked}");
+    let t = std::time::Instant::now();
+    let mut last = before.clone();
+    let mut joined = false;
+    while t.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
+        match status::fetch(addr) {
+            Ok(s) => {
+                joined |= s.role == "primary" && s.protected && s.epoch > before.epoch;
+                if s.role == "secondary" && s.epoch > before.epoch {
+                    if keep && s.protected {
+                        println!(
+                            "migrated to {to} in {} ms: {addr} is now its secondary at epoch {}",
+                            t.elapsed().as_millis(),
+                            s.epoch
+                        );
+                        return Ok(Outcome::Success);
+                    }
+                    joined = true;
+                }
+                last = s;
+            }
+            // This side stops once the VM runs at its new place.
+            Err(_) if joined && !keep => {
+                println!("migrated to {to} in {} ms: {addr} has let the VM go", t.elapsed().as_millis());
+                return Ok(Outcome::Success);
+            }
+            Err(_) => {}
+        }
+    }
+    bail!("the VM did not move to {to} within {} s: {addr} says {}", timeout.as_secs(), status::one_line(&last))
+}

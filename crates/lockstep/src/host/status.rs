@@ -1,6 +1,6 @@
 //! The status endpoint of a pair side: `GET /metrics` (Prometheus text),
-//! `GET /status` (JSON, what `lockstep status` reads) and `POST
-//! /switchover` (what `lockstep switchover` asks a primary).
+//! `GET /status` (JSON, what `lockstep status` reads), and actions a
+//! primary is asked for by `POST` (`/switchover`, `/migrate?to=ADDR`).
 
 use anyhow::{Context, Result};
 use ft::Status;
@@ -9,9 +9,9 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 pub type StatusFn = Box<dyn Fn() -> Status + Send + Sync>;
-/// An action a request asks for: `Ok` with what was done, or `Err` with
-/// why not (answered 409).
-pub type ActionFn = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+/// The actions `POST PATH?QUERY` asks for: `None` for an unknown path,
+/// else `Ok` with what was done or `Err` with why not (answered 409).
+pub type ActionFn = Box<dyn Fn(&str, &str) -> Option<Result<String, String>> + Send + Sync>;
 
 /// How long one request may take to arrive, whole.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
@@ -21,9 +21,9 @@ const MAX_HEAD: u64 = 8 << 10;
 /// Serve the side's figures on `addr`: each connection on a thread of its
 /// own, with a deadline for the whole request and a bound on its size, so
 /// a client that trickles bytes or sends an endless line holds up nobody.
-pub fn serve(addr: &str, status: StatusFn, switchover: ActionFn) -> Result<()> {
+pub fn serve(addr: &str, status: StatusFn, actions: ActionFn) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
-    let both = std::sync::Arc::new((status, switchover));
+    let both = std::sync::Arc::new((status, actions));
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let both = both.clone();
@@ -33,7 +33,7 @@ pub fn serve(addr: &str, status: StatusFn, switchover: ActionFn) -> Result<()> {
     Ok(())
 }
 
-fn answer(mut stream: TcpStream, status: &StatusFn, switchover: &ActionFn) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, status: &StatusFn, actions: &ActionFn) -> std::io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut head = Vec::new();
     let mut reader = stream.try_clone()?.take(MAX_HEAD);
@@ -54,14 +54,18 @@ fn answer(mut stream: TcpStream, status: &StatusFn, switchover: &ActionFn) -> st
     let text = String::from_utf8_lossy(&head);
     let mut line = text.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
-    let (code, kind, body) = match (method, path) {
-        (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", status().prometheus()),
-        (_, "/status") => ("200 OK", "application/json", serde_json::to_string(&status()).unwrap_or_default()),
-        ("POST", "/switchover") => match switchover() {
-            Ok(done) => ("202 Accepted", "text/plain", format!("{done}\n")),
-            Err(why) => ("409 Conflict", "text/plain", format!("{why}\n")),
-        },
-        _ => ("404 Not Found", "text/plain", "try GET /metrics, GET /status or POST /switchover\n".to_string()),
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let action = if method == "POST" { actions(path, query) } else { None };
+    let (code, kind, body) = match (path, action) {
+        ("/metrics", _) => ("200 OK", "text/plain; version=0.0.4", status().prometheus()),
+        ("/status", _) => ("200 OK", "application/json", serde_json::to_string(&status()).unwrap_or_default()),
+        (_, Some(Ok(done))) => ("202 Accepted", "text/plain", format!("{done}\n")),
+        (_, Some(Err(why))) => ("409 Conflict", "text/plain", format!("{why}\n")),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try GET /metrics, GET /status, POST /switchover or POST /migrate?to=HOST:PORT\n".to_string(),
+        ),
     };
     stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
     write!(

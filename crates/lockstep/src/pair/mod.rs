@@ -161,6 +161,9 @@ pub struct SideHost {
     pub status: StatusSlot,
     /// Set by `POST /switchover`; the primary's run loop takes it.
     pub switch: Arc<AtomicBool>,
+    /// Set by `POST /migrate`: where to, and whether to keep this side as
+    /// the secondary afterwards; the primary's run loop takes it.
+    pub migrate: Migrate,
     pub records: replica::RecordWriter,
     pub arbiter: Arc<dyn Arbiter>,
     /// The live run's position (a secondary gone live), for the status.
@@ -175,7 +178,8 @@ pub enum Next {
     /// replays from its machine's position on.
     /// `late`: frames for the guest that reached this side after the
     /// handover point.
-    Secondary { machine: Machine, maker: MachineMaker, switched: Switched, late: Vec<Vec<u8>> },
+    /// `release`: a migration is done, and this side is not kept.
+    Secondary { machine: Machine, maker: MachineMaker, switched: Switched, late: Vec<Vec<u8>>, release: bool },
     /// A switchover made this side (the old secondary) the primary: its
     /// guest runs live from here, after `input` (frames the mirror holds).
     Primary { machine: Machine, maker: MachineMaker, switched: Switched, input: Vec<Vec<u8>>, takeover: Takeover },
@@ -200,7 +204,16 @@ pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) ->
     loop {
         next = match next {
             Next::Done(outcome) => return Ok(outcome),
-            Next::Secondary { machine, maker, switched, late } => {
+            Next::Secondary { switched, release: true, .. } => {
+                let why = "released after the migration";
+                tracing::info!(
+                    "migrated: the VM runs at the new primary, epoch {}; this side is {why}",
+                    switched.epoch
+                );
+                switched.release(why);
+                Next::Done(Outcome::Success)
+            }
+            Next::Secondary { machine, maker, switched, late, release: false } => {
                 secondary::resume(vm, opts, host, machine, maker, switched, late)?
             }
             Next::Primary { machine, maker, switched, input, takeover } => {
@@ -214,6 +227,10 @@ pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) ->
     }
 }
 
+/// A migration asked for: the secondary's address to move the VM to, and
+/// whether this side stays on as the secondary.
+pub type Migrate = Arc<Mutex<Option<(String, bool)>>>;
+
 /// The status endpoint's source, which a role change replaces.
 #[derive(Clone, Default)]
 pub struct StatusSlot(Arc<Mutex<Option<StatusFn>>>);
@@ -222,23 +239,37 @@ impl StatusSlot {
     /// Serve `/status`, `/metrics` and `/switchover` on `addr` (if given)
     /// from whatever the slot holds; a switchover request sets `switch`
     /// when this side is a protected primary.
-    pub fn serve(addr: Option<&str>, switch: Arc<AtomicBool>) -> Result<StatusSlot> {
+    pub fn serve(addr: Option<&str>, switch: Arc<AtomicBool>, migrate: Migrate) -> Result<StatusSlot> {
         let slot = StatusSlot::default();
         if let Some(addr) = addr {
             let (a, b) = (slot.clone(), slot.clone());
-            let action = move || {
+            let action = move |path: &str, query: &str| {
                 let s = b.status();
-                if s.role != "primary" {
-                    return Err(format!(
+                let primary = if s.role == "primary" {
+                    Ok(())
+                } else {
+                    Err(format!(
                         "this side is the {}: ask the primary's endpoint",
                         if s.role.is_empty() { "unpaired side" } else { &s.role }
-                    ));
-                }
-                if !s.protected {
-                    return Err(format!("the VM is not protected (no secondary to switch to): {}", s.note));
-                }
-                switch.store(true, Ordering::SeqCst);
-                Ok(format!("switchover requested at epoch {}", s.epoch))
+                    ))
+                };
+                Some(match path {
+                    "/switchover" => primary.and_then(|()| {
+                        if !s.protected {
+                            return Err(format!("the VM is not protected (no secondary to switch to): {}", s.note));
+                        }
+                        switch.store(true, Ordering::SeqCst);
+                        Ok(format!("switchover requested at epoch {}", s.epoch))
+                    }),
+                    "/migrate" => primary.and_then(|()| {
+                        let arg = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='));
+                        let to = arg("to").filter(|t| !t.is_empty()).ok_or("migrate needs to=HOST:PORT")?;
+                        let keep = arg("keep") == Some("1");
+                        *migrate.lock().unwrap() = Some((to.to_string(), keep));
+                        Ok(format!("migration to {to} requested at epoch {}", s.epoch))
+                    }),
+                    _ => return None,
+                })
             };
             crate::host::status::serve(addr, Box::new(move || a.status()), Box::new(action))?;
         }

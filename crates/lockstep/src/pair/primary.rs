@@ -40,6 +40,10 @@ struct PrimaryIo<'a> {
     switch: &'a AtomicBool,
     /// ... and the run loop stopped for it.
     switching: bool,
+    /// A migration asked for (by the status endpoint), and the run loop
+    /// stopped for it.
+    migrate: &'a super::Migrate,
+    migrating: Option<(String, bool)>,
     /// Running alone: a secondary to join, a transfer to it under way and
     /// its round through, and the run loop stopped for either.
     seeker: Option<&'a Seeker>,
@@ -103,6 +107,10 @@ impl HostIo for PrimaryIo<'_> {
             } else {
                 seeker.want(0);
             }
+        }
+        if let Some(m) = self.migrate.lock().unwrap().take() {
+            self.migrating = Some(m);
+            return HostInput::Quit;
         }
         if self.switch.swap(false, Ordering::SeqCst) {
             if self.log.sink.state() == State::Protected {
@@ -181,6 +189,7 @@ fn attach_output(host: &mut SideHost, vm: &LinuxVm, earlier: Vec<Vec<u8>>) -> Re
 /// look (`want`, 0: not at all) and takes a greeted connection
 /// ([`Joining`]) when there is one.
 struct Seeker {
+    peer: Arc<Mutex<Option<String>>>,
     want: Arc<AtomicU64>,
     found: Arc<Mutex<Option<Joining>>>,
     stop: Arc<AtomicBool>,
@@ -190,15 +199,17 @@ struct Seeker {
 const SEEK_EVERY: Duration = Duration::from_secs(1);
 
 impl Seeker {
-    fn start(peer: String, hello: Hello, key: Option<ft::auth::Key>) -> Seeker {
+    fn start(peer: Option<String>, hello: Hello, key: Option<ft::auth::Key>) -> Seeker {
         let (want, found, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(None)), Arc::default());
-        let seeker = Seeker { want, found, stop };
+        let seeker = Seeker { peer: Arc::new(Mutex::new(peer)), want, found, stop };
         let (want, found, stop) = (seeker.want.clone(), seeker.found.clone(), seeker.stop.clone());
+        let peer = seeker.peer.clone();
         std::thread::spawn(move || {
             let mut said = String::new();
             while !stop.load(Ordering::Relaxed) {
                 let epoch = want.load(Ordering::Relaxed);
-                if epoch != 0 && found.lock().unwrap().is_none() {
+                let peer = peer.lock().unwrap().clone();
+                if let Some(peer) = peer.filter(|_| epoch != 0 && found.lock().unwrap().is_none()) {
                     match Joining::connect(&peer, epoch, hello.clone(), key.as_ref(), SEEK_EVERY) {
                         Ok(j) => *found.lock().unwrap() = Some(j),
                         // Nobody there yet is the usual case: say only a
@@ -219,9 +230,14 @@ impl Seeker {
         seeker
     }
 
+    /// Look at `peer` from now on (a migration's target).
+    fn look_at(&self, peer: &str) {
+        *self.peer.lock().unwrap() = Some(peer.to_string());
+    }
+
     /// Look at `epoch` (running alone), or not (0).
     fn want(&self, epoch: u64) {
-        if self.want.swap(epoch, Ordering::Relaxed) != epoch && epoch != 0 {
+        if self.want.swap(epoch, Ordering::Relaxed) != epoch && epoch != 0 && self.peer.lock().unwrap().is_some() {
             tracing::info!("looking for a secondary to protect the VM again");
         }
     }
@@ -278,10 +294,11 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let kept = opts.keep_log.as_deref().map(|dir| KeptReplica::take(vm, dir, "primary")).transpose()?;
     let disk_hash = hello.disk_hash.clone();
     let switch = Arc::new(AtomicBool::new(false));
-    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone())?;
+    let migrate: super::Migrate = Arc::default();
+    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone())?;
     let records = replica::RecordWriter::new(vm, &vm_id);
     let live_position = Arc::default();
-    let mut host = SideHost { console, tap, status, switch, records, arbiter: arbiter.clone(), live_position };
+    let mut host = SideHost { console, tap, status, switch, migrate, records, arbiter: arbiter.clone(), live_position };
     let (gate, console_nic) = attach_output(&mut host, vm, Vec::new())?;
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = host.console.stop_flag();
@@ -425,8 +442,10 @@ fn serve(
         build: crate::host::identity::build_id(),
         join: true,
     };
-    let seeker = opts.peer.clone().map(|peer| Seeker::start(peer, join_hello, opts.key.clone()));
+    let seeker = Some(Seeker::start(opts.peer.clone(), join_hello, opts.key.clone()));
     let mut transfer = Transfer { copy: None, done: Arc::new(AtomicBool::new(false)) };
+    // A migration under way: whether this side stays as the secondary.
+    let mut moving: Option<bool> = None;
     loop {
         let mut io = PrimaryIo {
             console: &mut host.console,
@@ -436,6 +455,8 @@ fn serve(
             fenced: false,
             switch: &host.switch,
             switching: false,
+            migrate: &host.migrate,
+            migrating: None,
             seeker: seeker.as_ref(),
             copying: transfer.copy.is_some(),
             copy_done: &transfer.done,
@@ -461,7 +482,22 @@ fn serve(
             }
             Err(e) => return Err(e.into()),
         };
-        let (fenced, switching, joining) = (io.fenced, io.switching, io.joining);
+        let (fenced, switching, joining, migrating) = (io.fenced, io.switching, io.joining, io.migrating);
+        if let Some((to, keep)) = migrating {
+            // Let the present secondary go (it stops, and this side runs
+            // alone at the next epoch), then look for one at `to`: once it
+            // has joined, a switchover moves the VM there.
+            tracing::info!(
+                "migration to {to} asked for{}",
+                if keep { " (this side stays as the secondary)" } else { "" }
+            );
+            log.sink.release(&format!("a migration to {to}"));
+            if let Some(seeker) = &seeker {
+                seeker.look_at(&to);
+            }
+            moving = Some(keep);
+            continue;
+        }
         if fenced {
             print_final(&mut m);
             bail!("{}", shared.status().note);
@@ -470,6 +506,10 @@ fn serve(
             let found = if transfer.copy.is_none() { seeker.as_ref().and_then(Seeker::take) } else { None };
             if let Some(link) = join_step(vm, opts, host, &mut m, &mut log, &mut transfer, found)? {
                 shared = link;
+                if moving.is_some() {
+                    // Joined at the migration's target: move the VM there.
+                    host.switch.store(true, Ordering::SeqCst);
+                }
             }
             continue;
         }
@@ -485,7 +525,8 @@ fn serve(
                     // secondary's mirror forwards those the new primary
                     // did not get itself.
                     let late = host.console.detach_taps();
-                    return Ok(Next::Secondary { machine: m, maker, switched, late });
+                    let release = moving == Some(false);
+                    return Ok(Next::Secondary { machine: m, maker, switched, late, release });
                 }
                 Err(why) => {
                     tracing::warn!("the switchover failed: {why}; this side goes on as the primary");

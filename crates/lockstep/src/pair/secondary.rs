@@ -30,11 +30,13 @@ use std::time::Duration;
 /// frames are crossed off the input mirror's window).
 /// A handover (a planned switchover) ends the log like a loss, and leaves
 /// its point and the channel's reading end here.
+/// A release (the primary moves the VM elsewhere) sets the last field.
 pub struct LinkSource(
     pub SecondaryLink,
     pub Option<KeptLog>,
     pub Option<LogTally>,
     pub Option<(u64, ft::link::HandoverEnd)>,
+    pub bool,
 );
 
 impl Source for LinkSource {
@@ -63,6 +65,10 @@ impl Source for LinkSource {
             }
             Ok(Incoming::Through { through, released }) => Fetched::Through { through, released },
             Ok(Incoming::Lost(why)) => Fetched::Closed(why),
+            Ok(Incoming::Released) => {
+                self.4 = true;
+                Fetched::Closed("the primary released this secondary".into())
+            }
             Ok(Incoming::Handover { at, end }) => {
                 self.3 = Some((at, end));
                 Fetched::Closed(format!("the primary handed over at position {at}"))
@@ -202,9 +208,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     };
     let records = replica::RecordWriter::new(&vm, &vm_id);
     let switch = Arc::new(AtomicBool::new(false));
-    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone())?;
+    let migrate: super::Migrate = Arc::default();
+    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone())?;
     let live_position = Arc::new(AtomicU64::new(0));
-    let mut host = SideHost { console, tap, status, switch, records, arbiter, live_position };
+    let mut host = SideHost { console, tap, status, switch, migrate, records, arbiter, live_position };
     let from = Replay { m, maker, base, through, late: Vec::new(), forward: false };
     let next = replay(&vm, opts, &mut host, link, kept, from)?;
     drive(&vm, opts, &mut host, next)
@@ -236,7 +243,7 @@ fn replay(
     let mirror = start_mirror(host, mac, from.late, forward)?;
     let tally = mirror.as_ref().map(InputMirror::tally);
     let replayer = Replayer::resume(
-        LinkSource(link, kept, tally, None),
+        LinkSource(link, kept, tally, None, false),
         from.m,
         from.maker,
         ReplayOpts { hash_every: opts.hash_every, print_hashes: opts.print_hashes, mac, keep_unreleased: true },
@@ -337,6 +344,11 @@ fn serve(host: &mut SideHost, mut replayer: Replayer<LinkSource>, mut mirror: Op
             Phase::Claiming { why, fresh_boot } => {
                 let pos = replayer.machine().hart.position().0;
                 let arbiter = host.arbiter.clone();
+                if replayer.source().4 {
+                    tracing::info!("the primary released this secondary (the VM moves elsewhere); it stops");
+                    print_final(replayer.machine_mut());
+                    return Ok(Next::Done(Outcome::Success));
+                }
                 if let Some((at, end)) = replayer.source_mut().3.take() {
                     match switch_over(&mut replayer, at, end, &host.records) {
                         Switch::Done(switched) => {
