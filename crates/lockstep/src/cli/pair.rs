@@ -146,6 +146,10 @@ pub(super) fn migrate(addr: &str, to: &str, keep: bool, timeout: Duration) -> Re
     while t.elapsed() < timeout {
         std::thread::sleep(Duration::from_millis(20));
         match status::fetch(addr) {
+            Ok(s) if s.role == "released" && !keep => {
+                println!("migrated to {to} in {} ms: {}", t.elapsed().as_millis(), s.note);
+                return Ok(Outcome::Success);
+            }
             Ok(s) => {
                 joined |= s.role == "primary" && s.protected && s.epoch > before.epoch;
                 if s.role == "secondary" && s.epoch > before.epoch {

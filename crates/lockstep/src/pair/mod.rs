@@ -198,6 +198,10 @@ pub enum Next {
     },
 }
 
+/// How long a side released after a migration keeps saying so on its
+/// status endpoint before it exits.
+const RELEASED_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Run a side through its role changes until it is done.
 pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) -> Result<Outcome> {
     let mut next = first;
@@ -206,11 +210,19 @@ pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) ->
             Next::Done(outcome) => return Ok(outcome),
             Next::Secondary { switched, release: true, .. } => {
                 let why = "released after the migration";
-                tracing::info!(
-                    "migrated: the VM runs at the new primary, epoch {}; this side is {why}",
-                    switched.epoch
-                );
+                let epoch = switched.epoch;
+                tracing::info!("migrated: the VM runs at the new primary, epoch {epoch}; this side is {why}");
                 switched.release(why);
+                // Said on the endpoint for a moment before this side goes,
+                // for `lockstep migrate` to read.
+                let note = format!("migrated: the VM runs at the new primary, epoch {epoch}");
+                host.status.set(move || Status {
+                    role: "released".into(),
+                    epoch,
+                    note: note.clone(),
+                    ..Status::default()
+                });
+                std::thread::sleep(RELEASED_LINGER);
                 Next::Done(Outcome::Success)
             }
             Next::Secondary { machine, maker, switched, late, release: false } => {
