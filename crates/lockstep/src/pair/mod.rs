@@ -155,6 +155,8 @@ impl KeptLog {
 /// What a side holds across its role changes: the host's console and tap,
 /// the status endpoint, the replica's record, the arbiter.
 pub struct SideHost {
+    /// The VM's identity (`LinuxVm::identity`), computed once.
+    pub vm_id: String,
     pub console: StdioConsole,
     /// The side's own handle on its tap (readers and senders are clones).
     pub tap: Option<tap::Tap>,

@@ -298,7 +298,17 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone())?;
     let records = replica::RecordWriter::new(vm, &vm_id);
     let live_position = Arc::default();
-    let mut host = SideHost { console, tap, status, switch, migrate, records, arbiter: arbiter.clone(), live_position };
+    let mut host = SideHost {
+        vm_id: vm_id.clone(),
+        console,
+        tap,
+        status,
+        switch,
+        migrate,
+        records,
+        arbiter: arbiter.clone(),
+        live_position,
+    };
     let (gate, console_nic) = attach_output(&mut host, vm, Vec::new())?;
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = host.console.stop_flag();
@@ -431,8 +441,10 @@ fn serve(
     host.status.set(status_fn(shared.clone(), Some(log.sink.gate.clone())));
     log.sink.on_forward(Box::new(host.console.frame_sender(0)));
     host.records.ran_at(shared.epoch());
+    // (The VM's identity was computed at start: hashing the kernel and
+    // initrd again here would hold up a secondary going live.)
     let join_hello = Hello {
-        vm_id: vm.identity()?,
+        vm_id: host.vm_id.clone(),
         disk_hash: None,
         seed: [0; 32],
         state_hash: 0,

@@ -211,7 +211,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let migrate: super::Migrate = Arc::default();
     let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone())?;
     let live_position = Arc::new(AtomicU64::new(0));
-    let mut host = SideHost { console, tap, status, switch, migrate, records, arbiter, live_position };
+    let mut host =
+        SideHost { vm_id: vm_id.clone(), console, tap, status, switch, migrate, records, arbiter, live_position };
     let from = Replay { m, maker, base, through, late: Vec::new(), forward: false };
     let next = replay(&vm, opts, &mut host, link, kept, from)?;
     drive(&vm, opts, &mut host, next)
