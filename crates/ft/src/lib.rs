@@ -18,6 +18,7 @@ pub mod arbiter;
 pub mod auth;
 pub mod gate;
 mod greet;
+pub mod health;
 pub mod link;
 pub mod liveness;
 pub mod wire;
@@ -136,6 +137,17 @@ pub struct Status {
     /// while the pair runs: a pair whose arbiter is down cannot fail over).
     #[serde(default)]
     pub arbiter_up: bool,
+    /// This side's external network (its tap and the uplinks it watches)
+    /// is up; absent when the side watches none.
+    #[serde(default)]
+    pub uplink_up: Option<bool>,
+    /// Primary: the secondary's, as it last said ([`wire::Message::Uplink`]).
+    #[serde(default)]
+    pub peer_uplink_up: Option<bool>,
+    /// The last failure-policy decision, with its cause and when (empty:
+    /// none yet).
+    #[serde(default)]
+    pub decision: String,
 }
 
 impl Status {
@@ -154,6 +166,9 @@ impl Status {
         let (gauge, counter) = ("gauge", "counter");
         metric("protected", gauge, "1 if the VM has a working secondary", (self.protected as u8).to_string());
         metric("arbiter_up", gauge, "1 if the arbiter answered its last check", (self.arbiter_up as u8).to_string());
+        if let Some(up) = self.uplink_up {
+            metric("uplink_up", gauge, "1 if this side's external network is up", (up as u8).to_string());
+        }
         metric("epoch", gauge, "arbiter epoch this side runs at", self.epoch.to_string());
         metric("position", gauge, "executed position", self.position.to_string());
         metric("peer_position", gauge, "peer position (see lockstep status)", self.peer_position.to_string());

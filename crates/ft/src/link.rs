@@ -86,6 +86,11 @@ impl Shared {
         self.status.lock().unwrap().state.unwrap_or(State::Pairing)
     }
 
+    /// Primary: whether the secondary's network is up, as it last said.
+    pub fn peer_uplink_up(&self) -> Option<bool> {
+        self.status.lock().unwrap().peer_uplink_up
+    }
+
     /// The epoch this side runs at.
     pub fn epoch(&self) -> u64 {
         self.status.lock().unwrap().epoch
@@ -483,6 +488,22 @@ impl PrimaryLink {
         self.lost.peer_lost(format!("released it: {why}"));
     }
 
+    /// This side stops (a host fault: its disk replica failed): tell the
+    /// secondary why, so that its takeover says so. It goes on from the
+    /// last mark, as after any loss of the primary.
+    pub fn resign(&mut self, why: &str) {
+        if !self.protected() {
+            return;
+        }
+        if let Some(writer) = &self.writer {
+            let mut w = writer.lock().unwrap();
+            self.lost.handing.store(true, Ordering::SeqCst);
+            let through = w.through;
+            let _ = w.write(&[Message::Refuse(why.to_string())], self.epoch, through);
+        }
+        self.lost.resigned(why);
+    }
+
     /// Frames the secondary forwards (see [`Message::Forward`]) go to `f`.
     pub fn on_forward(&self, f: ForwardFn) {
         *self.lost.forward.lock().unwrap() = Some(f);
@@ -832,6 +853,24 @@ struct Lost {
 }
 
 impl Lost {
+    /// This side stops (once): cut the channel and keep what is not yet
+    /// acknowledged from leaving; no claim, the secondary goes on.
+    fn resigned(&self, why: &str) {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(s) = &self.stream {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let dropped = self.gate.discard();
+        self.shared.update(|s| s.state = Some(State::Stopped));
+        note!(
+            self.shared,
+            error,
+            "resigned: {why}; the secondary goes on from the last mark ({dropped} unacknowledged frames never left)"
+        );
+    }
+
     /// The secondary is gone (once): cut the channel, then claim the next
     /// epoch; run alone if it is ours, stop if the secondary took it.
     fn peer_lost(&self, why: String) {
@@ -971,6 +1010,9 @@ fn ack_loop(
                 if let Some(f) = &*ctx.forward.lock().unwrap() {
                     f(frame);
                 }
+            }
+            Ok((e, Message::Uplink { up })) if e == epoch => {
+                ctx.shared.update(|s| s.peer_uplink_up = Some(up));
             }
             Ok((_, Message::Refuse(why))) => return ctx.peer_lost(format!("it refused to go on: {why}")),
             Ok((e, m)) => {
@@ -1200,6 +1242,18 @@ impl SecondaryLink {
         Forwarder { writer: self.writer.clone(), lost: self.lost.clone(), epoch: self.epoch }
     }
 
+    /// This side stops (a host fault: its disk replica failed): tell the
+    /// primary why, so that it goes on alone saying so.
+    pub fn resign(&self, why: &str) {
+        let mut w = self.writer.lock().unwrap();
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let w = &mut *w;
+        let _ = wire::send(&mut w.stream, self.epoch, &Message::Refuse(why.to_string()), w.seal.as_mut());
+        self.shared.update(|s| s.state = Some(State::Stopped));
+    }
+
     /// The run loop executed up to `position`.
     pub fn executed(&self, position: u64) {
         self.executed.store(position, Ordering::Relaxed);
@@ -1342,12 +1396,17 @@ impl SecondaryEnd {
             received: self.received.load(Ordering::Relaxed),
             executed: self.executed.load(Ordering::Relaxed),
         };
+        self.send(&msg)
+    }
+
+    /// Send `msg` to the primary, unless the link is gone or handed over.
+    fn send(&self, msg: &Message) -> std::io::Result<()> {
         let mut w = self.writer.lock().unwrap();
         if self.handing.load(Ordering::SeqCst) || self.lost.load(Ordering::SeqCst) {
             return Ok(());
         }
         let w = &mut *w;
-        wire::send(&mut w.stream, self.epoch, &msg, w.seal.as_mut())
+        wire::send(&mut w.stream, self.epoch, msg, w.seal.as_mut())
     }
 
     fn receive_loop(self, mut r: BufReader<Deadline>, mut seal: Option<Seal>) {
@@ -1413,6 +1472,8 @@ impl SecondaryEnd {
 
     fn heartbeat_loop(self, cfg: PairConfig) {
         let mut last_missed = Instant::now();
+        // What this side last said of its network, and when.
+        let mut uplink_told: Option<(bool, Instant)> = None;
         while !self.lost.load(Ordering::SeqCst) {
             std::thread::sleep(cfg.heartbeat);
             if self.handing.load(Ordering::SeqCst) {
@@ -1429,6 +1490,19 @@ impl SecondaryEnd {
             if let Err(e) = self.ack() {
                 return self.lose(format!("cannot send a heartbeat: {e}"));
             }
+            if let Some(up) = crate::health::uplink() {
+                let due = uplink_told.is_none_or(|(told, at)| told != up || at.elapsed() >= UPLINK_EVERY);
+                if due {
+                    if let Err(e) = self.send(&Message::Uplink { up }) {
+                        return self.lose(format!("cannot send a heartbeat: {e}"));
+                    }
+                    uplink_told = Some((up, Instant::now()));
+                }
+            }
         }
     }
 }
+
+/// A secondary that watches its network repeats its state this often (and
+/// says a change at once).
+const UPLINK_EVERY: Duration = Duration::from_secs(1);

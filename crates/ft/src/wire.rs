@@ -20,7 +20,7 @@ pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 2: the key exchange, and the hello's host, arbiter kind and build.
 /// 3: the release point in marks. 4: the planned switchover, joining a
 /// running primary.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -98,6 +98,10 @@ pub enum Message {
     /// Primary → secondary: stop, without going live (the primary moves
     /// the VM elsewhere and goes on alone meanwhile).
     Release,
+    /// Secondary → primary: whether this side's external network (its tap
+    /// and the uplinks it watches) is up; sent when it changes and every
+    /// second, by a side that watches (see [`crate::health`]).
+    Uplink { up: bool },
     /// Primary → secondary, first with `--key`: a fresh nonce.
     AuthInit { nonce: [u8; 32] },
     /// Secondary → primary: its nonce, and proof that it holds the key.
@@ -193,6 +197,7 @@ impl Message {
             Message::Synced { .. } => 13,
             Message::Forward(_) => 14,
             Message::Release => 15,
+            Message::Uplink { .. } => 16,
         }
     }
 
@@ -220,6 +225,7 @@ impl Message {
                 v.to_le_bytes().to_vec()
             }
             Message::Sync(bytes) | Message::Forward(bytes) => bytes.clone(),
+            Message::Uplink { up } => vec![*up as u8],
         }
     }
 
@@ -257,6 +263,7 @@ impl Message {
             13 if p.len() == 8 => Message::Synced { state_hash: u64_at(p, 0)? },
             14 => Message::Forward(p.to_vec()),
             15 if p.is_empty() => Message::Release,
+            16 if p.len() == 1 && p[0] <= 1 => Message::Uplink { up: p[0] == 1 },
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -375,6 +382,8 @@ mod tests {
             Message::Synced { state_hash: 5 },
             Message::Forward(vec![9; 60]),
             Message::Release,
+            Message::Uplink { up: true },
+            Message::Uplink { up: false },
         ]
     }
 
@@ -398,7 +407,10 @@ mod tests {
         let mut other = MAGIC.to_vec();
         other.extend_from_slice(&7u32.to_le_bytes());
         let e = read_preamble(&mut &other[..]).unwrap_err();
-        assert_eq!(e.to_string(), "the peer speaks pair protocol version 7, this lockstep speaks version 4");
+        assert_eq!(
+            e.to_string(),
+            format!("the peer speaks pair protocol version 7, this lockstep speaks version {PROTOCOL_VERSION}")
+        );
         let e = read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]).unwrap_err();
         assert!(matches!(e, WireError::NotLockstep(_)), "{e}");
     }

@@ -107,6 +107,14 @@ impl PairNet {
         sh(&format!("ip -n {} link set log0 {state}", self.primary)).map(drop)
     }
 
+    /// Take a side's uplink to the guest network down (its `up0`: the
+    /// carrier goes on both ends) or bring it back; `ns` is `self.primary`
+    /// or `self.secondary`.
+    pub fn set_uplink(&self, ns: &str, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        sh(&format!("ip -n {ns} link set up0 {state}")).map(drop)
+    }
+
     /// Make the guest network deliver the guest's frames to both sides, as
     /// a hub or a port mirror would (`on`), or send them only where the
     /// guest was last heard, as a learning switch does (off, the default).

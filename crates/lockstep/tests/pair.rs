@@ -1208,7 +1208,8 @@ fn a_divergence_is_caught_without_asking_for_hashes() {
 ///      its side before the guest sees anything of the failed request:
 ///      the primary's, and the secondary goes on from the last mark (the
 ///      guest's write then succeeds there, nothing lost); the secondary's,
-///      and the primary goes on alone.
+///      and the primary goes on alone. The failed side tells the other why
+///      (the failure policy's cause shows on both).
 #[test]
 fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
     let _one = serial();
@@ -1238,6 +1239,10 @@ fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
             ("primary.err", "won epoch 2: running alone")
         };
         pair.wait_for(goes_on.0, goes_on.1, Duration::from_secs(30)).unwrap();
+        // The failed side said why before it went: the other side's log
+        // (and status note) names the cause, not just a closed channel.
+        let peer = pair.text(goes_on.0);
+        assert!(peer.contains("its disk replica failed (disk write"), "{peer}");
         client.advance(20, Duration::from_secs(60), &pair).unwrap();
         let w = client.finish(&pair).unwrap();
         eprintln!("{failing} replica full: {} writes, nothing lost", w.acked);
@@ -1497,6 +1502,43 @@ fn a_switchover_swaps_the_roles_and_a_kill_after_it_loses_nothing() {
         "{stdout}; {} writes acknowledged in all, none lost, never reset; longest pause {:?}",
         w.acked, w.max_gap
     );
+}
+
+/// 15. Failure policy: the primary's uplink to the guest network goes down
+///     (`up0`, which both sides watch with `--uplink up0`) while the
+///     secondary's is up. After the grace time the primary switches over,
+///     saying why in its log and its status; the client's connection rides
+///     it out with nothing lost. With the uplink back, a kill of the new
+///     primary leaves the old one to go live in its turn.
+#[test]
+fn a_primary_that_loses_its_uplink_switches_over_and_loses_nothing() {
+    let _one = serial();
+    let (net, mut pair, _dir) = start("uplink", 58, &["--uplink", "up0"]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair).unwrap();
+    let st = status(&net.primary, 9540);
+    assert_eq!((st["uplink_up"].as_bool(), st["peer_uplink_up"].as_bool()), (Some(true), Some(true)), "{st}");
+
+    net.set_uplink(&net.primary, false).unwrap();
+    pair.wait_for("primary.err", "policy: switchover: this side's network is down ('up0'", Duration::from_secs(30))
+        .unwrap();
+    pair.wait_for("primary.err", "now the secondary", Duration::from_secs(30)).unwrap();
+    client.advance(40, Duration::from_secs(60), &pair).unwrap();
+    let old = status(&net.primary, 9540);
+    assert_eq!((old["role"].as_str(), old["uplink_up"].as_bool()), (Some("secondary"), Some(false)), "{old}");
+    assert!(old["decision"].as_str().unwrap_or("").contains("switchover: this side's network is down"), "{old}");
+    let new = status(&net.secondary, 9541);
+    assert_eq!((new["role"].as_str(), new["protected"].as_bool()), (Some("primary"), Some(true)), "{new}");
+    assert_eq!(new["peer_uplink_up"].as_bool(), Some(false), "{new}");
+
+    net.set_uplink(&net.primary, true).unwrap();
+    pair.wait_for("primary.err", "this side's network is up again", Duration::from_secs(10)).unwrap();
+    pair.secondary.kill().unwrap();
+    pair.secondary.wait().unwrap();
+    client.advance(40, Duration::from_secs(60), &pair).unwrap();
+    let w = client.finish(&pair).unwrap();
+    assert!(pair.text("primary.err").contains("going live at position"), "{}", pair.tails());
+    eprintln!("uplink down: switched over; {} writes in all, none lost; longest pause {:?}", w.acked, w.max_gap);
 }
 
 /// 15. Re-protection: the secondary dies under the client, the primary runs

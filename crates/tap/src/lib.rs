@@ -58,6 +58,57 @@ fn ifreq_for(name: &str) -> libc::ifreq {
     req
 }
 
+/// A socket for interface ioctls, and `name`'s flags read into an ifreq.
+fn flags_request(name: &str) -> std::io::Result<(OwnedFd, libc::ifreq)> {
+    // SAFETY: socket() has no memory arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = ifreq_for(name);
+    // SAFETY: SIOCGIFFLAGS fills the flags of the ifreq it is given.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req as *mut libc::ifreq) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((sock, req))
+}
+
+/// Whether a network interface can carry frames, as its flags say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Up,
+    /// Set down by an administrator (`ip link set ... down`).
+    AdminDown,
+    /// Up, but with no carrier (a cable pulled, a veth peer down, a tap
+    /// nobody holds).
+    NoCarrier,
+    /// No interface of that name (in this network namespace).
+    Missing,
+}
+
+/// The state of interface `name` (any interface, not only a tap).
+pub fn link_state(name: &str) -> std::io::Result<LinkState> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Ok(LinkState::Missing);
+    }
+    let req = match flags_request(name) {
+        Ok((_, req)) => req,
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(LinkState::Missing),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: SIOCGIFFLAGS (in `flags_request`) set the flags member.
+    let flags = unsafe { req.ifr_ifru.ifru_flags } as libc::c_int & 0xffff;
+    Ok(if flags & libc::IFF_UP == 0 {
+        LinkState::AdminDown
+    } else if flags & libc::IFF_RUNNING == 0 {
+        LinkState::NoCarrier
+    } else {
+        LinkState::Up
+    })
+}
+
 impl Tap {
     /// Attach to (or create) tap `name` and bring it up.
     pub fn open(name: &str, offloads: bool) -> Result<Tap, TapError> {
@@ -108,19 +159,8 @@ impl Tap {
 
     /// Set IFF_UP on the interface (a new tap starts down).
     fn set_up(&self) -> std::io::Result<()> {
-        // SAFETY: socket() has no memory arguments; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut req = ifreq_for(&self.name);
-        // SAFETY: SIOCGIFFLAGS fills the flags of the ifreq it is given.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req as *mut libc::ifreq) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: SIOCGIFFLAGS set the flags member of the union.
+        let (sock, mut req) = flags_request(&self.name)?;
+        // SAFETY: SIOCGIFFLAGS (in `flags_request`) set the flags member.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         if flags & libc::IFF_UP as libc::c_short != 0 {
             return Ok(());
@@ -223,6 +263,13 @@ impl Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_is_up_and_a_missing_interface_says_so() {
+        assert_eq!(link_state("lo").unwrap(), LinkState::Up);
+        assert_eq!(link_state("no-such-if0").unwrap(), LinkState::Missing);
+        assert_eq!(link_state("").unwrap(), LinkState::Missing);
+    }
 
     #[test]
     fn bad_names_are_refused_before_any_syscall() {

@@ -73,6 +73,17 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
         max_insns: spec.max_insns,
         key,
         keep_log: pair.keep_log,
+        policy: pair::policy::PolicyOpts {
+            on_uplink_down: pair.on_uplink_down.unwrap_or_default(),
+            grace: pair.uplink_grace_ms.map(Duration::from_millis),
+            uplinks: pair
+                .uplink
+                .iter()
+                .flat_map(|u| u.split(','))
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
+        },
     };
     let vm = LinuxVm::from_spec(&spec)?.context("a pair needs a Linux VM")?;
     match side {

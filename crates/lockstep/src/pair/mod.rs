@@ -19,6 +19,7 @@
 
 pub mod announce;
 pub mod mirror;
+pub mod policy;
 pub mod primary;
 pub mod secondary;
 pub mod sync;
@@ -38,7 +39,7 @@ use ft::{PairConfig, Status};
 use machine::Machine;
 use replay::Record;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 
@@ -69,6 +70,8 @@ pub struct PairOpts {
     pub key: Option<ft::auth::Key>,
     /// Keep this side's copy of the log here (see [`KeptLog`]).
     pub keep_log: Option<PathBuf>,
+    /// Failure policies (see [`policy`]).
+    pub policy: policy::PolicyOpts,
 }
 
 /// `--keep-log DIR`: this side's copy of the pair's event log, in the
@@ -168,8 +171,6 @@ pub struct SideHost {
     pub migrate: Migrate,
     pub records: replica::RecordWriter,
     pub arbiter: Arc<dyn Arbiter>,
-    /// The live run's position (a secondary gone live), for the status.
-    pub live_position: Arc<AtomicU64>,
 }
 
 /// What a side's run loop ended with.
@@ -245,16 +246,25 @@ pub fn drive(vm: &LinuxVm, opts: &PairOpts, host: &mut SideHost, first: Next) ->
 /// whether this side stays on as the secondary.
 pub type Migrate = Arc<Mutex<Option<(String, bool)>>>;
 
-/// The status endpoint's source, which a role change replaces.
-#[derive(Clone, Default)]
-pub struct StatusSlot(Arc<Mutex<Option<StatusFn>>>);
+/// The status endpoint's source, which a role change replaces, and the
+/// side's failure policies (their state and last decision).
+#[derive(Clone)]
+pub struct StatusSlot {
+    source: Arc<Mutex<Option<StatusFn>>>,
+    policy: Arc<policy::Policy>,
+}
 
 impl StatusSlot {
     /// Serve `/status`, `/metrics` and `/switchover` on `addr` (if given)
     /// from whatever the slot holds; a switchover request sets `switch`
     /// when this side is a protected primary.
-    pub fn serve(addr: Option<&str>, switch: Arc<AtomicBool>, migrate: Migrate) -> Result<StatusSlot> {
-        let slot = StatusSlot::default();
+    pub fn serve(
+        addr: Option<&str>,
+        switch: Arc<AtomicBool>,
+        migrate: Migrate,
+        policy: Arc<policy::Policy>,
+    ) -> Result<StatusSlot> {
+        let slot = StatusSlot { source: Arc::default(), policy };
         if let Some(addr) = addr {
             let (a, b) = (slot.clone(), slot.clone());
             let action = move |path: &str, query: &str| {
@@ -291,11 +301,18 @@ impl StatusSlot {
     }
 
     pub fn set(&self, f: impl Fn() -> Status + Send + Sync + 'static) {
-        *self.0.lock().unwrap() = Some(Box::new(f));
+        *self.source.lock().unwrap() = Some(Box::new(f));
     }
 
     pub fn status(&self) -> Status {
-        self.0.lock().unwrap().as_ref().map(|f| f()).unwrap_or_default()
+        let mut s = self.source.lock().unwrap().as_ref().map(|f| f()).unwrap_or_default();
+        self.policy.fill(&mut s);
+        s
+    }
+
+    /// The side's failure policies.
+    pub fn policy(&self) -> &policy::Policy {
+        &self.policy
     }
 }
 

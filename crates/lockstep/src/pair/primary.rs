@@ -53,6 +53,8 @@ struct PrimaryIo<'a> {
     /// The replica's record, and the epoch recorded there.
     records: &'a replica::RecordWriter,
     recorded: u64,
+    /// The side's failure policies (an uplink down asks for a switchover).
+    policy: &'a super::policy::Policy,
 }
 
 /// Output items (frames, console chunks) the gate may hold before the
@@ -111,6 +113,14 @@ impl HostIo for PrimaryIo<'_> {
         if let Some(m) = self.migrate.lock().unwrap().take() {
             self.migrating = Some(m);
             return HostInput::Quit;
+        }
+        if self.log.sink.state() == State::Protected {
+            let shared = &self.log.sink.shared;
+            if let Some(cause) = self.policy.uplink_switchover(|| shared.peer_uplink_up()) {
+                self.policy.decided(&format!("switchover: {cause}"));
+                self.switching = true;
+                return HostInput::Quit;
+            }
         }
         if self.switch.swap(false, Ordering::SeqCst) {
             if self.log.sink.state() == State::Protected {
@@ -295,20 +305,11 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let disk_hash = hello.disk_hash.clone();
     let switch = Arc::new(AtomicBool::new(false));
     let migrate: super::Migrate = Arc::default();
-    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone())?;
+    let policy = super::policy::Policy::start(opts.policy.clone(), vm.net.as_ref().map(|(name, _)| name.as_str()));
+    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone(), Arc::new(policy))?;
     let records = replica::RecordWriter::new(vm, &vm_id);
-    let live_position = Arc::default();
-    let mut host = SideHost {
-        vm_id: vm_id.clone(),
-        console,
-        tap,
-        status,
-        switch,
-        migrate,
-        records,
-        arbiter: arbiter.clone(),
-        live_position,
-    };
+    let mut host =
+        SideHost { vm_id: vm_id.clone(), console, tap, status, switch, migrate, records, arbiter: arbiter.clone() };
     let (gate, console_nic) = attach_output(&mut host, vm, Vec::new())?;
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = host.console.stop_flag();
@@ -475,6 +476,7 @@ fn serve(
             joining: false,
             records: &host.records,
             recorded: shared.epoch(),
+            policy: host.status.policy(),
         };
         let stop = match m.run_linux(&mut io, opts.max_insns) {
             Ok(stop) => stop,
@@ -490,6 +492,7 @@ fn serve(
             Err(machine::RunError::HostFault(fault)) => {
                 // No end record: the secondary goes on from the last mark,
                 // where the guest has not seen the failed request.
+                log.sink.resign(&format!("its disk replica failed ({fault})"));
                 bail!("this primary's disk replica failed ({fault}): it stops, and the secondary goes on with the VM");
             }
             Err(e) => return Err(e.into()),

@@ -18,10 +18,9 @@ use anyhow::{bail, Context, Result};
 use ft::arbiter::Claim;
 use ft::link::{Incoming, Paired, SecondaryLink, Switched};
 use ft::wire::Hello;
-use ft::State;
 use machine::Machine;
 use replay::EndReason;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,10 +208,9 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let records = replica::RecordWriter::new(&vm, &vm_id);
     let switch = Arc::new(AtomicBool::new(false));
     let migrate: super::Migrate = Arc::default();
-    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone())?;
-    let live_position = Arc::new(AtomicU64::new(0));
-    let mut host =
-        SideHost { vm_id: vm_id.clone(), console, tap, status, switch, migrate, records, arbiter, live_position };
+    let policy = super::policy::Policy::start(opts.policy.clone(), vm.net.as_ref().map(|(name, _)| name.as_str()));
+    let status = StatusSlot::serve(opts.metrics.as_deref(), switch.clone(), migrate.clone(), Arc::new(policy))?;
+    let mut host = SideHost { vm_id: vm_id.clone(), console, tap, status, switch, migrate, records, arbiter };
     let from = Replay { m, maker, base, through, late: Vec::new(), forward: false };
     let next = replay(&vm, opts, &mut host, link, kept, from)?;
     drive(&vm, opts, &mut host, next)
@@ -291,17 +289,7 @@ pub fn resume(
 fn serve(host: &mut SideHost, mut replayer: Replayer<LinkSource>, mut mirror: Option<InputMirror>) -> Result<Next> {
     let epoch = replayer.source().0.epoch;
     host.records.ran_at(epoch);
-    {
-        let f = status_fn(replayer.source().0.shared.clone(), None);
-        let pos = host.live_position.clone();
-        host.status.set(move || {
-            let mut s = f();
-            if s.state == Some(State::Alone) {
-                s.position = pos.load(Ordering::Relaxed);
-            }
-            s
-        });
-    }
+    host.status.set(status_fn(replayer.source().0.shared.clone(), None));
     let mut phase = Phase::Replaying;
     let mut flipped = false;
     loop {
@@ -331,11 +319,13 @@ fn serve(host: &mut SideHost, mut replayer: Replayer<LinkSource>, mut mirror: Op
                     Ok(Step::RebootUnseeded(why)) => Phase::Claiming { why, fresh_boot: true },
                     Err(e @ ReplayError::Diverged { .. }) => {
                         let kept = replayer.source_mut().1.take().map(|k| format!("; {}", k.close()));
+                        replayer.source().0.resign(&format!("it diverged from this primary ({e})"));
                         bail!("{e}; this secondary resigns{}", kept.unwrap_or_default())
                     }
                     Err(ReplayError::Log(e)) => bail!("the primary's log has {e}"),
                     Err(ReplayError::Host(e)) => match e.downcast_ref::<machine::RunError>() {
                         Some(machine::RunError::HostFault(fault)) => {
+                            replayer.source().0.resign(&format!("its disk replica failed ({fault})"));
                             bail!("this secondary's disk replica failed ({fault}): it resigns, and the primary goes on")
                         }
                         _ => return Err(e),
@@ -467,9 +457,10 @@ fn mirrored_input(mirror: InputMirror) -> Vec<Vec<u8>> {
     let (left, seen, matched) = mirror.finish();
     if !left.is_empty() {
         tracing::info!(
-            "handing the guest {} frames this tap received and the primary's log did not deliver ({seen} received \
-             while replaying, {matched} matched in the log)",
-            left.len()
+            "handing the guest {} frames this tap received and the primary's log did not deliver ({}; {seen} \
+             received while replaying, {matched} matched in the log)",
+            left.len(),
+            super::mirror::summary(&left)
         );
     }
     left

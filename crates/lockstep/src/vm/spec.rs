@@ -113,6 +113,20 @@ pub struct PairSpec {
     /// replay` (after a divergence, say). The log grows with every input.
     #[arg(long, value_name = "DIR")]
     pub keep_log: Option<PathBuf>,
+    /// Network interfaces whose failure counts as this host losing the
+    /// guest's network, besides the tap (comma-separated; the bridge's
+    /// uplink, say): see `on-uplink-down`.
+    #[arg(long, value_name = "IF[,IF...]")]
+    pub uplink: Option<String>,
+    /// When the primary's network (its tap or an `uplink`) is down for
+    /// `uplink-grace-ms` and the secondary's is up: `switchover` (the
+    /// default) moves the VM to the secondary, `ignore` waits.
+    #[arg(long, value_name = "POLICY")]
+    pub on_uplink_down: Option<crate::pair::policy::OnUplinkDown>,
+    /// How long the network must be down before `on-uplink-down` acts
+    /// (default 500).
+    #[arg(long, value_name = "MS")]
+    pub uplink_grace_ms: Option<u64>,
 }
 
 /// A VM description file, split into its machine and pair settings.
