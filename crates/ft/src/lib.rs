@@ -148,6 +148,41 @@ pub struct Status {
     /// none yet).
     #[serde(default)]
     pub decision: String,
+    /// Primary: a secondary joining, its state on the way.
+    #[serde(default)]
+    pub sync: Option<SyncProgress>,
+}
+
+/// How far the transfer of a running primary's state to a joining
+/// secondary has come.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    /// The joining secondary's address.
+    pub peer: String,
+    /// `disk`, `memory`, `round N` (what changed meanwhile), `final round`.
+    pub phase: String,
+    /// Bytes looked at (the disk's zero blocks count, unsent) ...
+    pub bytes_done: u64,
+    /// ... of this many known so far (each round adds its own).
+    pub bytes_total: u64,
+    pub percent: f64,
+    /// At the rate so far; absent until there is one.
+    pub eta_s: Option<f64>,
+}
+
+impl SyncProgress {
+    /// `memory 63% (310 of 492 MB, 2 s left) to HOST:PORT`.
+    pub fn line(&self) -> String {
+        let eta = self.eta_s.map(|s| format!(", {s:.0} s left")).unwrap_or_default();
+        format!(
+            "{} {:.0}% ({} of {} MB{eta}) to {}",
+            self.phase,
+            self.percent,
+            self.bytes_done >> 20,
+            self.bytes_total >> 20,
+            self.peer
+        )
+    }
 }
 
 impl Status {

@@ -86,6 +86,12 @@ impl Shared {
         self.status.lock().unwrap().state.unwrap_or(State::Pairing)
     }
 
+    /// Primary: how far a joining secondary's transfer has come (`None`:
+    /// none under way).
+    pub fn set_sync(&self, progress: Option<crate::SyncProgress>) {
+        self.update(|s| s.sync = progress);
+    }
+
     /// Primary: whether the secondary's network is up, as it last said.
     pub fn peer_uplink_up(&self) -> Option<bool> {
         self.status.lock().unwrap().peer_uplink_up

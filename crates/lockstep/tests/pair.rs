@@ -1558,9 +1558,27 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
 
     pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "secondary2").unwrap();
-    pair.wait_for("primary.err", "joined at position", Duration::from_secs(120)).unwrap();
+    // While the state goes over, the primary's status says how far it is.
+    let (mut phases, mut last_percent) = (Vec::<String>::new(), 0.0);
+    let t = Instant::now();
+    while !pair.text("primary.err").contains("joined at position") {
+        assert!(t.elapsed() < Duration::from_secs(120), "no join: {}", pair.tails());
+        let st = status(&net.primary, 9540);
+        if let Some(sync) = st.get("sync").filter(|s| !s.is_null()) {
+            let phase = sync["phase"].as_str().unwrap_or("").to_string();
+            let percent = sync["percent"].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&percent) && sync["bytes_total"].as_u64() > Some(0), "{sync}");
+            if phases.last() != Some(&phase) {
+                phases.push(phase);
+            }
+            last_percent = percent;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(phases.first().is_some_and(|p| p == "disk" || p == "memory"), "phases seen: {phases:?}");
     pair.wait_for("secondary2.err", "matches", Duration::from_secs(30)).unwrap();
     let st = status(&net.primary, 9540);
+    assert!(st["sync"].is_null(), "joined, no transfer under way: {st}");
     assert_eq!((st["state"].as_str(), st["protected"].as_bool()), (Some("protected"), Some(true)), "{st}");
     client.advance(40, Duration::from_secs(60), &pair).unwrap();
 
@@ -1572,7 +1590,11 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     assert!(s.contains("going live at position"), "{s}");
     let p = pair.text("primary.err");
     let sent = p.lines().find(|l| l.contains("machine state in")).unwrap_or("");
-    eprintln!("{sent}; {} writes acknowledged in all, none lost; longest pause {:?}", w.acked, w.max_gap);
+    eprintln!(
+        "{sent}; status showed {phases:?} (last {last_percent:.0}%); {} writes acknowledged in all, none lost; \
+         longest pause {:?}",
+        w.acked, w.max_gap
+    );
 }
 
 /// 15. Continuous protection, both ways: each side knows the other's

@@ -146,6 +146,36 @@ pub(super) fn switchover(addr: &str, timeout: Duration) -> Result<Outcome> {
 /// `lockstep migrate`: ask the primary at `addr` to move the VM to the
 /// secondary at `to`, then watch it: done when it is that primary's
 /// secondary (`keep`) or has stopped after the switchover.
+/// The transfer's progress on a terminal (a person watching), redrawn in
+/// place; nothing when stderr is a pipe or a file.
+#[derive(Default)]
+struct ProgressBar {
+    drawn: bool,
+}
+
+impl ProgressBar {
+    fn show(&mut self, p: Option<&ft::SyncProgress>) {
+        use std::io::{IsTerminal, Write};
+        let mut err = std::io::stderr();
+        if !err.is_terminal() {
+            return;
+        }
+        match p {
+            Some(p) => {
+                let filled = (p.percent / 100.0 * 30.0).round().clamp(0.0, 30.0) as usize;
+                let _ = write!(err, "\r\x1b[K[{}{}] {}", "#".repeat(filled), ".".repeat(30 - filled), p.line());
+                self.drawn = true;
+            }
+            None if self.drawn => {
+                let _ = writeln!(err, "\r\x1b[Ktransfer done");
+                self.drawn = false;
+            }
+            None => {}
+        }
+        let _ = err.flush();
+    }
+}
+
 pub(super) fn migrate(addr: &str, to: &str, keep: bool, timeout: Duration) -> Result<Outcome> {
     let before = status::fetch(addr)?;
     let path = format!("/migrate?to={to}&keep={}", u8::from(keep));
@@ -154,6 +184,7 @@ pub(super) fn migrate(addr: &str, to: &str, keep: bool, timeout: Duration) -> Re
     let t = std::time::Instant::now();
     let mut last = before.clone();
     let mut joined = false;
+    let mut bar = ProgressBar::default();
     while t.elapsed() < timeout {
         std::thread::sleep(Duration::from_millis(20));
         match status::fetch(addr) {
@@ -162,6 +193,7 @@ pub(super) fn migrate(addr: &str, to: &str, keep: bool, timeout: Duration) -> Re
                 return Ok(Outcome::Success);
             }
             Ok(s) => {
+                bar.show(s.sync.as_ref());
                 joined |= s.role == "primary" && s.protected && s.epoch > before.epoch;
                 if s.role == "secondary" && s.epoch > before.epoch {
                     if keep && s.protected {

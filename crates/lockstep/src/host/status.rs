@@ -130,7 +130,16 @@ pub fn describe(addr: &str, s: &Status) -> String {
         missed = s.missed_heartbeats,
         thr = s.throttled_ms,
         note = s.note,
-    )
+    ) + &s.sync.as_ref().map(|p| format!("\n  joining: {}", p.line())).unwrap_or_default()
+        + &match s.uplink_up {
+            Some(up) => format!(
+                "\n  network {}{}",
+                if up { "up" } else { "DOWN" },
+                s.peer_uplink_up.map_or(String::new(), |p| format!(", peer's {}", if p { "up" } else { "DOWN" }))
+            ),
+            None => String::new(),
+        }
+        + &if s.decision.is_empty() { String::new() } else { format!("\n  policy: {}", s.decision) }
 }
 
 /// A one-line summary of a side.
@@ -144,6 +153,9 @@ pub fn one_line(s: &Status) -> String {
     }
     if s.role == "primary" {
         line.push_str(&format!(", {} frames released, mean hold {:.0} us", s.frames_released, s.hold_us_mean));
+    }
+    if let Some(p) = &s.sync {
+        line.push_str(&format!(", joining: {}", p.line()));
     }
     line
 }

@@ -611,7 +611,8 @@ fn join_step(
         (Some(c), _) => next_round(c, m, base, done.clone()),
         (None, Some(j)) => {
             tracing::info!("a secondary at {} joins: sending the VM's state, from position {at} on", j.peer());
-            start_copy(j, m, vm, done.clone()).map(Round::Sending)
+            let progress = super::sync::Progress::new(log.sink.shared.clone(), j.peer());
+            start_copy(j, m, vm, done.clone(), progress).map(Round::Sending)
         }
         (None, None) => return Ok(None),
     };
@@ -640,6 +641,7 @@ fn join_step(
         }
         Err(e) => {
             tracing::warn!("the secondary could not join: {e:#}; running on alone");
+            log.sink.shared.set_sync(None);
             Ok(None)
         }
     }

@@ -26,8 +26,8 @@ use machine::snapshot::Snapshot;
 use machine::Machine;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Disk contents go in blocks of this size; all-zero blocks are skipped.
 const DISK_BLOCK: usize = 1 << 20;
@@ -108,6 +108,80 @@ const LAST_ROUND_BYTES: usize = 8 << 20;
 /// memory faster than the link carries it never converges).
 const MAX_ROUNDS: u32 = 4;
 
+/// How far a transfer has come, for the primary's status (see
+/// [`ft::SyncProgress`]); shared with the sending thread.
+#[derive(Clone)]
+pub struct Progress(Arc<Mutex<ProgressState>>);
+
+struct ProgressState {
+    shared: Arc<ft::link::Shared>,
+    peer: String,
+    started: Instant,
+    reported: Instant,
+    phase: String,
+    done: u64,
+    total: u64,
+}
+
+/// The status is refreshed at most this often while bytes flow.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+impl Progress {
+    /// Report into `shared` (the primary's link status) for a transfer to `peer`.
+    pub fn new(shared: Arc<ft::link::Shared>, peer: &str) -> Progress {
+        let now = Instant::now();
+        let state = ProgressState {
+            shared,
+            peer: peer.to_string(),
+            started: now,
+            reported: now,
+            phase: String::new(),
+            done: 0,
+            total: 0,
+        };
+        Progress(Arc::new(Mutex::new(state)))
+    }
+
+    /// A new phase, with `more` bytes to go.
+    fn phase(&self, name: &str, more: u64) {
+        let mut p = self.0.lock().unwrap();
+        p.phase = name.to_string();
+        p.total += more;
+        p.report();
+    }
+
+    /// `n` more bytes done.
+    fn advance(&self, n: u64) {
+        let mut p = self.0.lock().unwrap();
+        p.done = (p.done + n).min(p.total);
+        if p.reported.elapsed() >= PROGRESS_EVERY {
+            p.report();
+        }
+    }
+
+    /// No transfer under way any more.
+    pub fn clear(&self) {
+        self.0.lock().unwrap().shared.set_sync(None);
+    }
+}
+
+impl ProgressState {
+    fn report(&mut self) {
+        self.reported = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { self.done as f64 / secs } else { 0.0 };
+        let left = self.total.saturating_sub(self.done) as f64;
+        self.shared.set_sync(Some(ft::SyncProgress {
+            peer: self.peer.clone(),
+            phase: self.phase.clone(),
+            bytes_done: self.done,
+            bytes_total: self.total,
+            percent: if self.total > 0 { 100.0 * self.done as f64 / self.total as f64 } else { 0.0 },
+            eta_s: (rate > 0.0).then(|| left / rate),
+        }));
+    }
+}
+
 /// A transfer under way: the thread sending the current round, and the id
 /// of the last snapshot taken (the next is a delta of it).
 pub struct Copy {
@@ -116,13 +190,15 @@ pub struct Copy {
     rounds: u32,
     disk_bytes: u64,
     snapshot_bytes: u64,
+    progress: Progress,
 }
 
 /// Send a snapshot and wait until the secondary has it in place; returns
 /// the secondary's state hash there.
-fn send_snapshot(j: &mut Joining, bytes: &[u8]) -> Result<u64> {
+fn send_snapshot(j: &mut Joining, bytes: &[u8], progress: &Progress) -> Result<u64> {
     for part in bytes.chunks(SNAPSHOT_PART) {
         j.send(Piece::Snapshot(part.to_vec()).encode()).context("the transfer broke")?;
+        progress.advance(part.len() as u64);
     }
     j.send(Piece::SnapshotEnd.encode()).context("the transfer broke")?;
     j.wait_synced().map_err(anyhow::Error::msg)
@@ -131,32 +207,41 @@ fn send_snapshot(j: &mut Joining, bytes: &[u8]) -> Result<u64> {
 /// Primary: take the full snapshot of `m` at its position and start
 /// sending it, after `vm`'s disk replica, on a thread; `done` is set when
 /// the thread is through (the guest runs on meanwhile).
-pub fn start_copy(mut j: Joining, m: &mut Machine, vm: &LinuxVm, done: Arc<AtomicBool>) -> Result<Copy> {
+pub fn start_copy(
+    mut j: Joining,
+    m: &mut Machine,
+    vm: &LinuxVm,
+    done: Arc<AtomicBool>,
+    progress: Progress,
+) -> Result<Copy> {
     let mut snap = m.snapshot(None).context("cannot take the machine's snapshot")?;
     // The disk goes whole: what the guest wrote is in it already.
     snap.extents.clear();
     let (bytes, parent) = snap.to_bytes();
     let snapshot_bytes = bytes.len() as u64;
     let disk = vm.disk.as_ref().map(|(path, _)| path.clone());
+    let p = progress.clone();
     let sending = std::thread::spawn(move || {
         let result = (|| {
             let mut disk_bytes = 0;
             if let Some(path) = disk {
-                disk_bytes = send_disk(&mut j, &path)?;
+                disk_bytes = send_disk(&mut j, &path, &p)?;
             }
-            send_snapshot(&mut j, &bytes)?;
+            p.phase("memory", bytes.len() as u64);
+            send_snapshot(&mut j, &bytes, &p)?;
             Ok((j, disk_bytes))
         })();
         done.store(true, Ordering::SeqCst);
         result
     });
-    Ok(Copy { sending, parent, rounds: 0, disk_bytes: 0, snapshot_bytes })
+    Ok(Copy { sending, parent, rounds: 0, disk_bytes: 0, snapshot_bytes, progress })
 }
 
 /// The disk's size, then its non-zero blocks; returns the bytes sent.
-fn send_disk(j: &mut Joining, path: &std::path::Path) -> Result<u64> {
+fn send_disk(j: &mut Joining, path: &std::path::Path, progress: &Progress) -> Result<u64> {
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot read the replica '{}'", path.display()))?;
     let size = f.metadata()?.len();
+    progress.phase("disk", size);
     j.send(Piece::DiskSize(size).encode()).context("the transfer broke")?;
     let mut buf = vec![0u8; DISK_BLOCK];
     let (mut offset, mut sent) = (0u64, 0u64);
@@ -167,6 +252,7 @@ fn send_disk(j: &mut Joining, path: &std::path::Path) -> Result<u64> {
             j.send(Piece::Disk { offset, data: buf[..n].to_vec() }.encode()).context("the transfer broke")?;
             sent += n as u64;
         }
+        progress.advance(n as u64);
         offset += n as u64;
     }
     Ok(sent)
@@ -192,16 +278,20 @@ pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>)
     let (bytes, parent) = delta.to_bytes();
     let snapshot_bytes = copy.snapshot_bytes + bytes.len() as u64;
     let rounds = copy.rounds + 1;
+    let progress = copy.progress;
     if bytes.len() > LAST_ROUND_BYTES && rounds < MAX_ROUNDS {
         done.store(false, Ordering::SeqCst);
+        progress.phase(&format!("round {rounds}"), bytes.len() as u64);
+        let p = progress.clone();
         let sending = std::thread::spawn(move || {
-            let result = send_snapshot(&mut j, &bytes).map(|_| (j, 0));
+            let result = send_snapshot(&mut j, &bytes, &p).map(|_| (j, 0));
             done.store(true, Ordering::SeqCst);
             result
         });
-        return Ok(Round::Sending(Copy { sending, parent, rounds, disk_bytes, snapshot_bytes }));
+        return Ok(Round::Sending(Copy { sending, parent, rounds, disk_bytes, snapshot_bytes, progress }));
     }
-    let theirs = send_snapshot(&mut j, &bytes)?;
+    progress.phase("final round", bytes.len() as u64);
+    let theirs = send_snapshot(&mut j, &bytes, &progress)?;
     let at = m.hart.position().0;
     let state_hash = m.state_hash();
     if theirs != state_hash {
