@@ -22,6 +22,8 @@ pub struct GuestPaths {
 
 pub const GUEST_MAC: &str = "52:54:00:4c:53:50";
 pub const LOG_PORT: u16 = 7300;
+/// What the default guest prints once its services are up.
+pub const GUEST_READY: &str = "lockstep-guest: ready";
 
 /// The two processes of a pair in their namespaces, with their output in
 /// files (`primary.out`/`.err`, `secondary.out`/`.err` in `dir`). Their
@@ -31,6 +33,9 @@ pub struct Pair {
     pub primary: Child,
     pub secondary: Child,
     pub dir: PathBuf,
+    /// The output file names (without extension) of the processes now in
+    /// the primary's and the secondary's namespace (for [`Pair::tails`]).
+    pub names: [String; 2],
 }
 
 /// Sparse copies of the guest's root disk, one per side.
@@ -92,16 +97,32 @@ impl Pair {
         extra: &[&str],
         name: &str,
     ) -> Result<()> {
-        let (child, ns, listen, metrics) = match side {
-            "primary" => (&mut self.primary, &net.primary, net.primary_log_addr(LOG_PORT), "127.0.0.1:9540"),
-            _ => (&mut self.secondary, &net.secondary, net.log_addr(LOG_PORT), "127.0.0.1:9541"),
+        self.restart_as_secondary_with_env(exe, g, net, side, extra, name, &[])
+    }
+
+    /// As [`Pair::restart_as_secondary`], with environment variables.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restart_as_secondary_with_env(
+        &mut self,
+        exe: &Path,
+        g: &GuestPaths,
+        net: &PairNet,
+        side: &str,
+        extra: &[&str],
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let (child, ns, listen, metrics, slot) = match side {
+            "primary" => (&mut self.primary, &net.primary, net.primary_log_addr(LOG_PORT), "127.0.0.1:9540", 0),
+            _ => (&mut self.secondary, &net.secondary, net.log_addr(LOG_PORT), "127.0.0.1:9541", 1),
         };
         let _ = child.kill();
         let _ = child.wait();
         let disk = self.dir.join(format!("{side}.img"));
         let mut c = side_command(exe, g, net, &self.dir, ns, "secondary", name, &disk, extra)?;
-        c.args(["--listen", &listen, "--metrics", metrics]);
+        c.args(["--listen", &listen, "--metrics", metrics]).envs(env.iter().copied());
         *child = c.spawn().context("cannot start a secondary again")?;
+        self.names[slot] = name.to_string();
         Ok(())
     }
 
@@ -149,8 +170,10 @@ impl Pair {
         Pair::start_full(exe, g, net, dir, extra, &[], &[], secondary_extra)
     }
 
+    /// The general form: `extra` flags for both sides, environment
+    /// variables for each, and flags for the secondary alone.
     #[allow(clippy::too_many_arguments)]
-    fn start_full(
+    pub fn start_full(
         exe: &Path,
         g: &GuestPaths,
         net: &PairNet,
@@ -179,7 +202,7 @@ impl Pair {
         };
         let secondary = spawn(&net.secondary, "secondary", &sdisk, "--listen", "127.0.0.1:9541")?;
         let primary = spawn(&net.primary, "primary", &pdisk, "--peer", "127.0.0.1:9540")?;
-        Ok(Pair { primary, secondary, dir: dir.to_path_buf() })
+        Ok(Pair { primary, secondary, dir: dir.to_path_buf(), names: ["primary".into(), "secondary".into()] })
     }
 
     pub fn text(&self, file: &str) -> String {
@@ -210,7 +233,8 @@ impl Pair {
             let lines: Vec<&str> = t.lines().collect();
             lines[lines.len().saturating_sub(6)..].join(" | ")
         };
-        format!("primary: {} ;; secondary: {}", tail("primary.err"), tail("secondary.err"))
+        let [a, b] = &self.names;
+        format!("{a}: {} ;; {b}: {}", tail(&format!("{a}.err")), tail(&format!("{b}.err")))
     }
 }
 
@@ -293,6 +317,20 @@ impl Client {
         let acks = self.acks.lock().unwrap();
         let i = acks.partition_point(|a| *a <= t);
         (acks.get(i).copied(), i.checked_sub(1).map(|j| acks[j]))
+    }
+
+    /// The longest wait between two acknowledged steps since `t` (the wait
+    /// for the first one after `t` counts from `t`).
+    pub fn longest_pause_since(&self, t: Instant) -> Duration {
+        let acks = self.acks.lock().unwrap();
+        let i = acks.partition_point(|a| *a <= t);
+        let mut last = t;
+        let mut longest = Duration::ZERO;
+        for a in &acks[i..] {
+            longest = longest.max(*a - last);
+            last = *a;
+        }
+        longest
     }
 
     /// The longest wait between two acknowledged steps before `t`.

@@ -175,6 +175,14 @@ impl PairNet {
         Ok(())
     }
 
+    /// Undo [`PairNet::slow_log`] (and the rate cap of [`PairNet::impair_log`]).
+    pub fn heal_log(&self) -> Result<()> {
+        for ns in [&self.primary, &self.secondary] {
+            sh(&format!("tc -n {ns} qdisc del dev log0 root"))?;
+        }
+        Ok(())
+    }
+
     fn remove(&self) {
         for ns in [&self.client, &self.bridge, &self.primary, &self.secondary] {
             let _ = Command::new("ip").args(["netns", "del", ns]).stderr(std::process::Stdio::null()).status();

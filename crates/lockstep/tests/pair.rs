@@ -1600,8 +1600,9 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
 /// 15. Continuous protection, both ways: each side knows the other's
 ///     address (`--peer`). Kill A, the primary: B goes live alone and keeps
 ///     looking for A; a secondary started again on A (its old, stale
-///     replica) is joined by B, and the pair is protected again; kill B:
-///     A goes live. One client connection throughout, nothing lost.
+///     replica) is joined by B, and the pair is protected again; B's
+///     replica fills up: B stops, A goes live. One client connection
+///     throughout, nothing lost.
 #[test]
 fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
     let _one = serial();
@@ -1610,7 +1611,10 @@ fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
     let net = PairNet::new("both", 63).unwrap();
     let a_addr = net.primary_log_addr(lab::pair::LOG_PORT);
     let b_addr = net.log_addr(lab::pair::LOG_PORT);
-    let mut pair = Pair::start_with_secondary_args(&exe(), guest(), &net, &dir, &[], &["--peer", &a_addr]).unwrap();
+    // B's replica can be made to fail (a failpoint armed by a file).
+    let full = dir.join("full");
+    let env = [("LOCKSTEP_FAILPOINT", "disk-full"), ("LOCKSTEP_FAILPOINT_FILE", full.to_str().unwrap())];
+    let mut pair = Pair::start_full(&exe(), guest(), &net, &dir, &[], &[], &env, &["--peer", &a_addr]).unwrap();
     pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
     pair.wait_for("primary.out", READY, BOOT).unwrap();
     let client = Client::start(&net);
@@ -1635,17 +1639,22 @@ fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
     );
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
 
-    // Kill B: A goes live.
-    pair.secondary.kill().unwrap();
-    pair.secondary.wait().unwrap();
+    // B's replica fills up: protected again, B stops before its guest
+    // sees the error (alone, it passed such errors to its guest, and it
+    // kept doing so once joined: its guest then saw an error A's did not,
+    // which a nemesis run caught as a divergence). A goes live.
+    std::fs::write(&full, b"").unwrap();
+    let stopped = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    assert_eq!(stopped.code(), Some(2), "{}", pair.tails());
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
     let w = client.finish(&pair).unwrap();
     let a = pair.text("a2.err");
     assert!(a.contains("joined the primary") && a.contains("won epoch 3: going live"), "{a}");
+    assert!(a.contains("its disk replica failed") && !a.contains("diverged"), "{a}");
     let b = pair.text("secondary.err");
     let sent = b.lines().find(|l| l.contains("machine state in")).unwrap_or("");
     eprintln!(
-        "{sent}; {} writes acknowledged across kill, rejoin, kill; none lost; longest pause {:?}",
+        "{sent}; {} writes acknowledged across kill, rejoin, a full replica; none lost; longest pause {:?}",
         w.acked, w.max_gap
     );
 }
@@ -1748,4 +1757,32 @@ fn a_migration_moves_the_running_vm_and_loses_nothing() {
     assert_eq!((st["role"].as_str(), st["state"].as_str()), (Some("primary"), Some("alone")), "{st}");
     let w = client.finish(&pair).unwrap();
     eprintln!("{}; {} writes, none lost; longest pause {:?}", stdout.trim(), w.acked, w.max_gap);
+}
+
+/// 15. The nemesis: random faults (kills of either side, a paused primary,
+///     a cut or slowed log link, a filled replica, a downed uplink, planned
+///     switchovers) one after another under one client connection, each
+///     followed by a supervisor's restart of the stopped side and the
+///     survivor's re-protection onto it; after every step the pair must be
+///     protected again and the client must go on, and at the end every
+///     acknowledged write is read back. The seed is printed (set
+///     `LOCKSTEP_NEMESIS_SEED` to replay one); `lockstep bench nemesis`
+///     runs it for longer.
+#[test]
+fn a_nemesis_of_random_faults_loses_nothing() {
+    let _one = serial();
+    common::require_root_net();
+    let dir = fresh_dir("pair-nemesis");
+    let seed = std::env::var("LOCKSTEP_NEMESIS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(seed);
+    eprintln!("nemesis seed {seed}");
+    let opts = lab::nemesis::Options {
+        seed,
+        steps: Some(6),
+        duration: Some(Duration::from_secs(300)),
+        faults: lab::nemesis::Fault::ALL.to_vec(),
+    };
+    let report = lab::nemesis::run(&exe(), guest(), &dir, "nem", 59, &opts, &mut |line| eprintln!("{line}"))
+        .unwrap_or_else(|e| panic!("nemesis seed {seed}: {e:#}"));
+    assert!(!report.steps.is_empty());
+    eprintln!("nemesis seed {seed}: {} steps, {} writes, none lost", report.steps.len(), report.writes);
 }

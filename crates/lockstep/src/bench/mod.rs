@@ -4,6 +4,7 @@
 //! noise hits both alike; the median is printed with min and max.
 
 mod guest;
+mod nemesis;
 mod pair;
 mod protect;
 
@@ -35,6 +36,10 @@ pub enum BenchKind {
     /// Continuous protection: `--reps` planned switchovers under a client,
     /// then a killed secondary restarted and joined. Needs root.
     Protect,
+    /// Random faults against a pair under the client for `--minutes`,
+    /// each followed by re-protection and the invariants (`--seed` replays
+    /// a run). Needs root.
+    Nemesis,
 }
 
 #[derive(clap::Args)]
@@ -51,6 +56,13 @@ pub struct BenchArgs {
     /// `bench pair`: how many primary kills to time.
     #[arg(long, default_value_t = 10)]
     kills: usize,
+    /// `bench nemesis`: how long to go on.
+    #[arg(long, default_value_t = 10)]
+    minutes: u64,
+    /// `bench nemesis`: the seed of the faults (default: from the clock;
+    /// printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 /// Time from start to the ready line and to exit, for one command.
@@ -153,6 +165,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Record => return guest::record(args.reps),
         BenchKind::Pair => return pair::pair(args.reps, args.kills),
         BenchKind::Protect => return protect::protect(args.reps),
+        BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),
         BenchKind::Hash => {
             guest::state_hash_figures();
             return Ok(());

@@ -15,22 +15,6 @@ use lab::pairnet::PairNet;
 use lab::stats::median;
 use std::time::{Duration, Instant};
 
-/// The longest gap between two of the client's acknowledged writes from
-/// `from` on (including the wait for the first one).
-fn longest_gap_since(client: &Client, from: Instant) -> Duration {
-    let (first, _) = client.acks_around(from);
-    let mut worst = first.map_or(Duration::ZERO, |f| f - from);
-    let mut t = first;
-    while let Some(at) = t {
-        let (next, _) = client.acks_around(at);
-        if let Some(n) = next {
-            worst = worst.max(n - at);
-        }
-        t = next;
-    }
-    worst
-}
-
 fn status_of(ns: &str, exe: &std::path::Path, addr: &str) -> Result<serde_json::Value> {
     let out = lab::netns::exec(ns, exe.to_str().context("the executable's path is not UTF-8")?)
         .args(["status", "--json", addr])
@@ -69,7 +53,7 @@ pub fn protect(reps: usize) -> Result<()> {
             .and_then(|w| w.parse().ok())
             .context("the switchover did not say how long it took")?;
         client.advance(30, Duration::from_secs(60), &pair)?;
-        let pause = longest_gap_since(&client, t);
+        let pause = client.longest_pause_since(t);
         eprintln!(
             "bench protect: switchover {} of {reps}: {ms:.0} ms, client's longest pause {:.1} ms",
             i + 1,
@@ -99,7 +83,7 @@ pub fn protect(reps: usize) -> Result<()> {
     }
     let joined = t.elapsed();
     client.advance(30, Duration::from_secs(60), &pair)?;
-    let pause = longest_gap_since(&client, t);
+    let pause = client.longest_pause_since(t);
     let said = pair.text(primary_file);
     let sent =
         said.lines().rev().find(|l| l.contains("machine state in")).unwrap_or("").trim_start_matches("lockstep: ");

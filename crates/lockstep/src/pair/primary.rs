@@ -623,6 +623,10 @@ fn join_step(
             Ok(None)
         }
         Ok(Round::Joined(j, sent)) => {
+            // Protected again: a disk error only this replica sees must
+            // stop this side (the secondary goes on), not reach the guest
+            // as it did while this side ran alone.
+            m.stop_on_host_errors(true);
             let (gate, _) = new_gate(host, vm)?;
             let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg, base, base + at);
             tracing::info!(
