@@ -287,6 +287,17 @@ impl Snapshot {
     }
 }
 
+/// Whether `bytes` are all zero. A full snapshot scans all of RAM with
+/// the guest stopped (a joining secondary's first copy), so this goes by
+/// 64-byte blocks that the compiler turns into vector ORs; a byte-by-byte
+/// `any` with its early exit does not vectorize and scanned at a tenth of
+/// the speed.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let blocks = bytes.chunks_exact(64);
+    let tail = blocks.remainder();
+    blocks.into_iter().all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0) && tail.iter().all(|&x| x == 0)
+}
+
 impl Machine {
     /// Take a snapshot: full the first time, then a delta of `parent` with
     /// what changed since the previous call.
@@ -296,7 +307,7 @@ impl Machine {
         let page_numbers: Vec<u64> = match parent {
             Some(_) => dirty,
             None => (0..(ram.len() / PAGE) as u64)
-                .filter(|&n| ram[n as usize * PAGE..(n as usize + 1) * PAGE].iter().any(|&b| b != 0))
+                .filter(|&n| !is_zero(&ram[n as usize * PAGE..(n as usize + 1) * PAGE]))
                 .collect(),
         };
         let ram = self.board.ram.bytes();
@@ -418,6 +429,21 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_zero_sees_a_single_set_byte_anywhere() {
+        for len in [0usize, 1, 63, 64, 65, 4096, 4100] {
+            let mut b = vec![0u8; len];
+            assert!(is_zero(&b), "{len}");
+            for at in [0, len / 2, len.saturating_sub(1)] {
+                if at < len {
+                    b[at] = 0x40;
+                    assert!(!is_zero(&b), "{len} {at}");
+                    b[at] = 0;
+                }
+            }
+        }
+    }
     use rv::Position;
 
     fn machine() -> (Machine, crate::programs::Program) {

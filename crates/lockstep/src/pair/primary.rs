@@ -631,11 +631,12 @@ fn join_step(
             let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg, base, base + at);
             tracing::info!(
                 "sent {} MB of disk and {} MB of machine state in {} rounds while the guest ran; the last paused it \
-                 {} ms",
+                 {} ms (the first, a full snapshot, {} ms)",
                 sent.disk_bytes >> 20,
                 sent.snapshot_bytes >> 20,
                 sent.rounds,
-                sent.pause_ms
+                sent.pause_ms,
+                sent.first_pause_ms
             );
             let shared = link.shared.clone();
             link.on_forward(Box::new(host.console.frame_sender(0)));

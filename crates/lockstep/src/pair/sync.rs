@@ -100,6 +100,8 @@ pub struct Sent {
     pub rounds: u32,
     /// The guest's pause for the last round and the secondary's answer.
     pub pause_ms: u128,
+    /// The guest's pause for the first round's full snapshot.
+    pub first_pause_ms: u128,
 }
 
 /// A delta at most this large is the last (sent with the guest paused).
@@ -182,11 +184,23 @@ impl ProgressState {
     }
 }
 
+/// What a round's thread hands back: the connection, the bytes it sent,
+/// and the id of the snapshot it encoded (the first round's is encoded on
+/// the thread, off the guest's time).
+struct RoundSent {
+    j: Joining,
+    disk: u64,
+    snapshot: u64,
+    id: Option<u64>,
+}
+
 /// A transfer under way: the thread sending the current round, and the id
 /// of the last snapshot taken (the next is a delta of it).
 pub struct Copy {
-    sending: std::thread::JoinHandle<Result<(Joining, u64)>>,
-    parent: u64,
+    sending: std::thread::JoinHandle<Result<RoundSent>>,
+    /// The id of the last snapshot taken, if known before its thread ends.
+    parent: Option<u64>,
+    first_pause_ms: u128,
     rounds: u32,
     disk_bytes: u64,
     snapshot_bytes: u64,
@@ -214,11 +228,13 @@ pub fn start_copy(
     done: Arc<AtomicBool>,
     progress: Progress,
 ) -> Result<Copy> {
+    // The guest waits for this (a scan of RAM and a copy of its non-zero
+    // pages); encoding and hashing them go on the thread.
+    let t = Instant::now();
     let mut snap = m.snapshot(None).context("cannot take the machine's snapshot")?;
+    let first_pause_ms = t.elapsed().as_millis();
     // The disk goes whole: what the guest wrote is in it already.
     snap.extents.clear();
-    let (bytes, parent) = snap.to_bytes();
-    let snapshot_bytes = bytes.len() as u64;
     let disk = vm.disk.as_ref().map(|(path, _)| path.clone());
     let p = progress.clone();
     let sending = std::thread::spawn(move || {
@@ -227,14 +243,16 @@ pub fn start_copy(
             if let Some(path) = disk {
                 disk_bytes = send_disk(&mut j, &path, &p)?;
             }
+            let (bytes, id) = snap.to_bytes();
+            drop(snap);
             p.phase("memory", bytes.len() as u64);
             send_snapshot(&mut j, &bytes, &p)?;
-            Ok((j, disk_bytes))
+            Ok(RoundSent { j, disk: disk_bytes, snapshot: bytes.len() as u64, id: Some(id) })
         })();
         done.store(true, Ordering::SeqCst);
         result
     });
-    Ok(Copy { sending, parent, rounds: 0, disk_bytes: 0, snapshot_bytes, progress })
+    Ok(Copy { sending, parent: None, first_pause_ms, rounds: 0, disk_bytes: 0, snapshot_bytes: 0, progress })
 }
 
 /// The disk's size, then its non-zero blocks; returns the bytes sent.
@@ -248,7 +266,7 @@ fn send_disk(j: &mut Joining, path: &std::path::Path, progress: &Progress) -> Re
     while offset < size {
         let n = (size - offset).min(DISK_BLOCK as u64) as usize;
         f.read_exact(&mut buf[..n]).with_context(|| format!("cannot read the replica '{}'", path.display()))?;
-        if buf[..n].iter().any(|&b| b != 0) {
+        if !machine::snapshot::is_zero(&buf[..n]) {
             j.send(Piece::Disk { offset, data: buf[..n].to_vec() }.encode()).context("the transfer broke")?;
             sent += n as u64;
         }
@@ -271,12 +289,14 @@ pub enum Round {
 /// one (or the last allowed) ends the transfer with the guest paused, and
 /// the state hashes are compared.
 pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>) -> Result<Round> {
-    let (mut j, disk) = copy.sending.join().map_err(|_| anyhow::anyhow!("the transfer thread failed"))??;
+    let RoundSent { mut j, disk, snapshot, id } =
+        copy.sending.join().map_err(|_| anyhow::anyhow!("the transfer thread failed"))??;
     let disk_bytes = copy.disk_bytes + disk;
+    let previous = id.or(copy.parent).context("the transfer lost its last snapshot's id")?;
     let t = Instant::now();
-    let delta = m.snapshot(Some(copy.parent)).context("cannot take the machine's snapshot")?;
+    let delta = m.snapshot(Some(previous)).context("cannot take the machine's snapshot")?;
     let (bytes, parent) = delta.to_bytes();
-    let snapshot_bytes = copy.snapshot_bytes + bytes.len() as u64;
+    let snapshot_bytes = copy.snapshot_bytes + snapshot + bytes.len() as u64;
     let rounds = copy.rounds + 1;
     let progress = copy.progress;
     if bytes.len() > LAST_ROUND_BYTES && rounds < MAX_ROUNDS {
@@ -284,11 +304,21 @@ pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>)
         progress.phase(&format!("round {rounds}"), bytes.len() as u64);
         let p = progress.clone();
         let sending = std::thread::spawn(move || {
-            let result = send_snapshot(&mut j, &bytes, &p).map(|_| (j, 0));
+            let result = send_snapshot(&mut j, &bytes, &p).map(|_| RoundSent { j, disk: 0, snapshot: 0, id: None });
             done.store(true, Ordering::SeqCst);
             result
         });
-        return Ok(Round::Sending(Copy { sending, parent, rounds, disk_bytes, snapshot_bytes, progress }));
+        let first_pause_ms = copy.first_pause_ms;
+        let parent = Some(parent);
+        return Ok(Round::Sending(Copy {
+            sending,
+            parent,
+            first_pause_ms,
+            rounds,
+            disk_bytes,
+            snapshot_bytes,
+            progress,
+        }));
     }
     progress.phase("final round", bytes.len() as u64);
     let theirs = send_snapshot(&mut j, &bytes, &progress)?;
@@ -300,7 +330,13 @@ pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>)
     j.send(Piece::Done { at, base, state_hash }.encode()).context("the transfer broke")?;
     // The secondary's word that it runs from here.
     j.wait_synced().map_err(anyhow::Error::msg)?;
-    let sent = Sent { disk_bytes, snapshot_bytes, rounds, pause_ms: t.elapsed().as_millis() };
+    let sent = Sent {
+        disk_bytes,
+        snapshot_bytes,
+        rounds,
+        pause_ms: t.elapsed().as_millis(),
+        first_pause_ms: copy.first_pause_ms,
+    };
     Ok(Round::Joined(j, sent))
 }
 
