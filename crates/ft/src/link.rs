@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -415,7 +415,9 @@ impl PrimaryLink {
     /// side's end of the channel comes back for [`SecondaryLink::resume`].
     /// On an error the pair's usual rules apply (a lost secondary is
     /// arbitrated for), and this side goes on as the primary.
-    pub fn handover(&mut self, at: u64, timeout: Duration) -> Result<Switched, String> {
+    ///
+    /// `sent` runs once the handover is on the wire (a test's failpoint).
+    pub fn handover(&mut self, at: u64, timeout: Duration, sent: impl FnOnce()) -> Result<Switched, String> {
         let at = self.base + at;
         self.position = at;
         self.flush(at);
@@ -443,8 +445,20 @@ impl PrimaryLink {
                 return Err(format!("cannot send the handover: {e}"));
             }
         }
+        sent();
         let wait = timeout.saturating_sub(t.elapsed()).max(Duration::from_secs(1));
-        match self.switched.recv_timeout(wait) {
+        let asked = Instant::now();
+        // The answer, unless the secondary is lost first (the channel
+        // closed: the loss is being arbitrated, and waiting out the
+        // timeout would only hold the guest).
+        let answer = loop {
+            match self.switched.recv_timeout(Duration::from_millis(5)) {
+                Ok(answer) => break Ok(answer),
+                Err(RecvTimeoutError::Timeout) if !self.lost.lost.load(Ordering::SeqCst) && asked.elapsed() < wait => {}
+                Err(_) => break Err(()),
+            }
+        };
+        match answer {
             Ok((r, seal_in, epoch)) => {
                 // This side's primary role is over: nothing of it may act.
                 self.lost.lost.store(true, Ordering::SeqCst);
@@ -460,7 +474,10 @@ impl PrimaryLink {
                 let channel = Channel { stream, w: w.stream, r, seal_out: w.seal, seal_in, peer: self.peer.clone() };
                 Ok(Switched { channel, epoch, at, base: self.base })
             }
-            Err(_) => {
+            Err(()) if self.lost.lost.load(Ordering::SeqCst) => {
+                Err(format!("the secondary was lost during the handover: {}", self.shared.status().note))
+            }
+            Err(()) => {
                 let why = format!("the secondary did not take over within {} s of the handover", wait.as_secs());
                 self.lost.peer_lost(why.clone());
                 Err(why)

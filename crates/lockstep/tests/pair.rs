@@ -1541,6 +1541,68 @@ fn a_primary_that_loses_its_uplink_switches_over_and_loses_nothing() {
     eprintln!("uplink down: switched over; {} writes in all, none lost; longest pause {:?}", w.acked, w.max_gap);
 }
 
+/// 15. A kill in the middle of a planned switchover, under the client:
+///     - the old primary dies just after sending the handover: the
+///       secondary replays to the handover point, wins the next epoch,
+///       and goes on from there (alone, once it finds nobody there);
+///     - the secondary dies on receiving the handover: the old primary
+///       stops waiting for its answer as soon as the channel closes (it
+///       used to wait out the 10 s handover timeout with the guest
+///       stopped), wins the next epoch and runs on alone.
+///
+///     Either way exactly one VM runs on, and every acknowledged write is
+///     there.
+#[test]
+fn a_kill_during_a_switchover_leaves_one_vm_and_loses_nothing() {
+    let _one = serial();
+    for (dies, tag, net_id) in [("primary", "swkp", 56u8), ("secondary", "swks", 55)] {
+        common::require_root_net();
+        let dir = fresh_dir(&format!("pair-{tag}"));
+        let net = PairNet::new(tag, net_id).unwrap();
+        let failpoint = if dies == "primary" { "primary-after-handover" } else { "secondary-at-handover" };
+        let env = [("LOCKSTEP_FAILPOINT", failpoint)];
+        let none: &[(&str, &str)] = &[];
+        let (penv, senv) = if dies == "primary" { (&env[..], none) } else { (none, &env[..]) };
+        let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], penv, senv).unwrap();
+        pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+        pair.wait_for("primary.out", READY, BOOT).unwrap();
+        let client = Client::start(&net);
+        client.advance(30, BOOT, &pair).unwrap();
+
+        let t = Instant::now();
+        let asked = exec(&net.primary, exe().to_str().unwrap())
+            .args(["switchover", "127.0.0.1:9540", "--timeout", "20"])
+            .output()
+            .unwrap();
+        let dead = if dies == "primary" { &mut pair.primary } else { &mut pair.secondary };
+        let exit = wait_exit(dead, Duration::from_secs(30));
+        assert_eq!(exit.code(), None, "the {dies} was to die by SIGKILL at the handover: {}", pair.tails());
+        assert!(!asked.status.success(), "the switchover cannot have succeeded");
+        client.advance(40, Duration::from_secs(60), &pair).unwrap();
+        let (survivor, child) =
+            if dies == "primary" { ("secondary", &mut pair.secondary) } else { ("primary", &mut pair.primary) };
+        assert!(child.try_wait().unwrap().is_none(), "the {survivor} runs on");
+        // The survivor is the VM, alone: the old secondary took over at the
+        // handover point (its answer may have reached the dying primary's
+        // socket, and then it lost its new secondary at once).
+        let (ns, port) = if survivor == "primary" { (&net.primary, 9540) } else { (&net.secondary, 9541) };
+        let st = status(ns, port);
+        assert_eq!((st["role"].as_str(), st["state"].as_str()), (Some("primary"), Some("alone")), "{st}");
+        let said = pair.text(&format!("{survivor}.err"));
+        if dies == "secondary" {
+            assert!(said.contains("the secondary was lost during the handover"), "{said}");
+        } else {
+            assert!(
+                said.contains("replayed to the handover point") || said.contains("but the old primary is gone"),
+                "{said}"
+            );
+        }
+        let pause = client.longest_pause_since(t);
+        let w = client.finish(&pair).unwrap();
+        eprintln!("the {dies} killed at the handover: {} writes, none lost; client's longest pause {pause:?}", w.acked);
+    }
+}
+
 /// 15. Re-protection: the secondary dies under the client, the primary runs
 ///     alone, and a secondary started again on the old (now stale) replica
 ///     joins the running primary (its disk and machine state go over, the

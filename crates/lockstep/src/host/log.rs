@@ -34,7 +34,11 @@ pub fn error_line(msg: &str) {
     eprint!("lockstep: error: {msg}{}", line_end());
 }
 
-struct Lines;
+/// `lockstep: …` lines, with the UTC time of day in front when asked for
+/// (`times`: `LOCKSTEP_LOG_TIMES` set), to line up two sides' logs.
+struct Lines {
+    times: bool,
+}
 
 impl<S, N> FormatEvent<S, N> for Lines
 where
@@ -49,6 +53,11 @@ where
             Level::DEBUG => "debug: ",
             Level::TRACE => "trace: ",
         };
+        if self.times {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let (secs, ms) = (now.as_secs() % 86_400, now.subsec_millis());
+            write!(w, "{:02}:{:02}:{:02}.{ms:03} ", secs / 3600, secs / 60 % 60, secs % 60)?;
+        }
         write!(w, "lockstep: {level}")?;
         ctx.field_format().format_fields(w.by_ref(), event)?;
         write!(w, "{}", line_end())
@@ -65,6 +74,6 @@ pub fn init() {
             // diagnostic must not wait for stdout.
             std::io::stderr()
         })
-        .event_format(Lines)
+        .event_format(Lines { times: std::env::var_os("LOCKSTEP_LOG_TIMES").is_some() })
         .try_init();
 }

@@ -533,7 +533,8 @@ fn serve(
             // Entropy drawn before the stop goes before the handover.
             log.take_draws();
             tracing::info!("switchover: the guest stopped at position {at}; handing over to the secondary");
-            match log.sink.handover(at, HANDOVER_TIMEOUT) {
+            match log.sink.handover(at, HANDOVER_TIMEOUT, || crate::host::failpoint::kill_if("primary-after-handover"))
+            {
                 Ok(switched) => {
                     maker.set_host(None);
                     // Frames that came after the handover point: the new

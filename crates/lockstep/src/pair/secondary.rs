@@ -425,6 +425,7 @@ fn switch_over(
     end: ft::link::HandoverEnd,
     records: &replica::RecordWriter,
 ) -> Switch {
+    crate::host::failpoint::kill_if("secondary-at-handover");
     let here = replayer.position();
     if here != at {
         tracing::error!("the primary handed over at position {at}, but this side's replay stands at {here}");
