@@ -876,6 +876,19 @@ struct Lost {
 }
 
 impl Lost {
+    /// Whether `holder` of the epoch after `epoch` is the secondary that
+    /// this side handed over to, which won that epoch as a paired primary
+    /// (not alone) and then fell silent before its answer arrived. Such a
+    /// primary releases output only on this side's acknowledgements, and
+    /// this side never gave one (it never heard the answer), so nothing of
+    /// its run left it: this side, still at the handover point, may claim
+    /// past it. The two then race for the same next epoch, and exactly one
+    /// wins. A secondary that went live instead claims alone, and is never
+    /// passed over.
+    fn superseded_by_a_silent_takeover(&self, epoch: u64, holder: &Holder) -> bool {
+        self.handing.load(Ordering::SeqCst) && holder.epoch == epoch + 1 && holder.alone < holder.epoch
+    }
+
     /// This side stops (once): cut the channel and keep what is not yet
     /// acknowledged from leaving; no claim, the secondary goes on.
     fn resigned(&self, why: &str) {
@@ -909,12 +922,24 @@ impl Lost {
         let ctx = self.clone();
         std::thread::spawn(move || {
             let mut told = false;
+            let mut epoch = epoch;
             loop {
                 if ctx.pulse.stuck_for(ctx.stall).is_some() {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
                 match ctx.arbiter.claim(epoch, &ctx.owner, true) {
+                    Ok(Claim::Lost(h)) if ctx.superseded_by_a_silent_takeover(epoch, &h) => {
+                        note!(
+                            ctx.shared,
+                            warn,
+                            "epoch {} was won for the switchover by '{}', which never answered: claiming the next",
+                            h.epoch,
+                            h.owner
+                        );
+                        epoch = h.epoch;
+                        continue;
+                    }
                     Ok(Claim::Won(e)) => {
                         ctx.gate.open();
                         ctx.shared.update(|s| {
@@ -1232,17 +1257,42 @@ impl SecondaryLink {
     /// arbiter unreachable or taken) leaves the pair to its usual rules:
     /// the caller treats the primary as lost, unless the epoch was won
     /// (`Some`: the old primary is gone; this side goes on alone).
-    pub fn take_over(&self, end: HandoverEnd, at: u64, base: u64) -> Result<Switched, (String, Option<u64>)> {
+    ///
+    /// `claimed` runs once the epoch is won (a test's failpoint).
+    pub fn take_over(
+        &self,
+        end: HandoverEnd,
+        at: u64,
+        base: u64,
+        claimed: impl FnOnce(),
+    ) -> Result<Switched, (String, Option<u64>)> {
         let epoch = match self.arbiter.claim(self.epoch, &owner_name("primary"), false) {
             Ok(Claim::Won(e)) => e,
             Ok(Claim::Lost(h)) => return Err((format!("epoch {} belongs to '{}'", h.epoch, h.owner), None)),
             Err(e) => return Err((ErrorChain(&e).to_string(), None)),
         };
+        claimed();
         self.shared.update(|s| s.epoch = epoch);
         let mut guard = self.writer.lock().unwrap();
         let w = &mut *guard;
         let sent = wire::send(&mut w.stream, self.epoch, &Message::Switched { epoch }, w.seal.as_mut());
-        sent.map_err(|e| (format!("cannot answer the handover: {e}"), Some(epoch)))?;
+        if let Err(e) = sent {
+            // The old primary may still be there, and may claim past this
+            // paired epoch (see `Lost::superseded_by_a_silent_takeover`):
+            // going on alone takes an alone claim of the next one.
+            let why = format!("cannot answer the handover: {e}");
+            let t = Instant::now();
+            loop {
+                match self.arbiter.claim(epoch, &owner_name("secondary"), true) {
+                    Ok(Claim::Won(alone)) => return Err((why, Some(alone))),
+                    Ok(Claim::Lost(h)) => {
+                        return Err((format!("{why}; epoch {} belongs to '{}'", h.epoch, h.owner), None));
+                    }
+                    Err(_) if t.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(e) => return Err((format!("{why}; {}", ErrorChain(&e)), None)),
+                }
+            }
+        }
         // This side's secondary role is over.
         self.lost.store(true, Ordering::SeqCst);
         self.shared.update(|s| s.state = Some(State::Stopped));

@@ -22,6 +22,13 @@ pub fn number_before(text: &str, unit: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|n| n * scale)
 }
 
+/// The number right after `prefix` in `text` (e.g. "paused it 7 ms" with
+/// "paused it ").
+pub fn number_after(text: &str, prefix: &str) -> Option<f64> {
+    let rest = &text[text.find(prefix)? + prefix.len()..];
+    rest.split(|c: char| !(c.is_ascii_digit() || c == '.')).next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,5 +40,7 @@ mod tests {
         assert_eq!(number_before("read 3.95 k iops", "iops"), Some(3950.0));
         assert_eq!(number_before("12.5 MB/s", "MB/s"), Some(12.5));
         assert_eq!(number_before("no figure", "iops"), None);
+        assert_eq!(number_after("the last paused it 7 ms (the first 61 ms)", "paused it "), Some(7.0));
+        assert_eq!(number_after("nothing", "paused it "), None);
     }
 }

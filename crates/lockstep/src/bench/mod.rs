@@ -4,6 +4,7 @@
 //! noise hits both alike; the median is printed with min and max.
 
 mod guest;
+mod migrate;
 mod nemesis;
 mod pair;
 mod protect;
@@ -40,6 +41,10 @@ pub enum BenchKind {
     /// each followed by re-protection and the invariants (`--seed` replays
     /// a run). Needs root.
     Nemesis,
+    /// One live migration of the default guest with lockstep (`lockstep
+    /// migrate`, disk included) and one with QEMU (TCG, shared disk), on
+    /// this machine. Needs root.
+    Migrate,
 }
 
 #[derive(clap::Args)]
@@ -166,6 +171,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Pair => return pair::pair(args.reps, args.kills),
         BenchKind::Protect => return protect::protect(args.reps),
         BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),
+        BenchKind::Migrate => return migrate::migrate(),
         BenchKind::Hash => {
             guest::state_hash_figures();
             return Ok(());

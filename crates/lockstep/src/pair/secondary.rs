@@ -431,7 +431,8 @@ fn switch_over(
         tracing::error!("the primary handed over at position {at}, but this side's replay stands at {here}");
         return Switch::Failed;
     }
-    match replayer.source().0.take_over(end, at, replayer.base()) {
+    let claimed = || crate::host::failpoint::kill_if("secondary-after-takeover-claim");
+    match replayer.source().0.take_over(end, at, replayer.base(), claimed) {
         Ok(switched) => {
             records.ran_at(switched.epoch);
             tracing::info!(
