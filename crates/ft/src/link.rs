@@ -495,20 +495,28 @@ impl PrimaryLink {
         self.base
     }
 
-    /// Let the secondary go (it stops without going live, see
-    /// [`Message::Release`]) and run alone: the next epoch is claimed as
-    /// after a loss, so the released replica counts as stale.
-    pub fn release(&mut self, why: &str) {
+    /// Send `msg` as this side's last word on the channel (no heartbeat
+    /// after it); false if the pair is not protected.
+    fn last_word(&mut self, msg: Message) -> bool {
         if !self.protected() {
-            return;
+            return false;
         }
         if let Some(writer) = &self.writer {
             let mut w = writer.lock().unwrap();
             self.lost.handing.store(true, Ordering::SeqCst);
             let through = w.through;
-            let _ = w.write(&[Message::Release], self.epoch, through);
+            let _ = w.write(&[msg], self.epoch, through);
         }
-        self.lost.peer_lost(format!("released it: {why}"));
+        true
+    }
+
+    /// Let the secondary go (it stops without going live, see
+    /// [`Message::Release`]) and run alone: the next epoch is claimed as
+    /// after a loss, so the released replica counts as stale.
+    pub fn release(&mut self, why: &str) {
+        if self.last_word(Message::Release) {
+            self.lost.peer_lost(format!("released it: {why}"));
+        }
     }
 
     /// This side stops (a host fault: its disk replica failed): tell the
@@ -518,12 +526,14 @@ impl PrimaryLink {
         if !self.protected() {
             return;
         }
-        if let Some(writer) = &self.writer {
-            let mut w = writer.lock().unwrap();
-            self.lost.handing.store(true, Ordering::SeqCst);
-            let through = w.through;
-            let _ = w.write(&[Message::Refuse(why.to_string())], self.epoch, through);
+        // Lost first: the secondary closes the channel once it reads the
+        // refusal, and the ack loop must not take that for a loss to
+        // arbitrate (it did, won the next epoch, and locked the secondary
+        // out: no VM).
+        if self.lost.lost.swap(true, Ordering::SeqCst) {
+            return;
         }
+        self.last_word(Message::Refuse(why.to_string()));
         self.lost.resigned(why);
     }
 
@@ -889,12 +899,10 @@ impl Lost {
         self.handing.load(Ordering::SeqCst) && holder.epoch == epoch + 1 && holder.alone < holder.epoch
     }
 
-    /// This side stops (once): cut the channel and keep what is not yet
+    /// This side stops: cut the channel and keep what is not yet
     /// acknowledged from leaving; no claim, the secondary goes on.
+    /// (`lost` is set already: see [`PrimaryLink::resign`].)
     fn resigned(&self, why: &str) {
-        if self.lost.swap(true, Ordering::SeqCst) {
-            return;
-        }
         if let Some(s) = &self.stream {
             let _ = s.shutdown(Shutdown::Both);
         }

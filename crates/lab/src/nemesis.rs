@@ -219,7 +219,7 @@ impl Run<'_> {
         let env = [("LOCKSTEP_FAILPOINT", "disk-full"), ("LOCKSTEP_FAILPOINT_FILE", full.as_str())];
         let extra = ["--peer", peer.as_str(), "--uplink", "up0"];
         let (exe, guest, net) = (self.exe, self.guest, self.net);
-        self.pair.restart_as_secondary_with_env(exe, guest, net, SIDES[side], &extra, &name, &env)
+        self.pair.restart_as_secondary(exe, guest, net, SIDES[side], &extra, &name, &env)
     }
 
     /// One fault and the recovery after it; says what happened.

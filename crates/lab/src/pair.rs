@@ -87,22 +87,9 @@ impl Pair {
     /// namespace of `side` ("primary" or "secondary": the side it replaces),
     /// on that side's replica, listening at that side's log address and
     /// serving its status where that side did; its output goes to
-    /// `dir/NAME.out` and `.err`.
-    pub fn restart_as_secondary(
-        &mut self,
-        exe: &Path,
-        g: &GuestPaths,
-        net: &PairNet,
-        side: &str,
-        extra: &[&str],
-        name: &str,
-    ) -> Result<()> {
-        self.restart_as_secondary_with_env(exe, g, net, side, extra, name, &[])
-    }
-
-    /// As [`Pair::restart_as_secondary`], with environment variables.
+    /// `dir/NAME.out` and `.err`; `env`: environment variables for it.
     #[allow(clippy::too_many_arguments)]
-    pub fn restart_as_secondary_with_env(
+    pub fn restart_as_secondary(
         &mut self,
         exe: &Path,
         g: &GuestPaths,

@@ -1640,7 +1640,7 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     pair.wait_for("primary.err", "running alone", Duration::from_secs(30)).unwrap();
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
 
-    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "secondary2").unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "secondary2", &[]).unwrap();
     // While the state goes over, the primary's status says how far it is.
     let (mut phases, mut last_percent) = (Vec::<String>::new(), 0.0);
     let t = Instant::now();
@@ -1712,7 +1712,7 @@ fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
     assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("alone"), Some(2)), "{st}");
 
     // A comes back as a secondary: B joins it, protected again.
-    pair.restart_as_secondary(&exe(), guest(), &net, "primary", &["--peer", &b_addr], "a2").unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "primary", &["--peer", &b_addr], "a2", &[]).unwrap();
     pair.wait_for("secondary.err", "joined at position", Duration::from_secs(120)).unwrap();
     let st = status(&net.secondary, 9541);
     assert_eq!(
@@ -1759,7 +1759,7 @@ fn a_kill_during_a_join_leaves_one_vm_and_the_next_join_works() {
     pair.wait_for("primary.err", "running alone", Duration::from_secs(30)).unwrap();
 
     // The joiner dies mid-transfer: the primary goes on alone.
-    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner1").unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner1", &[]).unwrap();
     pair.wait_for("primary.err", "joins: sending the VM's state", Duration::from_secs(60)).unwrap();
     pair.secondary.kill().unwrap();
     pair.secondary.wait().unwrap();
@@ -1769,7 +1769,7 @@ fn a_kill_during_a_join_leaves_one_vm_and_the_next_join_works() {
     assert_eq!(st["state"].as_str(), Some("alone"), "{st}");
 
     // The next one joins.
-    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner2").unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner2", &[]).unwrap();
     pair.wait_for("primary.err", "joined at position", Duration::from_secs(120)).unwrap();
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
     let st = status(&net.primary, 9540);
@@ -1782,7 +1782,7 @@ fn a_kill_during_a_join_leaves_one_vm_and_the_next_join_works() {
     pair.wait_for("primary.err", "the VM is NOT PROTECTED", Duration::from_secs(30)).unwrap();
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
     let w = client.finish(&pair).unwrap();
-    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner3").unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner3", &[]).unwrap();
     let sending = pair.text("primary.err").matches("joins: sending the VM's state").count();
     let t = Instant::now();
     while pair.text("primary.err").matches("joins: sending the VM's state").count() == sending {
@@ -1828,7 +1828,7 @@ fn a_migration_moves_the_running_vm_and_loses_nothing() {
     assert!(released.success() && s.contains("released this secondary") && !s.contains("going live"), "{s}");
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
     // The target comes up; the VM moves there.
-    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "target").unwrap();
+    pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "target", &[]).unwrap();
     let out = migrate.join().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "migrate: {stdout} {stderr}\n{}", pair.tails());

@@ -44,7 +44,7 @@ fn lockstep_migration(exe: &Path, g: &lab::pair::GuestPaths, dir: &Path) -> Resu
         std::thread::sleep(Duration::from_millis(5));
     }
     let released = t.elapsed();
-    pair.restart_as_secondary(exe, g, &net, "secondary", &[], "target")?;
+    pair.restart_as_secondary(exe, g, &net, "secondary", &[], "target", &[])?;
     let out = cli.join().map_err(|_| anyhow::anyhow!("the migrate thread panicked"))??;
     let total = t.elapsed();
     let said = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -74,7 +74,7 @@ pub fn protect(reps: usize) -> Result<()> {
     client.advance(20, Duration::from_secs(60), &pair)?;
     let before = pair.text(primary_file).matches("joined at position").count();
     let t = Instant::now();
-    pair.restart_as_secondary(&exe, &g, &net, secondary_side, &["--peer", &peer], "rejoined")?;
+    pair.restart_as_secondary(&exe, &g, &net, secondary_side, &["--peer", &peer], "rejoined", &[])?;
     while pair.text(primary_file).matches("joined at position").count() == before {
         if t.elapsed() > Duration::from_secs(180) {
             bail!("no join within 180 s: {}", pair.tails());
