@@ -62,6 +62,13 @@ pub(crate) struct SealedStream {
     pub(crate) seal: Option<Seal>,
 }
 
+impl SealedStream {
+    /// Write one message at `epoch`, sealed if the channel is keyed.
+    pub(crate) fn send(&mut self, epoch: u64, msg: &Message) -> std::io::Result<()> {
+        wire::send(&mut self.stream, epoch, msg, self.seal.as_mut())
+    }
+}
+
 /// The preamble exchange, the key exchange (with `--key`) and the hello of
 /// one connection, within [`HELLO_DEADLINE`]; `None` (with a warning) for
 /// anything else. A keyed secondary refuses a primary without the key, and

@@ -1283,7 +1283,7 @@ impl SecondaryLink {
         self.shared.update(|s| s.epoch = epoch);
         let mut guard = self.writer.lock().unwrap();
         let w = &mut *guard;
-        let sent = wire::send(&mut w.stream, self.epoch, &Message::Switched { epoch }, w.seal.as_mut());
+        let sent = w.send(self.epoch, &Message::Switched { epoch });
         if let Err(e) = sent {
             // The old primary may still be there, and may claim past this
             // paired epoch (see `Lost::superseded_by_a_silent_takeover`):
@@ -1330,8 +1330,7 @@ impl SecondaryLink {
         if self.lost.swap(true, Ordering::SeqCst) {
             return;
         }
-        let w = &mut *w;
-        let _ = wire::send(&mut w.stream, self.epoch, &Message::Refuse(why.to_string()), w.seal.as_mut());
+        let _ = w.send(self.epoch, &Message::Refuse(why.to_string()));
         self.shared.update(|s| s.state = Some(State::Stopped));
     }
 
@@ -1391,8 +1390,7 @@ impl Forwarder {
         if self.lost.load(Ordering::SeqCst) {
             return false;
         }
-        let w = &mut *w;
-        wire::send(&mut w.stream, self.epoch, &Message::Forward(frame), w.seal.as_mut()).is_ok()
+        w.send(self.epoch, &Message::Forward(frame)).is_ok()
     }
 }
 
@@ -1486,8 +1484,7 @@ impl SecondaryEnd {
         if self.handing.load(Ordering::SeqCst) || self.lost.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let w = &mut *w;
-        wire::send(&mut w.stream, self.epoch, msg, w.seal.as_mut())
+        w.send(self.epoch, msg)
     }
 
     fn receive_loop(self, mut r: BufReader<Deadline>, mut seal: Option<Seal>) {

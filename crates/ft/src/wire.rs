@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 2: the key exchange, and the hello's host, arbiter kind and build.
 /// 3: the release point in marks. 4: the planned switchover, joining a
-/// running primary.
+/// running primary. 5: the secondary's network state (`Uplink`).
 pub const PROTOCOL_VERSION: u32 = 5;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;

@@ -143,9 +143,6 @@ pub(super) fn switchover(addr: &str, timeout: Duration) -> Result<Outcome> {
     bail!("no new pair within {} s: {addr} says {}", timeout.as_secs(), status::one_line(&last))
 }
 
-/// `lockstep migrate`: ask the primary at `addr` to move the VM to the
-/// secondary at `to`, then watch it: done when it is that primary's
-/// secondary (`keep`) or has stopped after the switchover.
 /// The transfer's progress on a terminal (a person watching), redrawn in
 /// place; nothing when stderr is a pipe or a file.
 #[derive(Default)]
@@ -176,6 +173,9 @@ impl ProgressBar {
     }
 }
 
+/// `lockstep migrate`: ask the primary at `addr` to move the VM to the
+/// secondary at `to`, then watch it: done when it is that primary's
+/// secondary (`keep`) or has stopped after the switchover.
 pub(super) fn migrate(addr: &str, to: &str, keep: bool, timeout: Duration) -> Result<Outcome> {
     let before = status::fetch(addr)?;
     let path = format!("/migrate?to={to}&keep={}", u8::from(keep));

@@ -46,7 +46,7 @@ struct PrimaryIo<'a> {
     migrating: Option<(String, bool)>,
     /// Running alone: a secondary to join, a transfer to it under way and
     /// its round through, and the run loop stopped for either.
-    seeker: Option<&'a Seeker>,
+    seeker: &'a Seeker,
     copying: bool,
     copy_done: &'a AtomicBool,
     joining: bool,
@@ -93,22 +93,21 @@ impl HostIo for PrimaryIo<'_> {
             self.fenced = true;
             return HostInput::Quit;
         }
-        if let Some(seeker) = self.seeker {
-            if self.copying {
-                seeker.want(0);
-                if self.copy_done.swap(false, Ordering::SeqCst) {
-                    self.joining = true;
-                    return HostInput::Quit;
-                }
-            } else if self.log.sink.state() == State::Alone {
-                seeker.want(self.log.sink.shared.epoch());
-                if seeker.ready() {
-                    self.joining = true;
-                    return HostInput::Quit;
-                }
-            } else {
-                seeker.want(0);
+        let seeker = self.seeker;
+        if self.copying {
+            seeker.want(0);
+            if self.copy_done.swap(false, Ordering::SeqCst) {
+                self.joining = true;
+                return HostInput::Quit;
             }
+        } else if self.log.sink.state() == State::Alone {
+            seeker.want(self.log.sink.shared.epoch());
+            if seeker.ready() {
+                self.joining = true;
+                return HostInput::Quit;
+            }
+        } else {
+            seeker.want(0);
         }
         if let Some(m) = self.migrate.lock().unwrap().take() {
             self.migrating = Some(m);
@@ -455,7 +454,7 @@ fn serve(
         build: crate::host::identity::build_id(),
         join: true,
     };
-    let seeker = Some(Seeker::start(opts.peer.clone(), join_hello, opts.key.clone()));
+    let seeker = Seeker::start(opts.peer.clone(), join_hello, opts.key.clone());
     let mut transfer = Transfer { copy: None, done: Arc::new(AtomicBool::new(false)) };
     // A migration under way: whether this side stays as the secondary.
     let mut moving: Option<bool> = None;
@@ -470,7 +469,7 @@ fn serve(
             switching: false,
             migrate: &host.migrate,
             migrating: None,
-            seeker: seeker.as_ref(),
+            seeker: &seeker,
             copying: transfer.copy.is_some(),
             copy_done: &transfer.done,
             joining: false,
@@ -507,9 +506,7 @@ fn serve(
                 if keep { " (this side stays as the secondary)" } else { "" }
             );
             log.sink.release(&format!("a migration to {to}"));
-            if let Some(seeker) = &seeker {
-                seeker.look_at(&to);
-            }
+            seeker.look_at(&to);
             moving = Some(keep);
             continue;
         }
@@ -518,7 +515,7 @@ fn serve(
             bail!("{}", shared.status().note);
         }
         if joining {
-            let found = if transfer.copy.is_none() { seeker.as_ref().and_then(Seeker::take) } else { None };
+            let found = if transfer.copy.is_none() { seeker.take() } else { None };
             if let Some(link) = join_step(vm, opts, host, &mut m, &mut log, &mut transfer, found)? {
                 shared = link;
                 if moving.is_some() {
