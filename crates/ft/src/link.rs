@@ -787,17 +787,22 @@ impl Joining {
         &self.ch.peer
     }
 
-    /// Primary: a piece of the state.
+    /// How long a read may wait (`None`: for ever, the default).
+    pub fn set_wait(&self, wait: Option<Duration>) {
+        let _ = self.ch.stream.set_read_timeout(wait);
+    }
+
+    /// A piece of the state (or, from the secondary, of what it holds).
     pub fn send(&mut self, piece: Vec<u8>) -> std::io::Result<()> {
         wire::send(&mut self.ch.w, self.epoch, &Message::Sync(piece), self.ch.seal_out.as_mut())
     }
 
-    /// Secondary: the next piece of the state.
+    /// The peer's next piece.
     pub fn receive(&mut self) -> Result<Vec<u8>, String> {
         match wire::receive(&mut self.ch.r, self.ch.seal_in.as_mut()) {
             Ok((e, Message::Sync(piece))) if e == self.epoch => Ok(piece),
-            Ok((_, Message::Refuse(why))) => Err(format!("the primary gave up the transfer: {why}")),
-            Ok((e, m)) => Err(format!("the primary sent {m:?} at epoch {e} during the transfer")),
+            Ok((_, Message::Refuse(why))) => Err(format!("the peer gave up the transfer: {why}")),
+            Ok((e, m)) => Err(format!("the peer sent {m:?} at epoch {e} during the transfer")),
             Err(e) => Err(format!("the transfer broke: {}", ErrorChain(&e))),
         }
     }

@@ -174,8 +174,11 @@ impl Pair {
         // A new pair from copies of the base image: no history. (The
         // arbiter's record of an earlier pair in `dir` would make these
         // fresh copies stale, as it should for real replicas.)
-        for old in [dir.join("arbiter.epoch"), dir.join("primary.img.lockstep"), dir.join("secondary.img.lockstep")] {
-            let _ = std::fs::remove_file(old);
+        for old in ["arbiter.epoch", "primary.img.lockstep", "secondary.img.lockstep"]
+            .into_iter()
+            .chain(["primary.img.lockstep-changes", "secondary.img.lockstep-changes"])
+        {
+            let _ = std::fs::remove_file(dir.join(old));
         }
         let spawn = |ns: &str, role: &str, disk: &Path, addr_flag: &str, metrics: &str| -> Result<Child> {
             let mut c = side_command(exe, g, net, dir, ns, role, role, disk, extra)?;
@@ -353,4 +356,34 @@ impl Client {
             Err(_) => bail!("the client thread panicked"),
         }
     }
+}
+
+/// The `chunk`-byte chunks in which files `a` and `b` differ (a length
+/// difference counts as the chunks past the shorter end).
+pub fn differing_chunks(a: &Path, b: &Path, chunk: usize) -> Result<Vec<u64>> {
+    use std::io::Read;
+    let open = |p: &Path| std::fs::File::open(p).with_context(|| format!("cannot read '{}'", p.display()));
+    let (mut fa, mut fb) = (std::io::BufReader::new(open(a)?), std::io::BufReader::new(open(b)?));
+    let (mut ba, mut bb) = (vec![0u8; chunk], vec![0u8; chunk]);
+    let mut differ = Vec::new();
+    for n in 0.. {
+        let fill = |f: &mut dyn Read, buf: &mut [u8]| -> Result<usize> {
+            let mut got = 0;
+            while got < buf.len() {
+                match f.read(&mut buf[got..])? {
+                    0 => break,
+                    k => got += k,
+                }
+            }
+            Ok(got)
+        };
+        let (na, nb) = (fill(&mut fa, &mut ba)?, fill(&mut fb, &mut bb)?);
+        if na == 0 && nb == 0 {
+            break;
+        }
+        if ba[..na] != bb[..nb] {
+            differ.push(n);
+        }
+    }
+    Ok(differ)
 }

@@ -653,6 +653,35 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     assert_eq!(perr.lines().filter(|l| l.starts_with("lockstep: error")).count(), 1, "{perr}");
 }
 
+/// A watched uplink that does not exist is a typo, not a network that is
+/// down: counted as down, it would move the VM on the primary's word alone.
+#[test]
+fn an_uplink_that_does_not_exist_is_refused_at_start() {
+    let dir = fresh_dir("pair-uplink-name");
+    let disk = dir.join("a.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    for role in ["primary", "secondary"] {
+        let mut side = local_side(role, &disk, "127.0.0.1:47341", 47441, &dir.join("epoch"))
+            .args(["--uplink", "lo,no-such-if0"])
+            .spawn()
+            .unwrap();
+        // (Without the check, the side would wait for its peer.)
+        let t = Instant::now();
+        while side.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = side.kill();
+        let exit = side.wait().unwrap();
+        let err = stderr_of(&mut side);
+        assert_eq!(exit.code(), Some(2), "{role}: {err}");
+        assert!(
+            err.contains("--uplink 'no-such-if0': there is no network interface of that name on this host"),
+            "{role}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{role}: {err}");
+    }
+}
+
 /// A side of a pair of the default guest's kernel and initramfs (no
 /// network, a scratch disk), on 127.0.0.1, for tests of pairing itself.
 fn local_side(role: &str, disk: &Path, addr: &str, metrics: u16, arbiter: &Path) -> Command {
@@ -1626,13 +1655,14 @@ fn a_kill_during_a_switchover_leaves_one_vm_and_loses_nothing() {
 
 /// 15. Re-protection: the secondary dies under the client, the primary runs
 ///     alone, and a secondary started again on the old (now stale) replica
-///     joins the running primary (its disk and machine state go over, the
-///     state hashes must match) without a restart of the guest; the pair is
-///     protected again, and a kill of the primary then loses nothing.
+///     joins the running primary (its machine state goes over, and of its
+///     disk only the chunks written since the pair formed; the state
+///     hashes must match) without a restart of the guest; the pair is
+///     protected again, and after a poweroff both replicas are equal.
 #[test]
 fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     let _one = serial();
-    let (net, mut pair, _dir) = start("rejoin", 64, &[]);
+    let (net, mut pair, dir) = start("rejoin", 64, &[]);
     let client = Client::start(&net);
     client.advance(30, BOOT, &pair).unwrap();
     pair.secondary.kill().unwrap();
@@ -1663,19 +1693,28 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     let st = status(&net.primary, 9540);
     assert!(st["sync"].is_null(), "joined, no transfer under way: {st}");
     assert_eq!((st["state"].as_str(), st["protected"].as_bool()), (Some("protected"), Some(true)), "{st}");
-    client.advance(40, Duration::from_secs(60), &pair).unwrap();
-
-    pair.primary.kill().unwrap();
-    pair.primary.wait().unwrap();
+    // The returning replica shared the pair's boot generation: only the
+    // chunks written since went over, not the whole disk.
+    let s = pair.text("secondary2.err");
+    assert!(s.contains("this replica was kept: only what changed since generation"), "{s}");
+    let p = pair.text("primary.err");
+    let sent = p.lines().find(|l| l.contains("machine state in")).unwrap_or("").to_string();
+    assert!(sent.contains("chunks changed since generation"), "{sent}");
     client.advance(40, Duration::from_secs(60), &pair).unwrap();
     let w = client.finish(&pair).unwrap();
-    let s = pair.text("secondary2.err");
-    assert!(s.contains("going live at position"), "{s}");
-    let p = pair.text("primary.err");
-    let sent = p.lines().find(|l| l.contains("machine state in")).unwrap_or("");
+
+    // The guest powers off: both sides end at the same point, and the two
+    // replicas hold the same bytes, every chunk of them (the state hash at
+    // the join covers only the chunks the guest wrote since it booted).
+    type_line(&mut pair.primary, "sync; poweroff -f").unwrap();
+    let exits = [wait_exit(&mut pair.primary, Duration::from_secs(60)), wait_exit(&mut pair.secondary, BOOT)];
+    assert!(exits.iter().all(|e| e.success()), "{exits:?}: {}", pair.tails());
+    let (a, b) = (dir.join("primary.img"), dir.join("secondary.img"));
+    let differing = lab::pair::differing_chunks(&a, &b, 1 << 20).unwrap();
+    assert!(differing.is_empty(), "the replicas differ in 1 MiB chunks {differing:?}");
     eprintln!(
         "{sent}; status showed {phases:?} (last {last_percent:.0}%); {} writes acknowledged in all, none lost; \
-         longest pause {:?}",
+         longest pause {:?}; the replicas are equal after the poweroff",
         w.acked, w.max_gap
     );
 }
@@ -1733,6 +1772,8 @@ fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
     let w = client.finish(&pair).unwrap();
     let a = pair.text("a2.err");
     assert!(a.contains("joined the primary") && a.contains("won epoch 3: going live"), "{a}");
+    // A's replica came back from a failover: it got only what changed.
+    assert!(a.contains("this replica was kept"), "{a}");
     assert!(a.contains("its disk replica failed") && !a.contains("diverged"), "{a}");
     let b = pair.text("secondary.err");
     let sent = b.lines().find(|l| l.contains("machine state in")).unwrap_or("");

@@ -8,6 +8,7 @@ mod migrate;
 mod nemesis;
 mod pair;
 mod protect;
+mod reprotect;
 
 use anyhow::{bail, Result};
 use lab::stats::median;
@@ -37,6 +38,10 @@ pub enum BenchKind {
     /// Continuous protection: `--reps` planned switchovers under a client,
     /// then a killed secondary restarted and joined. Needs root.
     Protect,
+    /// Re-protection of the default guest: a join onto a new replica, and
+    /// onto a returning secondary's and a returning primary's old replica
+    /// (`--fill-mb`: data the guest writes first). Needs root.
+    Reprotect,
     /// Random faults against a pair under the client for `--minutes`,
     /// each followed by re-protection and the invariants (`--seed` replays
     /// a run). Needs root.
@@ -68,6 +73,9 @@ pub struct BenchArgs {
     /// printed either way).
     #[arg(long)]
     seed: Option<u64>,
+    /// `bench reprotect`: MB the guest writes to its disk first.
+    #[arg(long, default_value_t = 0)]
+    fill_mb: u64,
 }
 
 /// Time from start to the ready line and to exit, for one command.
@@ -170,6 +178,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Record => return guest::record(args.reps),
         BenchKind::Pair => return pair::pair(args.reps, args.kills),
         BenchKind::Protect => return protect::protect(args.reps),
+        BenchKind::Reprotect => return reprotect::reprotect(args.fill_mb),
         BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),
         BenchKind::Migrate => return migrate::migrate(),
         BenchKind::Hash => {

@@ -48,6 +48,15 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
     if cfg.timeout <= cfg.heartbeat {
         bail!("--timeout-ms must be longer than --heartbeat-ms");
     }
+    let uplinks: Vec<String> =
+        pair.uplink.iter().flat_map(|u| u.split(',')).map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    // A name that is wrong now would count as a network that is down: a
+    // typo on the primary alone would move the VM to the secondary.
+    for name in &uplinks {
+        if tap::link_state(name).is_ok_and(|s| s == tap::LinkState::Missing) {
+            bail!("--uplink '{name}': there is no network interface of that name on this host");
+        }
+    }
     let mut metrics = pair.metrics;
     if metrics.is_none() {
         let default = if side == Side::Primary { "127.0.0.1:9540" } else { "127.0.0.1:9541" };
@@ -76,13 +85,7 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
         policy: pair::policy::PolicyOpts {
             on_uplink_down: pair.on_uplink_down.unwrap_or_default(),
             grace: pair.uplink_grace_ms.map(Duration::from_millis),
-            uplinks: pair
-                .uplink
-                .iter()
-                .flat_map(|u| u.split(','))
-                .map(|u| u.trim().to_string())
-                .filter(|u| !u.is_empty())
-                .collect(),
+            uplinks,
         },
     };
     let vm = LinuxVm::from_spec(&spec)?.context("a pair needs a Linux VM")?;

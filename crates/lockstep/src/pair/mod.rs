@@ -316,6 +316,16 @@ impl StatusSlot {
     }
 }
 
+/// Track the changes to this side's replica (a writable disk) from now
+/// on: a later join with a replica that shares a generation with it then
+/// sends only the chunks that changed ([`crate::vm::changes`]).
+fn track_replica(vm: &LinuxVm, vm_id: &str) -> Result<Option<crate::vm::changes::ChangeTracker>> {
+    match &vm.disk {
+        Some((path, false)) => crate::vm::changes::track(path, vm_id).map(Some),
+        _ => Ok(None),
+    }
+}
+
 fn arbiter_for(opts: &PairOpts, vm_id: &str) -> Result<Arc<dyn Arbiter>> {
     let spec = match &opts.arbiter {
         Some(s) => s.clone(),

@@ -6,6 +6,7 @@ use crate::host::console::StdioConsole;
 use crate::host::entropy::{host_seed, HostEntropy};
 use crate::host::log::report;
 use crate::replayer::{MachineMaker, Takeover};
+use crate::vm::changes::{self, History};
 use crate::vm::record::{InputLog, LogSink};
 use crate::vm::{end_reason, outcome_of, print_final, replica, LinuxVm};
 use crate::Outcome;
@@ -200,7 +201,7 @@ fn attach_output(host: &mut SideHost, vm: &LinuxVm, earlier: Vec<Vec<u8>>) -> Re
 struct Seeker {
     peer: Arc<Mutex<Option<String>>>,
     want: Arc<AtomicU64>,
-    found: Arc<Mutex<Option<Joining>>>,
+    found: Arc<Mutex<Option<(Joining, History)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -219,13 +220,18 @@ impl Seeker {
                 let epoch = want.load(Ordering::Relaxed);
                 let peer = peer.lock().unwrap().clone();
                 if let Some(peer) = peer.filter(|_| epoch != 0 && found.lock().unwrap().is_none()) {
-                    match Joining::connect(&peer, epoch, hello.clone(), key.as_ref(), SEEK_EVERY) {
-                        Ok(j) => *found.lock().unwrap() = Some(j),
+                    let greeted = Joining::connect(&peer, epoch, hello.clone(), key.as_ref(), SEEK_EVERY)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|mut j| super::sync::peer_history(&mut j).map(|h| (j, h)));
+                    match greeted {
+                        Ok(found_one) => *found.lock().unwrap() = Some(found_one),
                         // Nobody there yet is the usual case: say only a
                         // refusal, once.
-                        Err(e @ ft::link::PairError::Unreachable { .. }) => tracing::debug!("{e}"),
+                        Err(e) if matches!(e.downcast_ref(), Some(ft::link::PairError::Unreachable { .. })) => {
+                            tracing::debug!("{e}")
+                        }
                         Err(e) => {
-                            let text = format!("{:#}", anyhow::Error::from(e));
+                            let text = format!("{e:#}");
                             if text != said {
                                 tracing::warn!("no secondary joins from {peer}: {text}");
                                 said = text;
@@ -255,7 +261,7 @@ impl Seeker {
         self.found.lock().unwrap().is_some()
     }
 
-    fn take(&self) -> Option<Joining> {
+    fn take(&self) -> Option<(Joining, History)> {
         self.found.lock().unwrap().take()
     }
 }
@@ -270,6 +276,8 @@ impl Drop for Seeker {
 pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let vm_id = vm.identity()?;
     let arbiter = arbiter_for(opts, &vm_id)?;
+    // Before any machine exists: they all mark their writes.
+    let tracker = super::track_replica(vm, &vm_id)?;
     let console = StdioConsole::open();
     let tap = match &vm.net {
         Some((name, _)) => Some(tap::Tap::open(name, true)?),
@@ -315,6 +323,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let mut link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate, opts.cfg, opts.key.as_ref(), &|| {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
+    if let Some(t) = &tracker {
+        // Paired at boot, the disks compared equal: a generation begins.
+        t.begin(changes::boot_generation(&seed), true).context("cannot record the disk generation")?;
+    }
     if let Some(kept) = kept {
         let mut kept = kept.start(vm, disk_hash)?;
         tracing::info!("keeping this side's log in '{}'", kept.path.display());
@@ -597,7 +609,7 @@ fn join_step(
     m: &mut Machine,
     log: &mut InputLog<PrimaryLink>,
     transfer: &mut Transfer,
-    j: Option<Joining>,
+    j: Option<(Joining, History)>,
 ) -> Result<Option<Arc<Shared>>> {
     let Transfer { copy, done } = transfer;
     use super::sync::{next_round, start_copy, Round};
@@ -607,10 +619,10 @@ fn join_step(
     log.sink.waiting(true);
     let step = match (copy.take(), j) {
         (Some(c), _) => next_round(c, m, base, done.clone()),
-        (None, Some(j)) => {
+        (None, Some((j, theirs))) => {
             tracing::info!("a secondary at {} joins: sending the VM's state, from position {at} on", j.peer());
             let progress = super::sync::Progress::new(log.sink.shared.clone(), j.peer());
-            start_copy(j, m, vm, done.clone(), progress).map(Round::Sending)
+            start_copy(j, theirs, m, vm, done.clone(), progress).map(Round::Sending)
         }
         (None, None) => return Ok(None),
     };
@@ -627,10 +639,18 @@ fn join_step(
             m.stop_on_host_errors(true);
             let (gate, _) = new_gate(host, vm)?;
             let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg, base, base + at);
+            let disk = match sent.disk_delta {
+                Some((chunks, common)) => {
+                    format!(
+                        "{} MB of disk (the {chunks} chunks changed since generation {common:016x})",
+                        sent.disk_bytes >> 20
+                    )
+                }
+                None => format!("{} MB of disk", sent.disk_bytes >> 20),
+            };
             tracing::info!(
-                "sent {} MB of disk and {} MB of machine state in {} rounds while the guest ran; the last paused it \
-                 {} ms (the first, a full snapshot, {} ms)",
-                sent.disk_bytes >> 20,
+                "sent {disk} and {} MB of machine state in {} rounds while the guest ran; the last paused it {} ms \
+                 (the first, a full snapshot, {} ms)",
                 sent.snapshot_bytes >> 20,
                 sent.rounds,
                 sent.pause_ms,

@@ -12,7 +12,7 @@ use super::mirror::{InputMirror, LogTally};
 use super::{arbiter_for, drive, status_fn, KeptLog, KeptReplica, Next, PairOpts, SideHost, StatusSlot};
 use crate::host::console::StdioConsole;
 use crate::replayer::{Fetched, MachineMaker, ReplayError, ReplayOpts, Replayer, Source, Step};
-use crate::vm::{print_final, replica, LinuxVm};
+use crate::vm::{changes, print_final, replica, LinuxVm};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use ft::arbiter::Claim;
@@ -99,6 +99,8 @@ const LOG_WAIT: Duration = Duration::from_millis(20);
 pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let vm_id = vm.identity()?;
     let arbiter = arbiter_for(opts, &vm_id)?;
+    // Before any machine exists: they all mark their writes.
+    let tracker = super::track_replica(vm, &vm_id)?;
     let listener = ft::link::listen(&opts.addr)?;
     let console = StdioConsole::open();
     // Opened now so a bad tap is an error before pairing; read by the input
@@ -111,7 +113,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     // The replica is copied now, while nothing runs on it.
     let kept = opts.keep_log.as_deref().map(|dir| KeptReplica::take(vm, dir, "secondary")).transpose()?;
     let mut vm = vm.clone();
-    let mut built: Option<(Machine, MachineMaker)> = None;
+    let mut built: Option<(Machine, MachineMaker, [u8; 32])> = None;
     tracing::info!("secondary: listening on {} (arbiter {})", opts.addr, arbiter.describe());
     let host = crate::host::identity::host_id();
     let build = crate::host::identity::build_id();
@@ -163,7 +165,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 h.state_hash
             ));
         }
-        built = Some((m, maker));
+        built = Some((m, maker, h.seed));
         Ok(())
     };
     let stop = console.stop_flag();
@@ -173,7 +175,11 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     })?;
     let (link, m, maker, base, through, kept) = match paired {
         Paired::Boot(link) => {
-            let (m, maker) = built.take().context("paired without a machine")?;
+            let (m, maker, seed) = built.take().context("paired without a machine")?;
+            if let Some(t) = &tracker {
+                // Paired at boot, the disks compared equal: a generation begins.
+                t.begin(changes::boot_generation(&seed), true).context("cannot record the disk generation")?;
+            }
             let kept = kept.map(|k| k.start(&vm, disk_hash.clone())).transpose()?;
             if let Some(k) = &kept {
                 tracing::info!("keeping this side's log in '{}'", k.path.display());
@@ -195,10 +201,14 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 }
             };
             tracing::info!(
-                "received the primary's state at position {} in {} ms; state hash {:016x} matches",
+                "received the primary's state at position {} in {} ms; state hash {:016x} matches{}",
                 r.at,
                 t.elapsed().as_millis(),
-                r.state_hash
+                r.state_hash,
+                match r.kept {
+                    Some(g) => format!(" (this replica was kept: only what changed since generation {g:016x} came)"),
+                    None => String::new(),
+                }
             );
             let through = r.base + r.at;
             let link = j.synced(r.state_hash, arbiter.clone(), opts.cfg, through).map_err(anyhow::Error::msg)?;

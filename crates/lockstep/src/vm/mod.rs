@@ -2,6 +2,7 @@
 //! ([`spec`]: flags and `vm.toml`), running it live ([`live`]) and
 //! recording it ([`record`]).
 
+pub mod changes;
 pub mod live;
 pub mod record;
 pub mod replica;
@@ -86,6 +87,12 @@ impl LinuxVm {
         if let Some((path, read_only)) = &self.disk {
             let mut backend: Box<dyn machine::virtio::blk::BlockBackend> =
                 Box::new(machine::virtio::blk::FileBackend::open(path, *read_only)?);
+            if !*read_only {
+                match changes::tracker(path) {
+                    Some(tracker) => backend = Box::new(changes::TrackedDisk { inner: backend, tracker }),
+                    None => changes::untracked_writer(path)?,
+                }
+            }
             if crate::host::failpoint::named("disk-full") {
                 backend = Box::new(crate::host::failpoint::FillableDisk(backend));
             }
