@@ -512,9 +512,12 @@ impl PrimaryLink {
 
     /// Let the secondary go (it stops without going live, see
     /// [`Message::Release`]) and run alone: the next epoch is claimed as
-    /// after a loss, so the released replica counts as stale.
-    pub fn release(&mut self, why: &str) {
+    /// after a loss, so the released replica counts as stale. `sent` runs
+    /// between the release and the claim (a test's failpoint: a primary
+    /// that dies there leaves its secondary to go live).
+    pub fn release(&mut self, why: &str, sent: impl FnOnce()) {
         if self.last_word(Message::Release) {
+            sent();
             self.lost.peer_lost(format!("released it: {why}"));
         }
     }

@@ -1809,9 +1809,18 @@ fn a_kill_during_a_join_leaves_one_vm_and_the_next_join_works() {
     let st = status(&net.primary, 9540);
     assert_eq!(st["state"].as_str(), Some("alone"), "{st}");
 
-    // The next one joins.
+    // The next one joins, on a new, empty replica (another host's): the
+    // whole disk goes over.
+    let replica = dir.join("secondary.img");
+    let size = std::fs::metadata(&replica).unwrap().len();
+    for old in ["secondary.img.lockstep", "secondary.img.lockstep-changes"] {
+        let _ = std::fs::remove_file(dir.join(old));
+    }
+    std::fs::File::create(&replica).unwrap().set_len(size).unwrap();
     pair.restart_as_secondary(&exe(), guest(), &net, "secondary", &[], "joiner2", &[]).unwrap();
     pair.wait_for("primary.err", "joined at position", Duration::from_secs(120)).unwrap();
+    let sent = pair.text("primary.err").lines().find(|l| l.contains("machine state in")).unwrap_or("").to_string();
+    assert!(sent.contains("MB of disk and") && !pair.text("joiner2.err").contains("was kept"), "{sent}");
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
     let st = status(&net.primary, 9540);
     assert_eq!(st["state"].as_str(), Some("protected"), "{st}");
@@ -1881,6 +1890,33 @@ fn a_migration_moves_the_running_vm_and_loses_nothing() {
     assert_eq!((st["role"].as_str(), st["state"].as_str()), (Some("primary"), Some("alone")), "{st}");
     let w = client.finish(&pair).unwrap();
     eprintln!("{}; {} writes, none lost; longest pause {:?}", stdout.trim(), w.acked, w.max_gap);
+}
+
+/// 15. A kill in a migration's release step: the primary lets its
+///     secondary go and dies before it claims the next epoch to run alone.
+///     The released secondary, seeing no claim, takes the primary for lost
+///     and goes live (it used to stop at once: no VM at all).
+#[test]
+fn a_primary_killed_as_it_releases_its_secondary_leaves_the_vm_to_it() {
+    let _one = serial();
+    let (net, mut pair, _dir, _) = start_with_failpoint("relkill", 51, "primary-after-release", &[]);
+    pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
+    let client = Client::start(&net);
+    client.advance(20, BOOT, &pair).unwrap();
+    let to = net.log_addr(lab::pair::LOG_PORT + 1);
+    let out = exec(&net.primary, exe().to_str().unwrap())
+        .args(["migrate", "--to", &to, "--timeout", "10", "127.0.0.1:9540"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the migration cannot succeed: its primary died");
+    let killed = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    assert!(!killed.success(), "{}", pair.tails());
+    pair.wait_for("secondary.err", "going live at position", Duration::from_secs(30)).unwrap();
+    client.advance(30, Duration::from_secs(60), &pair).unwrap();
+    let w = client.finish(&pair).unwrap();
+    let s = pair.text("secondary.err");
+    assert!(s.contains("did not claim the next epoch") && !s.contains("it stops"), "{s}");
+    eprintln!("{} writes, none lost; longest pause {:?}", w.acked, w.max_gap);
 }
 
 /// 15. The nemesis: random faults (kills of either side, a paused primary,

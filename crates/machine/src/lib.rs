@@ -518,6 +518,22 @@ impl Machine {
         std::hash::Hasher::finish(&h)
     }
 
+    /// The state hash's parts, each hashed on its own: the hart's and
+    /// devices' state, the disks' written chunks, and RAM. When two state
+    /// hashes differ, these say where.
+    pub fn state_hash_parts(&mut self) -> [u64; 3] {
+        self.drain_dirty();
+        let devices = std::hash::Hasher::finish(&self.hash_devices());
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for dev in &mut self.board.virtio {
+            dev.storage_digest(&mut h);
+        }
+        let storage = std::hash::Hasher::finish(&h);
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        self.digest.hash_into(self.board.ram.bytes(), &mut h);
+        [devices, storage, std::hash::Hasher::finish(&h)]
+    }
+
     /// The hart's and devices' state, the start of every state hash.
     fn hash_devices(&self) -> xxhash_rust::xxh3::Xxh3 {
         use std::hash::Hash;

@@ -517,7 +517,8 @@ fn serve(
                 "migration to {to} asked for{}",
                 if keep { " (this side stays as the secondary)" } else { "" }
             );
-            log.sink.release(&format!("a migration to {to}"));
+            log.sink
+                .release(&format!("a migration to {to}"), || crate::host::failpoint::kill_if("primary-after-release"));
             seeker.look_at(&to);
             moving = Some(keep);
             continue;

@@ -92,6 +92,25 @@ enum Phase {
     Ended(EndReason),
 }
 
+/// How long a released secondary waits for the primary to claim the next
+/// epoch (it does so at once) before it takes the primary for lost.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether someone holds an epoch past `epoch` within `wait` (an arbiter
+/// that cannot be read counts as no).
+fn claimed_past(arbiter: &dyn ft::arbiter::Arbiter, epoch: u64, wait: Duration) -> bool {
+    let t = std::time::Instant::now();
+    loop {
+        if arbiter.read().ok().flatten().is_some_and(|h| h.epoch > epoch) {
+            return true;
+        }
+        if t.elapsed() >= wait {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// How long the replay waits for the log when it has executed all of it.
 const LOG_WAIT: Duration = Duration::from_millis(20);
 
@@ -346,9 +365,20 @@ fn serve(host: &mut SideHost, mut replayer: Replayer<LinkSource>, mut mirror: Op
                 let pos = replayer.machine().hart.position().0;
                 let arbiter = host.arbiter.clone();
                 if replayer.source().4 {
-                    tracing::info!("the primary released this secondary (the VM moves elsewhere); it stops");
-                    print_final(replayer.machine_mut());
-                    return Ok(Next::Done(Outcome::Success));
+                    // The primary claims the next epoch as it lets go. One
+                    // that died in between left the VM to this side.
+                    let epoch = replayer.source().0.epoch;
+                    if claimed_past(arbiter.as_ref(), epoch, RELEASE_WAIT) {
+                        tracing::info!("the primary released this secondary (the VM moves elsewhere); it stops");
+                        print_final(replayer.machine_mut());
+                        return Ok(Next::Done(Outcome::Success));
+                    }
+                    tracing::warn!(
+                        "the primary released this secondary but did not claim the next epoch within {} s: it is \
+                         taken for lost",
+                        RELEASE_WAIT.as_secs()
+                    );
+                    replayer.source_mut().4 = false;
                 }
                 if let Some((at, end)) = replayer.source_mut().3.take() {
                     match switch_over(&mut replayer, at, end, &host.records) {

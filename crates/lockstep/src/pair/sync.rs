@@ -445,7 +445,14 @@ pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>)
     let at = m.hart.position().0;
     let state_hash = m.state_hash();
     if theirs != state_hash {
-        bail!("the joined secondary's state hash is {theirs:016x}, this side's {state_hash:016x} at position {at}");
+        let why = format!(
+            "the joined secondary's state hash is {theirs:016x}, this side's {state_hash:016x} at position {at} \
+             ({})",
+            describe_parts(m.state_hash_parts())
+        );
+        // The secondary says its parts when it reads this.
+        j.refuse(&why);
+        bail!("{why}");
     }
     let generation = changes::new_generation_id()?;
     j.send(Piece::Done { at, base, state_hash, generation }.encode()).context("the transfer broke")?;
@@ -465,6 +472,11 @@ pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>)
         first_pause_ms: copy.first_pause_ms,
     };
     Ok(Round::Joined(j, sent))
+}
+
+/// The parts of a state hash, for comparing two sides' logs.
+fn describe_parts([devices, disk, ram]: [u64; 3]) -> String {
+    format!("hart and devices {devices:016x}, disk {disk:016x}, RAM {ram:016x}")
 }
 
 /// Secondary: the replica at `path`, opened for the primary's contents
@@ -517,7 +529,16 @@ pub fn receive_state(j: &mut Joining, vm: &LinuxVm, vm_id: &str, maker: &Machine
         Piece::decode(&bytes).context("the primary sent a malformed piece of its state")
     };
     let (at, base, state_hash, generation) = loop {
-        match piece(j)? {
+        let next = match piece(j) {
+            Ok(next) => next,
+            // A refusal after a round names the primary's parts: these
+            // are this side's.
+            Err(e) => match built.as_mut() {
+                Some((m, _)) => bail!("{e:#} (this side: {})", describe_parts(m.state_hash_parts())),
+                None => return Err(e),
+            },
+        };
+        match next {
             Piece::DiskKeep { size, common } => {
                 let path = replica.as_ref().context("the primary has a disk; this secondary has no writable one")?;
                 if history.size != size || !history.generations.iter().any(|g| g.id == common) {
