@@ -126,6 +126,15 @@ impl Seal {
         m
     }
 
+    /// A key for something else that belongs to this direction of the
+    /// connection (`label`, `data`): HMAC-SHA256 under this seal's key.
+    pub fn derive(&self, label: &[u8], data: &[u8]) -> [u8; 32] {
+        let mut m = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(data);
+        m.finalize().into_bytes().into()
+    }
+
     /// The tag of the next message sent.
     pub fn tag(&mut self, framed: &[u8]) -> [u8; 32] {
         let tag = self.mac(framed).finalize().into_bytes().into();

@@ -16,6 +16,7 @@
 
 pub mod arbiter;
 pub mod auth;
+pub mod datagram;
 pub mod gate;
 mod greet;
 pub mod health;

@@ -10,6 +10,7 @@
 
 use crate::arbiter::{Arbiter, Claim, Holder};
 use crate::auth::{self, Key, Seal};
+use crate::datagram::{AckSender, AckSocket, Acked};
 use crate::gate::OutputGate;
 use crate::greet::{greet, refuse_latecomers, Deadline, Greeting, SealedStream};
 use crate::liveness::{Lease, Pulse};
@@ -322,6 +323,16 @@ impl PrimaryLink {
             stall: cfg.stall_timeout(),
         };
         let writer = Arc::new(Mutex::new(LogWriter { stream: w, through, written: Instant::now(), seal: seal_out }));
+        // The secondary's heartbeats come by datagram as well: a deep queue
+        // on the link toward it holds up its acknowledgements on the channel.
+        match AckSocket::bind(&stream, epoch, seal_in.as_ref()) {
+            Ok((socket, port, secret)) => {
+                let _ = writer.lock().unwrap().write(&[Message::AckTo { port, secret }], epoch, through);
+                let (ctx, heard) = (ctx.clone(), heard.clone());
+                std::thread::spawn(move || datagram_loop(socket, ctx, heard));
+            }
+            Err(e) => tracing::warn!("acknowledgements come on the log channel only (no datagram socket: {e})"),
+        }
         {
             let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
             std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
@@ -1040,6 +1051,42 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
     }
 }
 
+/// An acknowledgement from the secondary (on the channel or by datagram):
+/// word from it, and output it releases, unless the lease has lapsed.
+fn acknowledged(ctx: &Lost, lease: &Lease, a: Acked) -> Result<(), Duration> {
+    lease.renew()?;
+    ctx.gate.acknowledge(a.received);
+    ctx.shared.update(|s| {
+        s.peer_position = s.peer_position.max(a.executed);
+        s.lag_positions = s.position.saturating_sub(s.peer_position);
+        s.lag_ms = s.lag_positions as f64 / 1e6;
+    });
+    Ok(())
+}
+
+fn lapsed(silent: Duration) -> String {
+    format!("no word from it for {} ms (its late acknowledgements release nothing)", silent.as_millis())
+}
+
+/// The primary's receiver of acknowledgements by datagram (see
+/// [`crate::datagram`]), until the link is lost or handed over.
+fn datagram_loop(mut socket: AckSocket, ctx: Lost, lease: Arc<Lease>) {
+    let over = || ctx.lost.load(Ordering::SeqCst) || ctx.handing.load(Ordering::SeqCst);
+    let mut first = true;
+    while !over() {
+        let Some(acked) = socket.receive(Duration::from_millis(100)) else { continue };
+        if std::mem::take(&mut first) {
+            tracing::debug!("the secondary's acknowledgements arrive by datagram too");
+        }
+        if over() {
+            return;
+        }
+        if let Err(silent) = acknowledged(&ctx, &lease, acked) {
+            return ctx.peer_lost(lapsed(silent));
+        }
+    }
+}
+
 /// The primary's receiver: acks release output while the [`Lease`] holds.
 fn ack_loop(
     mut r: BufReader<Deadline>,
@@ -1057,18 +1104,9 @@ fn ack_loop(
                 return;
             }
             Ok((e, Message::Ack { received, executed })) if e == epoch => {
-                if let Err(silent) = lease.renew() {
-                    return ctx.peer_lost(format!(
-                        "no word from it for {} ms (its late acknowledgements release nothing)",
-                        silent.as_millis()
-                    ));
+                if let Err(silent) = acknowledged(&ctx, &lease, Acked { received, executed }) {
+                    return ctx.peer_lost(lapsed(silent));
                 }
-                ctx.gate.acknowledge(received);
-                ctx.shared.update(|s| {
-                    s.peer_position = s.peer_position.max(executed);
-                    s.lag_positions = s.position.saturating_sub(s.peer_position);
-                    s.lag_ms = s.lag_positions as f64 / 1e6;
-                });
             }
             Ok((e, Message::Forward(frame))) if e == epoch => {
                 if let Some(f) = &*ctx.forward.lock().unwrap() {
@@ -1250,6 +1288,7 @@ impl SecondaryLink {
             ack_delay: cfg.ack_delay,
             heard,
             epoch,
+            datagrams: Arc::default(),
         };
         {
             let end = end.clone();
@@ -1450,6 +1489,8 @@ struct SecondaryEnd {
     ack_delay: Duration,
     heard: Arc<Mutex<Instant>>,
     epoch: u64,
+    /// Where heartbeats go by datagram as well, once the primary has said.
+    datagrams: Arc<Mutex<Option<AckSender>>>,
 }
 
 impl SecondaryEnd {
@@ -1469,7 +1510,9 @@ impl SecondaryEnd {
         }
     }
 
-    fn ack(&self) -> std::io::Result<()> {
+    /// Acknowledge what arrived and what ran; a heartbeat's also goes by
+    /// datagram (`datagram`).
+    fn ack(&self, datagram: bool) -> std::io::Result<()> {
         let mut delayed = self.delayed.lock().unwrap();
         while let Some(&(at, p)) = delayed.front() {
             if at.elapsed() < self.ack_delay {
@@ -1479,11 +1522,13 @@ impl SecondaryEnd {
             delayed.pop_front();
         }
         drop(delayed);
-        let msg = Message::Ack {
-            received: self.received.load(Ordering::Relaxed),
-            executed: self.executed.load(Ordering::Relaxed),
-        };
-        self.send(&msg)
+        let (received, executed) = (self.received.load(Ordering::Relaxed), self.executed.load(Ordering::Relaxed));
+        if datagram && !self.handing.load(Ordering::SeqCst) {
+            if let Some(d) = self.datagrams.lock().unwrap().as_mut() {
+                d.send(Acked { received, executed });
+            }
+        }
+        self.send(&Message::Ack { received, executed })
     }
 
     /// Send `msg` to the primary, unless the link is gone or handed over.
@@ -1536,8 +1581,26 @@ impl SecondaryEnd {
                     if self.tx.send(Incoming::Through { through: p, released }).is_err() {
                         return;
                     }
-                    if let Err(e) = self.ack() {
+                    if let Err(e) = self.ack(false) {
                         return self.lose(format!("cannot acknowledge: {e}"));
+                    }
+                }
+                Message::AckTo { port, secret } => {
+                    let primary = match self.stream.peer_addr() {
+                        Ok(a) => a.ip(),
+                        Err(e) => return self.lose(format!("cannot tell its address: {e}")),
+                    };
+                    // Keyed under this direction's session key (the primary's
+                    // incoming seal is the same).
+                    let sender = {
+                        let w = self.writer.lock().unwrap();
+                        AckSender::new(primary, port, &secret, w.seal.as_ref(), self.epoch)
+                    };
+                    match sender {
+                        Ok(sender) => *self.datagrams.lock().unwrap() = Some(sender),
+                        Err(e) => {
+                            tracing::warn!("acknowledgements go on the log channel only (no datagram socket: {e})")
+                        }
                     }
                 }
                 Message::Release => {
@@ -1573,7 +1636,7 @@ impl SecondaryEnd {
                 last_missed = Instant::now();
                 self.shared.status.lock().unwrap().missed_heartbeats += 1;
             }
-            if let Err(e) = self.ack() {
+            if let Err(e) = self.ack(true) {
                 return self.lose(format!("cannot send a heartbeat: {e}"));
             }
             if let Some(up) = crate::health::uplink() {

@@ -20,7 +20,8 @@ pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 2: the key exchange, and the hello's host, arbiter kind and build.
 /// 3: the release point in marks. 4: the planned switchover, joining a
 /// running primary. 5: the secondary's network state (`Uplink`).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: acknowledgements by datagram as well (`AckTo`).
+pub const PROTOCOL_VERSION: u32 = 6;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -102,6 +103,11 @@ pub enum Message {
     /// and the uplinks it watches) is up; sent when it changes and every
     /// second, by a side that watches (see [`crate::health`]).
     Uplink { up: bool },
+    /// Primary → secondary, first on a paired channel: send every
+    /// heartbeat's acknowledgement also as a datagram to this UDP port on
+    /// the primary's address, tagged under a key from `secret` (see
+    /// [`crate::datagram`]).
+    AckTo { port: u16, secret: [u8; 32] },
     /// Primary → secondary, first with `--key`: a fresh nonce.
     AuthInit { nonce: [u8; 32] },
     /// Secondary → primary: its nonce, and proof that it holds the key.
@@ -198,6 +204,7 @@ impl Message {
             Message::Forward(_) => 14,
             Message::Release => 15,
             Message::Uplink { .. } => 16,
+            Message::AckTo { .. } => 17,
         }
     }
 
@@ -226,6 +233,7 @@ impl Message {
             }
             Message::Sync(bytes) | Message::Forward(bytes) => bytes.clone(),
             Message::Uplink { up } => vec![*up as u8],
+            Message::AckTo { port, secret } => [&port.to_le_bytes()[..], secret].concat(),
         }
     }
 
@@ -264,6 +272,9 @@ impl Message {
             14 => Message::Forward(p.to_vec()),
             15 if p.is_empty() => Message::Release,
             16 if p.len() == 1 && p[0] <= 1 => Message::Uplink { up: p[0] == 1 },
+            17 if p.len() == 34 => {
+                Message::AckTo { port: u16::from_le_bytes([p[0], p[1]]), secret: p[2..].try_into().unwrap() }
+            }
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -384,6 +395,7 @@ mod tests {
             Message::Release,
             Message::Uplink { up: true },
             Message::Uplink { up: false },
+            Message::AckTo { port: 7301, secret: [4; 32] },
         ]
     }
 

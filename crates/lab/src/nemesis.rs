@@ -39,10 +39,17 @@ pub enum Fault {
     UplinkDown,
     /// A planned switchover.
     Switchover,
+    /// SIGKILL the secondary, restart it, and SIGKILL it again while the
+    /// primary sends it the VM's state: the primary goes on alone and the
+    /// next join works.
+    KillJoiner,
+    /// SIGKILL either side a few milliseconds into a planned switchover:
+    /// one VM goes on, from the handover point or before it.
+    KillInSwitchover,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 10] = [
         Fault::KillPrimary,
         Fault::KillSecondary,
         Fault::PausePrimary,
@@ -51,6 +58,8 @@ impl Fault {
         Fault::FillReplica,
         Fault::UplinkDown,
         Fault::Switchover,
+        Fault::KillJoiner,
+        Fault::KillInSwitchover,
     ];
 }
 
@@ -306,6 +315,47 @@ impl Run<'_> {
                     bail!("switchover failed: {}", String::from_utf8_lossy(&out.stderr).trim());
                 }
                 format!("switchover from {} to {}", HOSTS[p], HOSTS[s])
+            }
+            Fault::KillJoiner => {
+                self.child(s).kill()?;
+                self.child(s).wait()?;
+                let said = format!("{}.err", self.pair.names[p]);
+                let joins = |pair: &Pair| pair.text(&said).matches("joins: sending the VM's state").count();
+                let before = joins(&self.pair);
+                self.restart(s)?;
+                let t = Instant::now();
+                while joins(&self.pair) == before {
+                    if t.elapsed() > Duration::from_secs(60) {
+                        bail!("no join began: {}", self.pair.tails());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let into = Duration::from_millis(rng.below(600));
+                std::thread::sleep(into);
+                self.child(s).kill()?;
+                self.child(s).wait()?;
+                self.restart(s)?;
+                format!("killed the joining secondary ({}) {} ms into the transfer", HOSTS[s], into.as_millis())
+            }
+            Fault::KillInSwitchover => {
+                let mut asked = exec(self.ns(p), self.exe.to_str().unwrap())
+                    .args(["switchover", "--timeout", "20", METRICS[p]])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?;
+                let hit = if rng.below(2) == 0 { p } else { s };
+                let into = Duration::from_millis(rng.below(40));
+                std::thread::sleep(into);
+                self.child(hit).kill()?;
+                self.child(hit).wait()?;
+                let _ = asked.wait();
+                let live = self.primary(Duration::from_secs(30))?;
+                if live == hit {
+                    bail!("the killed side ({}) still answers as the primary", HOSTS[hit]);
+                }
+                self.restart(hit)?;
+                let role = if hit == p { "primary" } else { "secondary" };
+                format!("killed the {role} ({}) {} ms into a switchover", HOSTS[hit], into.as_millis())
             }
         })
     }

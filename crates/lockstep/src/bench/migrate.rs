@@ -61,7 +61,7 @@ fn lockstep_migration(exe: &Path, g: &lab::pair::GuestPaths, dir: &Path) -> Resu
         released.as_millis()
     );
     println!("  {}", sent.trim_start_matches("lockstep: "));
-    let first = number_after(&sent, "(the first, a full snapshot, ").unwrap_or(f64::NAN);
+    let first = number_after(&sent, "at most ").unwrap_or(f64::NAN);
     let last = number_after(&sent, "the last paused it ").unwrap_or(f64::NAN);
     println!(
         "  the guest stopped: {first:.0} ms (first snapshot) + {last:.0} ms (last round) + the switchover{}",

@@ -651,7 +651,7 @@ fn join_step(
             };
             tracing::info!(
                 "sent {disk} and {} MB of machine state in {} rounds while the guest ran; the last paused it {} ms \
-                 (the first, a full snapshot, {} ms)",
+                 (the first round, copied as it ran, at most {} ms at a time)",
                 sent.snapshot_bytes >> 20,
                 sent.rounds,
                 sent.pause_ms,

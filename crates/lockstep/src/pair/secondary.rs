@@ -128,7 +128,9 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
         Some((name, _)) => Some(tap::Tap::open(name, true)?),
         None => None,
     };
-    let disk_hash = vm.disk_hash()?;
+    // Hashed when a primary boots the guest with this side (a joining
+    // one sends its disk instead): a whole 1 GiB replica takes a while.
+    let mut disk_hash: Option<Option<String>> = None;
     // The replica is copied now, while nothing runs on it.
     let kept = opts.keep_log.as_deref().map(|dir| KeptReplica::take(vm, dir, "secondary")).transpose()?;
     let mut vm = vm.clone();
@@ -168,11 +170,15 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
             // The primary's state (disk included) comes over the channel.
             return Ok(());
         }
-        if h.disk_hash != disk_hash {
+        let mine = match &disk_hash {
+            Some(hash) => hash.clone(),
+            None => disk_hash.insert(vm.disk_hash().map_err(|e| format!("{e:#}"))?).clone(),
+        };
+        if h.disk_hash != mine {
             return Err(format!(
                 "the disk replicas differ (primary {}, secondary {}): copy the primary's image first",
                 h.disk_hash.as_deref().unwrap_or("none"),
-                disk_hash.as_deref().unwrap_or("none")
+                mine.as_deref().unwrap_or("none")
             ));
         }
         let maker = MachineMaker::new(&vm, opts.hash_every);
@@ -199,7 +205,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 // Paired at boot, the disks compared equal: a generation begins.
                 t.begin(changes::boot_generation(&seed), true).context("cannot record the disk generation")?;
             }
-            let kept = kept.map(|k| k.start(&vm, disk_hash.clone())).transpose()?;
+            let kept = kept.map(|k| k.start(&vm, disk_hash.clone().flatten())).transpose()?;
             if let Some(k) = &kept {
                 tracing::info!("keeping this side's log in '{}'", k.path.display());
             }

@@ -1,11 +1,14 @@
 //! Joining a running primary: its state, sent over the pair's channel as
 //! `Sync` pieces, and put in place on the joining secondary.
 //!
-//! Pre-copy, as live migration does it: at a position P0 the primary takes
-//! a full snapshot of the machine (every non-zero RAM page, the hart's and
-//! devices' state) and lets its guest run on, alone, while a thread sends
-//! the disk replica's allocated contents (all-zero blocks are not sent:
-//! the joining replica starts empty) and that snapshot. Then rounds: a
+//! Pre-copy, as live migration does it: at a position P0 the primary
+//! starts a full snapshot of the machine (the hart's and devices' state,
+//! and dirty tracking from there on) and lets its guest run on, alone,
+//! while a thread sends the disk replica's allocated contents (all-zero
+//! blocks are not sent: the joining replica starts empty). RAM's non-zero
+//! pages are copied a step (16 MiB) at a time between the guest's slices,
+//! each as it is then, and go after the disk; the pages the guest wrote
+//! since P0 are in the next round, which makes the copy exact. Then rounds: a
 //! delta snapshot (the RAM pages and disk chunks written since the last
 //! one), sent while the guest runs on, until one is small; that last one
 //! is sent with the guest paused at P, and the secondary restores the
@@ -30,7 +33,7 @@ use crate::vm::changes::{self, ChunkSet, History};
 use crate::vm::{replica, LinuxVm};
 use anyhow::{bail, Context, Result};
 use ft::link::Joining;
-use machine::snapshot::Snapshot;
+use machine::snapshot::{RunningSnapshot, Snapshot};
 use machine::Machine;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,9 +135,14 @@ pub struct Sent {
     pub rounds: u32,
     /// The guest's pause for the last round and the secondary's answer.
     pub pause_ms: u128,
-    /// The guest's pause for the first round's full snapshot.
+    /// The guest's longest pause for the first round (its state, then
+    /// a step of RAM at a time).
     pub first_pause_ms: u128,
 }
+
+/// Pages of RAM the first round scans (and copies, if not zero) per step:
+/// 16 MiB, a few milliseconds of the guest's time; it runs between steps.
+const SCAN_PAGES_PER_STEP: u64 = 4096;
 
 /// A delta at most this large is the last (sent with the guest paused).
 const LAST_ROUND_BYTES: usize = 8 << 20;
@@ -231,6 +239,9 @@ struct RoundSent {
 /// of the last snapshot taken (the next is a delta of it).
 pub struct Copy {
     sending: std::thread::JoinHandle<Result<RoundSent>>,
+    /// The first round's RAM, still being copied a step at a time while
+    /// the guest runs (the thread on its way sends the disk meanwhile).
+    filling: Option<Box<RunningSnapshot>>,
     /// The id of the last snapshot taken, if known before its thread ends.
     parent: Option<u64>,
     first_pause_ms: u128,
@@ -282,14 +293,12 @@ pub fn start_copy(
     done: Arc<AtomicBool>,
     progress: Progress,
 ) -> Result<Copy> {
-    // The guest waits for this (a scan of RAM and a copy of its non-zero
-    // pages); encoding and hashing them go on the thread.
+    // The guest waits only for the hart's and devices' state: RAM is
+    // copied a step at a time as it runs on (`next_round`), and what it
+    // writes meanwhile is in the next delta.
     let t = Instant::now();
-    let mut snap = m.snapshot(None).context("cannot take the machine's snapshot")?;
+    let running = m.snapshot_running();
     let first_pause_ms = t.elapsed().as_millis();
-    // The disk goes as it is from here: what the guest wrote is in it
-    // already, and what it writes from now on is in the later deltas.
-    snap.extents.clear();
     let disk = vm.disk.as_ref().map(|(path, _)| path.clone());
     // What may differ on a returning replica: the changes both sides
     // marked since the generation they share, up to this point.
@@ -308,17 +317,16 @@ pub fn start_copy(
                     None => send_disk(&mut j, &path, &p)?,
                 };
             }
-            let (bytes, id) = snap.to_bytes();
-            drop(snap);
-            p.phase("memory", bytes.len() as u64);
-            send_snapshot(&mut j, &bytes, &p)?;
-            Ok(RoundSent { j, disk: disk_bytes, disk_delta, snapshot: bytes.len() as u64, id: Some(id) })
+            Ok(RoundSent { j, disk: disk_bytes, disk_delta, snapshot: 0, id: None })
         })();
-        done.store(true, Ordering::SeqCst);
+        // (No `done` yet: the snapshot's thread follows this one.)
         result
     });
+    // Back at the next slice for the first step of RAM.
+    done.store(true, Ordering::SeqCst);
     Ok(Copy {
         sending,
+        filling: Some(Box::new(running)),
         parent: None,
         first_pause_ms,
         rounds: 0,
@@ -399,7 +407,35 @@ pub enum Round {
 /// delta since it; a large one is sent while the guest runs on, a small
 /// one (or the last allowed) ends the transfer with the guest paused, and
 /// the state hashes are compared.
-pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>) -> Result<Round> {
+pub fn next_round(mut copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>) -> Result<Round> {
+    if let Some(mut running) = copy.filling.take() {
+        let t = Instant::now();
+        let complete = m.snapshot_copy(&mut running, SCAN_PAGES_PER_STEP);
+        copy.first_pause_ms = copy.first_pause_ms.max(t.elapsed().as_millis());
+        if !complete {
+            copy.filling = Some(running);
+            done.store(true, Ordering::SeqCst);
+            return Ok(Round::Sending(copy));
+        }
+        // All of RAM is copied: it goes after the disk, from a thread that
+        // waits for the disk's.
+        let snap = running.finish();
+        let (disk_thread, p, finished) = (copy.sending, copy.progress.clone(), done.clone());
+        let sending = std::thread::spawn(move || {
+            let result = (|| {
+                let sent = disk_thread.join().map_err(|_| anyhow::anyhow!("the transfer thread failed"))??;
+                let (bytes, id) = snap.to_bytes();
+                drop(snap);
+                p.phase("memory", bytes.len() as u64);
+                let mut j = sent.j;
+                send_snapshot(&mut j, &bytes, &p)?;
+                Ok(RoundSent { j, snapshot: bytes.len() as u64, id: Some(id), ..sent })
+            })();
+            finished.store(true, Ordering::SeqCst);
+            result
+        });
+        return Ok(Round::Sending(Copy { sending, ..copy }));
+    }
     let RoundSent { mut j, disk, disk_delta, snapshot, id } =
         copy.sending.join().map_err(|_| anyhow::anyhow!("the transfer thread failed"))??;
     let disk_bytes = copy.disk_bytes + disk;
@@ -430,6 +466,7 @@ pub fn next_round(copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBool>)
         let parent = Some(parent);
         return Ok(Round::Sending(Copy {
             sending,
+            filling: None,
             parent,
             first_pause_ms,
             rounds,

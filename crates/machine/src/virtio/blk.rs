@@ -339,6 +339,9 @@ impl VirtioDevice for Block {
         }
         Ok(out)
     }
+    fn forget_storage_delta(&mut self) {
+        self.written.clear();
+    }
     fn apply_storage(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.rehash.extend(offset / CHUNK..(offset + data.len() as u64).div_ceil(CHUNK));
         self.backend.write_at(data, offset)

@@ -102,6 +102,9 @@ pub trait VirtioDevice {
     fn take_storage_delta(&mut self) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
         Ok(Vec::new())
     }
+    /// Forget what was written so far (the storage goes whole, some other
+    /// way): the next delta carries only what is written from now on.
+    fn forget_storage_delta(&mut self) {}
     /// Write an extent of a snapshot back to storage.
     fn apply_storage(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let _ = (offset, data);
