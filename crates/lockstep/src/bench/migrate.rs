@@ -61,10 +61,12 @@ fn lockstep_migration(exe: &Path, g: &lab::pair::GuestPaths, dir: &Path) -> Resu
         released.as_millis()
     );
     println!("  {}", sent.trim_start_matches("lockstep: "));
-    let first = number_after(&sent, "at most ").unwrap_or(f64::NAN);
+    let first = number_after(&sent, "the first round's start ").unwrap_or(f64::NAN);
+    let step = number_after(&sent, "at most ").unwrap_or(f64::NAN);
     let last = number_after(&sent, "the last paused it ").unwrap_or(f64::NAN);
     println!(
-        "  the guest stopped: {first:.0} ms (first snapshot) + {last:.0} ms (last round) + the switchover{}",
+        "  the guest stopped: {first:.0} ms (the first round's start) + steps of at most {step:.0} ms (its RAM) + \
+         {last:.0} ms (last round) + the switchover{}",
         if switch { "" } else { " (not seen in the log)" }
     );
     Ok(())

@@ -128,7 +128,7 @@ pub fn reprotect(fill_mb: u64) -> Result<()> {
         allocated >> 20
     );
     println!(
-        "{:<20} {:>12} {:>10} {:>8} {:>11} {:>7} {:>12} {:>11} {:>13}",
+        "{:<20} {:>12} {:>8} {:>7} {:>11} {:>7} {:>12} {:>11} {:>11} {:>13}",
         "replica",
         "to protected",
         "disk MB",
@@ -136,6 +136,7 @@ pub fn reprotect(fill_mb: u64) -> Result<()> {
         "machine MB",
         "rounds",
         "first pause",
+        "RAM steps",
         "last pause",
         "client pause"
     );
@@ -144,13 +145,14 @@ pub fn reprotect(fill_mb: u64) -> Result<()> {
         let chunks = number_after(l, "(the ").map_or("all".to_string(), |c| format!("{c:.0}"));
         let field = |v: Option<f64>, unit: &str| v.map_or("?".to_string(), |v| format!("{v:.0}{unit}"));
         println!(
-            "{:<20} {:>11.2}s {:>10} {:>8} {:>11} {:>7} {:>12} {:>11} {:>11.0}ms",
+            "{:<20} {:>11.2}s {:>8} {:>7} {:>11} {:>7} {:>12} {:>11} {:>11} {:>11.0}ms",
             j.case,
             j.seconds,
             field(number_after(l, "sent "), ""),
             chunks,
             field(number_after(l, "and "), ""),
             field(number_after(l, "machine state in "), ""),
+            field(number_after(l, "the first round's start "), "ms"),
             field(number_after(l, "at most "), "ms"),
             field(number_after(l, "the last paused it "), "ms"),
             j.client_pause_ms

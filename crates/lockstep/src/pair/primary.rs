@@ -651,11 +651,12 @@ fn join_step(
             };
             tracing::info!(
                 "sent {disk} and {} MB of machine state in {} rounds while the guest ran; the last paused it {} ms \
-                 (the first round, copied as it ran, at most {} ms at a time)",
+                 (the first round's start {} ms, then its RAM at most {} ms at a time)",
                 sent.snapshot_bytes >> 20,
                 sent.rounds,
                 sent.pause_ms,
-                sent.first_pause_ms
+                sent.first_pause_ms,
+                sent.step_pause_ms
             );
             let shared = link.shared.clone();
             link.on_forward(Box::new(host.console.frame_sender(0)));

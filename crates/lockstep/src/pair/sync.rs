@@ -135,9 +135,10 @@ pub struct Sent {
     pub rounds: u32,
     /// The guest's pause for the last round and the secondary's answer.
     pub pause_ms: u128,
-    /// The guest's longest pause for the first round (its state, then
-    /// a step of RAM at a time).
+    /// The guest's pause to start the first round (its state) ...
     pub first_pause_ms: u128,
+    /// ... and its longest pause for a step of that round's RAM.
+    pub step_pause_ms: u128,
 }
 
 /// Pages of RAM the first round scans (and copies, if not zero) per step:
@@ -245,6 +246,7 @@ pub struct Copy {
     /// The id of the last snapshot taken, if known before its thread ends.
     parent: Option<u64>,
     first_pause_ms: u128,
+    step_pause_ms: u128,
     rounds: u32,
     disk_bytes: u64,
     disk_delta: Option<(u64, u64)>,
@@ -329,6 +331,7 @@ pub fn start_copy(
         filling: Some(Box::new(running)),
         parent: None,
         first_pause_ms,
+        step_pause_ms: 0,
         rounds: 0,
         disk_bytes: 0,
         disk_delta: None,
@@ -411,7 +414,7 @@ pub fn next_round(mut copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBo
     if let Some(mut running) = copy.filling.take() {
         let t = Instant::now();
         let complete = m.snapshot_copy(&mut running, SCAN_PAGES_PER_STEP);
-        copy.first_pause_ms = copy.first_pause_ms.max(t.elapsed().as_millis());
+        copy.step_pause_ms = copy.step_pause_ms.max(t.elapsed().as_millis());
         if !complete {
             copy.filling = Some(running);
             done.store(true, Ordering::SeqCst);
@@ -462,13 +465,14 @@ pub fn next_round(mut copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBo
             done.store(true, Ordering::SeqCst);
             result
         });
-        let first_pause_ms = copy.first_pause_ms;
+        let (first_pause_ms, step_pause_ms) = (copy.first_pause_ms, copy.step_pause_ms);
         let parent = Some(parent);
         return Ok(Round::Sending(Copy {
             sending,
             filling: None,
             parent,
             first_pause_ms,
+            step_pause_ms,
             rounds,
             disk_bytes,
             disk_delta,
@@ -507,6 +511,7 @@ pub fn next_round(mut copy: Copy, m: &mut Machine, base: u64, done: Arc<AtomicBo
         rounds,
         pause_ms: t.elapsed().as_millis(),
         first_pause_ms: copy.first_pause_ms,
+        step_pause_ms: copy.step_pause_ms,
     };
     Ok(Round::Joined(j, sent))
 }
