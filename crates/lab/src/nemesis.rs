@@ -348,6 +348,9 @@ impl Run<'_> {
                 std::thread::sleep(into);
                 self.child(hit).kill()?;
                 self.child(hit).wait()?;
+                // The command waits for a protected pair, which needs the
+                // restart below: the operator gives up on it.
+                let _ = asked.kill();
                 let _ = asked.wait();
                 let live = self.primary(Duration::from_secs(30))?;
                 if live == hit {
