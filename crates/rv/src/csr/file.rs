@@ -132,6 +132,8 @@ impl Core {
             MCYCLE => self.cycles(),
             MINSTRET => self.instret(),
             MHPMCOUNTER3..=MHPMCOUNTER31 => 0,
+            TSELECT | TDATA1 | TDATA2 | TDATA3 => 0,
+            TINFO => 1,
             _ => return None,
         })
     }
@@ -233,6 +235,7 @@ impl Core {
             MCYCLE => self.set_cycles(val),
             MINSTRET => self.set_instret(val),
             MVENDORID | MARCHID | MIMPID | MHARTID | MCONFIGPTR | MISA => {}
+            TSELECT | TDATA1 | TDATA2 | TDATA3 | TINFO => {}
             _ => return false,
         }
         true
@@ -312,6 +315,23 @@ mod tests {
     use crate::test_utils::*;
     use crate::trap;
     use crate::Position;
+
+    /// What riscv-tests' breakpoint test (and a debugger) probes: a
+    /// trigger module with no trigger. It used to be no CSRs at all, and
+    /// the probe itself trapped.
+    #[test]
+    fn the_trigger_csrs_say_no_trigger_exists() {
+        let mcontrol_exec_m = (2u64 << 60) | (1 << 6) | (1 << 2);
+        let mut body = vec![csrrw(ZERO, TSELECT, ZERO), csrrs(A1, TSELECT, ZERO)];
+        body.extend(li64(T0, mcontrol_exec_m));
+        body.extend([csrrw(ZERO, TDATA1, T0), csrrs(A0, TDATA1, ZERO), csrrs(T0, TINFO, ZERO)]);
+        body.extend(li64(A2, 0x8000_0000));
+        body.extend([csrrw(ZERO, TDATA2, A2), csrrs(A2, TDATA2, ZERO)]);
+        let h = run(&body);
+        assert_eq!(h.csrs().mcause, 0, "no access trapped");
+        assert_eq!((h.x(A1 as usize), h.x(A0 as usize) >> 60), (0, 0), "tselect 0, tdata1 of type 0: no trigger");
+        assert_eq!((h.x(T0 as usize), h.x(A2 as usize)), (1, 0), "tinfo: only type 0; tdata2 keeps nothing");
+    }
 
     #[test]
     fn csr_write_to_counter_from_user_mode_is_illegal() {

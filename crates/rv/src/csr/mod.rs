@@ -60,6 +60,16 @@ pub const PMPCFG0: u16 = 0x3a0;
 pub const PMPCFG15: u16 = 0x3af;
 pub const PMPADDR0: u16 = 0x3b0;
 pub const PMPADDR63: u16 = 0x3ef;
+/// The trigger module's CSRs (Sdtrig, debug spec 0.13/1.0 chapter 5).
+/// No trigger is implemented: `tselect` reads 0, `tdata1` reads type 0
+/// ("no trigger at this tselect"), `tinfo` says only type 0 is supported,
+/// and writes are ignored, as the spec allows; software that probes for
+/// triggers (riscv-tests' breakpoint test, a debugger) finds none.
+pub const TSELECT: u16 = 0x7a0;
+pub const TDATA1: u16 = 0x7a1;
+pub const TDATA2: u16 = 0x7a2;
+pub const TDATA3: u16 = 0x7a3;
+pub const TINFO: u16 = 0x7a4;
 pub const MCYCLE: u16 = 0xb00;
 pub const MINSTRET: u16 = 0xb02;
 pub const MHPMCOUNTER3: u16 = 0xb03;
