@@ -7,3 +7,7 @@ bash scripts/test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
+# The portable floating-point path (what non-x86-64 hosts run), forced on
+# here: its unit tests and the FP differential tests against QEMU.
+cargo test -p rv --features portable-fp
+cargo test -p lockstep --test differential --features rv/portable-fp

@@ -12,19 +12,21 @@
 //!   block, so no Rust code ever runs with a changed floating-point environment.
 //! * Round-to-nearest-ties-to-away (RMM), which SSE lacks, goes through
 //!   `rustc_apfloat` (a port of LLVM's APFloat).
+//! * The portable path: on other hosts, or with the `portable-fp` feature,
+//!   everything goes the way RMM does, and the square root is integer code
+//!   (`soft_sqrt`). Tests cross-check it against SSE on random operands.
 //! * Conversions to and from integers, min/max, compares, classify and sign
 //!   injection are plain integer code: their RISC-V rules (saturation, NaN
 //!   results, which NaNs signal) differ from x86's.
 //! * A NaN result is always the canonical NaN (11.3).
 
-#[cfg(not(target_arch = "x86_64"))]
-compile_error!(
-    "rv's floating-point unit needs an x86-64 host (SSE with MXCSR); a portable soft-float path is not written yet"
-);
-
 use rustc_apfloat::ieee::{Double, Single};
 use rustc_apfloat::{Float, FloatConvert, Round, Status};
+#[cfg(target_arch = "x86_64")]
 use std::arch::asm;
+
+/// Whether every operation takes the portable path (no SSE).
+const PORTABLE: bool = cfg!(any(not(target_arch = "x86_64"), feature = "portable-fp"));
 
 pub const NX: u8 = 0x01;
 pub const UF: u8 = 0x02;
@@ -59,6 +61,7 @@ impl Rm {
     }
 
     /// MXCSR.RC for the four modes SSE has.
+    #[cfg(target_arch = "x86_64")]
     fn mxcsr_rc(self) -> u32 {
         match self {
             Rm::Rne => 0,
@@ -143,6 +146,7 @@ impl Fmt {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 fn mxcsr_flags(m: u32) -> u8 {
     let mut f = 0;
     if m & 0x01 != 0 {
@@ -164,12 +168,14 @@ fn mxcsr_flags(m: u32) -> u8 {
 }
 
 /// MXCSR with all exceptions masked, flags clear, DAZ/FTZ off, and `rc`.
+#[cfg(target_arch = "x86_64")]
 fn mxcsr_for(rm: Rm) -> u32 {
     0x1f80 | (rm.mxcsr_rc() << 13)
 }
 
 macro_rules! sse_binop {
     ($name:ident, $ty:ty, $insn:literal) => {
+        #[cfg(target_arch = "x86_64")]
         fn $name(a: $ty, b: $ty, rm: Rm) -> ($ty, u8) {
             let mut saved: u32 = 0;
             let mut ctl: u32 = mxcsr_for(rm);
@@ -210,6 +216,7 @@ sse_binop!(sse_sqrt_d, f64, "sqrtsd");
 macro_rules! sse_fma {
     ($name:ident, $ty:ty, $insn:literal) => {
         /// `a * b + c`, rounded once.
+        #[cfg(target_arch = "x86_64")]
         fn $name(a: $ty, b: $ty, c: $ty, rm: Rm) -> ($ty, u8) {
             let mut saved: u32 = 0;
             let mut ctl: u32 = mxcsr_for(rm);
@@ -239,6 +246,7 @@ macro_rules! sse_fma {
 sse_fma!(sse_fma_s, f32, "vfmadd231ss");
 sse_fma!(sse_fma_d, f64, "vfmadd231sd");
 
+#[cfg(target_arch = "x86_64")]
 fn sse_narrow(a: f64, rm: Rm) -> (f32, u8) {
     let mut saved: u32 = 0;
     let mut ctl: u32 = mxcsr_for(rm);
@@ -261,6 +269,7 @@ fn sse_narrow(a: f64, rm: Rm) -> (f32, u8) {
     (out, mxcsr_flags(ctl))
 }
 
+#[cfg(target_arch = "x86_64")]
 fn has_fma() -> bool {
     use std::sync::OnceLock;
     static FMA: OnceLock<bool> = OnceLock::new();
@@ -296,66 +305,227 @@ pub enum BinOp {
     Div,
 }
 
+fn ap_binop<F: Float>(op: BinOp, x: F, y: F, rm: Rm) -> rustc_apfloat::StatusAnd<F> {
+    match op {
+        BinOp::Add => x.add_r(y, rm.apfloat()),
+        BinOp::Sub => x.sub_r(y, rm.apfloat()),
+        BinOp::Mul => x.mul_r(y, rm.apfloat()),
+        BinOp::Div => x.div_r(y, rm.apfloat()),
+    }
+}
+
+/// `x` widened exactly: a single as a double, a double as a quad.
+fn wide_s(x: u64) -> Double {
+    Single::from_bits(x as u32 as u128).convert(&mut false).value
+}
+fn wide_d(x: u64) -> rustc_apfloat::ieee::Quad {
+    Double::from_bits(x as u128).convert(&mut false).value
+}
+
+/// APFloat rounds a result past the range to the largest finite number in
+/// the directed modes that call for it, with NX but without OF. Whether it
+/// was past the range: `exact`, the same operation rounded toward zero in a
+/// wider format, is at least 2^(emax + 1) (exact there, so no doubt).
+fn overflow_fixed(f: &Fmt, bits: u64, flags: u8, exact: impl FnOnce() -> bool) -> u8 {
+    let max_finite = (f.exp_mask - (1 << f.mant_bits)) | f.mant_mask;
+    if bits & !f.sign == max_finite && flags & NX != 0 && flags & OF == 0 && exact() {
+        flags | OF
+    } else {
+        flags
+    }
+}
+
+/// APFloat calls a result tiny when it is subnormal once rounded to the
+/// format; RISC-V (like x86) when, rounded to the format's precision with
+/// an unbounded exponent, it would be below 2^emin. They differ only for
+/// a result delivered as ±2^emin: it is tiny (UF, being inexact) unless
+/// its exact magnitude rounds to 2^emin at full precision. `wide`: the
+/// operation rounded toward zero in a wider format (`mant`, `bias`: its
+/// layout), and whether that was inexact.
+fn underflow_fixed<W: Float>(
+    f: &Fmt,
+    bits: u64,
+    flags: u8,
+    rm: Rm,
+    (mant, bias): (u32, i32),
+    wide: impl FnOnce() -> (W, bool),
+) -> u8 {
+    if bits & !f.sign != 1 << f.mant_bits || flags & NX == 0 || flags & UF != 0 {
+        return flags;
+    }
+    let p = f.mant_bits + 1;
+    let below_emin = ((bias + (1 - f.bias) - 1) as u128) << mant;
+    // The largest p-bit number below 2^emin, and the midpoint above it.
+    let below = W::from_bits(below_emin | (((1u128 << (p - 1)) - 1) << (mant - (p - 1))));
+    let mid = W::from_bits(below_emin | (((1u128 << p) - 1) << (mant - p)));
+    let (w, inexact) = wide();
+    let w = w.abs();
+    let negative = bits & f.sign != 0;
+    let reaches = match rm {
+        Rm::Rne | Rm::Rmm => w >= mid,
+        Rm::Rup if !negative => w > below || (w == below && inexact),
+        Rm::Rdn if negative => w > below || (w == below && inexact),
+        // Toward zero, only a magnitude of 2^emin or more gives 2^emin.
+        _ => true,
+    };
+    if reaches {
+        flags
+    } else {
+        flags | UF
+    }
+}
+
+const WIDE_S: (u32, i32) = (52, 1023);
+const WIDE_D: (u32, i32) = (112, 16383);
+
+/// 2^128 as a double and 2^1024 as a quad: one past single's and double's range.
+fn past_s(x: Double) -> bool {
+    x.abs() >= Double::from_bits(((1023 + 128) as u128) << 52)
+}
+fn past_d(x: rustc_apfloat::ieee::Quad) -> bool {
+    x.abs() >= rustc_apfloat::ieee::Quad::from_bits(((16383 + 1024) as u128) << 112)
+}
+
+/// `a op b` in single precision, the portable way.
+fn soft_binop_s(op: BinOp, a: u64, b: u64, rm: Rm) -> (u64, u8) {
+    let r = ap_binop(op, Single::from_bits(a as u32 as u128), Single::from_bits(b as u32 as u128), rm);
+    let bits = r.value.to_bits() as u64;
+    let flags = ap_flags(r.status) | S.snan_flag(&[a, b]);
+    let wide = || ap_binop(op, wide_s(a), wide_s(b), Rm::Rtz);
+    let flags = overflow_fixed(&S, bits, flags, || past_s(wide().value));
+    let flags = underflow_fixed(&S, bits, flags, rm, WIDE_S, || {
+        let r = wide();
+        (r.value, r.status.contains(Status::INEXACT))
+    });
+    (S.canonical(bits), flags)
+}
+
+/// `a op b` in double precision, the portable way.
+fn soft_binop_d(op: BinOp, a: u64, b: u64, rm: Rm) -> (u64, u8) {
+    let r = ap_binop(op, Double::from_bits(a as u128), Double::from_bits(b as u128), rm);
+    let bits = r.value.to_bits() as u64;
+    let flags = ap_flags(r.status) | D.snan_flag(&[a, b]);
+    let wide = || ap_binop(op, wide_d(a), wide_d(b), Rm::Rtz);
+    let flags = overflow_fixed(&D, bits, flags, || past_d(wide().value));
+    let flags = underflow_fixed(&D, bits, flags, rm, WIDE_D, || {
+        let r = wide();
+        (r.value, r.status.contains(Status::INEXACT))
+    });
+    (D.canonical(bits), flags)
+}
+
 /// `a op b` in single precision.
 pub fn binop_s(op: BinOp, a: u64, b: u64, rm: Rm) -> (u64, u8) {
-    let (fa, fb) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
-    let (bits, flags) = if rm == Rm::Rmm {
-        let (x, y) = (Single::from_bits(a as u32 as u128), Single::from_bits(b as u32 as u128));
-        let r = match op {
-            BinOp::Add => x.add_r(y, rm.apfloat()),
-            BinOp::Sub => x.sub_r(y, rm.apfloat()),
-            BinOp::Mul => x.mul_r(y, rm.apfloat()),
-            BinOp::Div => x.div_r(y, rm.apfloat()),
-        };
-        (r.value.to_bits() as u64, ap_flags(r.status) | S.snan_flag(&[a, b]))
-    } else {
+    #[cfg(target_arch = "x86_64")]
+    if !PORTABLE && rm != Rm::Rmm {
+        let (fa, fb) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
         let (r, f) = match op {
             BinOp::Add => sse_add_s(fa, fb, rm),
             BinOp::Sub => sse_sub_s(fa, fb, rm),
             BinOp::Mul => sse_mul_s(fa, fb, rm),
             BinOp::Div => sse_div_s(fa, fb, rm),
         };
-        (r.to_bits() as u64, f)
-    };
-    (S.canonical(bits), flags)
+        return (S.canonical(r.to_bits() as u64), f);
+    }
+    soft_binop_s(op, a, b, rm)
 }
 
 /// `a op b` in double precision.
 pub fn binop_d(op: BinOp, a: u64, b: u64, rm: Rm) -> (u64, u8) {
-    let (fa, fb) = (f64::from_bits(a), f64::from_bits(b));
-    let (bits, flags) = if rm == Rm::Rmm {
-        let (x, y) = (Double::from_bits(a as u128), Double::from_bits(b as u128));
-        let r = match op {
-            BinOp::Add => x.add_r(y, rm.apfloat()),
-            BinOp::Sub => x.sub_r(y, rm.apfloat()),
-            BinOp::Mul => x.mul_r(y, rm.apfloat()),
-            BinOp::Div => x.div_r(y, rm.apfloat()),
-        };
-        (r.value.to_bits() as u64, ap_flags(r.status) | D.snan_flag(&[a, b]))
-    } else {
+    #[cfg(target_arch = "x86_64")]
+    if !PORTABLE && rm != Rm::Rmm {
+        let (fa, fb) = (f64::from_bits(a), f64::from_bits(b));
         let (r, f) = match op {
             BinOp::Add => sse_add_d(fa, fb, rm),
             BinOp::Sub => sse_sub_d(fa, fb, rm),
             BinOp::Mul => sse_mul_d(fa, fb, rm),
             BinOp::Div => sse_div_d(fa, fb, rm),
         };
-        (r.to_bits(), f)
-    };
-    (D.canonical(bits), flags)
+        return (D.canonical(r.to_bits()), f);
+    }
+    soft_binop_d(op, a, b, rm)
 }
 
 /// Square root. A square root is never exactly halfway between two floats,
 /// so RMM rounds as RNE.
 pub fn sqrt_s(a: u64, rm: Rm) -> (u64, u8) {
     let rm = if rm == Rm::Rmm { Rm::Rne } else { rm };
-    let (r, f) = sse_sqrt_s(0.0, f32::from_bits(a as u32), rm);
-    (S.canonical(r.to_bits() as u64), f)
+    #[cfg(target_arch = "x86_64")]
+    if !PORTABLE {
+        let (r, f) = sse_sqrt_s(0.0, f32::from_bits(a as u32), rm);
+        return (S.canonical(r.to_bits() as u64), f);
+    }
+    soft_sqrt(&S, a, rm)
 }
 
 pub fn sqrt_d(a: u64, rm: Rm) -> (u64, u8) {
     let rm = if rm == Rm::Rmm { Rm::Rne } else { rm };
-    let (r, f) = sse_sqrt_d(0.0, f64::from_bits(a), rm);
-    (D.canonical(r.to_bits()), f)
+    #[cfg(target_arch = "x86_64")]
+    if !PORTABLE {
+        let (r, f) = sse_sqrt_d(0.0, f64::from_bits(a), rm);
+        return (D.canonical(r.to_bits()), f);
+    }
+    soft_sqrt(&D, a, rm)
+}
+
+/// A correctly rounded square root in integer arithmetic: the significand,
+/// scaled to an even exponent and by enough bits that the integer root has
+/// two bits past the precision, then rounded with the remainder as sticky
+/// bit. The result is always normal (the root of the smallest subnormal is
+/// about 2^-537 or 2^-75), and never overflows.
+fn soft_sqrt(f: &Fmt, a: u64, rm: Rm) -> (u64, u8) {
+    if f.is_nan(a) {
+        return (f.canon, f.snan_flag(&[a]));
+    }
+    if f.is_zero(a) || (f.is_inf(a) && a & f.sign == 0) {
+        return (a, 0);
+    }
+    if a & f.sign != 0 {
+        return (f.canon, NV);
+    }
+    let p = f.mant_bits + 1;
+    let biased = ((a & f.exp_mask) >> f.mant_bits) as i32;
+    let frac = a & f.mant_mask;
+    // a = m * 2^e, m an integer of p bits.
+    let (mut m, mut e) = if biased == 0 {
+        (frac, 1 - f.bias - f.mant_bits as i32)
+    } else {
+        (frac | (1 << f.mant_bits), biased - f.bias - f.mant_bits as i32)
+    };
+    while m < 1 << f.mant_bits {
+        m <<= 1;
+        e -= 1;
+    }
+    // m * 2^s has 2p + 3 or 2p + 4 bits for s = p + 3 or p + 4 (whichever
+    // makes e - s even): its root has p + 2.
+    let mut s = p as i32 + 3;
+    if (e - s).rem_euclid(2) != 0 {
+        s += 1;
+    }
+    let big = (m as u128) << s;
+    let r = big.isqrt();
+    let sticky = r * r != big;
+    // The root is r * 2^((e - s) / 2): keep p bits of r's p + 2.
+    let (mut q, low) = (r >> 2, r & 3);
+    let inexact = low != 0 || sticky;
+    let above_half = low == 3 || (low == 2 && sticky);
+    let half = low == 2 && !sticky;
+    let up = match rm {
+        Rm::Rne => above_half || (half && q & 1 == 1),
+        Rm::Rmm => above_half || half,
+        Rm::Rup => inexact,
+        Rm::Rtz | Rm::Rdn => false,
+    };
+    let mut exp = (e - s) / 2 + 2;
+    if up {
+        q += 1;
+        if q == 1 << p {
+            q >>= 1;
+            exp += 1;
+        }
+    }
+    let biased = (exp + f.mant_bits as i32 + f.bias) as u64;
+    ((biased << f.mant_bits) | (q as u64 & f.mant_mask), if inexact { NX } else { 0 })
 }
 
 /// Fused multiply-add variants (11.6): the sign flips are exact, so each is
@@ -372,7 +542,9 @@ pub enum FmaOp {
     Nmadd,
 }
 
-fn fma_generic(f: &Fmt, op: FmaOp, a: u64, b: u64, c: u64, rm: Rm, single: bool) -> (u64, u8) {
+/// `portable`: take the portable path whatever the host has.
+fn fma_generic(f: &Fmt, op: FmaOp, a: u64, b: u64, c: u64, rm: Rm, portable: bool) -> (u64, u8) {
+    let single = f.mant_bits == S.mant_bits;
     let (a2, c2) = match op {
         FmaOp::Madd => (a, c),
         FmaOp::Msub => (a, c ^ f.sign),
@@ -384,7 +556,14 @@ fn fma_generic(f: &Fmt, op: FmaOp, a: u64, b: u64, c: u64, rm: Rm, single: bool)
     if inf_times_zero {
         return (f.canon, NV);
     }
-    let (bits, flags) = if rm == Rm::Rmm || !has_fma() {
+    #[cfg(target_arch = "x86_64")]
+    let hardware = !portable && rm != Rm::Rmm && has_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let hardware = {
+        let _ = portable;
+        false
+    };
+    let (bits, flags) = if !hardware {
         if single {
             let r = Single::from_bits(a2 as u32 as u128).mul_add_r(
                 Single::from_bits(b as u32 as u128),
@@ -400,12 +579,26 @@ fn fma_generic(f: &Fmt, op: FmaOp, a: u64, b: u64, c: u64, rm: Rm, single: bool)
             );
             (r.value.to_bits() as u64, ap_flags(r.status) | f.snan_flag(&[a, b, c]))
         }
-    } else if single {
-        let (r, fl) = sse_fma_s(f32::from_bits(a2 as u32), f32::from_bits(b as u32), f32::from_bits(c2 as u32), rm);
-        (r.to_bits() as u64, fl)
     } else {
-        let (r, fl) = sse_fma_d(f64::from_bits(a2), f64::from_bits(b), f64::from_bits(c2), rm);
-        (r.to_bits(), fl)
+        sse_fma(a2, b, c2, rm, single)
+    };
+    let rtz = Round::TowardZero;
+    let flags = if hardware {
+        flags
+    } else if single {
+        let wide = || wide_s(a2).mul_add_r(wide_s(b), wide_s(c2), rtz);
+        let flags = overflow_fixed(f, bits, flags, || past_s(wide().value));
+        underflow_fixed(f, bits, flags, rm, WIDE_S, || {
+            let r = wide();
+            (r.value, r.status.contains(Status::INEXACT))
+        })
+    } else {
+        let wide = || wide_d(a2).mul_add_r(wide_d(b), wide_d(c2), rtz);
+        let flags = overflow_fixed(f, bits, flags, || past_d(wide().value));
+        underflow_fixed(f, bits, flags, rm, WIDE_D, || {
+            let r = wide();
+            (r.value, r.status.contains(Status::INEXACT))
+        })
     };
     // A NaN result from a NaN input raises NV only for signalling inputs.
     let flags = if f.is_nan(bits) && !f.is_nan(a) && !f.is_nan(b) && !f.is_nan(c) {
@@ -418,24 +611,47 @@ fn fma_generic(f: &Fmt, op: FmaOp, a: u64, b: u64, c: u64, rm: Rm, single: bool)
     (f.canonical(bits), flags)
 }
 
+#[cfg(target_arch = "x86_64")]
+fn sse_fma(a: u64, b: u64, c: u64, rm: Rm, single: bool) -> (u64, u8) {
+    if single {
+        let (r, fl) = sse_fma_s(f32::from_bits(a as u32), f32::from_bits(b as u32), f32::from_bits(c as u32), rm);
+        (r.to_bits() as u64, fl)
+    } else {
+        let (r, fl) = sse_fma_d(f64::from_bits(a), f64::from_bits(b), f64::from_bits(c), rm);
+        (r.to_bits(), fl)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn sse_fma(_: u64, _: u64, _: u64, _: Rm, _: bool) -> (u64, u8) {
+    unreachable!("no SSE off x86-64: `hardware` is false")
+}
+
 pub fn fma_s(op: FmaOp, a: u64, b: u64, c: u64, rm: Rm) -> (u64, u8) {
-    fma_generic(&S, op, a, b, c, rm, true)
+    fma_generic(&S, op, a, b, c, rm, PORTABLE)
 }
 
 pub fn fma_d(op: FmaOp, a: u64, b: u64, c: u64, rm: Rm) -> (u64, u8) {
-    fma_generic(&D, op, a, b, c, rm, false)
+    fma_generic(&D, op, a, b, c, rm, PORTABLE)
 }
 
 /// fcvt.s.d
 pub fn narrow_d_to_s(a: u64, rm: Rm) -> (u64, u8) {
-    let (bits, flags) = if rm == Rm::Rmm {
-        let mut lost = false;
-        let r: rustc_apfloat::StatusAnd<Single> = Double::from_bits(a as u128).convert_r(rm.apfloat(), &mut lost);
-        (r.value.to_bits() as u64, ap_flags(r.status) | D.snan_flag(&[a]))
-    } else {
+    #[cfg(target_arch = "x86_64")]
+    if !PORTABLE && rm != Rm::Rmm {
         let (r, f) = sse_narrow(f64::from_bits(a), rm);
-        (r.to_bits() as u64, f)
-    };
+        return (S.canonical(r.to_bits() as u64), f);
+    }
+    soft_narrow(a, rm)
+}
+
+fn soft_narrow(a: u64, rm: Rm) -> (u64, u8) {
+    let mut lost = false;
+    let r: rustc_apfloat::StatusAnd<Single> = Double::from_bits(a as u128).convert_r(rm.apfloat(), &mut lost);
+    let bits = r.value.to_bits() as u64;
+    let flags = ap_flags(r.status) | D.snan_flag(&[a]);
+    let flags = overflow_fixed(&S, bits, flags, || past_s(Double::from_bits(a as u128)));
+    let flags = underflow_fixed(&S, bits, flags, rm, WIDE_S, || (Double::from_bits(a as u128), false));
     (S.canonical(bits), flags)
 }
 
@@ -659,6 +875,87 @@ pub fn from_int(f: &Fmt, neg: bool, mag: u64, rm: Rm) -> (u64, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Operands that reach the corners: a third any bits, a third special
+    /// values, a third random significands at exponents near the ends
+    /// and the middle of the range (subnormals, underflow, overflow).
+    struct Operands(u64);
+
+    impl Operands {
+        fn next_u64(&mut self) -> u64 {
+            // SplitMix64.
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn of(&mut self, f: &Fmt) -> u64 {
+            let r = self.next_u64();
+            let width = f.mant_bits + (if f.mant_bits == 23 { 9 } else { 12 });
+            let all = if width == 64 { u64::MAX } else { (1 << width) - 1 };
+            let max_exp = f.exp_mask >> f.mant_bits;
+            match r % 3 {
+                0 => r.rotate_left(17) & all,
+                1 => {
+                    let specials =
+                        [0, f.sign, f.exp_mask, f.exp_mask | f.sign, f.canon, f.exp_mask | 1, 1, f.mant_mask];
+                    specials[(r >> 8) as usize % specials.len()] | ((r >> 20) & f.sign)
+                }
+                _ => {
+                    let exps =
+                        [0, 1, 2, (f.bias - 1) as u64, f.bias as u64, (f.bias + 1) as u64, max_exp - 2, max_exp - 1];
+                    let e = exps[(r >> 3) as usize % exps.len()];
+                    ((r >> 11) & f.sign) | (e << f.mant_bits) | (self.next_u64() & f.mant_mask)
+                }
+            }
+        }
+    }
+
+    /// The portable path gives SSE's bits and flags, everywhere: the
+    /// reference here is the hardware, itself checked against QEMU by the
+    /// differential tests. (With `portable-fp`, the public functions are
+    /// the portable path too, and this compares it with itself.)
+    #[test]
+    fn the_portable_path_matches_the_hardware() {
+        let mut g = Operands(0x5eed);
+        let modes = [Rm::Rne, Rm::Rtz, Rm::Rdn, Rm::Rup];
+        let ops = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div];
+        let fmas = [FmaOp::Madd, FmaOp::Msub, FmaOp::Nmsub, FmaOp::Nmadd];
+        for i in 0..200_000 {
+            let rm = modes[i % 4];
+            let (op, fop) = (ops[(i / 4) % 4], fmas[(i / 16) % 4]);
+            let (a, b, c) = (g.of(&S), g.of(&S), g.of(&S));
+            let what = format!("single {op:?}/{fop:?} {a:#x} {b:#x} {c:#x} {rm:?}");
+            assert_eq!(soft_binop_s(op, a, b, rm), binop_s(op, a, b, rm), "{what}");
+            assert_eq!(soft_sqrt(&S, a, rm), sqrt_s(a, rm), "sqrt {what}");
+            assert_eq!(fma_generic(&S, fop, a, b, c, rm, true), fma_s(fop, a, b, c, rm), "fma {what}");
+            let (a, b, c) = (g.of(&D), g.of(&D), g.of(&D));
+            let what = format!("double {op:?}/{fop:?} {a:#x} {b:#x} {c:#x} {rm:?}");
+            assert_eq!(soft_binop_d(op, a, b, rm), binop_d(op, a, b, rm), "{what}");
+            assert_eq!(soft_sqrt(&D, a, rm), sqrt_d(a, rm), "sqrt {what}");
+            assert_eq!(fma_generic(&D, fop, a, b, c, rm, true), fma_d(fop, a, b, c, rm), "fma {what}");
+            assert_eq!(soft_narrow(a, rm), narrow_d_to_s(a, rm), "narrow {what}");
+        }
+    }
+
+    #[test]
+    fn the_portable_square_root_is_exact_where_it_can_be() {
+        for rm in [Rm::Rne, Rm::Rtz, Rm::Rdn, Rm::Rup, Rm::Rmm] {
+            assert_eq!(soft_sqrt(&D, 4f64.to_bits(), rm), (2f64.to_bits(), 0));
+            assert_eq!(soft_sqrt(&S, 0.25f32.to_bits() as u64, rm), (0.5f32.to_bits() as u64, 0));
+            // The smallest subnormal: 2^-1074, whose root is 2^-537.
+            assert_eq!(soft_sqrt(&D, 1, rm), (2f64.powi(-537).to_bits(), 0));
+        }
+        assert_eq!(soft_sqrt(&D, (-1f64).to_bits(), Rm::Rne), (CANON_NAN_D, NV));
+        assert_eq!(soft_sqrt(&D, (-0f64).to_bits(), Rm::Rne), ((-0f64).to_bits(), 0));
+        // The nearest double to sqrt(2) is above it.
+        let two = soft_sqrt(&D, 2f64.to_bits(), Rm::Rne);
+        assert_eq!(two, (std::f64::consts::SQRT_2.to_bits(), NX));
+        assert_eq!(soft_sqrt(&D, 2f64.to_bits(), Rm::Rup), two);
+        assert_eq!(soft_sqrt(&D, 2f64.to_bits(), Rm::Rdn), (two.0 - 1, NX));
+    }
 
     fn d(x: f64) -> u64 {
         x.to_bits()
