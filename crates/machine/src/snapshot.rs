@@ -77,11 +77,6 @@ impl RunningSnapshot {
     pub fn finish(self) -> Snapshot {
         self.snap
     }
-
-    /// Pages copied so far.
-    pub fn pages(&self) -> usize {
-        self.snap.pages.len()
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -72,6 +72,18 @@ pub fn reprotect(fill_mb: u64) -> Result<()> {
     let client = Client::start(&net);
     client.advance(50, Duration::from_secs(60), &pair)?;
     let mut joins = Vec::new();
+    // Start a secondary in `side`'s namespace with `peer`, named `name`, and
+    // time its join as the primary's `said` file reports it.
+    let join = |pair: &mut Pair, side: &str, peer: &str, name: &str, said: &str, case| -> Result<Join> {
+        let before = pair.text(said).matches("joined at position").count();
+        let t = Instant::now();
+        pair.restart_as_secondary(&exe, &g, &net, side, &["--peer", peer], name, &[])?;
+        let line = wait_join(pair, said, before, t)?;
+        let seconds = t.elapsed().as_secs_f64();
+        client.advance(30, Duration::from_secs(60), pair)?;
+        let client_pause_ms = client.longest_pause_since(t).as_secs_f64() * 1e3;
+        Ok(Join { case, seconds, line, client_pause_ms })
+    };
 
     // A new replica: the secondary's host comes back with an empty disk.
     pair.secondary.kill()?;
@@ -82,28 +94,14 @@ pub fn reprotect(fill_mb: u64) -> Result<()> {
         let _ = std::fs::remove_file(old);
     }
     std::fs::File::create(&replica)?.set_len(disk_size)?;
-    let before = pair.text("primary.err").matches("joined at position").count();
-    let t = Instant::now();
-    pair.restart_as_secondary(&exe, &g, &net, "secondary", &["--peer", &a_addr], "new", &[])?;
-    let line = wait_join(&pair, "primary.err", before, t)?;
-    let seconds = t.elapsed().as_secs_f64();
-    client.advance(30, Duration::from_secs(60), &pair)?;
-    let client_pause_ms = client.longest_pause_since(t).as_secs_f64() * 1e3;
-    joins.push(Join { case: "new replica", seconds, line, client_pause_ms });
+    joins.push(join(&mut pair, "secondary", &a_addr, "new", "primary.err", "new replica")?);
 
     // The same secondary comes back on its replica after the primary ran
     // on alone under the client.
     pair.secondary.kill()?;
     pair.secondary.wait()?;
     client.advance(200, Duration::from_secs(60), &pair)?;
-    let before = pair.text("primary.err").matches("joined at position").count();
-    let t = Instant::now();
-    pair.restart_as_secondary(&exe, &g, &net, "secondary", &["--peer", &a_addr], "back", &[])?;
-    let line = wait_join(&pair, "primary.err", before, t)?;
-    let seconds = t.elapsed().as_secs_f64();
-    client.advance(30, Duration::from_secs(60), &pair)?;
-    let client_pause_ms = client.longest_pause_since(t).as_secs_f64() * 1e3;
-    joins.push(Join { case: "returning secondary", seconds, line, client_pause_ms });
+    joins.push(join(&mut pair, "secondary", &a_addr, "back", "primary.err", "returning secondary")?);
 
     // The primary dies; the secondary goes live; the old primary comes
     // back as its secondary.
@@ -111,14 +109,7 @@ pub fn reprotect(fill_mb: u64) -> Result<()> {
     pair.primary.wait()?;
     client.advance(200, Duration::from_secs(60), &pair)?;
     pair.wait_for("back.err", "going live at position", Duration::from_secs(30))?;
-    let before = pair.text("back.err").matches("joined at position").count();
-    let t = Instant::now();
-    pair.restart_as_secondary(&exe, &g, &net, "primary", &["--peer", &b_addr], "oldprimary", &[])?;
-    let line = wait_join(&pair, "back.err", before, t)?;
-    let seconds = t.elapsed().as_secs_f64();
-    client.advance(30, Duration::from_secs(60), &pair)?;
-    let client_pause_ms = client.longest_pause_since(t).as_secs_f64() * 1e3;
-    joins.push(Join { case: "returning primary", seconds, line, client_pause_ms });
+    joins.push(join(&mut pair, "primary", &b_addr, "oldprimary", "back.err", "returning primary")?);
     let w = client.finish(&pair)?;
 
     println!(
