@@ -32,7 +32,8 @@ pub fn s(op: u32, f3: u32, rs1: u32, rs2: u32, imm: i32) -> u32 {
     let imm = imm as u32;
     (((imm >> 5) & 0x7f) << 25) | (rs2 << 20) | (rs1 << 15) | (f3 << 12) | ((imm & 0x1f) << 7) | op
 }
-fn b(f3: u32, rs1: u32, rs2: u32, off: i32) -> u32 {
+/// Any branch (`f3`: 0 beq, 1 bne, 4 blt, 5 bge, 6 bltu, 7 bgeu).
+pub fn b(f3: u32, rs1: u32, rs2: u32, off: i32) -> u32 {
     let o = off as u32;
     (((o >> 12) & 1) << 31)
         | (((o >> 5) & 0x3f) << 25)

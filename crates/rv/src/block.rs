@@ -67,9 +67,10 @@ struct JumpEntry {
     /// The block's ops in the arena, copied here to save a lookup.
     start: u32,
     count: u32,
+    block: u32,
 }
 
-const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, key: u32::MAX, start: 0, count: 0 };
+const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, key: u32::MAX, start: 0, count: 0, block: 0 };
 
 #[derive(Clone)]
 pub struct BlockCache {
@@ -116,11 +117,12 @@ impl BlockCache {
     }
 
     #[inline(always)]
-    /// The ops span `(start, count)` of the block cached for `pc`.
-    pub fn lookup(&self, pc: u64, ctx: usize) -> Option<(u32, u32)> {
+    /// The ops span `(start, count)` and the number of the block cached
+    /// for `pc`.
+    pub fn lookup(&self, pc: u64, ctx: usize) -> Option<(u32, u32, u32)> {
         let e = &self.jump[Self::jump_index(pc)];
         if e.pc == pc && e.key == self.key(ctx) {
-            Some((e.start, e.count))
+            Some((e.start, e.count, e.block))
         } else {
             None
         }
@@ -128,13 +130,13 @@ impl BlockCache {
 
     pub fn remember(&mut self, pc: u64, ctx: usize, block: u32) {
         let b = self.blocks[block as usize];
-        self.jump[Self::jump_index(pc)] = JumpEntry { pc, key: self.key(ctx), start: b.start, count: b.count };
+        self.jump[Self::jump_index(pc)] = JumpEntry { pc, key: self.key(ctx), start: b.start, count: b.count, block };
     }
 
-    /// The ops span of a block.
-    pub fn span(&self, block: u32) -> (u32, u32) {
+    /// The ops span of a block, and its number.
+    pub fn span(&self, block: u32) -> (u32, u32, u32) {
         let b = self.blocks[block as usize];
-        (b.start, b.count)
+        (b.start, b.count, block)
     }
 
     pub fn find_paddr(&self, paddr: u64) -> Option<u32> {

@@ -54,6 +54,65 @@ pub struct HartConfig {
     /// Return `Exit::MachineTrap` instead of running M-mode code when a
     /// trap enters M-mode.
     pub m_mode_exits: bool,
+    /// Interpreter only, or hot blocks translated to host code. Either
+    /// gives the same state at every position.
+    pub engine: Engine,
+}
+
+/// The translation tier's counters, for benches and notes; not guest state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JitStats {
+    pub blocks: u64,
+    pub ops: u64,
+    /// Ops translated as calls to the interpreter.
+    pub fallback_ops: u64,
+    pub code_bytes: u64,
+    pub translate_ns: u64,
+    /// Times the region filled and every translation was dropped.
+    pub region_resets: u64,
+    /// Positions retired inside translated code (the rest: the interpreter).
+    pub positions: u64,
+}
+
+/// How a hart executes: the interpreter alone, or with the translation
+/// tier for hot blocks (x86-64 hosts only; elsewhere it means the
+/// interpreter). Both are exact and interchangeable: a recording made with
+/// one replays with the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Interp,
+    Jit,
+}
+
+impl Engine {
+    /// The engine to use when nobody chose: the translation tier where it
+    /// exists.
+    pub const fn host_default() -> Engine {
+        if cfg!(target_arch = "x86_64") {
+            Engine::Jit
+        } else {
+            Engine::Interp
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Interp => "interp",
+            Engine::Jit => "jit",
+        }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "interp" => Ok(Engine::Interp),
+            "jit" => Ok(Engine::Jit),
+            _ => Err(format!("unknown engine {s:?} (expected interp or jit)")),
+        }
+    }
 }
 
 /// Why `run` returned.
@@ -140,6 +199,9 @@ pub struct HartState {
 pub struct Hart {
     pub(crate) core: Core,
     pub(crate) cache: BlockCache,
+    /// The translation tier, when it is on.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) jit: Option<Box<crate::jit::Jit>>,
 }
 
 /// Integer register `$r` of core `$c`, as a place: `x!(self, op.rd) = v`.
@@ -186,7 +248,46 @@ impl Hart {
     /// A hart in M-mode at `pc = 0` with everything zero, as after reset.
     pub fn new(cfg: HartConfig) -> Hart {
         assert!(cfg.insns_per_tick > 0, "insns_per_tick must be positive");
-        Hart { core: Core::new(cfg), cache: BlockCache::new() }
+        Hart {
+            core: Core::new(cfg),
+            cache: BlockCache::new(),
+            #[cfg(target_arch = "x86_64")]
+            jit: match cfg.engine {
+                Engine::Jit => crate::jit::Jit::new().map(Box::new),
+                Engine::Interp => None,
+            },
+        }
+    }
+
+    /// The engine actually running: `Interp` if the translation tier was
+    /// asked for but the host has none (not x86-64, or no executable
+    /// memory).
+    pub fn engine(&self) -> Engine {
+        #[cfg(target_arch = "x86_64")]
+        if self.jit.is_some() {
+            return Engine::Jit;
+        }
+        Engine::Interp
+    }
+
+    /// Translate a block after `runs` dispatcher runs of it instead of the
+    /// default (tests translate everything at once with 1). No effect on
+    /// the interpreter.
+    pub fn set_jit_hot_runs(&mut self, runs: u16) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(jit) = &mut self.jit {
+            jit.hot_runs = runs.max(1);
+        }
+        let _ = runs;
+    }
+
+    /// The translation tier's counters, when it is on.
+    pub fn jit_stats(&self) -> Option<JitStats> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(jit) = &self.jit {
+            return Some(jit.stats);
+        }
+        None
     }
 
     pub fn position(&self) -> Position {
@@ -359,7 +460,7 @@ impl Hart {
         c.update_ctx();
         c.update_stimer();
         self.core.tlb.flush_paged();
-        self.cache.flush_all();
+        self.flush_all_blocks();
     }
 
     /// Enter privilege `prv` directly (boot: the kernel starts in S-mode).

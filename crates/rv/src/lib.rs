@@ -14,6 +14,7 @@
 //! | `mem` | loads, stores, translation glue, TLB fill, dirty and code pages |
 //! | `exec` | instruction semantics: the block loop, integer, A, F/D, system |
 //! | `run` | [`Hart::run`]: the dispatcher, block fetch and decode |
+//! | `jit` | the translation tier: hot blocks to x86-64 code (x86-64 hosts) |
 //! | [`decode`] | instruction words to [`decode::Op`]s |
 //! | [`block`] | the decoded-block cache |
 //! | [`mmu`] | Sv39/Sv48 page walks and the TLB |
@@ -36,6 +37,8 @@ pub mod decode;
 mod exec;
 pub mod fp;
 pub mod hart;
+#[cfg(target_arch = "x86_64")]
+mod jit;
 mod mem;
 pub mod mmu;
 mod run;
@@ -44,4 +47,4 @@ mod test_utils;
 pub mod trap;
 
 pub use bus::Bus;
-pub use hart::{Exit, Hart, HartConfig, HartState, Position};
+pub use hart::{Engine, Exit, Hart, HartConfig, HartState, JitStats, Position};

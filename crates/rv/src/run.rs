@@ -40,7 +40,7 @@ impl Hart {
             // interrupt takeable (CSR access, xRET; traps leave this loop).
             self.core.attention = false;
             loop {
-                let (start, count) = match self.cache.lookup(self.core.pc, self.core.fetch_ctx) {
+                let (start, count, block) = match self.cache.lookup(self.core.pc, self.core.fetch_ctx) {
                     Some(span) => span,
                     None => match self.fetch_block(bus) {
                         Ok(b) => self.cache.span(b),
@@ -55,7 +55,23 @@ impl Hart {
                 };
                 let budget = (stop - self.core.position) as usize;
                 let ops = self.cache.ops(start, count as usize);
-                let end = self.core.exec_block(bus, ops, budget);
+                #[cfg(target_arch = "x86_64")]
+                let code = translation::<B>(&mut self.jit, block, ops, budget);
+                #[cfg(not(target_arch = "x86_64"))]
+                let code = None::<usize>;
+                #[allow(clippy::match_single_binding)]
+                let end = match code {
+                    #[cfg(target_arch = "x86_64")]
+                    Some(code) => {
+                        let from = self.core.position;
+                        let end = self.core.enter_translation(bus, code, budget);
+                        if let Some(jit) = &mut self.jit {
+                            jit.stats.positions += self.core.position - from;
+                        }
+                        end
+                    }
+                    None => self.core.exec_block(bus, ops, budget),
+                };
                 if self.core.flush != Flush::None {
                     self.apply_flush();
                 }
@@ -88,9 +104,18 @@ impl Hart {
                 self.core.tlb.clear_code_page(p);
             }
             Flush::All => {
-                self.cache.flush_all();
+                self.flush_all_blocks();
                 self.core.tlb.clear_all_code_pages();
             }
+        }
+    }
+
+    /// Drop every decoded block and every translation of one.
+    pub(crate) fn flush_all_blocks(&mut self) {
+        self.cache.flush_all();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(jit) = &mut self.jit {
+            jit.clear();
         }
     }
 
@@ -152,7 +177,7 @@ impl Hart {
         let idx = match self.cache.insert(paddr, page, &ops[..n]) {
             Some(i) => i,
             None => {
-                self.cache.flush_all();
+                self.flush_all_blocks();
                 self.core.tlb.clear_all_code_pages();
                 self.core.tlb.mark_code_page(page);
                 self.cache.insert(paddr, page, &ops[..n]).expect("an empty cache holds one block")
@@ -178,6 +203,23 @@ impl Hart {
     /// Did a trap just enter M-mode that the board must handle?
     fn in_firmware(&self) -> bool {
         self.core.cfg.m_mode_exits && self.core.prv == PRV_M
+    }
+}
+
+/// The translated code for block `block`, if the translation tier is on,
+/// the block is (or just became) hot, and all of it fits in `budget`: a
+/// shorter budget must stop mid-block, which the interpreter does.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn translation<B: Bus>(
+    jit: &mut Option<Box<crate::jit::Jit>>,
+    block: u32,
+    ops: &[crate::decode::Op],
+    budget: usize,
+) -> Option<usize> {
+    match jit {
+        Some(jit) if budget >= ops.len() => jit.code_for::<B>(block, ops),
+        _ => None,
     }
 }
 

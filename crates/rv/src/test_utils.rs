@@ -3,7 +3,7 @@
 
 use crate::asm::*;
 use crate::bus::Bus;
-use crate::{Hart, HartConfig, Position};
+use crate::{Engine, Hart, HartConfig, Position};
 
 pub(crate) const BASE: u64 = 0x8000_0000;
 
@@ -22,14 +22,31 @@ impl Bus for TestBus {
     }
 }
 
+/// The engine the unit tests' harts run: the interpreter, or with
+/// `RV_TEST_ENGINE=jit` the translation tier with every block translated
+/// at its first run (the test command runs the suite both ways).
+pub(crate) fn test_engine() -> Engine {
+    match std::env::var("RV_TEST_ENGINE").as_deref() {
+        Ok("jit") => Engine::Jit,
+        _ => Engine::Interp,
+    }
+}
+
 /// A hart with `words` at the start of 64 KiB of RAM; traps go to a
 /// `j .` at BASE + 0x8000.
 pub(crate) fn setup(words: &[u32]) -> (Hart, TestBus) {
+    setup_engine(words, test_engine())
+}
+
+/// `setup` with a chosen engine (a translation tier translates every block
+/// at its first run).
+pub(crate) fn setup_engine(words: &[u32], engine: Engine) -> (Hart, TestBus) {
     let mut bus = TestBus(vec![0; 64 << 10]);
     bus.0[..words.len() * 4].copy_from_slice(&to_bytes(words));
     bus.0[0x8000..0x8004].copy_from_slice(&jal(ZERO, 0).to_le_bytes());
-    let cfg = HartConfig { hartid: 0, ram_base: BASE, ram_size: 64 << 10, insns_per_tick: 10, m_mode_exits: false };
+    let cfg = HartConfig { hartid: 0, ram_base: BASE, ram_size: 64 << 10, insns_per_tick: 10, m_mode_exits: false, engine };
     let mut h = Hart::new(cfg);
+    h.set_jit_hot_runs(1);
     h.set_pc(BASE);
     h.core.csr.mtvec = BASE + 0x8000;
     h.core.csr.mstatus |= 1 << 13; // FS = Initial

@@ -1,0 +1,331 @@
+//! One block's ops to x86-64 code.
+//!
+//! Registers while translated code runs (all callee-saved, so helper calls
+//! keep them):
+//!
+//! | host | holds |
+//! |---|---|
+//! | `rbx` | the `Core` |
+//! | `r12` | the `Frame` (first argument of every helper) |
+//! | `r13` | guest RAM's first byte |
+//! | `r14` | the block's first pc (`base`) |
+//! | `r15` | the data TLB set of the current `data_ctx` |
+//! | `rbp` | the budget left, counting from this pass's first op |
+//!
+//! Guest registers stay in `Core::x` (memory operands are cheap on x86);
+//! `rax`, `rcx`, `rdx` are scratch. `Core::position` holds the position of
+//! the pass's first op while the code runs; every exit adds the ops retired.
+//!
+//! A load or store does the TLB compare inline, as `load_hit` does; on a
+//! miss it calls the interpreter for that op (out of line, after the
+//! block's code), which handles misses, misalignment, devices and faults.
+
+use super::{Frame, EXIT_CONTINUE};
+use crate::decode::{Kind, Op};
+use crate::hart::Core;
+use crate::mmu::{Tlb, TlbEntry, TlbSet, TLB_ENTRIES};
+use dynasmrt::x64::X64Relocation;
+use dynasmrt::{dynasm, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
+use std::mem::{offset_of, size_of};
+
+type Asm = VecAssembler<X64Relocation>;
+
+const _: () = assert!(size_of::<TlbEntry>() == 16 && TLB_ENTRIES == 256, "the inline TLB index assumes 256 x 16 bytes");
+
+fn xo(r: u8) -> i32 {
+    (offset_of!(Core, x) + 8 * (r as usize & 63)) as i32
+}
+const POS: i32 = offset_of!(Core, position) as i32;
+const PC: i32 = offset_of!(Core, pc) as i32;
+const SETS: i32 = (offset_of!(Core, tlb) + offset_of!(Tlb, sets)) as i32;
+const DATA_CTX: i32 = offset_of!(Core, data_ctx) as i32;
+const SET_BYTES: i32 = size_of::<TlbSet>() as i32;
+const READ: i32 = offset_of!(TlbSet, read) as i32;
+const WRITE: i32 = offset_of!(TlbSet, write) as i32;
+const TAG: i32 = offset_of!(TlbEntry, tag) as i32;
+const RAM_OFF: i32 = offset_of!(TlbEntry, ram_off) as i32;
+const FRAME_CORE: i32 = offset_of!(Frame, core) as i32;
+
+/// A TLB miss's call to the interpreter, emitted after the block's code.
+struct Slow {
+    at: DynamicLabel,
+    back: DynamicLabel,
+    op: usize,
+}
+
+/// Translate `ops` (the block's own copy, which must outlive the code) with
+/// `fallback` as the helper for everything not done in host code. Returns
+/// the position-independent code and how many ops call the interpreter.
+pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
+    let mut a = Asm::new(0);
+    let count = ops.len() as i32;
+    let mut slow = Vec::new();
+    let mut fallbacks = 0;
+    let top = a.new_dynamic_label();
+    // Every exit jumps to the one epilogue with its code in eax.
+    let epi = a.new_dynamic_label();
+    dynasm!(a
+        ; .arch x64
+        ; push rbx
+        ; push rbp
+        ; push r12
+        ; push r13
+        ; push r14
+        ; push r15
+        ; sub rsp, 8
+        ; mov r12, rdi
+        ; mov rbx, [rdi + FRAME_CORE]
+        ; mov r13, rsi
+        ; mov rbp, rdx
+        ; mov r14, [rbx + PC]
+    );
+    load_tlb_set(&mut a);
+    dynasm!(a ; =>top);
+    for (i, op) in ops.iter().enumerate() {
+        let i32_ = i as i32;
+        let done = i32_ + 1;
+        let next_off = op.off as i32 + op.len as i32;
+        let imm = op.imm;
+        let (rd, rs1, rs2) = (xo(op.rd), xo(op.rs1), xo(op.rs2));
+        use Kind::*;
+        match op.kind {
+            Nop | Fence => {}
+            Lui => dynasm!(a ; mov rax, QWORD imm as i64 ; mov [rbx + rd], rax),
+            Auipc => dynasm!(a
+                ; mov rax, QWORD op.off as i64 + imm as i64
+                ; add rax, r14
+                ; mov [rbx + rd], rax
+            ),
+            JalLink => dynasm!(a ; lea rax, [r14 + next_off] ; mov [rbx + rd], rax),
+            Jal => {
+                let target = op.off as i64 + imm as i64;
+                dynasm!(a
+                    ; lea rax, [r14 + next_off]
+                    ; mov [rbx + rd], rax
+                    ; mov rax, QWORD target
+                    ; add rax, r14
+                );
+                exit_to_rax(&mut a, done, epi);
+            }
+            Jalr => {
+                dynasm!(a
+                    ; mov rax, [rbx + rs1]
+                    ; add rax, imm
+                    ; and rax, -2
+                    ; lea rcx, [r14 + next_off]
+                    ; mov [rbx + rd], rcx
+                );
+                exit_to_rax(&mut a, done, epi);
+            }
+            Beq | Bne | Blt | Bge | Bltu | Bgeu => {
+                let skip = a.new_dynamic_label();
+                dynasm!(a ; mov rax, [rbx + rs1] ; cmp rax, [rbx + rs2]);
+                // Jump over the taken path on the opposite condition.
+                match op.kind {
+                    Beq => dynasm!(a ; jne =>skip),
+                    Bne => dynasm!(a ; je =>skip),
+                    Blt => dynasm!(a ; jge =>skip),
+                    Bge => dynasm!(a ; jl =>skip),
+                    Bltu => dynasm!(a ; jae =>skip),
+                    _ => dynasm!(a ; jb =>skip),
+                }
+                let target = op.off as i32 + imm;
+                if target == 0 {
+                    // Back to the block's start (a tight loop): go round in
+                    // host code while a whole pass fits in the budget, as
+                    // the interpreter does.
+                    dynasm!(a
+                        ; add QWORD [rbx + POS], done
+                        ; sub rbp, done
+                        ; cmp rbp, count
+                        ; jae =>top
+                        ; mov [rbx + PC], r14
+                        ; mov eax, EXIT_CONTINUE as i32
+                        ; jmp =>epi
+                    );
+                } else {
+                    dynasm!(a ; lea rax, [r14 + target]);
+                    exit_to_rax(&mut a, done, epi);
+                }
+                dynasm!(a ; =>skip);
+            }
+            Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu => {
+                let n = match op.kind {
+                    Lb | Lbu => 1,
+                    Lh | Lhu => 2,
+                    Lw | Lwu => 4,
+                    _ => 8,
+                };
+                let (at, back) = (a.new_dynamic_label(), a.new_dynamic_label());
+                tlb_hit(&mut a, rs1, imm, n, READ, at);
+                match op.kind {
+                    Lb => dynasm!(a ; movsx rax, BYTE [r13 + rcx]),
+                    Lbu => dynasm!(a ; movzx eax, BYTE [r13 + rcx]),
+                    Lh => dynasm!(a ; movsx rax, WORD [r13 + rcx]),
+                    Lhu => dynasm!(a ; movzx eax, WORD [r13 + rcx]),
+                    Lw => dynasm!(a ; movsxd rax, DWORD [r13 + rcx]),
+                    Lwu => dynasm!(a ; mov eax, DWORD [r13 + rcx]),
+                    _ => dynasm!(a ; mov rax, QWORD [r13 + rcx]),
+                }
+                dynasm!(a ; mov [rbx + rd], rax ; =>back);
+                slow.push(Slow { at, back, op: i });
+            }
+            Sb | Sh | Sw | Sd => {
+                let n = match op.kind {
+                    Sb => 1,
+                    Sh => 2,
+                    Sw => 4,
+                    _ => 8,
+                };
+                let (at, back) = (a.new_dynamic_label(), a.new_dynamic_label());
+                tlb_hit(&mut a, rs1, imm, n, WRITE, at);
+                dynasm!(a ; mov rax, [rbx + rs2]);
+                match op.kind {
+                    Sb => dynasm!(a ; mov [r13 + rcx], al),
+                    Sh => dynasm!(a ; mov [r13 + rcx], ax),
+                    Sw => dynasm!(a ; mov [r13 + rcx], eax),
+                    _ => dynasm!(a ; mov [r13 + rcx], rax),
+                }
+                dynasm!(a ; =>back);
+                slow.push(Slow { at, back, op: i });
+            }
+            Addi => dynasm!(a ; mov rax, [rbx + rs1] ; add rax, imm ; mov [rbx + rd], rax),
+            Slti => dynasm!(a ; xor ecx, ecx ; cmp QWORD [rbx + rs1], imm ; setl cl ; mov [rbx + rd], rcx),
+            Sltiu => dynasm!(a ; xor ecx, ecx ; cmp QWORD [rbx + rs1], imm ; setb cl ; mov [rbx + rd], rcx),
+            Xori => dynasm!(a ; mov rax, [rbx + rs1] ; xor rax, imm ; mov [rbx + rd], rax),
+            Ori => dynasm!(a ; mov rax, [rbx + rs1] ; or rax, imm ; mov [rbx + rd], rax),
+            Andi => dynasm!(a ; mov rax, [rbx + rs1] ; and rax, imm ; mov [rbx + rd], rax),
+            Slli => dynasm!(a ; mov rax, [rbx + rs1] ; shl rax, (imm & 63) as i8 ; mov [rbx + rd], rax),
+            Srli => dynasm!(a ; mov rax, [rbx + rs1] ; shr rax, (imm & 63) as i8 ; mov [rbx + rd], rax),
+            Srai => dynasm!(a ; mov rax, [rbx + rs1] ; sar rax, (imm & 63) as i8 ; mov [rbx + rd], rax),
+            Add => dynasm!(a ; mov rax, [rbx + rs1] ; add rax, [rbx + rs2] ; mov [rbx + rd], rax),
+            Sub => dynasm!(a ; mov rax, [rbx + rs1] ; sub rax, [rbx + rs2] ; mov [rbx + rd], rax),
+            Xor => dynasm!(a ; mov rax, [rbx + rs1] ; xor rax, [rbx + rs2] ; mov [rbx + rd], rax),
+            Or => dynasm!(a ; mov rax, [rbx + rs1] ; or rax, [rbx + rs2] ; mov [rbx + rd], rax),
+            And => dynasm!(a ; mov rax, [rbx + rs1] ; and rax, [rbx + rs2] ; mov [rbx + rd], rax),
+            Sll => dynasm!(a ; mov rax, [rbx + rs1] ; mov rcx, [rbx + rs2] ; shl rax, cl ; mov [rbx + rd], rax),
+            Srl => dynasm!(a ; mov rax, [rbx + rs1] ; mov rcx, [rbx + rs2] ; shr rax, cl ; mov [rbx + rd], rax),
+            Sra => dynasm!(a ; mov rax, [rbx + rs1] ; mov rcx, [rbx + rs2] ; sar rax, cl ; mov [rbx + rd], rax),
+            Slt => dynasm!(a
+                ; xor ecx, ecx ; mov rax, [rbx + rs1] ; cmp rax, [rbx + rs2] ; setl cl ; mov [rbx + rd], rcx
+            ),
+            Sltu => dynasm!(a
+                ; xor ecx, ecx ; mov rax, [rbx + rs1] ; cmp rax, [rbx + rs2] ; setb cl ; mov [rbx + rd], rcx
+            ),
+            Addiw => dynasm!(a ; mov eax, [rbx + rs1] ; add eax, imm ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Slliw => dynasm!(a ; mov eax, [rbx + rs1] ; shl eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Srliw => dynasm!(a ; mov eax, [rbx + rs1] ; shr eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Sraiw => dynasm!(a ; mov eax, [rbx + rs1] ; sar eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Addw => dynasm!(a ; mov eax, [rbx + rs1] ; add eax, [rbx + rs2] ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Subw => dynasm!(a ; mov eax, [rbx + rs1] ; sub eax, [rbx + rs2] ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Sllw => dynasm!(a
+                ; mov eax, [rbx + rs1] ; mov ecx, [rbx + rs2] ; shl eax, cl ; movsxd rax, eax ; mov [rbx + rd], rax
+            ),
+            Srlw => dynasm!(a
+                ; mov eax, [rbx + rs1] ; mov ecx, [rbx + rs2] ; shr eax, cl ; movsxd rax, eax ; mov [rbx + rd], rax
+            ),
+            Sraw => dynasm!(a
+                ; mov eax, [rbx + rs1] ; mov ecx, [rbx + rs2] ; sar eax, cl ; movsxd rax, eax ; mov [rbx + rd], rax
+            ),
+            Mul => dynasm!(a ; mov rax, [rbx + rs1] ; imul rax, [rbx + rs2] ; mov [rbx + rd], rax),
+            Mulw => dynasm!(a ; mov eax, [rbx + rs1] ; imul eax, [rbx + rs2] ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Mulhu => dynasm!(a ; mov rax, [rbx + rs1] ; mul QWORD [rbx + rs2] ; mov [rbx + rd], rdx),
+            Mulh => dynasm!(a ; mov rax, [rbx + rs1] ; imul QWORD [rbx + rs2] ; mov [rbx + rd], rdx),
+            _ => {
+                // Everything else runs in the interpreter; ops that end a
+                // block (system, CSR writes that matter, traps) exit there.
+                fallbacks += 1;
+                call_fallback(&mut a, ops, i, fallback, epi);
+            }
+        }
+    }
+    // Fell off the end: the next pc follows the last op.
+    let last = ops[ops.len() - 1];
+    dynasm!(a
+        ; lea rax, [r14 + last.off as i32 + last.len as i32]
+        ; mov [rbx + PC], rax
+        ; add QWORD [rbx + POS], count
+        ; mov eax, EXIT_CONTINUE as i32
+        ; =>epi
+        ; add rsp, 8
+        ; pop r15
+        ; pop r14
+        ; pop r13
+        ; pop r12
+        ; pop rbp
+        ; pop rbx
+        ; ret
+    );
+    for s in slow {
+        dynasm!(a ; =>s.at);
+        call_fallback(&mut a, ops, s.op, fallback, epi);
+        dynasm!(a ; jmp =>s.back);
+    }
+    (a.finalize().expect("every label of a translation is defined"), fallbacks)
+}
+
+/// `r15` = the data TLB set of `Core::data_ctx`.
+fn load_tlb_set(a: &mut Asm) {
+    dynasm!(a
+        ; .arch x64
+        ; mov rax, [rbx + DATA_CTX]
+        ; imul rax, rax, SET_BYTES
+        ; mov r15, [rbx + SETS]
+        ; add r15, rax
+    );
+}
+
+/// Compute the address `x[rs1] + imm` into `rax` and look it up in the TLB
+/// array at `array` of the set in `r15` for an access of `n` bytes; jump to
+/// `miss` unless it hits (the tag compare also rejects misalignment, as in
+/// `load_hit`). On a hit, `rcx` is the RAM offset.
+fn tlb_hit(a: &mut Asm, rs1: i32, imm: i32, n: i32, array: i32, miss: DynamicLabel) {
+    let mask = !0xfff | (n - 1);
+    dynasm!(a
+        ; .arch x64
+        ; mov rax, [rbx + rs1]
+        ; add rax, imm
+        ; mov rcx, rax
+        ; and rcx, mask
+        ; mov rdx, rax
+        ; shr rdx, 8
+        ; and edx, 0xff0
+        ; cmp rcx, [r15 + rdx + array + TAG]
+        ; jne =>miss
+        ; mov rcx, [r15 + rdx + array + RAM_OFF]
+        ; and eax, 0xfff
+        ; or rcx, rax
+    );
+}
+
+/// Set `pc` to `rax`, retire `done` ops of this pass, and leave.
+fn exit_to_rax(a: &mut Asm, done: i32, epi: DynamicLabel) {
+    dynasm!(a
+        ; .arch x64
+        ; mov [rbx + PC], rax
+        ; add QWORD [rbx + POS], done
+        ; mov eax, EXIT_CONTINUE as i32
+        ; jmp =>epi
+    );
+}
+
+/// Call `fallback(frame, &ops[i], base, position + i)` for an op the
+/// interpreter does; on an exit jump to the epilogue with its code in
+/// `eax`, else reload the TLB set (the op may have changed `data_ctx`) and
+/// fall through.
+fn call_fallback(a: &mut Asm, ops: &[Op], i: usize, fallback: usize, epi: DynamicLabel) {
+    let op_addr = &ops[i] as *const Op as i64;
+    dynasm!(a
+        ; .arch x64
+        ; mov rdi, r12
+        ; mov rsi, QWORD op_addr
+        ; mov rdx, r14
+        ; mov rcx, [rbx + POS]
+        ; add rcx, i as i32
+        ; mov rax, QWORD fallback as i64
+        ; call rax
+        ; test rax, rax
+        ; jnz =>epi
+    );
+    load_tlb_set(a);
+}

@@ -1,0 +1,273 @@
+//! The translation tier against the interpreter: the same programs, run to
+//! the same stop positions, must leave the same state at every stop.
+
+use crate::asm::*;
+use crate::csr::*;
+use crate::test_utils::*;
+use crate::{Engine, Exit, Hart, JitStats, Position};
+
+/// xorshift64: a fixed, seedable stream for generated programs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Everything a difference could show in.
+fn state(h: &Hart, bus: &TestBus) -> (u64, u64, u8, Vec<u64>, Vec<u64>, u64, u64, Vec<u8>) {
+    (
+        h.position().0,
+        h.pc(),
+        h.prv(),
+        (0..32).map(|i| h.x(i)).collect(),
+        (0..32).map(|i| h.f(i)).collect(),
+        h.csrs().mcause,
+        h.csrs().mtval,
+        bus.0.clone(),
+    )
+}
+
+/// Run `words` in both engines through the same stops (`steps` of random
+/// length, idling in `wfi` alike), comparing everything after each. The
+/// JIT hart translates every block at its first run. Returns the JIT's
+/// counters.
+fn compare(words: &[u32], seed: u64, steps: usize, prepare: impl Fn(&mut Hart)) -> JitStats {
+    let (mut a, mut abus) = setup_engine(words, Engine::Interp);
+    let (mut b, mut bbus) = setup_engine(words, Engine::Jit);
+    assert_eq!(b.engine(), Engine::Jit, "this host gives no executable memory");
+    prepare(&mut a);
+    prepare(&mut b);
+    let mut rng = Rng(seed | 1);
+    for step in 0..steps {
+        let to = Position(a.position().0 + 1 + rng.below(if step % 4 == 0 { 7 } else { 400 }));
+        let (ea, eb) = (a.run(&mut abus, to), b.run(&mut bbus, to));
+        assert_eq!(ea, eb, "seed {seed} step {step}: exits differ");
+        if ea == Exit::Wfi {
+            a.idle(5);
+            b.idle(5);
+        }
+        let (sa, sb) = (state(&a, &abus), state(&b, &bbus));
+        if sa != sb {
+            let regs: Vec<_> =
+                (0..32).filter(|&i| sa.3[i] != sb.3[i]).map(|i| (i, sa.3[i], sb.3[i])).collect();
+            panic!(
+                "seed {seed} step {step} (stop {}): interp pos {} pc {:#x} / jit pos {} pc {:#x}; \
+                 regs differing (x, interp, jit): {regs:x?}; mcause {} / {}; RAM equal: {}",
+                to.0, sa.0, sa.1, sb.0, sb.1, sa.5, sb.5, sa.7 == sb.7
+            );
+        }
+    }
+    b.jit_stats().expect("the JIT hart has a translation tier")
+}
+
+/// Registers the generated programs may write; x2..x4 stay pointers into
+/// the data area so that most loads and stores hit RAM.
+const WRITABLE: [u32; 8] = [5, 6, 7, 10, 11, 12, 13, 14];
+const DATA: u64 = BASE + 0x4000;
+
+/// One random integer instruction: every RV64IM op, loads and stores
+/// (mostly in the data area, sometimes misaligned or outside RAM), short
+/// branches both ways, and now and then a CSR access or a random word.
+fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
+    let rd = WRITABLE[rng.below(8) as usize];
+    let any = |rng: &mut Rng| rng.below(16) as u32;
+    let (rs1, rs2) = (any(rng), any(rng));
+    let imm = match rng.below(4) {
+        0 => rng.below(4096) as i32 - 2048,
+        1 => rng.below(8) as i32 - 4,
+        2 => 2047,
+        _ => -2048,
+    };
+    match rng.below(20) {
+        0..=3 => {
+            // OP: R-type ALU and M.
+            let (f3, f7) = [(0, 0), (0, 0x20), (1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (5, 0x20), (6, 0), (7, 0)]
+                [rng.below(10) as usize];
+            let (f3, f7) = if rng.below(3) == 0 { (rng.below(8) as u32, 1) } else { (f3, f7) };
+            let op = if rng.below(3) == 0 { 0x3b } else { 0x33 };
+            let (f3, f7) = if op == 0x3b && f7 != 1 { ([0, 0, 1, 5, 5][rng.below(5) as usize], f7) } else { (f3, f7) };
+            let f7 = if op == 0x3b && f3 == 1 { 0 } else { f7 };
+            r(op, f3, f7, rd, rs1, rs2)
+        }
+        4..=6 => {
+            // OP-IMM and OP-IMM-32.
+            let f3 = rng.below(8) as u32;
+            if rng.below(3) == 0 {
+                let f3 = [0, 1, 5][rng.below(3) as usize];
+                let imm = if f3 == 0 { imm } else { (rng.below(32) as i32) | if f3 == 5 && rng.below(2) == 0 { 0x400 } else { 0 } };
+                i(0x1b, f3, rd, rs1, imm)
+            } else {
+                let imm = match f3 {
+                    1 => rng.below(64) as i32,
+                    5 => rng.below(64) as i32 | if rng.below(2) == 0 { 0x400 } else { 0 },
+                    _ => imm,
+                };
+                i(0x13, f3, rd, rs1, imm)
+            }
+        }
+        7..=9 => {
+            // Loads from a pointer register; now and then from anywhere.
+            let base = if rng.below(8) == 0 { rs1 } else { 2 + rng.below(3) as u32 };
+            let off = if rng.below(6) == 0 { rng.below(64) as i32 - 8 } else { 8 * rng.below(32) as i32 };
+            i(0x03, [0, 1, 2, 3, 4, 5, 6][rng.below(7) as usize], rd, base, off)
+        }
+        10..=11 => {
+            let base = if rng.below(8) == 0 { rs1 } else { 2 + rng.below(3) as u32 };
+            let off = if rng.below(6) == 0 { rng.below(64) as i32 - 8 } else { 8 * rng.below(32) as i32 };
+            s(0x23, rng.below(4) as u32, base, rs2, off)
+        }
+        12..=14 => {
+            // A short forward branch (random backward ones make endless
+            // loops; the program's last jump makes it go round).
+            let target = (at as i64 + 1 + rng.below(12) as i64).clamp(0, len as i64 - 1);
+            b([0, 1, 4, 5, 6, 7][rng.below(6) as usize], rs1, rs2, ((target - at as i64) * 4) as i32)
+        }
+        15 => lui(rd, rng.below(1 << 20) as u32),
+        16 => auipc(rd, rng.below(1 << 20) as u32),
+        17 if rng.below(3) == 0 => jalr(if rng.below(2) == 0 { ZERO } else { rd }, 8, 4 * (at as i32 + 2) + rng.below(2) as i32),
+        17 => {
+            let target = (at as i64 + 1 + rng.below(12) as i64).clamp(0, len as i64 - 1);
+            jal(if rng.below(2) == 0 { ZERO } else { rd }, ((target - at as i64) * 4) as i32)
+        }
+        18 => match rng.below(4) {
+            0 => csrrs(rd, MSCRATCH, rs1),
+            1 => csrrw(rd, MSCRATCH, rs1),
+            2 => i(0x73, 2, rd, 0, 0xc00), // rdcycle
+            _ => r(0x2f, 3, 0, rd, 2 + rng.below(3) as u32, rs2), // amoadd.d
+        },
+        _ => rng.next() as u32,
+    }
+}
+
+/// Generated programs with loops, loads, stores, branches and traps: the
+/// same state at every stop, in M-mode and in S-mode under a page table.
+#[test]
+fn generated_programs_give_the_interpreters_state_at_every_stop() {
+    let mut in_jit = 0;
+    for seed in 1..=60u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let len = 400;
+        let mut words: Vec<u32> = Vec::new();
+        words.extend(li64(2, DATA));
+        words.extend(li64(3, DATA + 0x100));
+        words.extend(li64(4, DATA + 0x7f8));
+        for r in WRITABLE {
+            words.extend(li64(r, rng.next()));
+        }
+        // s0 = the address just before the body, for `jalr`s to the
+        // instruction after themselves.
+        words.push(auipc(8, 0));
+        let start = words.len();
+        let body = len - start - 1;
+        for at in 0..body {
+            words.push(random_insn(&mut rng, at, body));
+        }
+        // Round again, with the registers as they are.
+        words.push(jal(ZERO, -4 * body as i32));
+        // The trap handler steps over the faulting instruction.
+        let handler = BASE + 4 * words.len() as u64;
+        words.extend([csrrs(T2, MEPC, ZERO), addi(T2, T2, 4), csrrw(ZERO, MEPC, T2), MRET]);
+        // Random data for the loads, with every sign bit set now and then.
+        let data = ((DATA - BASE) / 4) as usize;
+        words.resize(data, 0);
+        words.extend((0..0x800 / 4).map(|_| rng.next() as u32));
+        let stats = compare(&words, seed, 300, |h| h.core.csr.mtvec = handler);
+        in_jit += stats.positions;
+    }
+    // The comparison means something only if translated code did most of
+    // the work (each program runs about 45,000 positions).
+    assert!(in_jit > 60 * 25_000, "translated code ran only {in_jit} positions");
+}
+
+/// Random words as code, in M-mode and then in S-mode under a random
+/// satp, as the interpreter's own no-panic test: same state at every stop.
+#[test]
+fn random_words_give_the_interpreters_state_at_every_stop() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for round in 0..30u64 {
+        let words: Vec<u32> = (0..2048).map(|_| rng.next() as u32).collect();
+        compare(&words, round + 1, 200, |h| {
+            h.core.csr.mtvec = BASE + 0x100;
+            if round % 2 == 1 {
+                h.set_prv(PRV_S);
+                h.core.csr.satp = (8 << 60) | ((BASE >> 12) + (round % 16));
+                h.core.update_ctx();
+                h.core.csr.stvec = BASE + 0x200;
+            }
+        });
+    }
+}
+
+/// A loop body of loads, stores and arithmetic, stopped at every position
+/// of its first passes: the tier must stop mid-block (by handing the block
+/// to the interpreter) exactly where the interpreter does.
+#[test]
+fn budget_stops_at_every_instruction_are_exact() {
+    let mut w = with_regs(&[(A2, DATA), (T0, 50)], &[]);
+    let top = w.len();
+    w.extend([
+        ld(A0, A2, 0),
+        addi(A0, A0, 3),
+        sd(A0, A2, 8),
+        lw(A1, A2, 8),
+        mul(A3, A1, A0),
+        xor(A4, A3, A1),
+        sw(A4, A2, 16),
+        addi(T0, T0, -1),
+    ]);
+    let back = -4 * (w.len() - top) as i32;
+    w.push(bne(T0, ZERO, back));
+    w.push(addi(A5, A0, 0));
+    let total = 500u64;
+    for stop in 1..total {
+        let (mut a, mut abus) = setup_engine(&w, Engine::Interp);
+        let (mut b, mut bbus) = setup_engine(&w, Engine::Jit);
+        // Warm the JIT up to a different point each time, then stop at `stop`.
+        let warm = Position(stop / 2);
+        a.run(&mut abus, warm);
+        b.run(&mut bbus, warm);
+        a.run(&mut abus, Position(stop));
+        b.run(&mut bbus, Position(stop));
+        assert_eq!(state(&a, &abus), state(&b, &bbus), "stop {stop}");
+    }
+}
+
+/// Code that rewrites an instruction of a block the tier already
+/// translated: the next pass runs the new instruction.
+#[test]
+fn a_store_into_translated_code_takes_effect_at_once() {
+    // Loop 4 times over: a0 += 1 (patched to a0 += 100 in pass 3).
+    let patch = addi(A0, A0, 100);
+    let mut w = with_regs(&[(A1, patch as u64), (T0, 4)], &[]);
+    let top = w.len();
+    w.extend([
+        auipc(A2, 0),         // top
+        addi(A0, A0, 1),      // top + 4: the patched instruction
+        addi(T0, T0, -1),     // top + 8
+        addi(T1, T0, -1),     // top + 12
+        bne(T1, ZERO, 8),     // top + 16: patch when t0 == 1
+        sw(A1, A2, 4),        // top + 20
+        bne(T0, ZERO, -24),   // top + 24
+        addi(A3, A0, 0),
+    ]);
+    let _ = top;
+    let end = BASE + 4 * w.len() as u64;
+    let (mut h, mut bus) = setup_engine(&w, Engine::Jit);
+    while h.pc() != end && h.position().0 < 10_000 {
+        let p = h.position().0;
+        h.run(&mut bus, Position(p + 1000));
+    }
+    // Passes 1-3 add 1, the patch lands in pass 3, pass 4 adds 100.
+    assert_eq!(h.x(13), 103);
+    assert!(h.jit_stats().unwrap().positions > 0);
+    compare(&w, 7, 40, |_| {});
+}
+
