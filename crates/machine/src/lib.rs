@@ -269,6 +269,30 @@ const HOST_INPUTS_PER_POLL: usize = 64;
 const PANIC_GRACE: u64 = 200_000_000;
 const PANIC_TEXT: &[u8] = b"Kernel panic - not syncing";
 
+/// The engine new machines run their hart with (`rv::Engine` as a number:
+/// 0 the host's default, 1 interp, 2 jit).
+static ENGINE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Choose the engine of every machine this process makes from now on (the
+/// `--engine` flag). The engines are interchangeable at every position, so
+/// this is a speed policy, never guest state.
+pub fn set_engine(engine: rv::Engine) {
+    let n = match engine {
+        rv::Engine::Interp => 1,
+        rv::Engine::Jit => 2,
+    };
+    ENGINE.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The engine new machines get.
+pub fn engine() -> rv::Engine {
+    match ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => rv::Engine::Interp,
+        2 => rv::Engine::Jit,
+        _ => rv::Engine::host_default(),
+    }
+}
+
 impl Machine {
     fn with_config(mem_bytes: u64, m_mode_exits: bool) -> Machine {
         let cfg = HartConfig {
@@ -277,6 +301,7 @@ impl Machine {
             ram_size: mem_bytes,
             insns_per_tick: INSNS_PER_TICK,
             m_mode_exits,
+            engine: engine(),
         };
         Machine {
             hart: Hart::new(cfg),

@@ -154,8 +154,9 @@ fn boot(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One timed run: (guest instructions, seconds).
-fn time_program(p: &Program) -> Result<(u64, f64)> {
+/// One timed run with `engine`: (guest instructions, seconds).
+fn time_program(p: &Program, engine: rv::Engine) -> Result<(u64, f64)> {
+    machine::set_engine(engine);
     let mut m = Machine::new(16 << 20);
     p.load(&mut m.board.ram);
     m.hart.set_pc(p.entry);
@@ -190,17 +191,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let iters = args.minsns * 1_000_000 / machine::programs::LOOP_BODY;
     let cases: [(&str, Program); 2] =
         [("(a) integer loop, M-mode", int_loop_m(iters)), ("(b) integer loop, U-mode, Sv39", int_loop_u_sv39(iters))];
-    let mut mips: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let engines = [rv::Engine::Interp, rv::Engine::Jit];
+    let mut mips: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); engines.len()]; cases.len()];
     for _ in 0..args.reps {
         for (i, (_, p)) in cases.iter().enumerate() {
-            let (insns, secs) = time_program(p)?;
-            mips[i].push(insns as f64 / secs / 1e6);
+            for (e, &engine) in engines.iter().enumerate() {
+                let (insns, secs) = time_program(p, engine)?;
+                mips[i][e].push(insns as f64 / secs / 1e6);
+            }
         }
     }
-    println!("guest MIPS, {} M instructions per run, {} runs each (median [min .. max])", args.minsns, args.reps);
-    for ((name, _), v) in cases.iter().zip(mips.iter_mut()) {
-        let (lo, hi) = (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
-        println!("{name:34} {:8.1}   [{lo:.1} .. {hi:.1}]", median(v));
+    println!(
+        "guest MIPS, {} M instructions per run, {} runs each, engines alternating (median [min .. max])",
+        args.minsns, args.reps
+    );
+    for ((name, _), per_engine) in cases.iter().zip(mips.iter_mut()) {
+        for (engine, v) in engines.iter().zip(per_engine.iter_mut()) {
+            let (lo, hi) = (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
+            println!("{name:34} {:6} {:8.1}   [{lo:.1} .. {hi:.1}]", engine.name(), median(v));
+        }
     }
     Ok(())
 }

@@ -171,6 +171,10 @@ struct ReplayArgs {
     /// Print the machine's state hash every N positions.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     hash_every: Option<u64>,
+    /// How the CPU runs (`interp` or `jit`, default `jit` on x86-64); a
+    /// recording replays exactly with either, whichever recorded it.
+    #[arg(long, value_name = "interp|jit")]
+    engine: Option<rv::Engine>,
     /// Start from a snapshot taken while recording (`--snapshot-every`)
     /// and the log after it. The disk must still be the copy from the
     /// start of the recording: the snapshots carry what was written since.
@@ -196,10 +200,13 @@ impl RunArgs {
 pub fn execute(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Run(a) => run::run(*a),
-        Command::Replay(a) => crate::replayer::file::replay(
+        Command::Replay(a) => {
+            machine::set_engine(a.engine.unwrap_or(rv::Engine::host_default()));
+            crate::replayer::file::replay(
             &a.log,
-            &crate::replayer::file::ReplayOpts { disk: a.disk, hash_every: a.hash_every, from: a.from },
-        ),
+                &crate::replayer::file::ReplayOpts { disk: a.disk, hash_every: a.hash_every, from: a.from },
+            )
+        }
         Command::Primary(a) => pair::side(*a, pair::Side::Primary),
         Command::Secondary(a) => pair::side(*a, pair::Side::Secondary),
         Command::Status(a) => pair::status(a),

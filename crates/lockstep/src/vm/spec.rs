@@ -62,6 +62,12 @@ pub struct VmSpec {
     /// from any of them (`replay --from`).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "elf")]
     pub snapshot_every: Option<u64>,
+    /// How the CPU runs: `jit` translates hot code to host code (the
+    /// default on x86-64), `interp` only interprets. Both give the same
+    /// state at every instruction, so the two sides of a pair, or a
+    /// recording and its replay, may use different engines.
+    #[arg(long, value_name = "interp|jit")]
+    pub engine: Option<rv::Engine>,
 }
 
 impl VmSpec {
