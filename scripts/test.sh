@@ -7,6 +7,9 @@ bash scripts/test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
+# The CPU's unit tests again with every block translated at its first run
+# (the translation tier; the workspace run above used the interpreter).
+RV_TEST_ENGINE=jit cargo test -p rv
 # The portable floating-point path (what non-x86-64 hosts run), forced on
 # here: its unit tests and the FP differential tests against QEMU.
 cargo test -p rv --features portable-fp

@@ -407,15 +407,26 @@ scratch:
     s
 }
 
+/// The program's dump from lockstep, run with the interpreter and again
+/// with every block translated at its first run: both must agree before
+/// either is compared with QEMU.
 fn lockstep_dump(elf: &std::path::Path) -> Vec<u8> {
-    let mut m = Machine::new(8 << 20);
-    let l = loader::load_elf(elf, &mut m.board.ram).expect("load");
-    m.hart.set_pc(l.entry);
-    let outcome = m.run_bare(l.tohost.expect("tohost"), 10_000_000).expect("run");
-    assert_eq!(outcome, BareOutcome::Pass, "{}: did not finish", elf.display());
-    let mut out = vec![0u8; SCRATCH_BYTES + DUMP_BYTES];
-    assert!(m.board.ram.read(0x8010_0000, &mut out));
-    out
+    let dump = |engine: rv::Engine| {
+        let mut m = Machine::new(8 << 20);
+        m.hart.set_engine(engine);
+        m.hart.set_jit_hot_runs(1);
+        let l = loader::load_elf(elf, &mut m.board.ram).expect("load");
+        m.hart.set_pc(l.entry);
+        let outcome = m.run_bare(l.tohost.expect("tohost"), 10_000_000).expect("run");
+        assert_eq!(outcome, BareOutcome::Pass, "{} ({engine:?}): did not finish", elf.display());
+        let mut out = vec![0u8; SCRATCH_BYTES + DUMP_BYTES];
+        assert!(m.board.ram.read(0x8010_0000, &mut out));
+        out
+    };
+    let interp = dump(rv::Engine::Interp);
+    let jit = dump(rv::Engine::Jit);
+    assert!(interp == jit, "{}: the engines differ: {}", elf.display(), describe_difference(&interp, &jit));
+    interp
 }
 
 fn qemu_dump(elf: &std::path::Path) -> Vec<u8> {

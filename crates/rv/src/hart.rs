@@ -248,15 +248,27 @@ impl Hart {
     /// A hart in M-mode at `pc = 0` with everything zero, as after reset.
     pub fn new(cfg: HartConfig) -> Hart {
         assert!(cfg.insns_per_tick > 0, "insns_per_tick must be positive");
-        Hart {
+        let mut h = Hart {
             core: Core::new(cfg),
             cache: BlockCache::new(),
             #[cfg(target_arch = "x86_64")]
-            jit: match cfg.engine {
-                Engine::Jit => crate::jit::Jit::new().map(Box::new),
-                Engine::Interp => None,
-            },
+            jit: None,
+        };
+        h.set_engine(cfg.engine);
+        h
+    }
+
+    /// Switch engines at any point between two `run`s (the state is the
+    /// same with either; translations are only a cache). Asking for `Jit`
+    /// where it does not exist leaves the interpreter (see `engine`).
+    pub fn set_engine(&mut self, engine: Engine) {
+        #[cfg(target_arch = "x86_64")]
+        match engine {
+            Engine::Interp => self.jit = None,
+            Engine::Jit if self.jit.is_none() => self.jit = crate::jit::Jit::new().map(Box::new),
+            Engine::Jit => {}
         }
+        let _ = engine;
     }
 
     /// The engine actually running: `Interp` if the translation tier was

@@ -44,7 +44,8 @@ pub(crate) fn setup_engine(words: &[u32], engine: Engine) -> (Hart, TestBus) {
     let mut bus = TestBus(vec![0; 64 << 10]);
     bus.0[..words.len() * 4].copy_from_slice(&to_bytes(words));
     bus.0[0x8000..0x8004].copy_from_slice(&jal(ZERO, 0).to_le_bytes());
-    let cfg = HartConfig { hartid: 0, ram_base: BASE, ram_size: 64 << 10, insns_per_tick: 10, m_mode_exits: false, engine };
+    let cfg =
+        HartConfig { hartid: 0, ram_base: BASE, ram_size: 64 << 10, insns_per_tick: 10, m_mode_exits: false, engine };
     let mut h = Hart::new(cfg);
     h.set_jit_hot_runs(1);
     h.set_pc(BASE);

@@ -203,7 +203,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Command::Replay(a) => {
             machine::set_engine(a.engine.unwrap_or(rv::Engine::host_default()));
             crate::replayer::file::replay(
-            &a.log,
+                &a.log,
                 &crate::replayer::file::ReplayOpts { disk: a.disk, hash_every: a.hash_every, from: a.from },
             )
         }

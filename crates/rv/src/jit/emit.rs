@@ -213,9 +213,15 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                 ; xor ecx, ecx ; mov rax, [rbx + rs1] ; cmp rax, [rbx + rs2] ; setb cl ; mov [rbx + rd], rcx
             ),
             Addiw => dynasm!(a ; mov eax, [rbx + rs1] ; add eax, imm ; movsxd rax, eax ; mov [rbx + rd], rax),
-            Slliw => dynasm!(a ; mov eax, [rbx + rs1] ; shl eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax),
-            Srliw => dynasm!(a ; mov eax, [rbx + rs1] ; shr eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax),
-            Sraiw => dynasm!(a ; mov eax, [rbx + rs1] ; sar eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax),
+            Slliw => {
+                dynasm!(a ; mov eax, [rbx + rs1] ; shl eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax)
+            }
+            Srliw => {
+                dynasm!(a ; mov eax, [rbx + rs1] ; shr eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax)
+            }
+            Sraiw => {
+                dynasm!(a ; mov eax, [rbx + rs1] ; sar eax, (imm & 31) as i8 ; movsxd rax, eax ; mov [rbx + rd], rax)
+            }
             Addw => dynasm!(a ; mov eax, [rbx + rs1] ; add eax, [rbx + rs2] ; movsxd rax, eax ; mov [rbx + rd], rax),
             Subw => dynasm!(a ; mov eax, [rbx + rs1] ; sub eax, [rbx + rs2] ; movsxd rax, eax ; mov [rbx + rd], rax),
             Sllw => dynasm!(a

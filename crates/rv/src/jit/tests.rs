@@ -4,7 +4,7 @@
 use crate::asm::*;
 use crate::csr::*;
 use crate::test_utils::*;
-use crate::{Engine, Exit, Hart, JitStats, Position};
+use crate::{Engine, Exit, Hart, HartState, JitStats, Position};
 
 /// xorshift64: a fixed, seedable stream for generated programs.
 struct Rng(u64);
@@ -21,18 +21,10 @@ impl Rng {
     }
 }
 
-/// Everything a difference could show in.
-fn state(h: &Hart, bus: &TestBus) -> (u64, u64, u8, Vec<u64>, Vec<u64>, u64, u64, Vec<u8>) {
-    (
-        h.position().0,
-        h.pc(),
-        h.prv(),
-        (0..32).map(|i| h.x(i)).collect(),
-        (0..32).map(|i| h.f(i)).collect(),
-        h.csrs().mcause,
-        h.csrs().mtval,
-        bus.0.clone(),
-    )
+/// Everything a difference could show in: the architectural state (every
+/// register, CSR and counter) and RAM.
+fn state(h: &Hart, bus: &TestBus) -> (HartState, Vec<u8>) {
+    (h.state(), bus.0.clone())
 }
 
 /// Run `words` in both engines through the same stops (`steps` of random
@@ -56,12 +48,18 @@ fn compare(words: &[u32], seed: u64, steps: usize, prepare: impl Fn(&mut Hart)) 
         }
         let (sa, sb) = (state(&a, &abus), state(&b, &bbus));
         if sa != sb {
-            let regs: Vec<_> =
-                (0..32).filter(|&i| sa.3[i] != sb.3[i]).map(|i| (i, sa.3[i], sb.3[i])).collect();
+            let (a, b) = (&sa.0, &sb.0);
+            let regs: Vec<_> = (0..32).filter(|&i| a.x[i] != b.x[i]).map(|i| (i, a.x[i], b.x[i])).collect();
             panic!(
                 "seed {seed} step {step} (stop {}): interp pos {} pc {:#x} / jit pos {} pc {:#x}; \
-                 regs differing (x, interp, jit): {regs:x?}; mcause {} / {}; RAM equal: {}",
-                to.0, sa.0, sa.1, sb.0, sb.1, sa.5, sb.5, sa.7 == sb.7
+                 regs differing (x, interp, jit): {regs:x?}; CSRs equal: {}; RAM equal: {}",
+                to.0,
+                a.position,
+                a.pc,
+                b.position,
+                b.pc,
+                a.csr == b.csr,
+                sa.1 == sb.1
             );
         }
     }
@@ -102,7 +100,11 @@ fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
             let f3 = rng.below(8) as u32;
             if rng.below(3) == 0 {
                 let f3 = [0, 1, 5][rng.below(3) as usize];
-                let imm = if f3 == 0 { imm } else { (rng.below(32) as i32) | if f3 == 5 && rng.below(2) == 0 { 0x400 } else { 0 } };
+                let imm = if f3 == 0 {
+                    imm
+                } else {
+                    (rng.below(32) as i32) | if f3 == 5 && rng.below(2) == 0 { 0x400 } else { 0 }
+                };
                 i(0x1b, f3, rd, rs1, imm)
             } else {
                 let imm = match f3 {
@@ -132,7 +134,9 @@ fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
         }
         15 => lui(rd, rng.below(1 << 20) as u32),
         16 => auipc(rd, rng.below(1 << 20) as u32),
-        17 if rng.below(3) == 0 => jalr(if rng.below(2) == 0 { ZERO } else { rd }, 8, 4 * (at as i32 + 2) + rng.below(2) as i32),
+        17 if rng.below(3) == 0 => {
+            jalr(if rng.below(2) == 0 { ZERO } else { rd }, 8, 4 * (at as i32 + 2) + rng.below(2) as i32)
+        }
         17 => {
             let target = (at as i64 + 1 + rng.below(12) as i64).clamp(0, len as i64 - 1);
             jal(if rng.below(2) == 0 { ZERO } else { rd }, ((target - at as i64) * 4) as i32)
@@ -140,7 +144,7 @@ fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
         18 => match rng.below(4) {
             0 => csrrs(rd, MSCRATCH, rs1),
             1 => csrrw(rd, MSCRATCH, rs1),
-            2 => i(0x73, 2, rd, 0, 0xc00), // rdcycle
+            2 => i(0x73, 2, rd, 0, 0xc00),                        // rdcycle
             _ => r(0x2f, 3, 0, rd, 2 + rng.below(3) as u32, rs2), // amoadd.d
         },
         _ => rng.next() as u32,
@@ -249,13 +253,13 @@ fn a_store_into_translated_code_takes_effect_at_once() {
     let mut w = with_regs(&[(A1, patch as u64), (T0, 4)], &[]);
     let top = w.len();
     w.extend([
-        auipc(A2, 0),         // top
-        addi(A0, A0, 1),      // top + 4: the patched instruction
-        addi(T0, T0, -1),     // top + 8
-        addi(T1, T0, -1),     // top + 12
-        bne(T1, ZERO, 8),     // top + 16: patch when t0 == 1
-        sw(A1, A2, 4),        // top + 20
-        bne(T0, ZERO, -24),   // top + 24
+        auipc(A2, 0),       // top
+        addi(A0, A0, 1),    // top + 4: the patched instruction
+        addi(T0, T0, -1),   // top + 8
+        addi(T1, T0, -1),   // top + 12
+        bne(T1, ZERO, 8),   // top + 16: patch when t0 == 1
+        sw(A1, A2, 4),      // top + 20
+        bne(T0, ZERO, -24), // top + 24
         addi(A3, A0, 0),
     ]);
     let _ = top;
@@ -270,4 +274,3 @@ fn a_store_into_translated_code_takes_effect_at_once() {
     assert!(h.jit_stats().unwrap().positions > 0);
     compare(&w, 7, 40, |_| {});
 }
-
