@@ -96,6 +96,25 @@ fn a_recorded_boot_replays_identically() {
     assert_eq!(hash_lines(&rep.stderr), hashes, "identical hash sequence and final state");
 }
 
+/// The engines are interchangeable: a boot recorded with the translation
+/// tier replays with the interpreter to the same hash at every point, and
+/// one recorded with the interpreter replays with the translation tier.
+#[test]
+fn a_recording_made_with_one_engine_replays_with_the_other() {
+    let (log, rec) = the_recording();
+    let rep = replay(log, &["--engine", "interp"]);
+    assert!(rep.status.success(), "{}", text(&rep.stderr));
+    assert_eq!(hash_lines(&rep.stderr), hash_lines(&rec.stderr), "jit recording, interp replay");
+
+    let log = common::tmp_dir("replay-engines").join("interp.log");
+    let rec = record(&log, "echo typed-$((6*7)); head -c 16 /dev/hwrng | od -An -tx1; poweroff\n", &["--engine", "interp"]);
+    assert!(rec.status.success(), "{}", text(&rec.stderr));
+    assert!(hash_lines(&rec.stderr).len() > 5);
+    let rep = replay(&log, &["--engine", "jit"]);
+    assert!(rep.status.success(), "{}", text(&rep.stderr));
+    assert_eq!(hash_lines(&rep.stderr), hash_lines(&rec.stderr), "interp recording, jit replay");
+}
+
 /// The recording, rewritten record by record by `edit` (with valid
 /// checksums) into `name`.
 fn rewritten(name: &str, mut edit: impl FnMut(&mut replay::Record)) -> PathBuf {

@@ -43,7 +43,7 @@ type AddrMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
 
 /// Upper bound on ops per block.
 pub const MAX_BLOCK_OPS: usize = 64;
-const JUMP_ENTRIES: usize = 4096;
+pub(crate) const JUMP_ENTRIES: usize = 4096;
 /// Flush everything when the op arena grows past this (dead blocks are only
 /// reclaimed by a full flush).
 const MAX_OPS: usize = 1 << 21;
@@ -59,15 +59,17 @@ pub struct Block {
     pub paddr: u64,
 }
 
+/// One jump-cache entry. `repr(C)`: translated code reads it (`jit`).
 #[derive(Clone, Copy)]
-struct JumpEntry {
-    pc: u64,
+#[repr(C)]
+pub(crate) struct JumpEntry {
+    pub(crate) pc: u64,
     /// Fetch context in the low 2 bits, the flush generation above them.
-    key: u32,
+    pub(crate) key: u32,
     /// The block's ops in the arena, copied here to save a lookup.
-    start: u32,
-    count: u32,
-    block: u32,
+    pub(crate) start: u32,
+    pub(crate) count: u32,
+    pub(crate) block: u32,
 }
 
 const EMPTY_JUMP: JumpEntry = JumpEntry { pc: u64::MAX, key: u32::MAX, start: 0, count: 0, block: 0 };
@@ -111,8 +113,14 @@ impl BlockCache {
         self.blocks.push(Block { start: 0, count: 1, paddr: u64::MAX });
     }
 
+    /// The jump cache's entries, for translated code's own lookups (valid
+    /// until the next call that changes the cache).
+    pub(crate) fn jump_table(&self) -> *const JumpEntry {
+        self.jump.as_ptr()
+    }
+
     #[inline(always)]
-    fn jump_index(pc: u64) -> usize {
+    pub(crate) fn jump_index(pc: u64) -> usize {
         ((pc >> 1) ^ (pc >> 13)) as usize & (JUMP_ENTRIES - 1)
     }
 
@@ -178,7 +186,7 @@ impl BlockCache {
     }
 
     #[inline(always)]
-    fn key(&self, ctx: usize) -> u32 {
+    pub(crate) fn key(&self, ctx: usize) -> u32 {
         (self.generation << 2) | ctx as u32
     }
 

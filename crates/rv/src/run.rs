@@ -64,10 +64,9 @@ impl Hart {
                     #[cfg(target_arch = "x86_64")]
                     Some(code) => {
                         let from = self.core.position;
-                        let end = self.core.enter_translation(bus, code, budget);
-                        if let Some(jit) = &mut self.jit {
-                            jit.stats.positions += self.core.position - from;
-                        }
+                        let jit = self.jit.as_mut().expect("a translation comes from the tier");
+                        let end = crate::jit::enter(&mut self.core, &self.cache, jit, bus, code, budget);
+                        jit.stats.positions += self.core.position - from;
                         end
                     }
                     None => self.core.exec_block(bus, ops, budget),

@@ -30,7 +30,10 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 /// Which engine runs the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
+    /// lockstep with its default engine (the translation tier on x86-64).
     Lockstep,
+    /// lockstep with `--engine interp`.
+    LockstepInterp,
     LockstepRecording,
     Qemu,
 }
@@ -57,8 +60,11 @@ impl Session {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &net.host]);
         match engine {
-            Engine::Lockstep | Engine::LockstepRecording => {
+            Engine::Lockstep | Engine::LockstepInterp | Engine::LockstepRecording => {
                 cmd.arg(std::env::current_exe()?).arg("run").arg("--kernel").arg(&g.kernel);
+                if engine == Engine::LockstepInterp {
+                    cmd.args(["--engine", "interp"]);
+                }
                 cmd.arg("--initrd").arg(&g.initrd).arg("--disk").arg(&g.disk);
                 cmd.args(["--net", "tap:tap0", "--mac", GUEST_MAC, "--mem", "512M", "--append", &append()]);
                 if engine == Engine::LockstepRecording {

@@ -9,6 +9,7 @@ mod nemesis;
 mod pair;
 mod protect;
 mod reprotect;
+mod work;
 
 use anyhow::{bail, Result};
 use lab::stats::median;
@@ -18,8 +19,12 @@ use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchKind {
-    /// Guest MIPS of the built-in integer loops.
+    /// Guest MIPS of the built-in integer loops, with each engine.
     Cpu,
+    /// A fixed busybox workload (awk, sort, gzip, bzip2, fork+exec,
+    /// sha256) in the default guest with each engine and in QEMU TCG, and
+    /// under qemu-riscv64 and natively. Needs root (network namespaces).
+    Work,
     /// Boot time of the default guest's kernel and initramfs (without its
     /// root disk), side by side with QEMU.
     Boot,
@@ -191,6 +196,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Reprotect => return reprotect::reprotect(args.fill_mb),
         BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),
         BenchKind::Migrate => return migrate::migrate(),
+        BenchKind::Work => return work::work(args.reps),
         BenchKind::Hash => {
             guest::state_hash_figures();
             return Ok(());

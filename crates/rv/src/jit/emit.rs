@@ -21,6 +21,7 @@
 //! block's code), which handles misses, misalignment, devices and faults.
 
 use super::{Frame, EXIT_CONTINUE};
+use crate::block::{JumpEntry, JUMP_ENTRIES};
 use crate::decode::{Kind, Op};
 use crate::hart::Core;
 use crate::mmu::{Tlb, TlbEntry, TlbSet, TLB_ENTRIES};
@@ -45,6 +46,16 @@ const WRITE: i32 = offset_of!(TlbSet, write) as i32;
 const TAG: i32 = offset_of!(TlbEntry, tag) as i32;
 const RAM_OFF: i32 = offset_of!(TlbEntry, ram_off) as i32;
 const FRAME_CORE: i32 = offset_of!(Frame, core) as i32;
+const F_JUMP: i32 = offset_of!(Frame, jump) as i32;
+const F_KEY: i32 = offset_of!(Frame, key) as i32;
+const F_CODE: i32 = offset_of!(Frame, code) as i32;
+const F_CODE_LEN: i32 = offset_of!(Frame, code_len) as i32;
+const F_BODY: i32 = offset_of!(Frame, body_base) as i32;
+const JE_BYTES: i32 = size_of::<JumpEntry>() as i32;
+const JE_PC: i32 = offset_of!(JumpEntry, pc) as i32;
+const JE_KEY: i32 = offset_of!(JumpEntry, key) as i32;
+const JE_COUNT: i32 = offset_of!(JumpEntry, count) as i32;
+const JE_BLOCK: i32 = offset_of!(JumpEntry, block) as i32;
 
 /// A TLB miss's call to the interpreter, emitted after the block's code.
 struct Slow {
@@ -62,25 +73,13 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
     let mut slow = Vec::new();
     let mut fallbacks = 0;
     let top = a.new_dynamic_label();
-    // Every exit jumps to the one epilogue with its code in eax.
+    // Every exit jumps to the chain (next pc in rax, ops retired in this
+    // pass in rdx) or to the epilogue (its code in eax).
+    let chain = a.new_dynamic_label();
     let epi = a.new_dynamic_label();
-    dynasm!(a
-        ; .arch x64
-        ; push rbx
-        ; push rbp
-        ; push r12
-        ; push r13
-        ; push r14
-        ; push r15
-        ; sub rsp, 8
-        ; mov r12, rdi
-        ; mov rbx, [rdi + FRAME_CORE]
-        ; mov r13, rsi
-        ; mov rbp, rdx
-        ; mov r14, [rbx + PC]
-    );
-    load_tlb_set(&mut a);
-    dynasm!(a ; =>top);
+    prologue(&mut a);
+    debug_assert_eq!(a.offset().0, prologue_len(), "every prologue has the same length");
+    dynasm!(a ; .arch x64 ; =>top);
     for (i, op) in ops.iter().enumerate() {
         let i32_ = i as i32;
         let done = i32_ + 1;
@@ -105,7 +104,7 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                     ; mov rax, QWORD target
                     ; add rax, r14
                 );
-                exit_to_rax(&mut a, done, epi);
+                dynasm!(a ; mov edx, done ; jmp =>chain);
             }
             Jalr => {
                 dynasm!(a
@@ -115,7 +114,7 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                     ; lea rcx, [r14 + next_off]
                     ; mov [rbx + rd], rcx
                 );
-                exit_to_rax(&mut a, done, epi);
+                dynasm!(a ; mov edx, done ; jmp =>chain);
             }
             Beq | Bne | Blt | Bge | Bltu | Bgeu => {
                 let skip = a.new_dynamic_label();
@@ -134,18 +133,23 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                     // Back to the block's start (a tight loop): go round in
                     // host code while a whole pass fits in the budget, as
                     // the interpreter does.
+                    let out = a.new_dynamic_label();
                     dynasm!(a
+                        ; mov rcx, rbp
+                        ; sub rcx, done
+                        ; cmp rcx, count
+                        ; jb =>out
                         ; add QWORD [rbx + POS], done
-                        ; sub rbp, done
-                        ; cmp rbp, count
-                        ; jae =>top
-                        ; mov [rbx + PC], r14
-                        ; mov eax, EXIT_CONTINUE as i32
-                        ; jmp =>epi
+                        ; mov rbp, rcx
+                        ; jmp =>top
+                        ; =>out
+                        ; mov rax, r14
+                        ; mov edx, done
+                        ; jmp =>chain
                     );
                 } else {
                     dynasm!(a ; lea rax, [r14 + target]);
-                    exit_to_rax(&mut a, done, epi);
+                    dynasm!(a ; mov edx, done ; jmp =>chain);
                 }
                 dynasm!(a ; =>skip);
             }
@@ -247,10 +251,45 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
     }
     // Fell off the end: the next pc follows the last op.
     let last = ops[ops.len() - 1];
+    let back = a.new_dynamic_label();
     dynasm!(a
         ; lea rax, [r14 + last.off as i32 + last.len as i32]
+        ; mov edx, count
+        // The chain: retire, and go straight into the next block's
+        // translation if the jump cache has it for this pc and context and
+        // the budget holds all of it; otherwise back to the dispatcher.
+        ; =>chain
         ; mov [rbx + PC], rax
-        ; add QWORD [rbx + POS], count
+        ; add [rbx + POS], rdx
+        ; sub rbp, rdx
+        ; jz =>back
+        ; mov rcx, rax
+        ; shr rcx, 1
+        ; mov rdx, rax
+        ; shr rdx, 13
+        ; xor rcx, rdx
+        ; and ecx, (JUMP_ENTRIES - 1) as i32
+        ; imul rcx, rcx, JE_BYTES
+        ; add rcx, [r12 + F_JUMP]
+        ; cmp rax, [rcx + JE_PC]
+        ; jne =>back
+        ; mov rdx, [r12 + F_KEY]
+        ; cmp edx, [rcx + JE_KEY]
+        ; jne =>back
+        ; mov edx, [rcx + JE_COUNT]
+        ; cmp rbp, rdx
+        ; jb =>back
+        ; mov edx, [rcx + JE_BLOCK]
+        ; cmp rdx, [r12 + F_CODE_LEN]
+        ; jae =>back
+        ; mov rcx, [r12 + F_CODE]
+        ; mov edx, [rcx + rdx * 4]
+        ; test edx, edx
+        ; jz =>back
+        ; add rdx, [r12 + F_BODY]
+        ; mov r14, rax
+        ; jmp rdx
+        ; =>back
         ; mov eax, EXIT_CONTINUE as i32
         ; =>epi
         ; add rsp, 8
@@ -268,6 +307,34 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
         dynasm!(a ; jmp =>s.back);
     }
     (a.finalize().expect("every label of a translation is defined"), fallbacks)
+}
+
+/// Save the callee-saved registers and load the fixed ones (see the
+/// module documentation) from the arguments: frame, RAM, budget.
+fn prologue(a: &mut Asm) {
+    dynasm!(a
+        ; .arch x64
+        ; push rbx
+        ; push rbp
+        ; push r12
+        ; push r13
+        ; push r14
+        ; push r15
+        ; sub rsp, 8
+        ; mov r12, rdi
+        ; mov rbx, [rdi + FRAME_CORE]
+        ; mov r13, rsi
+        ; mov rbp, rdx
+        ; mov r14, [rbx + PC]
+    );
+    load_tlb_set(a);
+}
+
+/// The prologue's length: a chain enters the next translation this far in.
+pub(super) fn prologue_len() -> usize {
+    let mut a = Asm::new(0);
+    prologue(&mut a);
+    a.offset().0
 }
 
 /// `r15` = the data TLB set of `Core::data_ctx`.
@@ -301,17 +368,6 @@ fn tlb_hit(a: &mut Asm, rs1: i32, imm: i32, n: i32, array: i32, miss: DynamicLab
         ; mov rcx, [r15 + rdx + array + RAM_OFF]
         ; and eax, 0xfff
         ; or rcx, rax
-    );
-}
-
-/// Set `pc` to `rax`, retire `done` ops of this pass, and leave.
-fn exit_to_rax(a: &mut Asm, done: i32, epi: DynamicLabel) {
-    dynasm!(a
-        ; .arch x64
-        ; mov [rbx + PC], rax
-        ; add QWORD [rbx + POS], done
-        ; mov eax, EXIT_CONTINUE as i32
-        ; jmp =>epi
     );
 }
 

@@ -28,6 +28,7 @@ mod tests;
 use crate::bus::Bus;
 use crate::decode::Op;
 use crate::exec::End;
+use crate::block::{BlockCache, JumpEntry};
 use crate::hart::{Core, Flush, JitStats};
 use crate::trap::Trap;
 use region::CodeRegion;
@@ -52,11 +53,23 @@ pub(crate) struct Frame {
     core: *mut Core,
     /// The `B: Bus` of the `enter::<B>` call, type-erased.
     bus: *mut u8,
+    /// For going from one translation straight into the next (`emit`'s
+    /// chain): the jump cache, the key its entries must have for the
+    /// current fetch context, the translations by block number, and the
+    /// address a translation's offset plus one is turned into to reach its
+    /// body (past the prologue).
+    jump: *const JumpEntry,
+    key: u64,
+    code: *const u32,
+    code_len: u64,
+    body_base: u64,
     trap: Option<Trap>,
 }
 
 pub(crate) struct Jit {
     region: CodeRegion,
+    /// Bytes before a translation's body (the same for all).
+    prologue: usize,
     /// Per block number: offset of its code in the region plus one, or 0.
     code: Vec<u32>,
     /// Per block number: dispatcher runs so far (saturating at `HOT_RUNS`).
@@ -77,6 +90,7 @@ impl Jit {
     pub(crate) fn new() -> Option<Jit> {
         Some(Jit {
             region: CodeRegion::new(REGION_BYTES)?,
+            prologue: emit::prologue_len(),
             code: Vec::new(),
             heat: Vec::new(),
             hot_runs: HOT_RUNS,
@@ -156,30 +170,39 @@ impl Jit {
 /// The signature of translated code: frame, RAM, budget.
 type Entry = unsafe extern "sysv64" fn(*mut Frame, *mut u8, u64) -> u64;
 
-impl Core {
-    /// Run the translation at `code` of the block at `self.pc`. The caller
-    /// guarantees `budget >= ` the block's op count, and that `code` was
-    /// translated with `fallback::<B>`.
-    #[inline(always)]
-    pub(crate) fn enter_translation<B: Bus>(&mut self, bus: &mut B, code: usize, budget: usize) -> End {
-        let ram = bus.ram().as_mut_ptr();
-        let mut frame = Frame { core: self as *mut Core, bus: bus as *mut B as *mut u8, trap: None };
-        // SAFETY: `code` is the start of a translation in the live region,
-        // made by `emit::translate` with this bus type's `fallback`, so it
-        // follows `Entry`'s ABI. It touches only the core and the bus
-        // through the frame's pointers (valid and unaliased for the call:
-        // `self` and `bus` are not used until it returns) and RAM within the
-        // TLB's offsets, which are inside `bus.ram()`.
-        let exit = unsafe {
-            let f: Entry = std::mem::transmute::<usize, Entry>(code);
-            f(&mut frame, ram, budget as u64)
-        };
-        match exit {
-            EXIT_CONTINUE => End::Continue,
-            EXIT_DEVICE => End::Device,
-            EXIT_WFI => End::Wfi,
-            _ => End::Trap(frame.trap.take().expect("a translation's trap exit carries a trap")),
-        }
+/// Run the translation at `code` of the block at `core.pc` (and the
+/// translations it chains into). The caller guarantees `budget >=` the
+/// block's op count, and that `code` is a live translation of `jit`, made
+/// for this bus type.
+#[inline(always)]
+pub(crate) fn enter<B: Bus>(core: &mut Core, cache: &BlockCache, jit: &Jit, bus: &mut B, code: usize, budget: usize) -> End {
+    let ram = bus.ram().as_mut_ptr();
+    let mut frame = Frame {
+        key: cache.key(core.fetch_ctx) as u64,
+        core: core as *mut Core,
+        bus: bus as *mut B as *mut u8,
+        jump: cache.jump_table(),
+        code: jit.code.as_ptr(),
+        code_len: jit.code.len() as u64,
+        body_base: (jit.region.addr(0) + jit.prologue) as u64 - 1,
+        trap: None,
+    };
+    // SAFETY: `code` is the start of a translation in the live region,
+    // made by `emit::translate` with this bus type's `fallback`, so it
+    // follows `Entry`'s ABI. It touches only the core and the bus through
+    // the frame's pointers (valid and unaliased for the call: `core` and
+    // `bus` are not used until it returns), RAM within the TLB's offsets,
+    // which are inside `bus.ram()`, and reads the jump cache and the
+    // translation table, which nothing changes during the call.
+    let exit = unsafe {
+        let f: Entry = std::mem::transmute::<usize, Entry>(code);
+        f(&mut frame, ram, budget as u64)
+    };
+    match exit {
+        EXIT_CONTINUE => End::Continue,
+        EXIT_DEVICE => End::Device,
+        EXIT_WFI => End::Wfi,
+        _ => End::Trap(frame.trap.take().expect("a translation's trap exit carries a trap")),
     }
 }
 
@@ -197,12 +220,15 @@ pub(crate) extern "sysv64" fn fallback<B: Bus>(frame: *mut Frame, op: *const Op,
     // SAFETY: as above; the bus pointer was made from a `&mut B`.
     let (core, bus) = unsafe { (&mut *frame.core, &mut *(frame.bus as *mut B)) };
     let start = core.position;
+    let fetch_ctx = core.fetch_ctx;
     core.pc = base;
     core.position = pos;
     let next = base.wrapping_add(op[0].off as u64 + op[0].len as u64);
     match core.exec_block(bus, op, 1) {
         End::Continue => {
-            if core.pc == next && !core.attention && core.flush == Flush::None {
+            // Going on in host code needs everything it assumes unchanged
+            // (the chain's jump-cache key comes from the fetch context).
+            if core.pc == next && !core.attention && core.flush == Flush::None && core.fetch_ctx == fetch_ctx {
                 core.position = start;
                 core.pc = base;
                 GO_ON
