@@ -107,7 +107,8 @@ fn a_recording_made_with_one_engine_replays_with_the_other() {
     assert_eq!(hash_lines(&rep.stderr), hash_lines(&rec.stderr), "jit recording, interp replay");
 
     let log = common::tmp_dir("replay-engines").join("interp.log");
-    let rec = record(&log, "echo typed-$((6*7)); head -c 16 /dev/hwrng | od -An -tx1; poweroff\n", &["--engine", "interp"]);
+    let rec =
+        record(&log, "echo typed-$((6*7)); head -c 16 /dev/hwrng | od -An -tx1; poweroff\n", &["--engine", "interp"]);
     assert!(rec.status.success(), "{}", text(&rec.stderr));
     assert!(hash_lines(&rec.stderr).len() > 5);
     let rep = replay(&log, &["--engine", "jit"]);

@@ -3,7 +3,7 @@
 //! same script under `qemu-riscv64` (user mode, the guest's static
 //! busybox) and natively (the host's busybox), when those exist.
 //!
-//! The workload is busybox in a tmpfs: awk generates 200,000 numbered
+//! The workload is busybox in a tmpfs: awk generates 100,000 numbered
 //! lines from a linear congruential generator (exact in doubles, so every
 //! platform computes the same digits), then sort, gzip, bzip2, an awk
 //! aggregate, 300 fork+execs of `true`, and a sha256 over everything: the
@@ -22,7 +22,7 @@ const SUBNET: &str = "10.79.0";
 /// The workload, for busybox `sh` with its applets on PATH, in directory
 /// `$W`. Prints one line: `digest <sha256>`.
 const SCRIPT: &str = r#"cd "$W" &&
-awk 'BEGIN { x = 1; for (i = 0; i < 200000; i++) { x = (x * 69069 + 1) % 4294967296; print x, i, x % 1000 } }' > d.txt &&
+awk 'BEGIN { x = 1; for (i = 0; i < 100000; i++) { x = (x * 69069 + 1) % 4294967296; print x, i, x % 1000 } }' > d.txt &&
 sort -n d.txt > s.txt &&
 sort -k3,3n -k1,1n d.txt > t.txt &&
 gzip -6 -c s.txt > s.gz &&
@@ -34,10 +34,7 @@ echo digest $(cat s.gz t.bz2 a.txt | sha256sum | cut -c1-64)"#;
 /// Guest-side: run the script in a fresh tmpfs, timed by the guest's own
 /// clock too (the host's figure includes the console round trip).
 fn guest_command() -> String {
-    format!(
-        "mkdir -p /w && mount -t tmpfs tmpfs /w && W=/w; {}; umount /w",
-        SCRIPT.replace('\n', " ")
-    )
+    format!("mkdir -p /w && mount -t tmpfs tmpfs /w && W=/w; {}; umount /w", SCRIPT.replace('\n', " "))
 }
 
 fn digest_of(out: &str) -> Option<String> {
@@ -46,17 +43,27 @@ fn digest_of(out: &str) -> Option<String> {
 
 /// The script under `runner` (e.g. `qemu-riscv64`) with `busybox` as the
 /// shell and applets, in a temporary directory; (seconds, digest).
-fn host_run(runner: Option<&str>, busybox: &Path, dir: &Path) -> Result<(f64, String)> {
+fn host_run(runner: Option<&Path>, busybox: &Path, dir: &Path) -> Result<(f64, String)> {
     let w = dir.join("w");
     let _ = std::fs::remove_dir_all(&w);
     std::fs::create_dir_all(&w)?;
-    // `sh` runs applets in-process where busybox can (standalone shell);
-    // PATH has a directory of applet links for the rest.
+    // PATH holds one entry per applet. Natively that is a link to busybox;
+    // under user-mode emulation a host script that starts the emulator
+    // again, since an applet busybox execs is a riscv64 binary the host
+    // kernel cannot run (no binfmt registration is assumed).
     let bin = dir.join("bin");
     if !bin.exists() {
         std::fs::create_dir_all(&bin)?;
         for applet in ["sh", "awk", "sort", "gzip", "bzip2", "sha256sum", "cut", "cat", "true", "echo", "mkdir"] {
-            std::os::unix::fs::symlink(busybox, bin.join(applet))?;
+            match runner {
+                None => std::os::unix::fs::symlink(busybox, bin.join(applet))?,
+                Some(r) => {
+                    let script = format!("#!/bin/sh\nexec '{}' '{}' {applet} \"$@\"\n", r.display(), busybox.display());
+                    let path = bin.join(applet);
+                    std::fs::write(&path, script)?;
+                    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+                }
+            }
         }
     }
     let script = SCRIPT.replace("/bin/true", &bin.join("true").display().to_string());
@@ -73,18 +80,19 @@ fn host_run(runner: Option<&str>, busybox: &Path, dir: &Path) -> Result<(f64, St
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let secs = t.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&out.stdout);
-    let digest = digest_of(&text).with_context(|| {
-        format!("{cmd:?} printed no digest: {text}{}", String::from_utf8_lossy(&out.stderr))
-    })?;
+    let digest = digest_of(&text)
+        .with_context(|| format!("{cmd:?} printed no digest: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
     Ok((secs, digest))
 }
 
 /// The guest's static busybox (from the guest's package cache), unpacked.
 fn riscv_busybox(dir: &Path) -> Option<PathBuf> {
     let debs = crate::guest::cache_dir().ok()?.join("debs");
-    let deb = std::fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
-        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("busybox-static_"))
-    })?;
+    let deb = std::fs::read_dir(&debs)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("busybox-static_")))?;
     let root = dir.join("bb-riscv64");
     let ok = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root).status().ok()?.success();
     let bb = root.join("usr/bin/busybox");
@@ -122,8 +130,9 @@ pub fn work(reps: usize) -> Result<()> {
     let host_bb = which("busybox");
     for _ in 0..reps {
         if let Some(bb) = &bb {
-            if which("qemu-riscv64").is_some() {
-                let (t, d) = host_run(Some("qemu-riscv64"), bb, &dir.join("user"))?;
+            // By full path: the command's own PATH is the applets'.
+            if let Some(qemu) = which("qemu-riscv64") {
+                let (t, d) = host_run(Some(&qemu), bb, &dir.join("user"))?;
                 check("qemu-riscv64", d)?;
                 user.push(t);
             }

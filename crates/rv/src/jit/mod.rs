@@ -25,10 +25,10 @@ mod region;
 #[cfg(test)]
 mod tests;
 
+use crate::block::{BlockCache, JumpEntry};
 use crate::bus::Bus;
 use crate::decode::Op;
 use crate::exec::End;
-use crate::block::{BlockCache, JumpEntry};
 use crate::hart::{Core, Flush, JitStats};
 use crate::trap::Trap;
 use region::CodeRegion;
@@ -175,7 +175,14 @@ type Entry = unsafe extern "sysv64" fn(*mut Frame, *mut u8, u64) -> u64;
 /// block's op count, and that `code` is a live translation of `jit`, made
 /// for this bus type.
 #[inline(always)]
-pub(crate) fn enter<B: Bus>(core: &mut Core, cache: &BlockCache, jit: &Jit, bus: &mut B, code: usize, budget: usize) -> End {
+pub(crate) fn enter<B: Bus>(
+    core: &mut Core,
+    cache: &BlockCache,
+    jit: &Jit,
+    bus: &mut B,
+    code: usize,
+    budget: usize,
+) -> End {
     let ram = bus.ram().as_mut_ptr();
     let mut frame = Frame {
         key: cache.key(core.fetch_ctx) as u64,
