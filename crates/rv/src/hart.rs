@@ -70,8 +70,12 @@ pub struct JitStats {
     pub translate_ns: u64,
     /// Times the region filled and every translation was dropped.
     pub region_resets: u64,
-    /// Positions retired inside translated code (the rest: the interpreter).
+    /// Positions retired inside translated code.
     pub positions: u64,
+    /// Positions the interpreter retired while the tier was on (cold
+    /// blocks, and blocks cut short by a stop); idle steps count in
+    /// neither.
+    pub interp_positions: u64,
 }
 
 /// How a hart executes: the interpreter alone, or with the translation

@@ -69,7 +69,16 @@ impl Hart {
                         jit.stats.positions += self.core.position - from;
                         end
                     }
-                    None => self.core.exec_block(bus, ops, budget),
+                    None => {
+                        #[cfg(target_arch = "x86_64")]
+                        let from = self.core.position;
+                        let end = self.core.exec_block(bus, ops, budget);
+                        #[cfg(target_arch = "x86_64")]
+                        if let Some(jit) = &mut self.jit {
+                            jit.stats.interp_positions += self.core.position - from;
+                        }
+                        end
+                    }
                 };
                 if self.core.flush != Flush::None {
                     self.apply_flush();

@@ -163,16 +163,16 @@ pub fn print_final(m: &mut Machine) {
     report(&format!("position {}", m.hart.position().0));
     report(&format!("state-hash {:016x}", m.state_hash()));
     if let Some(j) = m.hart.jit_stats() {
-        let pos = m.hart.position().0.max(1);
+        let ran = (j.positions + j.interp_positions).max(1);
         report(&format!(
             "engine jit: {} blocks translated ({} ops, {} of them through the interpreter), {} KiB of code, \
-             {:.1} us per block; {:.1} % of positions ran in translated code",
+             {:.1} us per block; {:.1} % of the instructions ran in translated code",
             j.blocks,
             j.ops,
             j.fallback_ops,
             j.code_bytes / 1024,
             j.translate_ns as f64 / 1e3 / j.blocks.max(1) as f64,
-            100.0 * j.positions as f64 / pos as f64
+            100.0 * j.positions as f64 / ran as f64
         ));
     }
 }
