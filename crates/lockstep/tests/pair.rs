@@ -47,10 +47,15 @@ fn guest() -> &'static GuestPaths {
 }
 
 fn start(tag: &str, net_id: u8, extra: &[&str]) -> (PairNet, Pair, PathBuf) {
+    start_with(tag, net_id, extra, &[])
+}
+
+/// `start`, with flags for the secondary alone.
+fn start_with(tag: &str, net_id: u8, extra: &[&str], secondary_extra: &[&str]) -> (PairNet, Pair, PathBuf) {
     common::require_root_net();
     let dir = fresh_dir(&format!("pair-{tag}"));
     let net = PairNet::new(tag, net_id).unwrap();
-    let mut pair = Pair::start(&exe(), guest(), &net, &dir, extra).unwrap();
+    let mut pair = Pair::start_with_secondary_args(&exe(), guest(), &net, &dir, extra, secondary_extra).unwrap();
     pair.wait_for("primary.err", "the VM is protected", BOOT).unwrap();
     pair.wait_for("primary.out", READY, BOOT).unwrap();
     (net, pair, dir)
@@ -106,7 +111,9 @@ fn seed() -> u64 {
 /// 1. SIGKILL the primary mid-stream, at random moments: the connection is
 ///    never reset, every acknowledged write is there afterwards, and the
 ///    stream goes on through the secondary. State hashes are exchanged on
-///    the way, so a divergence would stop the secondary.
+///    the way, so a divergence would stop the secondary. In the second
+///    round the secondary runs the interpreter while the primary runs the
+///    translation tier: the engines must agree at every hash.
 #[test]
 fn killing_the_primary_mid_stream_loses_no_acknowledged_write() {
     let _one = serial();
@@ -115,7 +122,9 @@ fn killing_the_primary_mid_stream_loses_no_acknowledged_write() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let (net, mut pair, _dir) = start(&format!("k{round}"), 80 + round, &["--hash-every", "500000000"]);
+        let engine: &[&str] = if round == 1 { &["--engine", "interp"] } else { &[] };
+        let (net, mut pair, _dir) =
+            start_with(&format!("k{round}"), 80 + round, &["--hash-every", "500000000"], engine);
         let client = Client::start(&net);
         client.advance(20, BOOT, &pair).unwrap();
         // Kill somewhere in the next 0-2 s of writes.

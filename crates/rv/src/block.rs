@@ -43,7 +43,7 @@ type AddrMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
 
 /// Upper bound on ops per block.
 pub const MAX_BLOCK_OPS: usize = 64;
-pub(crate) const JUMP_ENTRIES: usize = 4096;
+pub(crate) const JUMP_ENTRIES: usize = 16384;
 /// Flush everything when the op arena grows past this (dead blocks are only
 /// reclaimed by a full flush).
 const MAX_OPS: usize = 1 << 21;

@@ -16,12 +16,19 @@
 //! `rax`, `rcx`, `rdx` are scratch. `Core::position` holds the position of
 //! the pass's first op while the code runs; every exit adds the ops retired.
 //!
-//! A load or store does the TLB compare inline, as `load_hit` does; on a
-//! miss it calls the interpreter for that op (out of line, after the
-//! block's code), which handles misses, misalignment, devices and faults.
+//! A load or store (integer or F/D) does the TLB compare inline, as
+//! `load_hit` does; on a miss it calls the interpreter for that op (out of
+//! line, after the block's code), which handles misses, misalignment,
+//! devices and faults.
+//!
+//! A block ends at the chain: the next pc is looked up in the jump cache as
+//! the dispatcher would, and if its block is translated and fits in the
+//! budget left, the code jumps into that translation past its prologue
+//! (the fixed registers stay; `r14` becomes the new block's pc).
 
 use super::{Frame, EXIT_CONTINUE};
 use crate::block::{JumpEntry, JUMP_ENTRIES};
+use crate::csr::{Csrs, MSTATUS_FS, MSTATUS_FS_DIRTY};
 use crate::decode::{Kind, Op};
 use crate::hart::Core;
 use crate::mmu::{Tlb, TlbEntry, TlbSet, TLB_ENTRIES};
@@ -36,7 +43,12 @@ const _: () = assert!(size_of::<TlbEntry>() == 16 && TLB_ENTRIES == 256, "the in
 fn xo(r: u8) -> i32 {
     (offset_of!(Core, x) + 8 * (r as usize & 63)) as i32
 }
+/// Offset of FP register `r` (`f` has 32 entries; the mask keeps it there).
+fn fo(r: u8) -> i32 {
+    (offset_of!(Core, f) + 8 * (r as usize & 31)) as i32
+}
 const POS: i32 = offset_of!(Core, position) as i32;
+const MSTATUS: i32 = (offset_of!(Core, csr) + offset_of!(Csrs, mstatus)) as i32;
 const PC: i32 = offset_of!(Core, pc) as i32;
 const SETS: i32 = (offset_of!(Core, tlb) + offset_of!(Tlb, sets)) as i32;
 const DATA_CTX: i32 = offset_of!(Core, data_ctx) as i32;
@@ -189,6 +201,37 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                     Sh => dynasm!(a ; mov [r13 + rcx], ax),
                     Sw => dynasm!(a ; mov [r13 + rcx], eax),
                     _ => dynasm!(a ; mov [r13 + rcx], rax),
+                }
+                dynasm!(a ; =>back);
+                slow.push(Slow { at, back, op: i });
+            }
+            Flw | Fld | Fsw | Fsd => {
+                // FP off (mstatus.FS = 0) traps: the interpreter does that.
+                let (at, back) = (a.new_dynamic_label(), a.new_dynamic_label());
+                dynasm!(a ; test DWORD [rbx + MSTATUS], MSTATUS_FS as i32 ; jz =>at);
+                let (n, array) = match op.kind {
+                    Flw => (4, READ),
+                    Fld => (8, READ),
+                    Fsw => (4, WRITE),
+                    _ => (8, WRITE),
+                };
+                tlb_hit(&mut a, rs1, imm, n, array, at);
+                match op.kind {
+                    // NaN-boxed, and FS becomes Dirty, as `set_fs`/`set_fd`.
+                    Flw => dynasm!(a
+                        ; mov eax, DWORD [r13 + rcx]
+                        ; mov rdx, QWORD -0x1_0000_0000
+                        ; or rax, rdx
+                        ; mov [rbx + fo(op.rd)], rax
+                        ; or DWORD [rbx + MSTATUS], MSTATUS_FS_DIRTY as i32
+                    ),
+                    Fld => dynasm!(a
+                        ; mov rax, QWORD [r13 + rcx]
+                        ; mov [rbx + fo(op.rd)], rax
+                        ; or DWORD [rbx + MSTATUS], MSTATUS_FS_DIRTY as i32
+                    ),
+                    Fsw => dynasm!(a ; mov rax, [rbx + fo(op.rs2)] ; mov [r13 + rcx], eax),
+                    _ => dynasm!(a ; mov rax, [rbx + fo(op.rs2)] ; mov [r13 + rcx], rax),
                 }
                 dynasm!(a ; =>back);
                 slow.push(Slow { at, back, op: i });

@@ -40,6 +40,19 @@ fn compare(words: &[u32], seed: u64, steps: usize, prepare: impl Fn(&mut Hart)) 
     let mut rng = Rng(seed | 1);
     for step in 0..steps {
         let to = Position(a.position().0 + 1 + rng.below(if step % 4 == 0 { 7 } else { 400 }));
+        // An interrupt line changes now and then, so interrupts arrive at
+        // random positions (taken wherever the hart takes them, the same
+        // in both engines when they are enabled).
+        // A line stays up for one step (the handler does not lower it).
+        for bit in [IRQ_MTI, IRQ_MEI, IRQ_MSI] {
+            a.set_irq(bit, false);
+            b.set_irq(bit, false);
+        }
+        if rng.below(10) == 0 {
+            let bit = [IRQ_MTI, IRQ_MEI, IRQ_MSI][rng.below(3) as usize];
+            a.set_irq(bit, true);
+            b.set_irq(bit, true);
+        }
         let (ea, eb) = (a.run(&mut abus, to), b.run(&mut bbus, to));
         assert_eq!(ea, eb, "seed {seed} step {step}: exits differ");
         if ea == Exit::Wfi {
@@ -71,7 +84,7 @@ fn compare(words: &[u32], seed: u64, steps: usize, prepare: impl Fn(&mut Hart)) 
 const WRITABLE: [u32; 8] = [5, 6, 7, 10, 11, 12, 13, 14];
 const DATA: u64 = BASE + 0x4000;
 
-/// One random integer instruction: every RV64IM op, loads and stores
+/// One random instruction: every RV64IM op, loads and stores (F/D too)
 /// (mostly in the data area, sometimes misaligned or outside RAM), short
 /// branches both ways, and now and then a CSR access or a random word.
 fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
@@ -119,12 +132,21 @@ fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
             // Loads from a pointer register; now and then from anywhere.
             let base = if rng.below(8) == 0 { rs1 } else { 2 + rng.below(3) as u32 };
             let off = if rng.below(6) == 0 { rng.below(64) as i32 - 8 } else { 8 * rng.below(32) as i32 };
-            i(0x03, [0, 1, 2, 3, 4, 5, 6][rng.below(7) as usize], rd, base, off)
+            if rng.below(4) == 0 {
+                // flw / fld into any FP register.
+                i(0x07, 2 + rng.below(2) as u32, rng.below(32) as u32, base, off)
+            } else {
+                i(0x03, [0, 1, 2, 3, 4, 5, 6][rng.below(7) as usize], rd, base, off)
+            }
         }
         10..=11 => {
             let base = if rng.below(8) == 0 { rs1 } else { 2 + rng.below(3) as u32 };
             let off = if rng.below(6) == 0 { rng.below(64) as i32 - 8 } else { 8 * rng.below(32) as i32 };
-            s(0x23, rng.below(4) as u32, base, rs2, off)
+            if rng.below(4) == 0 {
+                s(0x27, 2 + rng.below(2) as u32, base, rng.below(32) as u32, off)
+            } else {
+                s(0x23, rng.below(4) as u32, base, rs2, off)
+            }
         }
         12..=14 => {
             // A short forward branch (random backward ones make endless
@@ -141,6 +163,13 @@ fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
             let target = (at as i64 + 1 + rng.below(12) as i64).clamp(0, len as i64 - 1);
             jal(if rng.below(2) == 0 { ZERO } else { rd }, ((target - at as i64) * 4) as i32)
         }
+        // FP off (then FP ops trap), Initial (the first FP write makes it
+        // Dirty) or Dirty: s1 = mstatus.FS, ra = its Initial value.
+        18 if rng.below(4) == 0 => match rng.below(3) {
+            0 => csrrc(ZERO, MSTATUS, 9),
+            1 => csrrs(ZERO, MSTATUS, 1),
+            _ => csrrs(ZERO, MSTATUS, 9),
+        },
         18 => match rng.below(4) {
             0 => csrrs(rd, MSCRATCH, rs1),
             1 => csrrw(rd, MSCRATCH, rs1),
@@ -163,6 +192,8 @@ fn generated_programs_give_the_interpreters_state_at_every_stop() {
         words.extend(li64(2, DATA));
         words.extend(li64(3, DATA + 0x100));
         words.extend(li64(4, DATA + 0x7f8));
+        words.extend(li64(9, MSTATUS_FS));
+        words.extend(li64(1, 1 << 13));
         for r in WRITABLE {
             words.extend(li64(r, rng.next()));
         }
@@ -183,7 +214,12 @@ fn generated_programs_give_the_interpreters_state_at_every_stop() {
         let data = ((DATA - BASE) / 4) as usize;
         words.resize(data, 0);
         words.extend((0..0x800 / 4).map(|_| rng.next() as u32));
-        let stats = compare(&words, seed, 300, |h| h.core.csr.mtvec = handler);
+        let stats = compare(&words, seed, 300, |h| {
+            h.core.csr.mtvec = handler;
+            // Machine interrupts enabled: a raised line traps at once.
+            h.core.csr.mie = IRQ_MTI | IRQ_MEI | IRQ_MSI;
+            h.core.csr.mstatus |= MSTATUS_MIE;
+        });
         in_jit += stats.positions;
     }
     // The comparison means something only if translated code did most of
