@@ -284,13 +284,21 @@ pub fn set_engine(engine: rv::Engine) {
     ENGINE.store(n, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The engine new machines get.
+/// The engine new machines get: the one set, else `LOCKSTEP_ENGINE`
+/// (`interp` or `jit`) from the environment, else the host's default.
 pub fn engine() -> rv::Engine {
     match ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
         1 => rv::Engine::Interp,
         2 => rv::Engine::Jit,
-        _ => rv::Engine::host_default(),
+        _ => default_engine(),
     }
+}
+
+/// `LOCKSTEP_ENGINE` if it names an engine, else the host's default (what
+/// `--engine` falls back to; benches set the variable to compare engines
+/// through every process they start).
+pub fn default_engine() -> rv::Engine {
+    std::env::var("LOCKSTEP_ENGINE").ok().and_then(|v| v.parse().ok()).unwrap_or(rv::Engine::host_default())
 }
 
 impl Machine {

@@ -201,7 +201,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Run(a) => run::run(*a),
         Command::Replay(a) => {
-            machine::set_engine(a.engine.unwrap_or(rv::Engine::host_default()));
+            machine::set_engine(a.engine.unwrap_or_else(machine::default_engine));
             crate::replayer::file::replay(
                 &a.log,
                 &crate::replayer::file::ReplayOpts { disk: a.disk, hash_every: a.hash_every, from: a.from },

@@ -18,7 +18,7 @@ pub(super) enum Side {
 
 pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
     let (spec, pair) = args.run.resolve(args.pair)?;
-    machine::set_engine(spec.engine.unwrap_or(rv::Engine::host_default()));
+    machine::set_engine(spec.engine.unwrap_or_else(machine::default_engine));
     if spec.elf.is_some() || spec.record.is_some() || spec.snapshot_every.is_some() {
         bail!(
             "a pair runs a Linux VM and ships its log to the peer: --elf, --record and --snapshot-every do not apply"

@@ -19,7 +19,7 @@ pub(super) fn run(args: RunArgs) -> Result<Outcome> {
             file.unwrap_or_default().display()
         );
     }
-    machine::set_engine(spec.engine.unwrap_or(rv::Engine::host_default()));
+    machine::set_engine(spec.engine.unwrap_or_else(machine::default_engine));
     let opts = RunOpts {
         max_insns: spec.max_insns,
         record: spec.record.clone(),
