@@ -311,8 +311,14 @@ impl Machine {
             m_mode_exits,
             engine: engine(),
         };
+        let hart = Hart::new(cfg);
+        if hart.engine() != cfg.engine {
+            // Only the translation tier can be missing: a host that refuses
+            // writable executable memory (a hardened kernel or policy).
+            tracing::warn!("the translation tier is unavailable on this host: running the interpreter");
+        }
         Machine {
-            hart: Hart::new(cfg),
+            hart,
             board: Board {
                 ram: Ram::new(RAM_BASE, mem_bytes),
                 clint: Clint::default(),
