@@ -14,10 +14,16 @@ main:
     li t0, 0x80 /* MTIE */
     csrw mie, t0
     li s8, 0
+    /* Wait with MIE off and take the interrupt only between the csrsi and
+     * the csrci: taken just before a wfi (the deadline can pass first on a
+     * loaded host), its mret would return to the wfi with nothing left
+     * pending, and wfi may then wait forever (QEMU does). */
+1:  bnez s8, 2f /* s8 = cause, set by the vector entry */
+    wfi /* wakes on MTIP pending in mie, whatever MIE */
     csrsi mstatus, 8
-1:  wfi
-    beqz s8, 1b /* s8 = cause, set by the vector entry */
     csrci mstatus, 8
+    j 1b
+2:
     li t0, 0x8000000000000007
     CHECK_REG(s8, t0)
     /* time has reached mtimecmp */
