@@ -119,6 +119,8 @@ impl BlockCache {
         self.jump.as_ptr()
     }
 
+    /// The entry for `pc`. Translated code computes the same index inline
+    /// (`jit/emit.rs`, the chain): change both together.
     #[inline(always)]
     pub(crate) fn jump_index(pc: u64) -> usize {
         ((pc >> 1) ^ (pc >> 13)) as usize & (JUMP_ENTRIES - 1)

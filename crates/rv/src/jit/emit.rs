@@ -93,8 +93,7 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
     debug_assert_eq!(a.offset().0, prologue_len(), "every prologue has the same length");
     dynasm!(a ; .arch x64 ; =>top);
     for (i, op) in ops.iter().enumerate() {
-        let i32_ = i as i32;
-        let done = i32_ + 1;
+        let done = i as i32 + 1;
         let next_off = op.off as i32 + op.len as i32;
         let imm = op.imm;
         let (rd, rs1, rs2) = (xo(op.rd), xo(op.rs1), xo(op.rs2));

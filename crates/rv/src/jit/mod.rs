@@ -72,7 +72,7 @@ pub(crate) struct Jit {
     prologue: usize,
     /// Per block number: offset of its code in the region plus one, or 0.
     code: Vec<u32>,
-    /// Per block number: dispatcher runs so far (saturating at `HOT_RUNS`).
+    /// Per block number: dispatcher runs so far (saturating at `u16::MAX`).
     heat: Vec<u16>,
     /// Runs that make a block hot (`HOT_RUNS` unless a test lowers it).
     pub(crate) hot_runs: u16,
@@ -121,15 +121,20 @@ impl Jit {
         self.warm::<B>(i, ops)
     }
 
+    /// Grow the per-block tables to hold block number `i`.
+    fn make_room(&mut self, i: usize) {
+        if self.heat.len() <= i {
+            self.heat.resize(i + 1, 0);
+            self.code.resize(i + 1, 0);
+        }
+    }
+
     #[inline(never)]
     fn warm<B: Bus>(&mut self, i: usize, ops: &[Op]) -> Option<usize> {
         if i == crate::block::SCRATCH_BLOCK as usize {
             return None;
         }
-        if self.heat.len() <= i {
-            self.heat.resize(i + 1, 0);
-            self.code.resize(i + 1, 0);
-        }
+        self.make_room(i);
         self.heat[i] = self.heat[i].saturating_add(1);
         if self.heat[i] < self.hot_runs {
             return None;
@@ -138,10 +143,7 @@ impl Jit {
         if key != self.bus_key {
             self.clear();
             self.bus_key = key;
-            if self.heat.len() <= i {
-                self.heat.resize(i + 1, 0);
-                self.code.resize(i + 1, 0);
-            }
+            self.make_room(i);
         }
         let t0 = Instant::now();
         let copy: Box<[Op]> = ops.into();
@@ -151,8 +153,7 @@ impl Jit {
             None => {
                 self.stats.region_resets += 1;
                 self.clear();
-                self.heat.resize(i + 1, 0);
-                self.code.resize(i + 1, 0);
+                self.make_room(i);
                 self.region.push(&bytes)?
             }
         };
@@ -220,7 +221,7 @@ pub(crate) fn enter<B: Bus>(
 /// otherwise the exit, with `pc` and `position` set as the interpreter set
 /// them and a trap in the frame.
 pub(crate) extern "sysv64" fn fallback<B: Bus>(frame: *mut Frame, op: *const Op, base: u64, pos: u64) -> u64 {
-    // SAFETY: translated code passes the frame `enter_translation` made for
+    // SAFETY: translated code passes the frame `enter` made for
     // this call, whose pointers are valid and not otherwise in use, and a
     // pointer into one of `Jit::op_copies`, which outlive the code.
     let (frame, op) = unsafe { (&mut *frame, std::slice::from_ref(&*op)) };
