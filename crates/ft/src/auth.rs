@@ -187,18 +187,22 @@ mod tests {
         let (mut tx, _) = k.seals(&np, &ns);
         let (mut rx, _) = k.seals(&np, &ns);
         let mut wire = Vec::new();
-        send(&mut wire, 3, &Message::Through { through: 42, released: 0 }, Some(&mut tx)).unwrap();
-        send(&mut wire, 3, &Message::Through { through: 43, released: 0 }, Some(&mut tx)).unwrap();
+        send(&mut wire, 3, &Message::Through { through: 42, released: 0, urgent: false }, Some(&mut tx)).unwrap();
+        send(&mut wire, 3, &Message::Through { through: 43, released: 0, urgent: false }, Some(&mut tx)).unwrap();
         let first_len = wire.len() / 2;
         let mut r = &wire[..];
-        assert_eq!(receive(&mut r, Some(&mut rx)).unwrap(), (3, Message::Through { through: 42, released: 0 }));
+        assert_eq!(
+            receive(&mut r, Some(&mut rx)).unwrap(),
+            (3, Message::Through { through: 42, released: 0, urgent: false })
+        );
         // The first message again (a replay) fails: its number is spent.
         let mut replay = &wire[..first_len];
         assert!(matches!(receive(&mut replay, Some(&mut rx)), Err(WireError::Unauthentic)));
         // A flipped bit fails (the checksum is fixed up, the tag is not).
         let (mut tx2, _) = k.seals(&np, &ns);
         let (mut rx2, _) = k.seals(&np, &ns);
-        let mut m = crate::wire::encode_sealed(&Message::Through { through: 7, released: 0 }, 1, Some(&mut tx2));
+        let mut m =
+            crate::wire::encode_sealed(&Message::Through { through: 7, released: 0, urgent: false }, 1, Some(&mut tx2));
         m[20] ^= 1;
         let crc = crc32fast::hash(&m[8..m.len() - 32]).to_le_bytes();
         m[4..8].copy_from_slice(&crc);
@@ -206,7 +210,11 @@ mod tests {
         // Another key fails.
         let (mut other, _) = Key([8u8; 32]).seals(&np, &ns);
         let (mut rx3, _) = k.seals(&np, &ns);
-        let m = crate::wire::encode_sealed(&Message::Through { through: 7, released: 0 }, 1, Some(&mut other));
+        let m = crate::wire::encode_sealed(
+            &Message::Through { through: 7, released: 0, urgent: false },
+            1,
+            Some(&mut other),
+        );
         assert!(matches!(receive(&mut &m[..], Some(&mut rx3)), Err(WireError::Unauthentic)));
         // Proofs differ by role and by key.
         assert!(!same(&k.primary_proof(&np, &ns), &k.secondary_proof(&np, &ns)));

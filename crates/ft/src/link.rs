@@ -180,6 +180,8 @@ pub struct PrimaryLink {
     /// Some of them are inputs from outside (frames, console bytes).
     pending_input: bool,
     last_through: u64,
+    /// ... and whether it asked for an acknowledgement at once.
+    last_urgent: bool,
     /// A copy of every record, for a log kept beside the pair's.
     keep: Option<KeepFn>,
     /// The position on the channel: marks, acks and the gate count across
@@ -354,6 +356,7 @@ impl PrimaryLink {
             pending_bytes: 0,
             pending_input: false,
             last_through: through,
+            last_urgent: false,
             keep: None,
             position: through,
             base,
@@ -402,6 +405,7 @@ impl PrimaryLink {
             pending_bytes: 0,
             pending_input: false,
             last_through: 0,
+            last_urgent: false,
             keep: None,
             position: 0,
             base,
@@ -431,7 +435,7 @@ impl PrimaryLink {
     pub fn handover(&mut self, at: u64, timeout: Duration, sent: impl FnOnce()) -> Result<Switched, String> {
         let at = self.base + at;
         self.position = at;
-        self.flush(at);
+        self.flush(at, true);
         let t = Instant::now();
         while self.protected() && self.gate.acked() < at {
             if t.elapsed() >= timeout {
@@ -578,13 +582,14 @@ impl PrimaryLink {
             self.pending_input |= matches!(record.event, replay::Event::Frame { .. } | replay::Event::Console(_));
             self.pending.push(record);
             if self.pending_bytes >= FLUSH_BYTES {
-                self.flush(self.last_through);
+                self.flush(self.last_through, false);
             }
         }
     }
 
-    /// Write the pending records and the mark `through`.
-    fn flush(&mut self, through: u64) {
+    /// Write the pending records and the mark `through`, asking for its
+    /// acknowledgement at once when output waits for it or `urgent`.
+    fn flush(&mut self, through: u64, urgent: bool) {
         if !self.protected() {
             self.pending.clear();
             self.pending_bytes = 0;
@@ -596,8 +601,10 @@ impl PrimaryLink {
             messages.push(Message::Records(std::mem::take(&mut self.pending)));
             self.pending_bytes = 0;
         }
-        messages.push(Message::Through { through, released: self.gate.acked() });
+        let urgent = urgent || self.gate.held() > 0;
+        messages.push(Message::Through { through, released: self.gate.acked(), urgent });
         self.last_through = through;
+        self.last_urgent = urgent;
         let Some(writer) = &self.writer else { return };
         let result = writer.lock().unwrap().write(&messages, self.epoch, through);
         match result {
@@ -622,16 +629,17 @@ impl PrimaryLink {
         }
         let quiet = self.writer.as_ref().map_or(Duration::ZERO, |w| w.lock().unwrap().written.elapsed());
         if self.pending_input || quiet >= MARK_EVERY || self.gate.held() > 0 {
-            self.flush(position);
+            self.flush(position, false);
         }
     }
 
     /// A frame produced before the last progress position: into the gate,
-    /// and the mark that releases it onto the wire now.
+    /// and the mark that releases it onto the wire now (again, if the mark
+    /// already sent did not ask for an acknowledgement at once).
     pub fn output(&mut self, nic: usize, frame: &[u8]) {
         self.gate.push(self.position, nic, frame);
-        if self.position > self.last_through && self.gate.held() > 0 {
-            self.flush(self.position);
+        if self.gate.held() > 0 && (self.position > self.last_through || !self.last_urgent) {
+            self.flush(self.position.max(self.last_through), true);
         }
     }
 
@@ -647,7 +655,7 @@ impl PrimaryLink {
         }
         // The secondary can only catch up to what it has: send it all first.
         if self.position > self.last_through || !self.pending.is_empty() {
-            self.flush(self.position.max(self.last_through));
+            self.flush(self.position.max(self.last_through), true);
         }
         let mut s = self.shared.status.lock().unwrap();
         let lag = |s: &Status| self.position.saturating_sub(s.peer_position);
@@ -701,7 +709,7 @@ impl PrimaryLink {
     pub fn rebooted(&mut self, end: u64) {
         let next = self.base + end + 1;
         self.position = next;
-        self.flush(next);
+        self.flush(next, false);
         self.base = next;
     }
 
@@ -710,7 +718,7 @@ impl PrimaryLink {
     pub fn finish(&mut self, end: u64, timeout: Duration) {
         let end = self.base + end;
         self.position = end + 1;
-        self.flush(end + 1);
+        self.flush(end + 1, true);
         let t = Instant::now();
         while self.protected() && self.gate.acked() <= end && t.elapsed() < timeout {
             std::thread::sleep(Duration::from_millis(5));
@@ -1042,7 +1050,7 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
         }
         if w.written.elapsed() >= cfg.heartbeat {
             let through = w.through;
-            let mark = Message::Through { through, released: ctx.gate.acked() };
+            let mark = Message::Through { through, released: ctx.gate.acked(), urgent: ctx.gate.held() > 0 };
             if let Err(e) = w.write(&[mark], epoch, through) {
                 drop(w);
                 return ctx.peer_lost(format!("the log channel failed: {e}"));
@@ -1541,8 +1549,22 @@ impl SecondaryEnd {
     }
 
     fn receive_loop(self, mut r: BufReader<Deadline>, mut seal: Option<Seal>) {
+        // Records whose mark is already in the read buffer wait here for it:
+        // the mark is acknowledged before they go to the replay thread, so
+        // waking that thread (which may take this CPU) never delays the
+        // acknowledgement the primary's output waits for.
+        let mut deferred: Vec<Record> = Vec::new();
         loop {
-            let (epoch, msg) = match wire::receive(&mut r, seal.as_mut()) {
+            let received = wire::receive(&mut r, seal.as_mut());
+            // Whatever ends the loop or is not a mark: what waits goes first
+            // (the replay thread runs all it was given before going live).
+            if !matches!(received, Ok((_, Message::Records(_) | Message::Through { .. })))
+                && !deferred.is_empty()
+                && self.tx.send(Incoming::Records(std::mem::take(&mut deferred))).is_err()
+            {
+                return;
+            }
+            let (epoch, msg) = match received {
                 Ok(m) => m,
                 Err(WireError::Closed) => return self.lose("it closed the log channel".into()),
                 Err(e) => return self.lose(ErrorChain(&e).to_string()),
@@ -1566,23 +1588,35 @@ impl SecondaryEnd {
                         })
                         .sum();
                     self.shared.status.lock().unwrap().log_bytes += bytes + size;
-                    if self.tx.send(Incoming::Records(records)).is_err() {
+                    deferred.extend(records);
+                    // Nothing more read yet: the mark may be far (a slow
+                    // link); the replay thread gets them now.
+                    if r.buffer().is_empty() && self.tx.send(Incoming::Records(std::mem::take(&mut deferred))).is_err()
+                    {
                         return;
                     }
                 }
-                Message::Through { through: p, released } => {
+                Message::Through { through: p, released, urgent } => {
                     self.arrived(p);
+                    // A mark nobody waits on is acknowledged with the next
+                    // heartbeat: half the messages in request/response
+                    // traffic, nearly all while the guest only computes.
+                    if urgent {
+                        if let Err(e) = self.ack(false) {
+                            return self.lose(format!("cannot acknowledge: {e}"));
+                        }
+                    }
                     self.shared.update(|s| {
                         s.peer_position = s.peer_position.max(p);
                         s.log_bytes += size;
                         s.lag_positions = s.peer_position.saturating_sub(s.position);
                         s.lag_ms = s.lag_positions as f64 / 1e6;
                     });
-                    if self.tx.send(Incoming::Through { through: p, released }).is_err() {
+                    if !deferred.is_empty() && self.tx.send(Incoming::Records(std::mem::take(&mut deferred))).is_err() {
                         return;
                     }
-                    if let Err(e) = self.ack(false) {
-                        return self.lose(format!("cannot acknowledge: {e}"));
+                    if self.tx.send(Incoming::Through { through: p, released }).is_err() {
+                        return;
                     }
                 }
                 Message::AckTo { port, secret } => {
@@ -1655,3 +1689,95 @@ impl SecondaryEnd {
 /// A secondary that watches its network repeats its state this often (and
 /// says a change at once).
 const UPLINK_EVERY: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arbiter::FileArbiter;
+    use crate::gate::FrameSink;
+
+    #[derive(Clone, Default)]
+    struct Wire(Arc<Mutex<Vec<Vec<u8>>>>);
+    impl FrameSink for Wire {
+        fn send(&mut self, frame: &[u8]) {
+            self.0.lock().unwrap().push(frame.to_vec());
+        }
+    }
+
+    /// A primary and a secondary paired on loopback, with heartbeats far
+    /// apart: within a test, only a mark's own acknowledgement moves the
+    /// gate.
+    fn pair(name: &str) -> (PrimaryLink, SecondaryLink, Arc<OutputGate>, Wire, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ft-link-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let arbiter: Arc<dyn Arbiter> = Arc::new(FileArbiter::new(dir.join("epoch")));
+        let cfg = PairConfig {
+            heartbeat: Duration::from_secs(20),
+            timeout: Duration::from_secs(60),
+            ..PairConfig::default()
+        };
+        let listener = listen("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let hello = Hello {
+            vm_id: "vm".into(),
+            disk_hash: None,
+            seed: [0; 32],
+            state_hash: 0,
+            mac: None,
+            host: String::new(),
+            shared_arbiter: false,
+            build: String::new(),
+            join: false,
+        };
+        let secondary = {
+            let arbiter = arbiter.clone();
+            std::thread::spawn(move || SecondaryLink::accept(listener, arbiter, cfg, &mut |_| Ok(()), None, &|| false))
+        };
+        let wire = Wire::default();
+        let gate = Arc::new(OutputGate::new(vec![Box::new(wire.clone())]));
+        let primary = PrimaryLink::connect(&addr, hello, arbiter, gate.clone(), cfg, None, &|| false).unwrap();
+        let Ok(Paired::Boot(secondary)) = secondary.join().unwrap() else { panic!("not paired for a boot") };
+        (primary, secondary, gate, wire, dir)
+    }
+
+    fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Marks nobody waits on are acknowledged with the heartbeat; a frame
+    /// in the gate gets its acknowledgement at once, also when the mark
+    /// covering it already went out without asking for one.
+    #[test]
+    fn only_marks_that_output_waits_on_are_acknowledged_at_once() {
+        let (mut primary, secondary, gate, wire, dir) = pair("urgent");
+        let input = Record { position: 50, event: replay::Event::Console(b"x".to_vec()) };
+        primary.record(input.clone());
+        primary.progress(100);
+        // The secondary has the records and the mark ...
+        let mut got = Vec::new();
+        while !got.iter().any(|m| matches!(m, Incoming::Through { through: 100, .. })) {
+            got.push(secondary.rx.recv_timeout(Duration::from_secs(10)).expect("the mark"));
+        }
+        assert!(matches!(&got[0], Incoming::Records(r) if r == &vec![input]));
+        // ... and does not answer it before its heartbeat.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(gate.acked(), 0, "a mark nothing waits on was acknowledged at once");
+        // Output produced at the position of that mark: the mark is sent
+        // again, asking, and the frame leaves.
+        primary.output(0, b"reply");
+        wait_until("the held frame was never released", || gate.acked() >= 100);
+        wait_until("the frame did not leave", || wire.0.lock().unwrap().len() == 1);
+        // Output past the last mark: its own urgent mark.
+        primary.progress(200);
+        primary.output(0, b"second");
+        wait_until("the second frame was never released", || wire.0.lock().unwrap().len() == 2);
+        assert_eq!(gate.acked(), 200);
+        drop(secondary);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

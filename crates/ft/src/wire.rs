@@ -21,7 +21,7 @@ pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 3: the release point in marks. 4: the planned switchover, joining a
 /// running primary. 5: the secondary's network state (`Uplink`).
 /// 6: acknowledgements by datagram as well (`AckTo`).
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -73,7 +73,11 @@ pub enum Message {
     /// and every output item (frame, console chunk) produced at or before
     /// `released` has left the primary; also the primary's heartbeat. A
     /// secondary going live sends again what it produced after `released`.
-    Through { through: u64, released: u64 },
+    /// With `urgent` the primary waits for this mark's acknowledgement
+    /// (output is held, or a handover, the end, a lagging secondary): it is
+    /// sent at once; otherwise the next heartbeat's acknowledgement covers
+    /// the mark.
+    Through { through: u64, released: u64, urgent: bool },
     /// Secondary → primary: the log is received up to (not including)
     /// `received` and executed up to `executed`; also the secondary's
     /// heartbeat.
@@ -222,9 +226,10 @@ impl Message {
                 }
                 p
             }
-            Message::Through { through: a, released: b } | Message::Ack { received: a, executed: b } => {
-                [a.to_le_bytes(), b.to_le_bytes()].concat()
+            Message::Through { through, released, urgent } => {
+                [&through.to_le_bytes()[..], &released.to_le_bytes(), &[*urgent as u8]].concat()
             }
+            Message::Ack { received: a, executed: b } => [a.to_le_bytes(), b.to_le_bytes()].concat(),
             Message::AuthInit { nonce } => nonce.to_vec(),
             Message::AuthChallenge { nonce, proof } => [nonce.as_slice(), proof.as_slice()].concat(),
             Message::AuthProof { proof } => proof.to_vec(),
@@ -258,7 +263,9 @@ impl Message {
                 }
                 Message::Records(records)
             }
-            5 if p.len() == 16 => Message::Through { through: u64_at(p, 0)?, released: u64_at(p, 8)? },
+            5 if p.len() == 17 && p[16] <= 1 => {
+                Message::Through { through: u64_at(p, 0)?, released: u64_at(p, 8)?, urgent: p[16] == 1 }
+            }
             6 if p.len() == 16 => Message::Ack { received: u64_at(p, 0)?, executed: u64_at(p, 8)? },
             7 if p.len() == 32 => Message::AuthInit { nonce: p.try_into().unwrap() },
             8 if p.len() == 64 => {
@@ -385,7 +392,8 @@ mod tests {
                 Record { position: 9, event: Event::Skip(1000) },
             ]),
             Message::Records(vec![]),
-            Message::Through { through: 1 << 40, released: 1 << 39 },
+            Message::Through { through: 1 << 40, released: 1 << 39, urgent: false },
+            Message::Through { through: 3, released: 2, urgent: true },
             Message::Ack { received: 3, executed: 2 },
             Message::Handover { at: 77 },
             Message::Switched { epoch: 4 },
@@ -417,11 +425,11 @@ mod tests {
     #[test]
     fn preamble_names_version_and_strangers() {
         let mut other = MAGIC.to_vec();
-        other.extend_from_slice(&7u32.to_le_bytes());
+        other.extend_from_slice(&99u32.to_le_bytes());
         let e = read_preamble(&mut &other[..]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            format!("the peer speaks pair protocol version 7, this lockstep speaks version {PROTOCOL_VERSION}")
+            format!("the peer speaks pair protocol version 99, this lockstep speaks version {PROTOCOL_VERSION}")
         );
         let e = read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]).unwrap_err();
         assert!(matches!(e, WireError::NotLockstep(_)), "{e}");
@@ -432,7 +440,7 @@ mod tests {
         let mut big = ((MAX_MESSAGE + 1) as u32).to_le_bytes().to_vec();
         big.extend_from_slice(&[0; 4]);
         assert!(matches!(read_message(&mut &big[..]), Err(WireError::TooLarge(_))));
-        let mut m = Message::Through { through: 77, released: 70 }.encode(1);
+        let mut m = Message::Through { through: 77, released: 70, urgent: true }.encode(1);
         let last = m.len() - 1;
         m[last] ^= 1;
         assert!(matches!(read_message(&mut &m[..]), Err(WireError::Checksum)));

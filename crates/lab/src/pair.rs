@@ -239,7 +239,7 @@ impl Drop for Pair {
 
 /// The same guest alone (`lockstep run`) in the primary's namespace, on
 /// the primary's tap: the baseline for the pair's figures.
-pub fn start_solo(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path) -> Result<Child> {
+pub fn start_solo(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path, extra: &[&str]) -> Result<Child> {
     let disk = dir.join("solo.img");
     let ok = Command::new("cp").arg("--sparse=always").arg(&g.disk).arg(&disk).status()?.success();
     if !ok {
@@ -251,6 +251,7 @@ pub fn start_solo(exe: &Path, g: &GuestPaths, net: &PairNet, dir: &Path) -> Resu
         .args(["--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap()])
         .args(["--append", &append, "--disk", disk.to_str().unwrap()])
         .args(["--net", "tap:tap0", "--mac", GUEST_MAC])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(std::fs::File::create(dir.join("solo.out"))?)
         .stderr(std::fs::File::create(dir.join("solo.err"))?);

@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// `bench pair`: how many primary kills to time.
     #[arg(long, default_value_t = 10)]
     kills: usize,
+    /// `bench pair`: the engines to compare, side by side (default: the
+    /// host's default engine).
+    #[arg(long, value_delimiter = ',', value_name = "interp,jit")]
+    engines: Vec<rv::Engine>,
     /// `bench nemesis`: how long to go on.
     #[arg(long, default_value_t = 10)]
     minutes: u64,
@@ -191,7 +195,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Boot => return boot(&args),
         BenchKind::Devices => return guest::devices(args.reps),
         BenchKind::Record => return guest::record(args.reps),
-        BenchKind::Pair => return pair::pair(args.reps, args.kills),
+        BenchKind::Pair => return pair::pair(args.reps, args.kills, &args.engines),
         BenchKind::Protect => return protect::protect(args.reps),
         BenchKind::Reprotect => return reprotect::reprotect(args.fill_mb),
         BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),

@@ -37,12 +37,16 @@ struct Figures {
     p99_us: f64,
     log_bytes_per_sec: f64,
     lag_ms: f64,
+    /// Time the primary waited for a lagging secondary during the
+    /// CPU-bound workload.
+    cpu_throttled_ms: f64,
     hold_us: f64,
     bulk_mbits: f64,
     bulk_log_mbits: f64,
 }
 
-fn client_measure(addr: String) -> Result<(f64, f64, f64, f64), String> {
+/// The CPU-bound figure: the median of three `EVAL`s of [`LUA`], seconds.
+fn client_cpu(addr: String) -> Result<f64, String> {
     let mut r = Redis::connect(&addr, Duration::from_secs(60)).map_err(|e| e.to_string())?;
     let mut cpu = Vec::new();
     for _ in 0..3 {
@@ -52,6 +56,13 @@ fn client_measure(addr: String) -> Result<(f64, f64, f64, f64), String> {
             other => return Err(format!("EVAL answered {other:?}")),
         }
     }
+    Ok(median(&mut cpu))
+}
+
+/// The request/response figures: `PING`s per second, median and p99
+/// latency in microseconds.
+fn client_ping(addr: String) -> Result<(f64, f64, f64), String> {
+    let mut r = Redis::connect(&addr, Duration::from_secs(60)).map_err(|e| e.to_string())?;
     let mut lat = Vec::with_capacity(PINGS);
     let t = Instant::now();
     for _ in 0..PINGS {
@@ -64,7 +75,7 @@ fn client_measure(addr: String) -> Result<(f64, f64, f64, f64), String> {
     let ops = PINGS as f64 / t.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p99 = lat[lat.len() * 99 / 100];
-    Ok((median(&mut cpu), ops, median(&mut lat), p99))
+    Ok((ops, median(&mut lat), p99))
 }
 
 fn primary_status(net: &PairNet) -> Result<ft::Status> {
@@ -89,21 +100,31 @@ fn bulk_in(net: &PairNet) -> Result<f64> {
     number_before(line, "Mbits/sec").context("iperf3 rate")
 }
 
-fn measure(net: &PairNet, paired: bool) -> Result<Figures> {
-    let before = if paired { Some((primary_status(net)?, Instant::now())) } else { None };
+/// Run `client` in the client's namespace against the guest's redis.
+fn in_client<T: Send + 'static>(net: &PairNet, client: fn(String) -> Result<T, String>) -> Result<T> {
     let addr = format!("{}:6379", net.guest_ip());
-    let (cpu_secs, ops_per_sec, median_us, p99_us) = in_netns(&net.client, move || client_measure(addr))
+    in_netns(&net.client, move || client(addr))
         .join()
         .map_err(|_| anyhow!("client thread panicked"))??
-        .map_err(|e| anyhow!("client: {e}"))?;
-    let mut f = Figures { cpu_secs, ops_per_sec, median_us, p99_us, ..Figures::default() };
+        .map_err(|e| anyhow!("client: {e}"))
+}
+
+fn measure(net: &PairNet, paired: bool) -> Result<Figures> {
+    let status = || if paired { primary_status(net).map(|s| Some((s, Instant::now()))) } else { Ok(None) };
+    let before = status()?;
+    let mut f = Figures { cpu_secs: in_client(net, client_cpu)?, ..Figures::default() };
+    if let Some((s0, _)) = &before {
+        f.cpu_throttled_ms = primary_status(net)?.throttled_ms.saturating_sub(s0.throttled_ms) as f64;
+    }
+    let before = status()?;
+    (f.ops_per_sec, f.median_us, f.p99_us) = in_client(net, client_ping)?;
     if let Some((s0, t0)) = before {
         let s1 = primary_status(net)?;
         f.log_bytes_per_sec = (s1.log_bytes - s0.log_bytes) as f64 / t0.elapsed().as_secs_f64();
         f.lag_ms = s1.lag_ms;
         f.hold_us = s1.hold_us_mean;
     }
-    let before = if paired { Some((primary_status(net)?, Instant::now())) } else { None };
+    let before = status()?;
     f.bulk_mbits = bulk_in(net)?;
     if let Some((s0, t0)) = before {
         let s1 = primary_status(net)?;
@@ -175,86 +196,130 @@ pub(super) fn setup(name: &str) -> Result<(std::path::PathBuf, GuestPaths, std::
     Ok((exe, g, dir))
 }
 
-pub fn pair(reps: usize, kills: usize) -> Result<()> {
-    let (exe, g, dir) = setup("pair")?;
-    let net = PairNet::new("bench", 79)?;
-    let key = dir.join("bench.key");
-    let _ = std::fs::remove_file(&key);
-    ft::auth::Key::generate()?.write_new(&key)?;
-    let key_flags = ["--key", key.to_str().context("the temp directory's path is not UTF-8")?];
-    let (mut solo, mut ft, mut keyed, mut mirrored) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for rep in 0..reps {
-        let mut child = start_solo(&exe, &g, &net, &dir)?;
-        wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
-        type_line(&mut child, IPERF_SERVER)?;
-        let f = measure(&net, false);
-        let _ = child.kill();
-        let _ = child.wait();
-        solo.push(f?);
-        let mut pair = Pair::start(&exe, &g, &net, &dir, &[])?;
-        pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
-        pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
-        type_line(&mut pair.primary, IPERF_SERVER)?;
-        ft.push(measure(&net, true)?);
-        drop(pair);
-        let mut pair = Pair::start(&exe, &g, &net, &dir, &key_flags)?;
-        pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
-        pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
-        type_line(&mut pair.primary, IPERF_SERVER)?;
-        keyed.push(measure(&net, true)?);
-        drop(pair);
-        net.mirror_guest_frames(true)?;
-        let pair = Pair::start(&exe, &g, &net, &dir, &[]);
-        let f = pair.and_then(|mut pair| {
-            pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
-            pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
-            type_line(&mut pair.primary, IPERF_SERVER)?;
-            measure(&net, true)
-        });
-        net.mirror_guest_frames(false)?;
-        mirrored.push(f?);
-        eprintln!("bench pair: rep {} of {reps} done", rep + 1);
-    }
-    let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
-    let (s_cpu, f_cpu) = (med(&solo, |f| f.cpu_secs), med(&ft, |f| f.cpu_secs));
-    let (s_ops, f_ops) = (med(&solo, |f| f.ops_per_sec), med(&ft, |f| f.ops_per_sec));
-    let (s_med, f_med) = (med(&solo, |f| f.median_us), med(&ft, |f| f.median_us));
-    let (s_p99, f_p99) = (med(&solo, |f| f.p99_us), med(&ft, |f| f.p99_us));
-    println!("pair vs solo, same guest and tap, medians of {reps} alternating runs:");
+/// Start a pair with `flags` on both sides, wait until it is protected and
+/// its guest is ready, and start the guest's iperf3 server.
+fn start_pair(
+    exe: &std::path::Path,
+    g: &GuestPaths,
+    net: &PairNet,
+    dir: &std::path::Path,
+    flags: &[&str],
+) -> Result<Pair> {
+    let mut pair = Pair::start(exe, g, net, dir, flags)?;
+    pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
+    pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+    type_line(&mut pair.primary, IPERF_SERVER)?;
+    Ok(pair)
+}
+
+/// The figures of one engine: solo and FT runs.
+#[derive(Default)]
+struct EngineRuns {
+    solo: Vec<Figures>,
+    ft: Vec<Figures>,
+}
+
+fn med(v: &[Figures], f: fn(&Figures) -> f64) -> f64 {
+    median(&mut v.iter().map(f).collect::<Vec<_>>())
+}
+
+fn print_ratios(engine: rv::Engine, runs: &EngineRuns) {
+    let (solo, ft) = (&runs.solo, &runs.ft);
+    let (s_cpu, f_cpu) = (med(solo, |f| f.cpu_secs), med(ft, |f| f.cpu_secs));
+    let (s_ops, f_ops) = (med(solo, |f| f.ops_per_sec), med(ft, |f| f.ops_per_sec));
+    let (s_med, f_med) = (med(solo, |f| f.median_us), med(ft, |f| f.median_us));
+    let (s_p99, f_p99) = (med(solo, |f| f.p99_us), med(ft, |f| f.p99_us));
+    let (s_bulk, f_bulk) = (med(solo, |f| f.bulk_mbits), med(ft, |f| f.bulk_mbits));
+    let engine = engine.name();
+    println!("engine {engine}: pair vs solo, same guest and tap, medians of {} alternating runs:", solo.len());
     println!("| | solo | FT pair | FT/solo |");
     println!("|---|---|---|---|");
     println!("| CPU-bound (redis EVAL Lua loop), s | {s_cpu:.3} | {f_cpu:.3} | {:.3} |", s_cpu / f_cpu);
     println!("| request/response (redis PING), ops/s | {s_ops:.0} | {f_ops:.0} | {:.3} |", f_ops / s_ops);
     println!("| PING latency median, us | {s_med:.0} | {f_med:.0} | +{:.0} us |", f_med - s_med);
     println!("| PING latency p99, us | {s_p99:.0} | {f_p99:.0} | +{:.0} us |", f_p99 - s_p99);
-    let (s_bulk, f_bulk) = (med(&solo, |f| f.bulk_mbits), med(&ft, |f| f.bulk_mbits));
     println!("| bulk into the guest (iperf3, 5 s), Mbit/s | {s_bulk:.0} | {f_bulk:.0} | {:.3} |", f_bulk / s_bulk);
-    println!("log bandwidth during the bulk transfer {:.0} Mbit/s", med(&ft, |f| f.bulk_log_mbits));
-    println!("the cost of --key (an authenticated channel), keyed pair / unkeyed pair:");
-    for (what, f) in [
-        ("CPU-bound, s (time)", (|f: &Figures| f.cpu_secs) as fn(&Figures) -> f64),
-        ("request/response, ops/s", |f: &Figures| f.ops_per_sec),
-        ("PING latency median, us", |f: &Figures| f.median_us),
-        ("bulk into the guest, Mbit/s", |f: &Figures| f.bulk_mbits),
-    ] {
-        let (plain, with_key) = (med(&ft, f), med(&keyed, f));
-        println!("| {what} | {plain:.1} | {with_key:.1} | {:.3} |", with_key / plain);
-    }
-    println!("the cost of a mirroring network (the secondary reads every frame for the guest), mirrored / learning:");
-    for (what, f) in [
-        ("CPU-bound, s (time)", (|f: &Figures| f.cpu_secs) as fn(&Figures) -> f64),
-        ("request/response, ops/s", |f: &Figures| f.ops_per_sec),
-        ("PING latency median, us", |f: &Figures| f.median_us),
-        ("bulk into the guest, Mbit/s", |f: &Figures| f.bulk_mbits),
-    ] {
-        let (plain, with_mirror) = (med(&ft, f), med(&mirrored, f));
-        println!("| {what} | {plain:.1} | {with_mirror:.1} | {:.3} |", with_mirror / plain);
-    }
     println!(
-        "log rate during the request/response workload {:.0} B/s; backup lag at its end {:.2} ms of guest time; mean output hold {:.0} us",
-        med(&ft, |f| f.log_bytes_per_sec),
-        med(&ft, |f| f.lag_ms),
-        med(&ft, |f| f.hold_us)
+        "engine {engine}: the primary waited for a lagging secondary {:.0} ms of the CPU-bound workload's {:.1} s; log \
+         rate during request/response {:.0} B/s, mean output hold {:.0} us, backup lag at its end {:.2} ms of guest \
+         time; log bandwidth during the bulk transfer {:.0} Mbit/s",
+        med(ft, |f| f.cpu_throttled_ms),
+        3.0 * f_cpu,
+        med(ft, |f| f.log_bytes_per_sec),
+        med(ft, |f| f.hold_us),
+        med(ft, |f| f.lag_ms),
+        med(ft, |f| f.bulk_log_mbits),
+    );
+}
+
+/// One feature's cost: the pair with it against the plain pair.
+fn print_cost(title: &str, plain: &[Figures], with: &[Figures]) {
+    println!("{title}");
+    for (what, f) in [
+        ("CPU-bound, s (time)", (|f: &Figures| f.cpu_secs) as fn(&Figures) -> f64),
+        ("request/response, ops/s", |f: &Figures| f.ops_per_sec),
+        ("PING latency median, us", |f: &Figures| f.median_us),
+        ("bulk into the guest, Mbit/s", |f: &Figures| f.bulk_mbits),
+    ] {
+        let (a, b) = (med(plain, f), med(with, f));
+        println!("| {what} | {a:.1} | {b:.1} | {:.3} |", b / a);
+    }
+}
+
+/// `engines`: compared side by side (each rep runs solo and FT with each
+/// in turn); the costs of `--key` and of a mirroring network are measured
+/// with the first.
+pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
+    let (exe, g, dir) = setup("pair")?;
+    let net = PairNet::new("bench", 79)?;
+    let key = dir.join("bench.key");
+    let _ = std::fs::remove_file(&key);
+    ft::auth::Key::generate()?.write_new(&key)?;
+    let key_path = key.to_str().context("the temp directory's path is not UTF-8")?;
+    let engines = if engines.is_empty() { vec![machine::default_engine()] } else { engines.to_vec() };
+    let names: Vec<String> = engines.iter().map(|e| e.name().to_string()).collect();
+    let mut runs: Vec<EngineRuns> = engines.iter().map(|_| EngineRuns::default()).collect();
+    let (mut keyed, mut mirrored) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        for (i, name) in names.iter().enumerate() {
+            let flags = ["--engine", name.as_str()];
+            let mut child = start_solo(&exe, &g, &net, &dir, &flags)?;
+            wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
+            type_line(&mut child, IPERF_SERVER)?;
+            let f = measure(&net, false);
+            let _ = child.kill();
+            let _ = child.wait();
+            runs[i].solo.push(f?);
+            let pair = start_pair(&exe, &g, &net, &dir, &flags)?;
+            runs[i].ft.push(measure(&net, true)?);
+            drop(pair);
+        }
+        let first = ["--engine", names[0].as_str()];
+        let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat())?;
+        keyed.push(measure(&net, true)?);
+        drop(pair);
+        net.mirror_guest_frames(true)?;
+        let f = start_pair(&exe, &g, &net, &dir, &first).and_then(|_pair| measure(&net, true));
+        net.mirror_guest_frames(false)?;
+        mirrored.push(f?);
+        eprintln!("bench pair: rep {} of {reps} done", rep + 1);
+    }
+    for (engine, r) in engines.iter().zip(&runs) {
+        print_ratios(*engine, r);
+    }
+    print_cost(
+        &format!("the cost of --key (an authenticated channel), engine {}, keyed pair / unkeyed pair:", names[0]),
+        &runs[0].ft,
+        &keyed,
+    );
+    print_cost(
+        &format!(
+            "the cost of a mirroring network (the secondary reads every frame for the guest), engine {}, mirrored / \
+             learning:",
+            names[0]
+        ),
+        &runs[0].ft,
+        &mirrored,
     );
     if kills > 0 {
         // Alternating: each kill on a learning network, then one on a
