@@ -146,18 +146,21 @@ impl OutputGate {
     }
 }
 
+/// A sink that keeps what it is given (tests of the gate and the link).
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct Wire(pub(crate) std::sync::Arc<Mutex<Vec<Vec<u8>>>>);
+
+#[cfg(test)]
+impl FrameSink for Wire {
+    fn send(&mut self, frame: &[u8]) {
+        self.0.lock().unwrap().push(frame.to_vec());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Wire(Arc<Mutex<Vec<Vec<u8>>>>);
-    impl FrameSink for Wire {
-        fn send(&mut self, frame: &[u8]) {
-            self.0.lock().unwrap().push(frame.to_vec());
-        }
-    }
 
     #[test]
     fn frames_leave_in_order_once_their_position_is_acked() {

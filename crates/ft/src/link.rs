@@ -1694,15 +1694,7 @@ const UPLINK_EVERY: Duration = Duration::from_secs(1);
 mod tests {
     use super::*;
     use crate::arbiter::FileArbiter;
-    use crate::gate::FrameSink;
-
-    #[derive(Clone, Default)]
-    struct Wire(Arc<Mutex<Vec<Vec<u8>>>>);
-    impl FrameSink for Wire {
-        fn send(&mut self, frame: &[u8]) {
-            self.0.lock().unwrap().push(frame.to_vec());
-        }
-    }
+    use crate::gate::Wire;
 
     /// A primary and a secondary paired on loopback, with heartbeats far
     /// apart: within a test, only a mark's own acknowledgement moves the

@@ -257,9 +257,10 @@ fn children_cpu() -> f64 {
 
 /// Run the initramfs guest with `script` typed on its console; returns
 /// (wall seconds, host CPU seconds).
-fn initramfs_run(g: &GuestFiles, script: &str, record: Option<&Path>) -> Result<(f64, f64)> {
+fn initramfs_run(g: &GuestFiles, script: &str, record: Option<&Path>, engine: rv::Engine) -> Result<(f64, f64)> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("run").arg("--kernel").arg(&g.kernel).arg("--initrd").arg(&g.initrd);
+    cmd.args(["--engine", engine.name()]);
     cmd.args(["--mem", "512M", "--append", crate::guest::DEFAULT_APPEND]);
     if let Some(log) = record {
         cmd.arg("--record").arg(log);
@@ -275,10 +276,10 @@ fn initramfs_run(g: &GuestFiles, script: &str, record: Option<&Path>) -> Result<
     Ok((t.elapsed().as_secs_f64(), children_cpu() - cpu0))
 }
 
-fn replay_secs(log: &Path, disk: Option<&Path>) -> Result<f64> {
+fn replay_secs(log: &Path, disk: Option<&Path>, engine: rv::Engine) -> Result<f64> {
     let t = Instant::now();
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("replay").arg(log);
+    cmd.arg("replay").arg(log).args(["--engine", engine.name()]);
     if let Some(d) = disk {
         cmd.arg("--disk").arg(d);
     }
@@ -293,52 +294,62 @@ fn size(p: &Path) -> f64 {
     std::fs::metadata(p).map(|m| m.len() as f64).unwrap_or(f64::NAN)
 }
 
-/// `lockstep bench record`.
-pub fn record(reps: usize) -> Result<()> {
+/// `lockstep bench record`: the CPU-bound and idle cases with each of
+/// `engines` (side by side, alternating; default the host's default
+/// engine), the rest with the first.
+pub fn record(reps: usize, engines: &[rv::Engine]) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("lockstep-bench-rec-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let g = guest_copies(&dir)?;
     let log = dir.join("bench.log");
+    let engines = if engines.is_empty() { vec![machine::default_engine()] } else { engines.to_vec() };
 
     // CPU-bound: boot, count to 300 000 in the shell, power off.
     let cpu_script = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; poweroff\n";
-    let (mut plain, mut rec, mut rep, mut rate) = (vec![], vec![], vec![], vec![]);
+    let mut figures = vec![(vec![], vec![], vec![], vec![]); engines.len()];
     for _ in 0..reps {
-        plain.push(initramfs_run(&g, cpu_script, None)?.0);
-        let (secs, _) = initramfs_run(&g, cpu_script, Some(&log))?;
-        rec.push(secs);
-        rate.push(size(&log) / secs);
-        rep.push(replay_secs(&log, None)?);
+        for (&engine, (plain, rec, rep, rate)) in engines.iter().zip(&mut figures) {
+            plain.push(initramfs_run(&g, cpu_script, None, engine)?.0);
+            let (secs, _) = initramfs_run(&g, cpu_script, Some(&log), engine)?;
+            rec.push(secs);
+            rate.push(size(&log) / secs);
+            rep.push(replay_secs(&log, None, engine)?);
+        }
     }
-    let (p, r) = (median(&mut plain), median(&mut rec));
     println!("recording overhead, {reps} runs each, alternating (medians)");
-    println!("{:<28}{:>10}{:>10}{:>10}{:>14}{:>12}", "", "plain s", "record s", "overhead", "log bytes/s", "replay s");
-    println!(
-        "{:<28}{p:>10.2}{r:>10.2}{:>9.1}%{:>14.0}{:>12.2}",
-        "CPU-bound (shell loop)",
-        (r / p - 1.0) * 100.0,
-        median(&mut rate),
-        median(&mut rep)
-    );
+    println!("{:<34}{:>10}{:>10}{:>10}{:>14}{:>12}", "", "plain s", "record s", "overhead", "log bytes/s", "replay s");
+    for (engine, (plain, rec, rep, rate)) in engines.iter().zip(&mut figures) {
+        let (p, r) = (median(plain), median(rec));
+        println!(
+            "{:<34}{p:>10.2}{r:>10.2}{:>9.1}%{:>14.0}{:>12.2}",
+            format!("CPU-bound (shell loop), {}", engine.name()),
+            (r / p - 1.0) * 100.0,
+            median(rate),
+            median(rep)
+        );
+    }
 
     // Idle: boot, sleep 10 s, power off; host CPU time is what matters.
     let idle_script = "sleep 10; poweroff\n";
-    let (mut plain, mut rec, mut rate, mut wall) = (vec![], vec![], vec![], vec![]);
+    let mut figures = vec![(vec![], vec![], vec![]); engines.len()];
     for _ in 0..reps.min(3) {
-        plain.push(initramfs_run(&g, idle_script, None)?.1);
-        let (secs, cpu) = initramfs_run(&g, idle_script, Some(&log))?;
-        rec.push(cpu);
-        wall.push(secs);
-        rate.push(size(&log) / secs);
+        for (&engine, (plain, rec, rate)) in engines.iter().zip(&mut figures) {
+            plain.push(initramfs_run(&g, idle_script, None, engine)?.1);
+            let (secs, cpu) = initramfs_run(&g, idle_script, Some(&log), engine)?;
+            rec.push(cpu);
+            rate.push(size(&log) / secs);
+        }
     }
-    let (p, r) = (median(&mut plain), median(&mut rec));
-    println!(
-        "{:<28}{p:>10.2}{r:>10.2}{:>9.1}%{:>14.0}{:>12}",
-        "idle 10 s (host CPU s)",
-        (r / p - 1.0) * 100.0,
-        median(&mut rate),
-        "-"
-    );
+    for (engine, (plain, rec, rate)) in engines.iter().zip(&mut figures) {
+        let (p, r) = (median(plain), median(rec));
+        println!(
+            "{:<34}{p:>10.2}{r:>10.2}{:>9.1}%{:>14.0}{:>12}",
+            format!("idle 10 s (host CPU s), {}", engine.name()),
+            (r / p - 1.0) * 100.0,
+            median(rate),
+            "-"
+        );
+    }
 
     // Network-heavy: iperf3 host -> guest for 5 s on the root-disk guest.
     let net = GuestNet::new(&std::process::id().to_string(), SUBNET)?;

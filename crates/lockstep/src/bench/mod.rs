@@ -71,8 +71,8 @@ pub struct BenchArgs {
     /// `bench pair`: how many primary kills to time.
     #[arg(long, default_value_t = 10)]
     kills: usize,
-    /// `bench pair`: the engines to compare, side by side (default: the
-    /// host's default engine).
+    /// `bench pair` and `bench record`: the engines to compare, side by
+    /// side (default: the host's default engine).
     #[arg(long, value_delimiter = ',', value_name = "interp,jit")]
     engines: Vec<rv::Engine>,
     /// `bench nemesis`: how long to go on.
@@ -194,7 +194,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchKind::Boot => return boot(&args),
         BenchKind::Devices => return guest::devices(args.reps),
-        BenchKind::Record => return guest::record(args.reps),
+        BenchKind::Record => return guest::record(args.reps, &args.engines),
         BenchKind::Pair => return pair::pair(args.reps, args.kills, &args.engines),
         BenchKind::Protect => return protect::protect(args.reps),
         BenchKind::Reprotect => return reprotect::reprotect(args.fill_mb),
