@@ -88,6 +88,10 @@ pub(crate) struct Jit {
 impl Jit {
     /// `None` when the host refuses executable memory.
     pub(crate) fn new() -> Option<Jit> {
+        #[cfg(test)]
+        if tests::REFUSE_REGION.get() {
+            return None;
+        }
         Some(Jit {
             region: CodeRegion::new(REGION_BYTES)?,
             prologue: emit::prologue_len(),

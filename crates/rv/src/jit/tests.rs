@@ -6,6 +6,12 @@ use crate::csr::*;
 use crate::test_utils::*;
 use crate::{Engine, Exit, Hart, HartState, JitStats, Position};
 
+thread_local! {
+    /// Makes `Jit::new` fail as on a host that refuses writable executable
+    /// memory (this thread only).
+    pub(super) static REFUSE_REGION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// xorshift64: a fixed, seedable stream for generated programs.
 struct Rng(u64);
 
@@ -309,4 +315,26 @@ fn a_store_into_translated_code_takes_effect_at_once() {
     assert_eq!(h.x(13), 103);
     assert!(h.jit_stats().unwrap().positions > 0);
     compare(&w, 7, 40, |_| {});
+}
+
+/// A host that refuses executable memory: asking for the tier leaves the
+/// interpreter, which says so (`engine`) and runs the program exactly as a
+/// hart that asked for it; a later ask, once memory is given, gets the tier.
+#[test]
+fn a_host_without_executable_memory_runs_the_interpreter() {
+    let w = with_regs(&[(T0, 1000)], &[addi(A0, A0, 3), addi(T0, T0, -1), bne(T0, ZERO, -8), addi(A1, A0, 0)]);
+    REFUSE_REGION.set(true);
+    let (mut refused, mut rbus) = setup_engine(&w, Engine::Jit);
+    assert_eq!(refused.engine(), Engine::Interp);
+    assert!(refused.jit_stats().is_none());
+    let (mut interp, mut ibus) = setup_engine(&w, Engine::Interp);
+    for stop in [5, 17, 300, 3001, 5000] {
+        refused.run(&mut rbus, Position(stop));
+        interp.run(&mut ibus, Position(stop));
+        assert_eq!(state(&refused, &rbus), state(&interp, &ibus), "at {stop}");
+    }
+    assert_eq!(refused.x(11), 3000);
+    REFUSE_REGION.set(false);
+    refused.set_engine(Engine::Jit);
+    assert_eq!(refused.engine(), Engine::Jit);
 }
