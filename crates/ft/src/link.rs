@@ -1548,6 +1548,12 @@ impl SecondaryEnd {
         w.send(self.epoch, msg)
     }
 
+    /// Hand the records that wait to the replay thread; `false` when it is
+    /// gone.
+    fn pass_on(&self, deferred: &mut Vec<Record>) -> bool {
+        deferred.is_empty() || self.tx.send(Incoming::Records(std::mem::take(deferred))).is_ok()
+    }
+
     fn receive_loop(self, mut r: BufReader<Deadline>, mut seal: Option<Seal>) {
         // Records whose mark is already in the read buffer wait here for it:
         // the mark is acknowledged before they go to the replay thread, so
@@ -1559,8 +1565,7 @@ impl SecondaryEnd {
             // Whatever ends the loop or is not a mark: what waits goes first
             // (the replay thread runs all it was given before going live).
             if !matches!(received, Ok((_, Message::Records(_) | Message::Through { .. })))
-                && !deferred.is_empty()
-                && self.tx.send(Incoming::Records(std::mem::take(&mut deferred))).is_err()
+                && !self.pass_on(&mut deferred)
             {
                 return;
             }
@@ -1591,8 +1596,7 @@ impl SecondaryEnd {
                     deferred.extend(records);
                     // Nothing more read yet: the mark may be far (a slow
                     // link); the replay thread gets them now.
-                    if r.buffer().is_empty() && self.tx.send(Incoming::Records(std::mem::take(&mut deferred))).is_err()
-                    {
+                    if r.buffer().is_empty() && !self.pass_on(&mut deferred) {
                         return;
                     }
                 }
@@ -1612,7 +1616,7 @@ impl SecondaryEnd {
                         s.lag_positions = s.peer_position.saturating_sub(s.position);
                         s.lag_ms = s.lag_positions as f64 / 1e6;
                     });
-                    if !deferred.is_empty() && self.tx.send(Incoming::Records(std::mem::take(&mut deferred))).is_err() {
+                    if !self.pass_on(&mut deferred) {
                         return;
                     }
                     if self.tx.send(Incoming::Through { through: p, released }).is_err() {

@@ -295,14 +295,12 @@ fn size(p: &Path) -> f64 {
 }
 
 /// `lockstep bench record`: the CPU-bound and idle cases with each of
-/// `engines` (side by side, alternating; default the host's default
-/// engine), the rest with the first.
+/// `engines` (side by side, alternating), the rest with the first.
 pub fn record(reps: usize, engines: &[rv::Engine]) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("lockstep-bench-rec-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let g = guest_copies(&dir)?;
     let log = dir.join("bench.log");
-    let engines = if engines.is_empty() { vec![machine::default_engine()] } else { engines.to_vec() };
 
     // CPU-bound: boot, count to 300 000 in the shell, power off.
     let cpu_script = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; poweroff\n";

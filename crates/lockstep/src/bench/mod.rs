@@ -191,11 +191,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.reps == 0 || args.minsns == 0 {
         bail!("--reps and --minsns must be positive");
     }
+    // The engines `bench pair` and `bench record` compare: those named, or
+    // the one every run gets by default.
+    let engines = if args.engines.is_empty() { vec![machine::default_engine()] } else { args.engines.clone() };
     match args.what {
         BenchKind::Boot => return boot(&args),
         BenchKind::Devices => return guest::devices(args.reps),
-        BenchKind::Record => return guest::record(args.reps, &args.engines),
-        BenchKind::Pair => return pair::pair(args.reps, args.kills, &args.engines),
+        BenchKind::Record => return guest::record(args.reps, &engines),
+        BenchKind::Pair => return pair::pair(args.reps, args.kills, &engines),
         BenchKind::Protect => return protect::protect(args.reps),
         BenchKind::Reprotect => return reprotect::reprotect(args.fill_mb),
         BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),

@@ -266,8 +266,8 @@ fn print_cost(title: &str, plain: &[Figures], with: &[Figures]) {
     }
 }
 
-/// `engines`: compared side by side (each rep runs solo and FT with each
-/// in turn); the costs of `--key` and of a mirroring network are measured
+/// `engines` (at least one): compared side by side (each rep runs solo
+/// and FT with each in turn); the costs of `--key` and of a mirroring network are measured
 /// with the first.
 pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
     let (exe, g, dir) = setup("pair")?;
@@ -276,13 +276,12 @@ pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
     let _ = std::fs::remove_file(&key);
     ft::auth::Key::generate()?.write_new(&key)?;
     let key_path = key.to_str().context("the temp directory's path is not UTF-8")?;
-    let engines = if engines.is_empty() { vec![machine::default_engine()] } else { engines.to_vec() };
-    let names: Vec<String> = engines.iter().map(|e| e.name().to_string()).collect();
+    let names: Vec<&str> = engines.iter().map(|e| e.name()).collect();
     let mut runs: Vec<EngineRuns> = engines.iter().map(|_| EngineRuns::default()).collect();
     let (mut keyed, mut mirrored) = (Vec::new(), Vec::new());
     for rep in 0..reps {
         for (i, name) in names.iter().enumerate() {
-            let flags = ["--engine", name.as_str()];
+            let flags = ["--engine", *name];
             let mut child = start_solo(&exe, &g, &net, &dir, &flags)?;
             wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
             type_line(&mut child, IPERF_SERVER)?;
@@ -294,7 +293,7 @@ pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
             runs[i].ft.push(measure(&net, true)?);
             drop(pair);
         }
-        let first = ["--engine", names[0].as_str()];
+        let first = ["--engine", names[0]];
         let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat())?;
         keyed.push(measure(&net, true)?);
         drop(pair);
