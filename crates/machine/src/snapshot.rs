@@ -540,6 +540,35 @@ mod tests {
         assert_eq!(c.state_hash(), reference);
     }
 
+    /// Guest time moved past the S-timer's deadline without running (an
+    /// idle skip, or the run loop catching up with host time): the hart
+    /// raises STIP when it next runs, not during the skip. A snapshot taken
+    /// in between must restore to that same state (STIP still to come),
+    /// not to one with STIP already raised: a joining secondary's state hash
+    /// would differ from the primary's (seen once in the nemesis test).
+    #[test]
+    fn a_snapshot_taken_when_the_s_timer_is_due_restores_to_the_same_state() {
+        use crate::layout::INSNS_PER_TICK;
+        use rv::csr::{MENVCFG, MENVCFG_STCE, STIMECMP};
+        for skip_to in [50_000 * INSNS_PER_TICK, 60_000 * INSNS_PER_TICK] {
+            let (mut a, _) = machine();
+            a.hart.write_csr_m(MENVCFG, MENVCFG_STCE);
+            a.hart.write_csr_m(STIMECMP, 50_000);
+            run_to(&mut a, 1_000_000);
+            // Exactly to the deadline, and past it.
+            a.skip(skip_to - 1_000_000);
+            let hash = a.state_hash();
+            let snap = Snapshot::from_bytes(&a.snapshot(None).unwrap().to_bytes().0, "full").unwrap();
+            let mut c = Machine::new(16 << 20);
+            c.restore(&[snap]).unwrap();
+            assert_eq!(c.hart.state(), a.hart.state(), "skipped to {skip_to}");
+            assert_eq!(c.state_hash(), hash);
+            run_to(&mut a, skip_to + 100_000);
+            run_to(&mut c, skip_to + 100_000);
+            assert_eq!(c.state_hash(), a.state_hash());
+        }
+    }
+
     #[test]
     fn a_restored_chain_continues_to_the_same_state() {
         let dir = std::env::temp_dir().join(format!("lockstep-snap-{}", std::process::id()));

@@ -474,7 +474,7 @@ impl Hart {
         c.flush = Flush::None;
         c.attention = true;
         c.update_ctx();
-        c.update_stimer();
+        c.restore_stimer();
         self.core.tlb.flush_paged();
         self.flush_all_blocks();
     }

@@ -47,6 +47,21 @@ impl Core {
         }
     }
 
+    /// Where `update_stimer` last left the S-timer's next change, derived
+    /// from a saved state without touching STIP. Guest time can pass
+    /// `stimecmp` without the hart running (an idle skip, catching up
+    /// with host time): STIP then rises at the run loop's next check, not
+    /// during the skip. A state saved in between has STIP still to come,
+    /// and the restored hart must raise it at the same check, not at once
+    /// (its state, and so its state hash, would differ from the saved one).
+    pub(crate) fn restore_stimer(&mut self) {
+        self.stimer_pos = if self.csr.menvcfg & MENVCFG_STCE == 0 || self.mip_ext & IRQ_STI != 0 {
+            u64::MAX
+        } else {
+            self.csr.stimecmp.saturating_mul(self.cfg.insns_per_tick)
+        };
+    }
+
     // ----- access checks, reads, writes -----
 
     fn counter_allowed(&self, csr: u16, prv: u8) -> bool {
