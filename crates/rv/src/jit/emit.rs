@@ -283,6 +283,14 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
             Mulw => dynasm!(a ; mov eax, [rbx + rs1] ; imul eax, [rbx + rs2] ; movsxd rax, eax ; mov [rbx + rd], rax),
             Mulhu => dynasm!(a ; mov rax, [rbx + rs1] ; mul QWORD [rbx + rs2] ; mov [rbx + rd], rdx),
             Mulh => dynasm!(a ; mov rax, [rbx + rs1] ; imul QWORD [rbx + rs2] ; mov [rbx + rd], rdx),
+            // Signed times unsigned: the unsigned high half, less rs2 when
+            // rs1 is negative.
+            Mulhsu => dynasm!(a
+                ; mov rax, [rbx + rs1] ; mul QWORD [rbx + rs2]
+                ; mov rcx, [rbx + rs1] ; sar rcx, 63 ; and rcx, [rbx + rs2] ; sub rdx, rcx
+                ; mov [rbx + rd], rdx
+            ),
+            Div | Divu | Rem | Remu | Divw | Divuw | Remw | Remuw => divide(&mut a, op.kind, rd, rs1, rs2),
             _ => {
                 // Everything else runs in the interpreter; ops that end a
                 // block (system, CSR writes that matter, traps) exit there.
@@ -411,6 +419,52 @@ fn tlb_hit(a: &mut Asm, rs1: i32, imm: i32, n: i32, array: i32, miss: DynamicLab
         ; and eax, 0xfff
         ; or rcx, rax
     );
+}
+
+/// A division or remainder (M extension, 64- or 32-bit) into `rd`. x86's
+/// `div`/`idiv` fault where RISC-V defines a result (M chapter: a zero
+/// divisor gives all ones as the quotient and the dividend as the
+/// remainder; the signed overflow MIN / -1 gives MIN and 0), so those
+/// cases are taken first. A divisor of -1 is taken for every dividend
+/// (quotient: the dividend negated, which wraps MIN to MIN; remainder 0).
+fn divide(a: &mut Asm, kind: Kind, rd: i32, rs1: i32, rs2: i32) {
+    use Kind::*;
+    let signed = matches!(kind, Div | Rem | Divw | Remw);
+    let rem = matches!(kind, Rem | Remu | Remw | Remuw);
+    let wide = matches!(kind, Div | Divu | Rem | Remu);
+    let (zero, minus1, store) = (a.new_dynamic_label(), a.new_dynamic_label(), a.new_dynamic_label());
+    // rax = dividend, rcx = divisor (the 32-bit forms use the low halves).
+    if wide {
+        dynasm!(a ; .arch x64 ; mov rax, [rbx + rs1] ; mov rcx, [rbx + rs2] ; test rcx, rcx ; jz =>zero);
+    } else {
+        dynasm!(a ; .arch x64 ; mov eax, [rbx + rs1] ; mov ecx, [rbx + rs2] ; test ecx, ecx ; jz =>zero);
+    }
+    match (signed, wide) {
+        (true, true) => dynasm!(a ; .arch x64 ; cmp rcx, -1 ; je =>minus1 ; cqo ; idiv rcx),
+        (true, false) => dynasm!(a ; .arch x64 ; cmp ecx, -1 ; je =>minus1 ; cdq ; idiv ecx),
+        (false, true) => dynasm!(a ; .arch x64 ; xor edx, edx ; div rcx),
+        (false, false) => dynasm!(a ; .arch x64 ; xor edx, edx ; div ecx),
+    }
+    if rem {
+        dynasm!(a ; .arch x64 ; mov rax, rdx);
+    }
+    dynasm!(a ; .arch x64 ; jmp =>store ; =>zero);
+    // A zero divisor: the remainder is the dividend, already in rax.
+    if !rem {
+        dynasm!(a ; .arch x64 ; mov rax, -1);
+    }
+    dynasm!(a ; .arch x64 ; jmp =>store ; =>minus1);
+    match (rem, wide) {
+        (true, _) => dynasm!(a ; .arch x64 ; xor eax, eax),
+        (false, true) => dynasm!(a ; .arch x64 ; neg rax),
+        (false, false) => dynasm!(a ; .arch x64 ; neg eax),
+    }
+    dynasm!(a ; .arch x64 ; =>store);
+    if !wide {
+        // The 32-bit forms sign-extend their 32-bit result.
+        dynasm!(a ; .arch x64 ; movsxd rax, eax);
+    }
+    dynasm!(a ; .arch x64 ; mov [rbx + rd], rax);
 }
 
 /// Call `fallback(frame, &ops[i], base, position + i)` for an op the

@@ -286,6 +286,71 @@ fn budget_stops_at_every_instruction_are_exact() {
     }
 }
 
+/// Every M-extension division, remainder and high multiply over pairs of
+/// edge values (zero, ±1, the 64- and 32-bit extremes, values whose low
+/// half is zero or all ones): the tier computes them in host code (no op
+/// falls back to the interpreter) and gets the interpreter's results,
+/// including a zero divisor and the signed overflow MIN / -1, where the
+/// host's divide instruction would fault.
+#[test]
+fn divisions_and_high_multiplies_give_the_interpreters_results() {
+    let values: [u64; 14] = [
+        0,
+        1,
+        u64::MAX,
+        2,
+        -2i64 as u64,
+        i64::MIN as u64,
+        i64::MAX as u64,
+        0x8000_0000,
+        i32::MIN as i64 as u64,
+        0xffff_ffff,
+        1 << 32,
+        7,
+        -7i64 as u64,
+        0x1234_5678_9abc_def1,
+    ];
+    let pairs: Vec<(u64, u64)> = values.iter().flat_map(|&x| values.iter().map(move |&y| (x, y))).collect();
+    let (table, results) = (BASE + 0x4000, BASE + 0x9000);
+    let (x, y, out) = (A4, A5, T1);
+    let ops: Vec<u32> =
+        (0..8).map(|f3| r(0x33, f3, 1, out, x, y)).chain((4..8).map(|f3| r(0x3b, f3, 1, out, x, y))).collect();
+    let mut w = with_regs(&[(A2, table), (A3, results), (T0, pairs.len() as u64)], &[]);
+    let top = w.len();
+    w.extend([ld(x, A2, 0), ld(y, A2, 8)]);
+    for (k, &op) in ops.iter().enumerate() {
+        w.extend([op, sd(out, A3, 8 * k as i32)]);
+    }
+    w.extend([addi(A2, A2, 16), addi(A3, A3, 8 * ops.len() as i32), addi(T0, T0, -1)]);
+    w.push(bne(T0, ZERO, -4 * (w.len() - top) as i32));
+    w.push(jal(ZERO, 0));
+    assert!(results + (pairs.len() * ops.len() * 8) as u64 <= BASE + (64 << 10));
+    w.resize(((table - BASE) / 4) as usize, 0);
+    for (x, y) in &pairs {
+        w.extend([*x as u32, (*x >> 32) as u32, *y as u32, (*y >> 32) as u32]);
+    }
+    let stats = compare(&w, 11, 300, |_| {});
+    assert_eq!(stats.fallback_ops, 0, "every op of the loop ran in host code");
+    assert!(stats.positions > 5_000, "translated code ran the loop: {stats:?}");
+    // And the interpreter's results are the spec's, for a few of them.
+    let (mut h, mut bus) = setup_engine(&w, Engine::Jit);
+    h.run(&mut bus, Position(100_000));
+    let result = |pair: usize, op: usize| {
+        let at = (results - BASE) as usize + 8 * (pair * ops.len() + op);
+        u64::from_le_bytes(bus.0[at..at + 8].try_into().unwrap())
+    };
+    let index = |x: u64, y: u64| pairs.iter().position(|&p| p == (x, y)).unwrap();
+    let min = i64::MIN as u64;
+    // div, divu, rem, remu by zero; MIN / -1 and MIN % -1; divw of i32::MIN by -1.
+    assert_eq!([4, 5, 6, 7].map(|op| result(index(7, 0), op)), [u64::MAX, u64::MAX, 7, 7]);
+    assert_eq!([4, 6].map(|op| result(index(min, u64::MAX), op)), [min, 0]);
+    assert_eq!(result(index(i32::MIN as i64 as u64, u64::MAX), 8), i32::MIN as i64 as u64);
+    // divw by a divisor whose low half is zero.
+    assert_eq!([8, 9, 10, 11].map(|op| result(index(7, 1 << 32), op)), [u64::MAX, u64::MAX, 7, 7]);
+    // mulhsu of -1 and 2: the high half of -2 as a 128-bit number.
+    assert_eq!(result(index(u64::MAX, 2), 2), u64::MAX);
+}
+
 /// Code that rewrites an instruction of a block the tier already
 /// translated: the next pass runs the new instruction.
 #[test]
