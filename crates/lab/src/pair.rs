@@ -83,6 +83,12 @@ fn side_command(
 }
 
 impl Pair {
+    /// The process ids of the primary and the secondary (as started: a
+    /// side restarted or switched keeps its slot).
+    pub fn pids(&self) -> [u32; 2] {
+        [self.primary.id(), self.secondary.id()]
+    }
+
     /// Start a secondary (as a supervisor would after a side died) in the
     /// namespace of `side` ("primary" or "secondary": the side it replaces),
     /// on that side's replica, listening at that side's log address and

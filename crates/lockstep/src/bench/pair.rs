@@ -43,6 +43,29 @@ struct Figures {
     hold_us: f64,
     bulk_mbits: f64,
     bulk_log_mbits: f64,
+    /// Host CPU time per PING, µs: the VM's process (solo or primary),
+    /// then the secondary's (NaN alone).
+    ping_cpu_us: [f64; 2],
+    /// Host CPU time per Gbit the guest received, s: as `ping_cpu_us`.
+    bulk_cpu_s_per_gbit: [f64; 2],
+}
+
+/// How long `bulk_in` runs iperf3, seconds.
+const BULK_SECS: f64 = 5.0;
+
+/// CPU seconds each process has used so far (NaN for a process that is
+/// gone or none: the figure is then NaN, not an error).
+fn cpu_secs(pids: &[u32]) -> [f64; 2] {
+    let mut v = [f64::NAN; 2];
+    for (slot, pid) in v.iter_mut().zip(pids) {
+        *slot = lab::stats::process_cpu_secs(*pid).unwrap_or(f64::NAN);
+    }
+    v
+}
+
+/// CPU used between two readings, divided by `per`.
+fn cpu_per(before: [f64; 2], after: [f64; 2], per: f64) -> [f64; 2] {
+    [(after[0] - before[0]) / per, (after[1] - before[1]) / per]
 }
 
 /// The CPU-bound figure: the median of three `EVAL`s of [`LUA`], seconds.
@@ -84,12 +107,11 @@ fn primary_status(net: &PairNet) -> Result<ft::Status> {
         .map_err(|_| anyhow!("status thread panicked"))??
 }
 
-/// iperf3 from the client into the guest for 5 s (the guest's server was
-/// started on its console); Mbit/s at the receiver.
+/// iperf3 from the client into the guest for [`BULK_SECS`] (the guest's
+/// server was started on its console); Mbit/s at the receiver.
 fn bulk_in(net: &PairNet) -> Result<f64> {
-    std::thread::sleep(Duration::from_secs(1));
     let out = lab::netns::exec(&net.client, "iperf3")
-        .args(["-c", &net.guest_ip(), "-t", "5", "-f", "m"])
+        .args(["-c", &net.guest_ip(), "-t", &BULK_SECS.to_string(), "-f", "m"])
         .output()
         .context("cannot run iperf3 (bash scripts/test-deps.sh installs it)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -109,7 +131,9 @@ fn in_client<T: Send + 'static>(net: &PairNet, client: fn(String) -> Result<T, S
         .map_err(|e| anyhow!("client: {e}"))
 }
 
-fn measure(net: &PairNet, paired: bool) -> Result<Figures> {
+/// The figures of a VM running in `net`, alone or paired; `pids`: the
+/// solo run's process, or the primary's and the secondary's.
+fn measure(net: &PairNet, paired: bool, pids: &[u32]) -> Result<Figures> {
     let status = || if paired { primary_status(net).map(|s| Some((s, Instant::now()))) } else { Ok(None) };
     let before = status()?;
     let mut f = Figures { cpu_secs: in_client(net, client_cpu)?, ..Figures::default() };
@@ -117,15 +141,21 @@ fn measure(net: &PairNet, paired: bool) -> Result<Figures> {
         f.cpu_throttled_ms = primary_status(net)?.throttled_ms.saturating_sub(s0.throttled_ms) as f64;
     }
     let before = status()?;
+    let cpu0 = cpu_secs(pids);
     (f.ops_per_sec, f.median_us, f.p99_us) = in_client(net, client_ping)?;
+    f.ping_cpu_us = cpu_per(cpu0, cpu_secs(pids), PINGS as f64 / 1e6);
     if let Some((s0, t0)) = before {
         let s1 = primary_status(net)?;
         f.log_bytes_per_sec = (s1.log_bytes - s0.log_bytes) as f64 / t0.elapsed().as_secs_f64();
         f.lag_ms = s1.lag_ms;
         f.hold_us = s1.hold_us_mean;
     }
+    // The server typed on the console a moment ago is up.
+    std::thread::sleep(Duration::from_secs(1));
     let before = status()?;
+    let cpu0 = cpu_secs(pids);
     f.bulk_mbits = bulk_in(net)?;
+    f.bulk_cpu_s_per_gbit = cpu_per(cpu0, cpu_secs(pids), f.bulk_mbits * BULK_SECS / 1e3);
     if let Some((s0, t0)) = before {
         let s1 = primary_status(net)?;
         f.bulk_log_mbits = (s1.log_bytes - s0.log_bytes) as f64 * 8.0 / 1e6 / t0.elapsed().as_secs_f64();
@@ -239,6 +269,21 @@ fn print_ratios(engine: rv::Engine, runs: &EngineRuns) {
     println!("| PING latency median, us | {s_med:.0} | {f_med:.0} | +{:.0} us |", f_med - s_med);
     println!("| PING latency p99, us | {s_p99:.0} | {f_p99:.0} | +{:.0} us |", f_p99 - s_p99);
     println!("| bulk into the guest (iperf3, 5 s), Mbit/s | {s_bulk:.0} | {f_bulk:.0} | {:.3} |", f_bulk / s_bulk);
+    let (s_ping, f_ping) = (med(solo, |f| f.ping_cpu_us[0]), med(ft, |f| f.ping_cpu_us[0]));
+    let (s_gbit, f_gbit) = (med(solo, |f| f.bulk_cpu_s_per_gbit[0]), med(ft, |f| f.bulk_cpu_s_per_gbit[0]));
+    println!(
+        "| host CPU per PING, the VM's process (solo / primary), us | {s_ping:.0} | {f_ping:.0} | {:.3} |",
+        f_ping / s_ping
+    );
+    println!("| host CPU per PING, the secondary, us | | {:.0} | |", med(ft, |f| f.ping_cpu_us[1]));
+    println!(
+        "| host CPU per Gbit into the guest, the VM's process, s | {s_gbit:.2} | {f_gbit:.2} | {:.3} |",
+        f_gbit / s_gbit
+    );
+    println!(
+        "| host CPU per Gbit into the guest, the secondary, s | | {:.2} | |",
+        med(ft, |f| f.bulk_cpu_s_per_gbit[1])
+    );
     println!(
         "engine {engine}: the primary waited for a lagging secondary {:.0} ms of the CPU-bound workload's {:.1} s; log \
          rate during request/response {:.0} B/s, mean output hold {:.0} us, backup lag at its end {:.2} ms of guest \
@@ -285,20 +330,20 @@ pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
             let mut child = start_solo(&exe, &g, &net, &dir, &flags)?;
             wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
             type_line(&mut child, IPERF_SERVER)?;
-            let f = measure(&net, false);
+            let f = measure(&net, false, &[child.id()]);
             let _ = child.kill();
             let _ = child.wait();
             runs[i].solo.push(f?);
             let pair = start_pair(&exe, &g, &net, &dir, &flags)?;
-            runs[i].ft.push(measure(&net, true)?);
+            runs[i].ft.push(measure(&net, true, &pair.pids())?);
             drop(pair);
         }
         let first = ["--engine", names[0]];
         let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat())?;
-        keyed.push(measure(&net, true)?);
+        keyed.push(measure(&net, true, &pair.pids())?);
         drop(pair);
         net.mirror_guest_frames(true)?;
-        let f = start_pair(&exe, &g, &net, &dir, &first).and_then(|_pair| measure(&net, true));
+        let f = start_pair(&exe, &g, &net, &dir, &first).and_then(|pair| measure(&net, true, &pair.pids()));
         net.mirror_guest_frames(false)?;
         mirrored.push(f?);
         eprintln!("bench pair: rep {} of {reps} done", rep + 1);
