@@ -30,6 +30,7 @@ use super::{Frame, EXIT_CONTINUE};
 use crate::block::{JumpEntry, JUMP_ENTRIES};
 use crate::csr::{Csrs, MSTATUS_FS, MSTATUS_FS_DIRTY};
 use crate::decode::{Kind, Op};
+use crate::fp::{CANON_NAN_D, DZ, NV, NX, OF, UF};
 use crate::hart::Core;
 use crate::mmu::{Tlb, TlbEntry, TlbSet, TLB_ENTRIES};
 use dynasmrt::x64::X64Relocation;
@@ -68,6 +69,29 @@ const JE_PC: i32 = offset_of!(JumpEntry, pc) as i32;
 const JE_KEY: i32 = offset_of!(JumpEntry, key) as i32;
 const JE_COUNT: i32 = offset_of!(JumpEntry, count) as i32;
 const JE_BLOCK: i32 = offset_of!(JumpEntry, block) as i32;
+const FFLAGS: i32 = (offset_of!(Core, csr) + offset_of!(Csrs, fflags)) as i32;
+const FRM: i32 = (offset_of!(Core, csr) + offset_of!(Csrs, frm)) as i32;
+const F_MXCSR_LOAD: i32 = offset_of!(Frame, mxcsr) as i32;
+const F_MXCSR_SEEN: i32 = F_MXCSR_LOAD + 4;
+
+/// MXCSR's six flag bits (IE DE ZE OE UE PE) as `fflags` (NV DZ OF UF NX);
+/// DE (a denormal operand) has no RISC-V counterpart.
+static MXCSR_FFLAGS: [u8; 64] = {
+    const fn bit(m: usize, b: usize, f: u8) -> u8 {
+        if m & (1 << b) != 0 {
+            f
+        } else {
+            0
+        }
+    }
+    let mut t = [0u8; 64];
+    let mut m = 0;
+    while m < 64 {
+        t[m] = bit(m, 0, NV) | bit(m, 2, DZ) | bit(m, 3, OF) | bit(m, 4, UF) | bit(m, 5, NX);
+        m += 1;
+    }
+    t
+};
 
 /// A TLB miss's call to the interpreter, emitted after the block's code.
 struct Slow {
@@ -291,6 +315,17 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                 ; mov [rbx + rd], rdx
             ),
             Div | Divu | Rem | Remu | Divw | Divuw | Remw | Remuw => divide(&mut a, op.kind, rd, rs1, rs2),
+            // Double precision in host code when the rounding is to nearest
+            // even (static, or dynamic with `frm` = RNE, checked here);
+            // other modes, FP off and the rest go to the interpreter.
+            FaddD | FsubD | FmulD | FdivD | FeqD | FltD | FleD | FsgnjD | FsgnjnD | FsgnjxD | FmvXD | FmvDX
+                if !uses_rm(op.kind) || op.rm == 0 || op.rm == 7 =>
+            {
+                let (at, back) = (a.new_dynamic_label(), a.new_dynamic_label());
+                double(&mut a, op, at);
+                dynasm!(a ; =>back);
+                slow.push(Slow { at, back, op: i });
+            }
             _ => {
                 // Everything else runs in the interpreter; ops that end a
                 // block (system, CSR writes that matter, traps) exit there.
@@ -465,6 +500,117 @@ fn divide(a: &mut Asm, kind: Kind, rd: i32, rs1: i32, rs2: i32) {
         dynasm!(a ; .arch x64 ; movsxd rax, eax);
     }
     dynasm!(a ; .arch x64 ; mov [rbx + rd], rax);
+}
+
+/// Whether an F/D op rounds (its `rm` field is a rounding mode).
+fn uses_rm(kind: Kind) -> bool {
+    matches!(kind, Kind::FaddD | Kind::FsubD | Kind::FmulD | Kind::FdivD)
+}
+
+/// A double-precision op in host code, exactly as `exec_fp` does it, or a
+/// jump to `slow` (the interpreter) when FP is off or the dynamic rounding
+/// mode is not RNE. Arithmetic and compares run on SSE as the interpreter's
+/// `fp` does (the same instructions under the same MXCSR, so the same
+/// results and flags); a NaN result becomes the canonical NaN; the flags
+/// are read from MXCSR and mapped to `fflags`.
+fn double(a: &mut Asm, op: &Op, slow: DynamicLabel) {
+    use Kind::*;
+    let (rd_x, rs1_x) = (xo(op.rd), xo(op.rs1));
+    let (rd, rs1, rs2) = (fo(op.rd), fo(op.rs1), fo(op.rs2));
+    dynasm!(a ; .arch x64 ; test DWORD [rbx + MSTATUS], MSTATUS_FS as i32 ; jz =>slow);
+    if uses_rm(op.kind) && op.rm == 7 {
+        dynasm!(a ; .arch x64 ; cmp BYTE [rbx + FRM], 0 ; jne =>slow);
+    }
+    let dirty = |a: &mut Asm| dynasm!(a ; .arch x64 ; or DWORD [rbx + MSTATUS], MSTATUS_FS_DIRTY as i32);
+    match op.kind {
+        FaddD | FsubD | FmulD | FdivD => {
+            dynasm!(a ; .arch x64 ; ldmxcsr [r12 + F_MXCSR_LOAD] ; movq xmm0, QWORD [rbx + rs1]);
+            match op.kind {
+                FaddD => dynasm!(a ; .arch x64 ; addsd xmm0, QWORD [rbx + rs2]),
+                FsubD => dynasm!(a ; .arch x64 ; subsd xmm0, QWORD [rbx + rs2]),
+                FmulD => dynasm!(a ; .arch x64 ; mulsd xmm0, QWORD [rbx + rs2]),
+                _ => dynasm!(a ; .arch x64 ; divsd xmm0, QWORD [rbx + rs2]),
+            }
+            let number = a.new_dynamic_label();
+            dynasm!(a
+                ; .arch x64
+                ; stmxcsr [r12 + F_MXCSR_SEEN]
+                ; ucomisd xmm0, xmm0
+                ; jnp =>number
+                ; mov rax, QWORD CANON_NAN_D as i64
+                ; movq xmm0, rax
+                ; =>number
+                ; movq QWORD [rbx + rd], xmm0
+            );
+            dirty(a);
+            // FS is Dirty already: the flags just join `fflags`.
+            dynasm!(a
+                ; .arch x64
+                ; mov eax, [r12 + F_MXCSR_SEEN]
+                ; and eax, 0x3f
+                ; mov rcx, QWORD MXCSR_FFLAGS.as_ptr() as i64
+                ; mov al, [rcx + rax]
+                ; or [rbx + FFLAGS], al
+            );
+        }
+        FeqD | FltD | FleD => {
+            // feq signals only on a signaling NaN (ucomisd), flt and fle on
+            // any NaN (comisd); unordered gives 0 (ZF = PF = CF = 1).
+            dynasm!(a ; .arch x64 ; ldmxcsr [r12 + F_MXCSR_LOAD] ; xor edx, edx);
+            match op.kind {
+                FeqD => dynasm!(a
+                    ; .arch x64
+                    ; movq xmm0, QWORD [rbx + rs1]
+                    ; ucomisd xmm0, QWORD [rbx + rs2]
+                    ; setnp dl
+                    ; sete al
+                    ; and dl, al
+                ),
+                // a < b as b > a, a <= b as b >= a.
+                FltD => {
+                    dynasm!(a ; .arch x64 ; movq xmm0, QWORD [rbx + rs2] ; comisd xmm0, QWORD [rbx + rs1] ; seta dl)
+                }
+                _ => dynasm!(a ; .arch x64 ; movq xmm0, QWORD [rbx + rs2] ; comisd xmm0, QWORD [rbx + rs1] ; setae dl),
+            }
+            let none = a.new_dynamic_label();
+            dynasm!(a
+                ; .arch x64
+                ; stmxcsr [r12 + F_MXCSR_SEEN]
+                ; mov [rbx + rd_x], rdx
+                ; mov eax, [r12 + F_MXCSR_SEEN]
+                ; and eax, 0x3f
+                ; mov rcx, QWORD MXCSR_FFLAGS.as_ptr() as i64
+                ; mov al, [rcx + rax]
+                ; test al, al
+                ; jz =>none
+                ; or [rbx + FFLAGS], al
+            );
+            // Raised flags make FS Dirty (`raise`); a quiet compare does not.
+            dirty(a);
+            dynasm!(a ; .arch x64 ; =>none);
+        }
+        FsgnjD | FsgnjnD | FsgnjxD => {
+            dynasm!(a
+                ; .arch x64
+                ; mov rax, QWORD [rbx + rs1]
+                ; mov rcx, QWORD [rbx + rs2]
+                ; mov rdx, QWORD i64::MIN
+            );
+            match op.kind {
+                FsgnjD => dynasm!(a ; .arch x64 ; and rcx, rdx ; btr rax, 63 ; or rax, rcx),
+                FsgnjnD => dynasm!(a ; .arch x64 ; not rcx ; and rcx, rdx ; btr rax, 63 ; or rax, rcx),
+                _ => dynasm!(a ; .arch x64 ; and rcx, rdx ; xor rax, rcx),
+            }
+            dynasm!(a ; .arch x64 ; mov [rbx + rd], rax);
+            dirty(a);
+        }
+        FmvXD => dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + rs1] ; mov [rbx + rd_x], rax),
+        _ => {
+            // FmvDX
+            dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + rs1_x] ; mov [rbx + rd], rax);
+            dirty(a);
+        }
+    }
 }
 
 /// Call `fallback(frame, &ops[i], base, position + i)` for an op the

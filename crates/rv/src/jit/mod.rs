@@ -64,7 +64,15 @@ pub(crate) struct Frame {
     code_len: u64,
     body_base: u64,
     trap: Option<Trap>,
+    /// F/D arithmetic in host code (`emit`): the MXCSR it loads before an
+    /// op (round to nearest even, every exception masked, no flags: the
+    /// process's default control bits, which the ABI has callers keep),
+    /// and where it stores MXCSR after the op to read the op's flags.
+    mxcsr: [u32; 2],
 }
+
+/// MXCSR for an FP op in host code: see `Frame::mxcsr`.
+const MXCSR_RNE: u32 = 0x1f80;
 
 pub(crate) struct Jit {
     region: CodeRegion,
@@ -198,6 +206,7 @@ pub(crate) fn enter<B: Bus>(
         code_len: jit.code.len() as u64,
         body_base: (jit.region.addr(0) + jit.prologue) as u64 - 1,
         trap: None,
+        mxcsr: [MXCSR_RNE, 0],
     };
     // SAFETY: `code` is the start of a translation in the live region,
     // made by `emit::translate` with this bus type's `fallback`, so it

@@ -3,6 +3,7 @@
 
 use crate::asm::*;
 use crate::csr::*;
+use crate::fp::{CANON_NAN_D, DZ, NV, NX};
 use crate::test_utils::*;
 use crate::{Engine, Exit, Hart, HartState, JitStats, Position};
 
@@ -349,6 +350,89 @@ fn divisions_and_high_multiplies_give_the_interpreters_results() {
     assert_eq!([8, 9, 10, 11].map(|op| result(index(7, 1 << 32), op)), [u64::MAX, u64::MAX, 7, 7]);
     // mulhsu of -1 and 2: the high half of -2 as a 128-bit number.
     assert_eq!(result(index(u64::MAX, 2), 2), u64::MAX);
+}
+
+/// Double-precision arithmetic, compares, sign injection and moves over
+/// pairs of edge operands (zeros, denormals, extremes, infinities, quiet
+/// and signaling NaNs with payloads): the tier runs them in host code (no
+/// op falls back when the rounding is RNE) and gets the interpreter's
+/// results, `fflags` (read and cleared after each pair) and `mstatus.FS`;
+/// with `frm` another mode the dynamic-rounding ops go to the interpreter,
+/// and with FP off every op traps as there.
+#[test]
+fn double_precision_ops_give_the_interpreters_results_and_flags() {
+    let values: [u64; 16] = [
+        0,
+        1 << 63,
+        1.0f64.to_bits(),
+        (-1.5f64).to_bits(),
+        1,
+        (1u64 << 52) - 1,
+        1 << 52,
+        f64::MAX.to_bits(),
+        f64::INFINITY.to_bits(),
+        f64::NEG_INFINITY.to_bits(),
+        0x7ff8_0000_0000_0000,
+        0xfff8_0000_0000_0042,
+        0x7ff0_0000_0000_0001,
+        3.0f64.to_bits(),
+        (1.0f64 / 3.0).to_bits(),
+        1e300f64.to_bits(),
+    ];
+    let pairs: Vec<(u64, u64)> = values.iter().flat_map(|&x| values.iter().map(move |&y| (x, y))).collect();
+    let (table, results) = (BASE + 0x4000, BASE + 0x9000);
+    let fp = |f7: u32, rm: u32, rd: u32, rs1: u32, rs2: u32| r(0x53, rm, f7, rd, rs1, rs2);
+    let (fld, fsd) = (|rd, rs1, imm| i(0x07, 3, rd, rs1, imm), |rs2, rs1, imm| s(0x27, 3, rs1, rs2, imm));
+    let program = |read_flags: bool| {
+        let mut w = with_regs(&[(A2, table), (A3, results), (T0, pairs.len() as u64)], &[]);
+        let top = w.len();
+        w.extend([fld(1, A2, 0), fld(2, A2, 8)]);
+        // Static RNE and dynamic rounding, in turn.
+        for (k, (f7, rm)) in
+            [(0x01, 0), (0x05, 7), (0x09, 0), (0x0d, 7), (0x11, 0), (0x11, 1), (0x11, 2)].into_iter().enumerate()
+        {
+            w.extend([fp(f7, rm, 3, 1, 2), fsd(3, A3, 8 * k as i32)]);
+        }
+        for (k, f3) in [2, 1, 0].into_iter().enumerate() {
+            w.extend([fp(0x51, f3, T1, 1, 2), sd(T1, A3, 56 + 8 * k as i32)]);
+        }
+        w.extend([fp(0x71, 0, T1, 1, 0), sd(T1, A3, 80), fp(0x79, 0, 3, T1, 0), fsd(3, A3, 88)]);
+        if read_flags {
+            w.extend([csrrw(T1, FFLAGS, ZERO), sd(T1, A3, 96)]);
+        }
+        w.extend([addi(A2, A2, 16), addi(A3, A3, 104), addi(T0, T0, -1)]);
+        w.push(bne(T0, ZERO, -4 * (w.len() - top) as i32));
+        w.push(jal(ZERO, 0));
+        assert!(results + (pairs.len() * 104) as u64 <= BASE + 0x10000);
+        w.resize(((table - BASE) / 4) as usize, 0);
+        for (x, y) in &pairs {
+            w.extend([*x as u32, (*x >> 32) as u32, *y as u32, (*y >> 32) as u32]);
+        }
+        w
+    };
+    let stats = compare(&program(false), 21, 300, |_| {});
+    assert_eq!(stats.fallback_ops, 0, "every op of the loop ran in host code: {stats:?}");
+    assert!(stats.positions > 5_000, "translated code ran the loop: {stats:?}");
+    compare(&program(true), 22, 300, |_| {});
+    // Round toward zero in `frm`: the dynamic ops take the interpreter.
+    compare(&program(true), 23, 300, |h| h.core.csr.frm = 1);
+    // FP off: the first op traps, in both.
+    compare(&program(true), 24, 50, |h| h.core.csr.mstatus &= !MSTATUS_FS);
+    // And the flags the loop recorded are the spec's for a few pairs.
+    let (mut h, mut bus) = setup_engine(&program(true), Engine::Jit);
+    h.run(&mut bus, Position(100_000));
+    let slot = |pair: usize, k: usize| {
+        let at = (results - BASE) as usize + 104 * pair + 8 * k;
+        u64::from_le_bytes(bus.0[at..at + 8].try_into().unwrap())
+    };
+    let index = |x: u64, y: u64| pairs.iter().position(|&p| p == (x, y)).unwrap();
+    let (one, three, snan, qnan) = (1.0f64.to_bits(), 3.0f64.to_bits(), 0x7ff0_0000_0000_0001, 0x7ff8_0000_0000_0000);
+    // 1 / 3: inexact; 1 / 0: divide by zero, infinity; a signaling NaN: invalid, canonical NaN.
+    assert_eq!((slot(index(one, three), 3), slot(index(one, three), 12)), ((1.0f64 / 3.0).to_bits(), NX as u64));
+    assert_eq!((slot(index(one, 0), 3), slot(index(one, 0), 12)), (f64::INFINITY.to_bits(), DZ as u64));
+    assert_eq!((slot(index(snan, one), 0), slot(index(snan, one), 12)), (CANON_NAN_D, NV as u64));
+    // feq on a quiet NaN is quiet; flt on it signals.
+    assert_eq!([7, 8, 12].map(|k| slot(index(qnan, one), k)), [0, 0, NV as u64]);
 }
 
 /// Code that rewrites an instruction of a block the tier already
