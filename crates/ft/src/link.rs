@@ -614,11 +614,14 @@ impl PrimaryLink {
     }
 
     /// The run loop reached `position`: every record before it is handed
-    /// over. It goes out at once if output waits for it or if it carries
-    /// inputs (so that a secondary taking over has the requests the guest
-    /// was working on, and answers them itself), else at least every
-    /// `MARK_EVERY`. Inputs arrive in batches between slices, so this is
-    /// one write per batch, not per frame.
+    /// over. It goes out at once if it carries inputs (so that a secondary
+    /// taking over has the requests the guest was working on, and answers
+    /// them itself), else at least every `MARK_EVERY`. Inputs arrive in
+    /// batches between slices, so this is one write per batch, not per
+    /// frame. Output does not need it: `output` sends the mark a frame
+    /// waits for (once more slices ended while output waited, each with a
+    /// mark the secondary acknowledged at once: more writes and
+    /// acknowledgements on both sides for nothing the gate needed).
     pub fn progress(&mut self, position: u64) {
         self.pulse.beat();
         let position = self.base + position;
@@ -628,7 +631,7 @@ impl PrimaryLink {
             return;
         }
         let quiet = self.writer.as_ref().map_or(Duration::ZERO, |w| w.lock().unwrap().written.elapsed());
-        if self.pending_input || quiet >= MARK_EVERY || self.gate.held() > 0 {
+        if self.pending_input || quiet >= MARK_EVERY {
             self.flush(position, false);
         }
     }
@@ -1773,6 +1776,41 @@ mod tests {
         primary.output(0, b"second");
         wait_until("the second frame was never released", || wire.0.lock().unwrap().len() == 2);
         assert_eq!(gate.acked(), 200);
+        drop(secondary);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Output already has its mark (sent with it): slices that end while
+    /// it waits for the acknowledgement send no marks of their own (each
+    /// would cost a write here and an immediate acknowledgement there, for
+    /// every slice of every request).
+    #[test]
+    fn slices_while_output_waits_send_no_marks() {
+        let (mut primary, secondary, gate, wire, dir) = pair("held");
+        primary.record(Record { position: 50, event: replay::Event::Console(b"x".to_vec()) });
+        primary.progress(100);
+        primary.output(0, b"reply");
+        // Slices end while the frame is (almost surely) still held.
+        for position in [110, 120, 130] {
+            primary.progress(position);
+        }
+        wait_until("the held frame was never released", || wire.0.lock().unwrap().len() == 1);
+        let t = std::time::Instant::now();
+        let mut marks = Vec::new();
+        while t.elapsed() < Duration::from_millis(200) {
+            if let Ok(Incoming::Through { through, .. }) = secondary.rx.recv_timeout(Duration::from_millis(20)) {
+                marks.push(through);
+            }
+        }
+        assert!(marks.iter().all(|&m| m <= 100), "marks from slices with nothing new: {marks:?}");
+        assert_eq!(gate.acked(), 100);
+        // An input is news: the next slice sends it with its mark.
+        primary.record(Record { position: 140, event: replay::Event::Console(b"y".to_vec()) });
+        primary.progress(150);
+        let mut got = Vec::new();
+        while !got.iter().any(|m| matches!(m, Incoming::Through { through: 150, .. })) {
+            got.push(secondary.rx.recv_timeout(Duration::from_secs(10)).expect("the input's mark"));
+        }
         drop(secondary);
         let _ = std::fs::remove_dir_all(dir);
     }
