@@ -7,11 +7,12 @@
 //! * It is entered only when the whole block fits in the budget (the
 //!   distance to the stop position); otherwise the interpreter runs it, op
 //!   by op, and stops mid-block exactly as before.
-//! * The integer ops, branches, jumps and the TLB hit of loads and stores
-//!   are host code. Every other op (a TLB miss, MMIO, AMO, F/D, CSR,
-//!   system) calls [`fallback`], which runs that one op through the
-//!   interpreter's own block loop and says whether the host code may go on:
-//!   the same semantics, the same exits.
+//! * The integer ops (M's divisions included), branches, jumps, the TLB
+//!   hit of loads and stores (F/D too), and double-precision arithmetic,
+//!   compares and moves under RNE are host code. Every other op (a TLB
+//!   miss, MMIO, A, the rest of F/D, CSR, system) calls [`fallback`], which
+//!   runs that one op through the interpreter's own block loop and says
+//!   whether the host code may go on: the same semantics, the same exits.
 //! * Every exit leaves `pc` and `position` as the interpreter would, so the
 //!   dispatcher's checks (stop position, interrupts, devices, flushes) run
 //!   at the same positions with either engine.
