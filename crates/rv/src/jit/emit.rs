@@ -544,14 +544,8 @@ fn double(a: &mut Asm, op: &Op, slow: DynamicLabel) {
             );
             dirty(a);
             // FS is Dirty already: the flags just join `fflags`.
-            dynasm!(a
-                ; .arch x64
-                ; mov eax, [r12 + F_MXCSR_SEEN]
-                ; and eax, 0x3f
-                ; mov rcx, QWORD MXCSR_FFLAGS.as_ptr() as i64
-                ; mov al, [rcx + rax]
-                ; or [rbx + FFLAGS], al
-            );
+            op_flags(a);
+            dynasm!(a ; .arch x64 ; or [rbx + FFLAGS], al);
         }
         FeqD | FltD | FleD => {
             // feq signals only on a signaling NaN (ucomisd), flt and fle on
@@ -573,18 +567,9 @@ fn double(a: &mut Asm, op: &Op, slow: DynamicLabel) {
                 _ => dynasm!(a ; .arch x64 ; movq xmm0, QWORD [rbx + rs2] ; comisd xmm0, QWORD [rbx + rs1] ; setae dl),
             }
             let none = a.new_dynamic_label();
-            dynasm!(a
-                ; .arch x64
-                ; stmxcsr [r12 + F_MXCSR_SEEN]
-                ; mov [rbx + rd_x], rdx
-                ; mov eax, [r12 + F_MXCSR_SEEN]
-                ; and eax, 0x3f
-                ; mov rcx, QWORD MXCSR_FFLAGS.as_ptr() as i64
-                ; mov al, [rcx + rax]
-                ; test al, al
-                ; jz =>none
-                ; or [rbx + FFLAGS], al
-            );
+            dynasm!(a ; .arch x64 ; stmxcsr [r12 + F_MXCSR_SEEN] ; mov [rbx + rd_x], rdx);
+            op_flags(a);
+            dynasm!(a ; .arch x64 ; test al, al ; jz =>none ; or [rbx + FFLAGS], al);
             // Raised flags make FS Dirty (`raise`); a quiet compare does not.
             dirty(a);
             dynasm!(a ; .arch x64 ; =>none);
@@ -611,6 +596,18 @@ fn double(a: &mut Asm, op: &Op, slow: DynamicLabel) {
             dirty(a);
         }
     }
+}
+
+/// `al` = the flags of the FP op whose MXCSR was just stored (at
+/// `F_MXCSR_SEEN`), as `fflags`. Clobbers `rcx`.
+fn op_flags(a: &mut Asm) {
+    dynasm!(a
+        ; .arch x64
+        ; mov eax, [r12 + F_MXCSR_SEEN]
+        ; and eax, 0x3f
+        ; mov rcx, QWORD MXCSR_FFLAGS.as_ptr() as i64
+        ; mov al, [rcx + rax]
+    );
 }
 
 /// Call `fallback(frame, &ops[i], base, position + i)` for an op the
