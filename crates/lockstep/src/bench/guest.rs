@@ -294,6 +294,13 @@ fn size(p: &Path) -> f64 {
     std::fs::metadata(p).map(|m| m.len() as f64).unwrap_or(f64::NAN)
 }
 
+/// One row of `bench record`'s overhead table: plain and recorded figures,
+/// the overhead between them, the log rate, and the replay column.
+fn print_overhead_row(label: &str, plain: f64, recorded: f64, log_rate: f64, replay: &str) {
+    let overhead = (recorded / plain - 1.0) * 100.0;
+    println!("{label:<34}{plain:>10.2}{recorded:>10.2}{overhead:>9.1}%{log_rate:>14.0}{replay:>12}");
+}
+
 /// `lockstep bench record`: the CPU-bound and idle cases with each of
 /// `engines` (side by side, alternating), the rest with the first.
 pub fn record(reps: usize, engines: &[rv::Engine]) -> Result<()> {
@@ -317,14 +324,8 @@ pub fn record(reps: usize, engines: &[rv::Engine]) -> Result<()> {
     println!("recording overhead, {reps} runs each, alternating (medians)");
     println!("{:<34}{:>10}{:>10}{:>10}{:>14}{:>12}", "", "plain s", "record s", "overhead", "log bytes/s", "replay s");
     for (engine, (plain, rec, rep, rate)) in engines.iter().zip(&mut figures) {
-        let (p, r) = (median(plain), median(rec));
-        println!(
-            "{:<34}{p:>10.2}{r:>10.2}{:>9.1}%{:>14.0}{:>12.2}",
-            format!("CPU-bound (shell loop), {}", engine.name()),
-            (r / p - 1.0) * 100.0,
-            median(rate),
-            median(rep)
-        );
+        let label = format!("CPU-bound (shell loop), {}", engine.name());
+        print_overhead_row(&label, median(plain), median(rec), median(rate), &format!("{:.2}", median(rep)));
     }
 
     // Idle: boot, sleep 10 s, power off; host CPU time is what matters.
@@ -339,14 +340,8 @@ pub fn record(reps: usize, engines: &[rv::Engine]) -> Result<()> {
         }
     }
     for (engine, (plain, rec, rate)) in engines.iter().zip(&mut figures) {
-        let (p, r) = (median(plain), median(rec));
-        println!(
-            "{:<34}{p:>10.2}{r:>10.2}{:>9.1}%{:>14.0}{:>12}",
-            format!("idle 10 s (host CPU s), {}", engine.name()),
-            (r / p - 1.0) * 100.0,
-            median(rate),
-            "-"
-        );
+        let label = format!("idle 10 s (host CPU s), {}", engine.name());
+        print_overhead_row(&label, median(plain), median(rec), median(rate), "-");
     }
 
     // Network-heavy: iperf3 host -> guest for 5 s on the root-disk guest.
