@@ -17,6 +17,8 @@ pub(super) enum Side {
 }
 
 pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
+    // A stop signal from here on is seen once the side runs (see `stop_signal`).
+    crate::host::console::stop_signal();
     let (spec, pair) = args.run.resolve(args.pair)?;
     machine::set_engine(spec.engine.unwrap_or_else(machine::default_engine));
     if spec.elf.is_some() || spec.record.is_some() || spec.snapshot_every.is_some() {

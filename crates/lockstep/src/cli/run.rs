@@ -11,6 +11,8 @@ use machine::layout::RAM_BASE;
 use machine::{loader, BareOutcome, Machine};
 
 pub(super) fn run(args: RunArgs) -> Result<Outcome> {
+    // A stop signal from here on is seen once the VM runs (see `stop_signal`).
+    crate::host::console::stop_signal();
     let file = args.file.clone();
     let (spec, pair) = args.resolve(PairSpec::default())?;
     if let Some(key) = crate::vm::spec::first_key(&pair)? {

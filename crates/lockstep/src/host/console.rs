@@ -13,8 +13,25 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+/// Set once SIGTERM, SIGHUP or SIGINT arrives. The handlers are installed
+/// at the first call, which a VM's command makes as it starts (before the
+/// slow parts of start-up), so a signal that comes before its console is
+/// open is remembered and stops it there, not lost to the default action.
+pub fn stop_signal() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP, signal_hook::consts::SIGINT] {
+            // Registration fails only for forbidden signals; these are not.
+            let _ = signal_hook::flag::register(sig, flag.clone());
+        }
+        flag
+    })
+    .clone()
+}
 
 const CTRL_A: u8 = 0x01;
 
@@ -100,11 +117,7 @@ impl StdioConsole {
                 }
             }
         });
-        let signalled = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP, signal_hook::consts::SIGINT] {
-            // Registration fails only for forbidden signals; these are not.
-            let _ = signal_hook::flag::register(sig, signalled.clone());
-        }
+        let signalled = stop_signal();
         StdioConsole {
             rx,
             tx,
