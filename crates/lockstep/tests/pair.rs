@@ -564,7 +564,18 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     std::thread::sleep(Duration::from_millis(300));
     // A stranger and a peer of protocol version 9 first: refused, still listening.
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    // Listening once its start-up is through (slower on a loaded machine).
+    let t = std::time::Instant::now();
+    let mut s = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() < Duration::from_secs(30) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the secondary never listened at {addr}: {e}"),
+        }
+    };
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let mut sink = Vec::new();
     let _ = s.read_to_end(&mut sink);
