@@ -24,7 +24,7 @@
 use crate::bus::Bus;
 use crate::csr::*;
 use crate::hart::{Core, Flush};
-use crate::mmu::{self, Access, PteMemory, WalkCtx, CTX_BARE, CTX_S, CTX_U, PAGE_SIZE};
+use crate::mmu::{self, Access, PteMemory, WalkCtx, CTX_BARE, CTX_S, CTX_S_SUM, CTX_U, PAGE_SIZE};
 use crate::trap::{self, Trap};
 
 /// A load that did not trap.
@@ -70,7 +70,7 @@ impl Core {
     // ----- translation contexts -----
 
     /// Recompute the TLB contexts of fetches and of loads and stores, after
-    /// a change of privilege, `satp`, or `mstatus.MPRV`/`MPP`.
+    /// a change of privilege, `satp`, or `mstatus.MPRV`/`MPP`/`SUM`.
     pub(crate) fn update_ctx(&mut self) {
         let paged = self.csr.satp >> SATP_MODE_SHIFT != SATP_MODE_BARE;
         let ctx_of = |prv: u8| match prv {
@@ -80,7 +80,10 @@ impl Core {
             _ => CTX_BARE,
         };
         self.fetch_ctx = ctx_of(self.prv);
-        self.data_ctx = ctx_of(self.data_prv());
+        self.data_ctx = match ctx_of(self.data_prv()) {
+            CTX_S if self.csr.mstatus & MSTATUS_SUM != 0 => CTX_S_SUM,
+            ctx => ctx,
+        };
     }
 
     /// Effective privilege of loads and stores (MPRV, 3.1.6.3).
@@ -402,6 +405,47 @@ mod tests {
         assert_eq!(h.run(&mut bus, Position(100)), Exit::Device);
         assert_eq!(bus.stores, vec![(DEV + 4, 4, 0x1234, prefix)]);
         assert_eq!((h.position(), h.x(A4 as usize)), (Position(prefix + 1), 0));
+    }
+
+    /// mstatus.SUM picks the S-mode data context instead of flushing
+    /// (Linux flips it around every user copy and on every trap entry):
+    /// a user page read with SUM set faults again once SUM is clear, and
+    /// the supervisor translations made before the flips are still cached.
+    #[test]
+    fn sum_switches_the_data_context_without_a_flush() {
+        use crate::csr::*;
+        use crate::mmu::{CTX_S, CTX_S_SUM};
+        // Sv39, two gigapages onto RAM: VA 0x8000_0000 for S (identity,
+        // the code runs there) and VA 0x4000_0000 for U.
+        const ROOT: u64 = 0x5000;
+        const USER: u64 = 0x4000_0000;
+        let leaf = |u: u64| ((BASE >> 12) << 10) | 0xcf | u << 4; // V R W X A D (+ U)
+        let body = [
+            ld(A3, A4, 0),            // S page, SUM clear: cached in ctx S
+            csrrs(ZERO, SSTATUS, T0), // SUM on
+            ld(A1, A0, 0),            // U page: allowed
+            csrrc(ZERO, SSTATUS, T0), // SUM off
+            ld(A2, A0, 0),            // U page: a load page fault
+        ];
+        let w = with_regs(&[(T0, MSTATUS_SUM), (A0, USER + 0x3000), (A4, BASE + 0x3008)], &body);
+        let (mut h, mut bus) = setup(&w);
+        bus.0[ROOT as usize + 8..][..8].copy_from_slice(&leaf(1).to_le_bytes());
+        bus.0[ROOT as usize + 16..][..8].copy_from_slice(&leaf(0).to_le_bytes());
+        bus.0[0x3000..0x3010].copy_from_slice(&[0x11; 8].iter().chain(&[0x22; 8]).copied().collect::<Vec<u8>>());
+        h.core.csr.satp = (SATP_MODE_SV39 << 60) | ((BASE + ROOT) >> 12);
+        h.set_prv(PRV_S);
+        let before_fault = w.len() as u64 - 1;
+        h.run(&mut bus, Position(before_fault));
+        assert_eq!((h.x(A3 as usize), h.x(A1 as usize)), (0x2222_2222_2222_2222, 0x1111_1111_1111_1111));
+        assert_eq!(h.csrs().mcause, 0, "no trap yet");
+        assert_eq!(h.core.data_ctx, CTX_S, "SUM is clear again");
+        let s_page = h.core.tlb.sets[CTX_S].read.iter().any(|e| e.tag == BASE + 0x3000);
+        assert!(s_page, "the supervisor translation survived two flips of SUM");
+        let u_page = h.core.tlb.sets[CTX_S_SUM].read.iter().any(|e| e.tag == USER + 0x3000);
+        assert!(u_page, "the user page is cached for SUM set only");
+        h.run(&mut bus, Position(before_fault + 1));
+        assert_eq!((h.csrs().mcause, h.csrs().mtval), (trap::LOAD_PAGE_FAULT, USER + 0x3000));
+        assert_eq!(h.x(A2 as usize), 0, "the faulting load wrote nothing");
     }
 
     /// Dirty tracking against an oracle: the pages a program stores to,

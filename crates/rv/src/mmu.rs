@@ -7,9 +7,14 @@
 //! ```text
 //!  ctx 0: U-mode under paging      ctx 1: S-mode under paging
 //!  ctx 2: bare (M-mode, or satp.MODE = Bare): identity, no permission checks
+//!  ctx 3: S-mode loads and stores under paging with mstatus.SUM set
 //! ```
 //!
-//! so that U<->S traps and returns flush nothing. Only RAM pages are entered;
+//! so that U<->S traps and returns flush nothing, and neither does a flip of
+//! SUM (Linux sets it around every copy to or from user memory and clears it
+//! on every trap entry): with SUM set, S-mode may touch user pages, so its
+//! data translations live apart from those made without it. Fetches never
+//! use ctx 3 (S-mode cannot execute user pages whatever SUM says). Only RAM pages are entered;
 //! MMIO always takes the slow path. Each tag is the page address; a lookup
 //! compares it with `vaddr & (!0xfff | (size - 1))`, so a misaligned access
 //! misses by construction and is split by the slow path. An empty entry has a
@@ -34,6 +39,9 @@ const EMPTY_TAG: u64 = u64::MAX;
 pub const CTX_U: usize = 0;
 pub const CTX_S: usize = 1;
 pub const CTX_BARE: usize = 2;
+pub const CTX_S_SUM: usize = 3;
+/// The paged contexts: every one a satp write or `sfence.vma` flushes.
+const PAGED: [usize; 3] = [CTX_U, CTX_S, CTX_S_SUM];
 
 /// What an access is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +108,7 @@ pub fn tlb_index(vaddr: u64) -> usize {
 /// The software TLB plus the physical-page "holds decoded code" bitmap.
 #[derive(Clone)]
 pub struct Tlb {
-    pub sets: Box<[TlbSet; 3]>,
+    pub sets: Box<[TlbSet; 4]>,
     /// One bit per RAM page: blocks were decoded from it.
     code_pages: PageBitmap,
     /// One bit per RAM page: written since the last harvest. A page's bit
@@ -118,7 +126,7 @@ pub struct Tlb {
 impl Tlb {
     pub fn new(ram_pages: usize) -> Self {
         Tlb {
-            sets: Box::new([TlbSet::new(), TlbSet::new(), TlbSet::new()]),
+            sets: Box::new([TlbSet::new(), TlbSet::new(), TlbSet::new(), TlbSet::new()]),
             code_pages: PageBitmap::new(ram_pages),
             dirty: PageBitmap::new(ram_pages),
             super_lo: u64::MAX,
@@ -128,8 +136,9 @@ impl Tlb {
 
     /// Flush the paged contexts (satp write, sfence.vma).
     pub fn flush_paged(&mut self) {
-        self.sets[CTX_U] = TlbSet::new();
-        self.sets[CTX_S] = TlbSet::new();
+        for ctx in PAGED {
+            self.sets[ctx] = TlbSet::new();
+        }
         self.super_lo = u64::MAX;
         self.super_hi = 0;
     }
@@ -143,7 +152,7 @@ impl Tlb {
         }
         let tag = vaddr & !(PAGE_SIZE - 1);
         let i = tlb_index(vaddr);
-        for ctx in [CTX_U, CTX_S] {
+        for ctx in PAGED {
             let set = &mut self.sets[ctx];
             for arr in [&mut set.read, &mut set.write, &mut set.fetch] {
                 if arr[i].tag == tag {
@@ -159,10 +168,10 @@ impl Tlb {
         self.super_hi = self.super_hi.max(base.saturating_add(size));
     }
 
-    /// Flush read (and optionally write) entries of the paged contexts
-    /// (mstatus.SUM/MXR changed).
+    /// Flush the read and write entries of the paged contexts (mstatus.MXR
+    /// changed).
     pub fn flush_paged_data(&mut self) {
-        for ctx in [CTX_U, CTX_S] {
+        for ctx in PAGED {
             self.sets[ctx].read = [EMPTY; TLB_ENTRIES];
             self.sets[ctx].write = [EMPTY; TLB_ENTRIES];
         }
@@ -360,6 +369,30 @@ mod tests {
         m.insert(L1, pte(L0, PTE_V));
         m.insert(L0 + 8, pte(0x9000_0000, PTE_V | PTE_R | PTE_W | PTE_U));
         Mem(m)
+    }
+
+    /// Every paged context, the SUM one included, is flushed by a satp
+    /// write or `sfence.vma` (all, or the one address) and by an MXR flip.
+    #[test]
+    fn flushes_reach_every_paged_context() {
+        for ctx in [CTX_U, CTX_S, CTX_S_SUM] {
+            let mut t = Tlb::new(16);
+            let cached = |t: &Tlb| t.sets[ctx].read[tlb_index(0x4000_2000)].tag == 0x4000_2000;
+            t.insert(ctx, Access::Read, 0x4000_2000, 0x2000);
+            assert!(cached(&t));
+            t.flush_paged();
+            assert!(!cached(&t), "ctx {ctx}: satp write");
+            t.insert(ctx, Access::Read, 0x4000_2000, 0x2000);
+            t.flush_page(0x4000_2abc);
+            assert!(!cached(&t), "ctx {ctx}: sfence.vma of the address");
+            t.insert(ctx, Access::Read, 0x4000_2000, 0x2000);
+            t.flush_paged_data();
+            assert!(!cached(&t), "ctx {ctx}: MXR");
+        }
+        let mut t = Tlb::new(16);
+        t.insert(CTX_BARE, Access::Read, 0x8000_2000, 0x2000);
+        t.flush_paged();
+        assert_eq!(t.sets[CTX_BARE].read[tlb_index(0x8000_2000)].tag, 0x8000_2000, "bare stays");
     }
 
     #[test]

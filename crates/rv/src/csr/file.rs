@@ -276,20 +276,27 @@ impl Core {
     fn set_mstatus(&mut self, v: u64) {
         let changed = self.csr.mstatus ^ v;
         self.csr.mstatus = v;
-        if changed & (MSTATUS_SUM | MSTATUS_MXR) != 0 {
+        if changed & MSTATUS_MXR != 0 {
             self.tlb.flush_paged_data();
         }
-        if changed & (MSTATUS_MPRV | MSTATUS_MPP) != 0 {
+        // SUM picks the S-mode data context (`mmu`): no flush.
+        if changed & (MSTATUS_MPRV | MSTATUS_MPP | MSTATUS_SUM) != 0 {
             self.update_ctx();
         }
     }
 
     /// Zicsr (chapter 9): access checks, then read and/or write.
     pub(crate) fn csr_op(&mut self, op: &Op) -> Result<(), Trap> {
-        if op.csr_writes() && !crate::decode::csr_is_quiet(op.imm as u16) {
+        let csr = op.imm as u16;
+        // A write that may make an interrupt takeable has the dispatcher
+        // look before the next instruction (`attention`). For the status
+        // registers only a newly set MIE or SIE can: Linux writes sstatus
+        // for every irq save/restore and user copy, mostly without that.
+        let status = matches!(csr, MSTATUS | SSTATUS);
+        if op.csr_writes() && !status && !crate::decode::csr_is_quiet(csr) {
             self.attention = true;
         }
-        let csr = op.imm as u16;
+        let status_before = self.csr.mstatus;
         let rd_arch = op.rs2;
         let src = match op.kind {
             Kind::Csrrw | Kind::Csrrs | Kind::Csrrc => x!(self, op.rs1),
@@ -314,6 +321,9 @@ impl Core {
             };
             if !self.write_csr(csr, new) {
                 return Err(ill);
+            }
+            if status && self.csr.mstatus & !status_before & (MSTATUS_MIE | MSTATUS_SIE) != 0 {
+                self.attention = true;
             }
         }
         if reads {
@@ -346,6 +356,28 @@ mod tests {
         assert_eq!(h.csrs().mcause, 0, "no access trapped");
         assert_eq!((h.x(A1 as usize), h.x(A0 as usize) >> 60), (0, 0), "tselect 0, tdata1 of type 0: no trigger");
         assert_eq!((h.x(T0 as usize), h.x(A2 as usize)), (1, 0), "tinfo: only type 0; tdata2 keeps nothing");
+    }
+
+    /// A status write that enables no interrupt (here SUM) leaves the
+    /// dispatcher alone, so the block runs on; one that sets SIE with an
+    /// interrupt pending has it taken before the next instruction.
+    #[test]
+    fn only_status_writes_that_enable_an_interrupt_ask_the_dispatcher_to_look() {
+        let prefix = li64(T0, MSTATUS_SUM).len() as u64;
+        let body = [csrrs(ZERO, SSTATUS, T0), addi(A1, A1, 1), i(0x73, 6, 0, 2, SSTATUS as i32), addi(A2, A2, 1)];
+        let (mut h, mut bus) = setup(&with_regs(&[(T0, MSTATUS_SUM)], &body));
+        h.set_prv(PRV_S);
+        h.core.csr.mideleg = S_INTERRUPTS;
+        h.core.csr.mie = IRQ_SEI;
+        h.core.csr.stvec = BASE + 0x8000;
+        h.set_irq(IRQ_SEI, true);
+        h.run(&mut bus, Position(prefix + 1));
+        assert!(!h.core.attention, "setting SUM enables nothing");
+        assert_eq!(h.csrs().mstatus & MSTATUS_SUM, MSTATUS_SUM);
+        h.run(&mut bus, Position(100));
+        assert_eq!(h.csrs().scause, trap::INTERRUPT_BIT | 9, "taken once SIE is set");
+        assert_eq!(h.csrs().sepc, BASE + 4 * (prefix + 3), "before the instruction after csrrsi");
+        assert_eq!((h.x(A1 as usize), h.x(A2 as usize)), (1, 0));
     }
 
     #[test]
