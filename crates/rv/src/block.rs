@@ -5,9 +5,9 @@
 //! the end of the page: blocks never cross a page, so dropping one page's
 //! blocks on a store to it is exact.
 //!
-//! Lookup goes through a direct-mapped "jump cache" keyed by the virtual pc
-//! and the fetch context (QEMU's tb-jmp-cache), then through a map keyed by
-//! the physical address. The jump cache is flushed with the paged TLB
+//! Lookup goes through a two-way "jump cache" keyed by the virtual pc and
+//! the fetch context (QEMU's tb-jmp-cache), then through a map keyed by the
+//! physical address. The jump cache is flushed with the paged TLB
 //! contexts (satp writes, `sfence.vma`) and whenever a page's blocks drop.
 //!
 //! Nothing here is guest-visible: the map is only ever looked up, never
@@ -43,10 +43,14 @@ type AddrMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
 
 /// Upper bound on ops per block.
 pub const MAX_BLOCK_OPS: usize = 64;
-/// Jump-cache entries (24 bytes each). The guest kernel's path for one
-/// network request runs several thousand distinct blocks: at 16 Ki entries
-/// a quarter of its block-to-block transfers missed on collisions alone.
-pub(crate) const JUMP_ENTRIES: usize = 65536;
+/// Jump-cache sets, of `JUMP_WAYS` entries (24 bytes each). The guest
+/// kernel's path for one network request runs several thousand distinct
+/// blocks, every one once per request: direct-mapped, even at 64 Ki
+/// entries, the pairs of them that collide missed every time (a hundred
+/// misses per request, each a trip through the dispatcher). Two ways keep
+/// such pairs; the newest entry goes first, the older moves second.
+pub(crate) const JUMP_SETS: usize = 32768;
+pub(crate) const JUMP_WAYS: usize = 2;
 /// Flush everything when the op arena grows past this (dead blocks are only
 /// reclaimed by a full flush).
 const MAX_OPS: usize = 1 << 21;
@@ -102,7 +106,7 @@ impl BlockCache {
             blocks: Vec::new(),
             by_paddr: AddrMap::default(),
             by_page: AddrMap::default(),
-            jump: vec![EMPTY_JUMP; JUMP_ENTRIES],
+            jump: vec![EMPTY_JUMP; JUMP_SETS * JUMP_WAYS],
             generation: 0,
         };
         c.reset_arena();
@@ -122,28 +126,27 @@ impl BlockCache {
         self.jump.as_ptr()
     }
 
-    /// The entry for `pc`. Translated code computes the same index inline
-    /// (`jit/emit.rs`, the chain): change both together.
+    /// The first entry of the set for `pc`. Translated code computes the
+    /// same index inline (`jit/emit.rs`, the chain): change both together.
     #[inline(always)]
     pub(crate) fn jump_index(pc: u64) -> usize {
-        ((pc >> 1) ^ (pc >> 13)) as usize & (JUMP_ENTRIES - 1)
+        (((pc >> 1) ^ (pc >> 13)) as usize & (JUMP_SETS - 1)) * JUMP_WAYS
     }
 
     #[inline(always)]
     /// The ops span `(start, count)` and the number of the block cached
     /// for `pc`.
     pub fn lookup(&self, pc: u64, ctx: usize) -> Option<(u32, u32, u32)> {
-        let e = &self.jump[Self::jump_index(pc)];
-        if e.pc == pc && e.key == self.key(ctx) {
-            Some((e.start, e.count, e.block))
-        } else {
-            None
-        }
+        let i = Self::jump_index(pc);
+        let key = self.key(ctx);
+        self.jump[i..i + JUMP_WAYS].iter().find(|e| e.pc == pc && e.key == key).map(|e| (e.start, e.count, e.block))
     }
 
     pub fn remember(&mut self, pc: u64, ctx: usize, block: u32) {
         let b = self.blocks[block as usize];
-        self.jump[Self::jump_index(pc)] = JumpEntry { pc, key: self.key(ctx), start: b.start, count: b.count, block };
+        let i = Self::jump_index(pc);
+        self.jump.copy_within(i..i + JUMP_WAYS - 1, i + 1);
+        self.jump[i] = JumpEntry { pc, key: self.key(ctx), start: b.start, count: b.count, block };
     }
 
     /// The ops span of a block, and its number.
@@ -216,5 +219,39 @@ impl BlockCache {
     #[inline(always)]
     pub fn ops(&self, start: u32, n: usize) -> &[Op] {
         &self.ops[start as usize..start as usize + n]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks whose pcs share a jump-cache set: the last two remembered
+    /// are both found (a pair that alternates never misses); a third
+    /// pushes out the oldest; a flush empties every way.
+    #[test]
+    fn a_jump_cache_set_keeps_the_two_newest_blocks() {
+        let mut c = BlockCache::new();
+        let pcs: Vec<u64> = {
+            let first = 0x8020_1234u64;
+            let set = BlockCache::jump_index(first);
+            let mut same = (first..).step_by(2).filter(|&pc| BlockCache::jump_index(pc) == set);
+            vec![same.next().unwrap(), same.next().unwrap(), same.next().unwrap()]
+        };
+        let blocks: Vec<u32> =
+            (0..3).map(|k| c.insert(0x8000_0000 + 0x100 * k, 0x80000, &[Op::illegal(0, 4)]).unwrap()).collect();
+        c.remember(pcs[0], 1, blocks[0]);
+        c.remember(pcs[1], 1, blocks[1]);
+        for _ in 0..3 {
+            assert_eq!(c.lookup(pcs[0], 1).map(|s| s.2), Some(blocks[0]));
+            assert_eq!(c.lookup(pcs[1], 1).map(|s| s.2), Some(blocks[1]));
+        }
+        assert_eq!(c.lookup(pcs[0], 0), None, "another fetch context");
+        c.remember(pcs[2], 1, blocks[2]);
+        assert_eq!(c.lookup(pcs[0], 1), None, "the oldest went");
+        assert_eq!(c.lookup(pcs[1], 1).map(|s| s.2), Some(blocks[1]));
+        assert_eq!(c.lookup(pcs[2], 1).map(|s| s.2), Some(blocks[2]));
+        c.flush_jumps();
+        assert!(pcs.iter().all(|&pc| c.lookup(pc, 1).is_none()));
     }
 }

@@ -72,6 +72,9 @@ pub struct JitStats {
     pub region_resets: u64,
     /// Positions retired inside translated code.
     pub positions: u64,
+    /// Times the dispatcher entered translated code (each entry runs on
+    /// through the translations it chains into).
+    pub entries: u64,
     /// Positions the interpreter retired while the tier was on (cold
     /// blocks, and blocks cut short by a stop); idle steps count in
     /// neither.

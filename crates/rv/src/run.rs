@@ -67,6 +67,7 @@ impl Hart {
                         let jit = self.jit.as_mut().expect("a translation comes from the tier");
                         let end = crate::jit::enter(&mut self.core, &self.cache, jit, bus, code, budget);
                         jit.stats.positions += self.core.position - from;
+                        jit.stats.entries += 1;
                         end
                     }
                     None => {

@@ -27,7 +27,7 @@
 //! (the fixed registers stay; `r14` becomes the new block's pc).
 
 use super::{Frame, EXIT_CONTINUE};
-use crate::block::{JumpEntry, JUMP_ENTRIES};
+use crate::block::{JumpEntry, JUMP_SETS, JUMP_WAYS};
 use crate::csr::{Csrs, MSTATUS_FS, MSTATUS_FS_DIRTY};
 use crate::decode::{Kind, Op};
 use crate::fp::{CANON_NAN_D, DZ, NV, NX, OF, UF};
@@ -40,6 +40,7 @@ use std::mem::{offset_of, size_of};
 type Asm = VecAssembler<X64Relocation>;
 
 const _: () = assert!(size_of::<TlbEntry>() == 16 && TLB_ENTRIES == 256, "the inline TLB index assumes 256 x 16 bytes");
+const _: () = assert!(JUMP_WAYS == 2, "the chain looks at two entries per jump-cache set");
 
 fn xo(r: u8) -> i32 {
     (offset_of!(Core, x) + 8 * (r as usize & 63)) as i32
@@ -336,7 +337,7 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
     }
     // Fell off the end: the next pc follows the last op.
     let last = ops[ops.len() - 1];
-    let back = a.new_dynamic_label();
+    let (back, way1, found) = (a.new_dynamic_label(), a.new_dynamic_label(), a.new_dynamic_label());
     dynasm!(a
         ; lea rax, [r14 + last.off as i32 + last.len as i32]
         ; mov edx, count
@@ -353,14 +354,21 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
         ; mov rdx, rax
         ; shr rdx, 13
         ; xor rcx, rdx
-        ; and ecx, (JUMP_ENTRIES - 1) as i32
-        ; imul rcx, rcx, JE_BYTES
+        ; and ecx, (JUMP_SETS - 1) as i32
+        ; imul rcx, rcx, JE_BYTES * JUMP_WAYS as i32
         ; add rcx, [r12 + F_JUMP]
+        ; mov rdx, [r12 + F_KEY]
+        ; cmp rax, [rcx + JE_PC]
+        ; jne =>way1
+        ; cmp edx, [rcx + JE_KEY]
+        ; je =>found
+        ; =>way1
+        ; add rcx, JE_BYTES
         ; cmp rax, [rcx + JE_PC]
         ; jne =>back
-        ; mov rdx, [r12 + F_KEY]
         ; cmp edx, [rcx + JE_KEY]
         ; jne =>back
+        ; =>found
         ; mov edx, [rcx + JE_COUNT]
         ; cmp rbp, rdx
         ; jb =>back

@@ -437,6 +437,33 @@ fn double_precision_ops_give_the_interpreters_results_and_flags() {
 
 /// Code that rewrites an instruction of a block the tier already
 /// translated: the next pass runs the new instruction.
+/// A block reached alternately at two virtual pcs in one jump-cache set
+/// (two mappings of its page): the chain finds both ways of the set, so
+/// the loop runs on in translated code instead of returning to the
+/// dispatcher at every jump.
+#[test]
+fn the_chain_finds_both_entries_of_a_jump_cache_set() {
+    const ROOT: u64 = 0x5000;
+    let (va1, va2) = (BASE + 0x1000, 0x4000_1000u64);
+    assert_eq!(crate::block::BlockCache::jump_index(va1), crate::block::BlockCache::jump_index(va2));
+    let w = with_regs(&[(A1, va1), (A2, va1 ^ va2)], &[jalr(ZERO, A1, 0)]);
+    let (mut h, mut bus) = setup_engine(&w, Engine::Jit);
+    let leaf = ((BASE >> 12) << 10) | 0xcf; // V R W X A D, a gigapage onto RAM
+    bus.0[ROOT as usize + 8..][..8].copy_from_slice(&leaf.to_le_bytes()); // VA 0x4000_0000
+    bus.0[ROOT as usize + 16..][..8].copy_from_slice(&leaf.to_le_bytes()); // VA 0x8000_0000
+                                                                           // The loop: switch a1 to the other mapping and jump there.
+    bus.0[0x1000..0x1008].copy_from_slice(&to_bytes(&[xor(A1, A1, A2), jalr(ZERO, A1, 0)]));
+    h.core.csr.satp = (SATP_MODE_SV39 << 60) | ((BASE + ROOT) >> 12);
+    h.set_prv(PRV_S);
+    let start = w.len() as u64;
+    assert_eq!(h.run(&mut bus, Position(start + 2000)), Exit::Reached);
+    assert_eq!(h.csrs().mcause, 0, "no trap");
+    assert_eq!(h.pc(), va1, "1000 passes, the last to the first mapping");
+    let stats = h.jit_stats().unwrap();
+    assert!(stats.positions > 1900, "translated code ran the loop ({} positions)", stats.positions);
+    assert!(stats.entries < 10, "the dispatcher entered translated code {} times", stats.entries);
+}
+
 #[test]
 fn a_store_into_translated_code_takes_effect_at_once() {
     // Loop 4 times over: a0 += 1 (patched to a0 += 100 in pass 3).
