@@ -28,7 +28,7 @@
 
 use super::{Frame, EXIT_CONTINUE};
 use crate::block::{JumpEntry, JUMP_SETS, JUMP_WAYS};
-use crate::csr::{Csrs, MSTATUS_FS, MSTATUS_FS_DIRTY};
+use crate::csr::{Csrs, FFLAGS as CSR_FFLAGS, MSTATUS_FS, MSTATUS_FS_DIRTY};
 use crate::decode::{Kind, Op};
 use crate::fp::{CANON_NAN_D, DZ, NV, NX, OF, UF};
 use crate::hart::Core;
@@ -327,6 +327,12 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                 dynasm!(a ; =>back);
                 slow.push(Slow { at, back, op: i });
             }
+            Csrrw | Csrrs | Csrrc | Csrrwi | Csrrsi | Csrrci if op.imm as u16 == CSR_FFLAGS => {
+                let (at, back) = (a.new_dynamic_label(), a.new_dynamic_label());
+                fflags_op(&mut a, op, at);
+                dynasm!(a ; =>back);
+                slow.push(Slow { at, back, op: i });
+            }
             _ => {
                 // Everything else runs in the interpreter; ops that end a
                 // block (system, CSR writes that matter, traps) exit there.
@@ -513,6 +519,42 @@ fn divide(a: &mut Asm, kind: Kind, rd: i32, rs1: i32, rs2: i32) {
 /// Whether an F/D op rounds (its `rm` field is a rounding mode).
 fn uses_rm(kind: Kind) -> bool {
     matches!(kind, Kind::FaddD | Kind::FsubD | Kind::FmulD | Kind::FdivD)
+}
+
+/// A Zicsr op on `fflags` in host code, as `csr_op` does it (a user CSR:
+/// only FP being off, checked here, sends it to the interpreter, which
+/// traps). Code that checks a conversion's exactness reads and clears the
+/// flags around it (redis's Lua does, per number it converts).
+fn fflags_op(a: &mut Asm, op: &Op, slow: DynamicLabel) {
+    use Kind::*;
+    let reads = !(matches!(op.kind, Csrrw | Csrrwi) && op.rs2 == 0);
+    let writes = matches!(op.kind, Csrrw | Csrrwi) || op.rs1 != 0;
+    dynasm!(a
+        ; .arch x64
+        ; test DWORD [rbx + MSTATUS], MSTATUS_FS as i32
+        ; jz =>slow
+        ; movzx eax, BYTE [rbx + FFLAGS]
+    );
+    if writes {
+        match op.kind {
+            Csrrw | Csrrs | Csrrc => dynasm!(a ; .arch x64 ; mov rcx, [rbx + xo(op.rs1)]),
+            _ => dynasm!(a ; .arch x64 ; mov ecx, op.rs1 as i32),
+        }
+        match op.kind {
+            Csrrw | Csrrwi => dynasm!(a ; .arch x64 ; mov edx, ecx),
+            Csrrs | Csrrsi => dynasm!(a ; .arch x64 ; mov edx, eax ; or edx, ecx),
+            _ => dynasm!(a ; .arch x64 ; mov edx, ecx ; not edx ; and edx, eax),
+        }
+        dynasm!(a
+            ; .arch x64
+            ; and edx, 0x1f
+            ; mov [rbx + FFLAGS], dl
+            ; or DWORD [rbx + MSTATUS], MSTATUS_FS_DIRTY as i32
+        );
+    }
+    if reads {
+        dynasm!(a ; .arch x64 ; mov [rbx + xo(op.rd)], rax);
+    }
 }
 
 /// A double-precision op in host code, exactly as `exec_fp` does it, or a

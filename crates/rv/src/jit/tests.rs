@@ -435,8 +435,6 @@ fn double_precision_ops_give_the_interpreters_results_and_flags() {
     assert_eq!([7, 8, 12].map(|k| slot(index(qnan, one), k)), [0, 0, NV as u64]);
 }
 
-/// Code that rewrites an instruction of a block the tier already
-/// translated: the next pass runs the new instruction.
 /// A block reached alternately at two virtual pcs in one jump-cache set
 /// (two mappings of its page): the chain finds both ways of the set, so
 /// the loop runs on in translated code instead of returning to the
@@ -464,6 +462,63 @@ fn the_chain_finds_both_entries_of_a_jump_cache_set() {
     assert!(stats.entries < 10, "the dispatcher entered translated code {} times", stats.entries);
 }
 
+/// Every Zicsr form on `fflags`, with x0 and other registers as source
+/// and destination, over values with bits in and out of the field: the
+/// interpreter's results at random stops, no call into the interpreter
+/// while FP is on; with FP off each access traps, in both.
+#[test]
+fn fflags_accesses_give_the_interpreters_results() {
+    let values: [u64; 8] = [0, 0x1f, 0xff, 0x15, 0x0a, u64::MAX, 0x20, 0x13];
+    let (table, results) = (BASE + 0x4000, BASE + 0x8800);
+    let (csrrsi, csrrci) =
+        (|rd, csr: u16, uimm| i(0x73, 6, rd, uimm, csr as i32), |rd, csr: u16, uimm| i(0x73, 7, rd, uimm, csr as i32));
+    let mut w = with_regs(&[(A2, table), (A3, results), (T0, values.len() as u64)], &[]);
+    let top = w.len();
+    w.extend([ld(T1, A2, 0), srli(T2, T1, 3)]);
+    w.extend([
+        csrrw(A0, FFLAGS, T1),
+        csrrs(A1, FFLAGS, ZERO),
+        csrrs(A4, FFLAGS, T2),
+        csrrc(A5, FFLAGS, T1),
+        csrrwi(16, FFLAGS, 0x15),
+        csrrsi(17, FFLAGS, 0x2),
+        csrrci(18, FFLAGS, 0x5),
+        csrrw(ZERO, FFLAGS, T2),
+        csrrs(19, FFLAGS, ZERO),
+        csrrwi(ZERO, FFLAGS, 3),
+        csrrsi(20, FFLAGS, 0),
+        csrrci(21, FFLAGS, 0),
+    ]);
+    for (k, r) in [A0, A1, A4, A5, 16, 17, 18, 19, 20, 21].into_iter().enumerate() {
+        w.push(sd(r, A3, 8 * k as i32));
+    }
+    w.extend([addi(A2, A2, 8), addi(A3, A3, 80), addi(T0, T0, -1)]);
+    w.push(bne(T0, ZERO, -4 * (w.len() - top) as i32));
+    w.push(jal(ZERO, 0));
+    w.resize(((table - BASE) / 4) as usize, 0);
+    for v in values {
+        w.extend([v as u32, (v >> 32) as u32]);
+    }
+    let stats = compare(&w, 31, 200, |h| h.core.csr.fflags = 0x1f);
+    assert_eq!(stats.fallback_ops, 0, "every op of the loop ran in host code: {stats:?}");
+    compare(&w, 32, 50, |h| h.core.csr.mstatus &= !MSTATUS_FS);
+    // The spec's results for the value 0xff (third pass).
+    let (mut h, mut bus) = setup_engine(&w, Engine::Jit);
+    h.run(&mut bus, Position(10_000));
+    assert_eq!(h.csrs().mstatus & MSTATUS_FS, MSTATUS_FS, "FS is Dirty after a write");
+    let slot = |pass: usize, k: usize| {
+        let at = (results - BASE) as usize + 80 * pass + 8 * k;
+        u64::from_le_bytes(bus.0[at..at + 8].try_into().unwrap())
+    };
+    // The last pass left 3; csrrw keeps the five bits (0xff -> 0x1f);
+    // csrrs with 0xff >> 3 = 0x1f; csrrc clears all; csrrwi 0x15; csrrsi 2
+    // -> 0x17; csrrci 5 -> 0x12, then csrrw x0 writes 0x1f; csrrwi x0 3.
+    let want = [0x03, 0x1f, 0x1f, 0x1f, 0x00, 0x15, 0x17, 0x1f, 0x03, 0x03];
+    assert_eq!((0..10).map(|k| slot(2, k)).collect::<Vec<_>>(), want);
+}
+
+/// Code that rewrites an instruction of a block the tier already
+/// translated: the next pass runs the new instruction.
 #[test]
 fn a_store_into_translated_code_takes_effect_at_once() {
     // Loop 4 times over: a0 += 1 (patched to a0 += 100 in pass 3).
