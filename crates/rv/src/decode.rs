@@ -119,6 +119,12 @@ impl Op {
             || (self.csr_writes() && !csr_is_quiet(self.imm as u16))
     }
 
+    /// Does this Zicsr op read its CSR into rd? (csrrw/csrrwi with rd = x0
+    /// do not read: `rs2` keeps the architectural rd.)
+    pub fn csr_reads(&self) -> bool {
+        !(matches!(self.kind, Kind::Csrrw | Kind::Csrrwi) && self.rs2 == 0)
+    }
+
     /// Does this Zicsr op write its CSR? (csrrs/csrrc with rs1 = x0 and the
     /// immediate forms with uimm = 0 only read.)
     pub fn csr_writes(&self) -> bool {

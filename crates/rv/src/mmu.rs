@@ -14,8 +14,9 @@
 //! SUM (Linux sets it around every copy to or from user memory and clears it
 //! on every trap entry): with SUM set, S-mode may touch user pages, so its
 //! data translations live apart from those made without it. Fetches never
-//! use ctx 3 (S-mode cannot execute user pages whatever SUM says). Only RAM pages are entered;
-//! MMIO always takes the slow path. Each tag is the page address; a lookup
+//! use ctx 3 (S-mode cannot execute user pages whatever SUM says).
+//!
+//! Only RAM pages are entered; MMIO always takes the slow path. Each tag is the page address; a lookup
 //! compares it with `vaddr & (!0xfff | (size - 1))`, so a misaligned access
 //! misses by construction and is split by the slow path. An empty entry has a
 //! tag with low bits set, which no lookup can produce.

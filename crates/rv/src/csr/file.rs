@@ -288,25 +288,20 @@ impl Core {
     /// Zicsr (chapter 9): access checks, then read and/or write.
     pub(crate) fn csr_op(&mut self, op: &Op) -> Result<(), Trap> {
         let csr = op.imm as u16;
+        let (reads, writes) = (op.csr_reads(), op.csr_writes());
         // A write that may make an interrupt takeable has the dispatcher
         // look before the next instruction (`attention`). For the status
         // registers only a newly set MIE or SIE can: Linux writes sstatus
         // for every irq save/restore and user copy, mostly without that.
         let status = matches!(csr, MSTATUS | SSTATUS);
-        if op.csr_writes() && !status && !crate::decode::csr_is_quiet(csr) {
+        if writes && !status && !crate::decode::csr_is_quiet(csr) {
             self.attention = true;
         }
         let status_before = self.csr.mstatus;
-        let rd_arch = op.rs2;
         let src = match op.kind {
             Kind::Csrrw | Kind::Csrrs | Kind::Csrrc => x!(self, op.rs1),
             _ => op.rs1 as u64,
         };
-        let writes = match op.kind {
-            Kind::Csrrw | Kind::Csrrwi => true,
-            _ => op.rs1 != 0,
-        };
-        let reads = !(matches!(op.kind, Kind::Csrrw | Kind::Csrrwi) && rd_arch == 0);
         let ill = Trap::new(trap::ILLEGAL_INSTRUCTION, TVAL_INSN_BITS);
         if (csr >> 8) & 3 > self.prv as u16 || (writes && csr >> 10 == 3) {
             return Err(ill);

@@ -527,15 +527,13 @@ fn uses_rm(kind: Kind) -> bool {
 /// flags around it (redis's Lua does, per number it converts).
 fn fflags_op(a: &mut Asm, op: &Op, slow: DynamicLabel) {
     use Kind::*;
-    let reads = !(matches!(op.kind, Csrrw | Csrrwi) && op.rs2 == 0);
-    let writes = matches!(op.kind, Csrrw | Csrrwi) || op.rs1 != 0;
     dynasm!(a
         ; .arch x64
         ; test DWORD [rbx + MSTATUS], MSTATUS_FS as i32
         ; jz =>slow
         ; movzx eax, BYTE [rbx + FFLAGS]
     );
-    if writes {
+    if op.csr_writes() {
         match op.kind {
             Csrrw | Csrrs | Csrrc => dynasm!(a ; .arch x64 ; mov rcx, [rbx + xo(op.rs1)]),
             _ => dynasm!(a ; .arch x64 ; mov ecx, op.rs1 as i32),
@@ -552,7 +550,7 @@ fn fflags_op(a: &mut Asm, op: &Op, slow: DynamicLabel) {
             ; or DWORD [rbx + MSTATUS], MSTATUS_FS_DIRTY as i32
         );
     }
-    if reads {
+    if op.csr_reads() {
         dynasm!(a ; .arch x64 ; mov [rbx + xo(op.rd)], rax);
     }
 }

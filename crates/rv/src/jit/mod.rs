@@ -9,8 +9,9 @@
 //!   by op, and stops mid-block exactly as before.
 //! * The integer ops (M's divisions included), branches, jumps, the TLB
 //!   hit of loads and stores (F/D too), and double-precision arithmetic,
-//!   compares and moves under RNE are host code. Every other op (a TLB
-//!   miss, MMIO, A, the rest of F/D, CSR, system) calls [`fallback`], which
+//!   compares and moves under RNE, and `fflags` accesses are host code.
+//!   Every other op (a TLB miss, MMIO, A, the rest of F/D, other CSRs,
+//!   system) calls [`fallback`], which
 //!   runs that one op through the interpreter's own block loop and says
 //!   whether the host code may go on: the same semantics, the same exits.
 //! * Every exit leaves `pc` and `position` as the interpreter would, so the

@@ -449,7 +449,8 @@ fn the_chain_finds_both_entries_of_a_jump_cache_set() {
     let leaf = ((BASE >> 12) << 10) | 0xcf; // V R W X A D, a gigapage onto RAM
     bus.0[ROOT as usize + 8..][..8].copy_from_slice(&leaf.to_le_bytes()); // VA 0x4000_0000
     bus.0[ROOT as usize + 16..][..8].copy_from_slice(&leaf.to_le_bytes()); // VA 0x8000_0000
-                                                                           // The loop: switch a1 to the other mapping and jump there.
+
+    // The loop: switch a1 to the other mapping and jump there.
     bus.0[0x1000..0x1008].copy_from_slice(&to_bytes(&[xor(A1, A1, A2), jalr(ZERO, A1, 0)]));
     h.core.csr.satp = (SATP_MODE_SV39 << 60) | ((BASE + ROOT) >> 12);
     h.set_prv(PRV_S);
