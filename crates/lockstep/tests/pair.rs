@@ -564,18 +564,7 @@ fn mismatched_and_garbage_peers_are_refused_clearly() {
     std::thread::sleep(Duration::from_millis(300));
     // A stranger and a peer of protocol version 9 first: refused, still listening.
     use std::io::{Read, Write};
-    // Listening once its start-up is through (slower on a loaded machine).
-    let t = std::time::Instant::now();
-    let mut s = loop {
-        match std::net::TcpStream::connect(addr) {
-            Ok(s) => break s,
-            Err(e) if t.elapsed() < Duration::from_secs(30) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("the secondary never listened at {addr}: {e}"),
-        }
-    };
+    let mut s = connect_when_listening(addr);
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let mut sink = Vec::new();
     let _ = s.read_to_end(&mut sink);
@@ -719,11 +708,24 @@ fn local_side(role: &str, disk: &Path, addr: &str, metrics: u16, arbiter: &Path)
     c
 }
 
+/// A connection to a side just started: it listens once its start-up is
+/// through, which is slower on a loaded machine (up to 30 s).
+fn connect_when_listening(addr: &str) -> std::net::TcpStream {
+    let t = std::time::Instant::now();
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(_) if t.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("nothing listened at {addr}: {e}"),
+        }
+    }
+}
+
 /// A peer that opens a connection, sends `head`, then one byte every
 /// `every` (bounded: at most 60 bytes), holding the connection open.
 fn trickle(addr: &str, head: Vec<u8>, every: Duration) -> std::thread::JoinHandle<()> {
     use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut s = connect_when_listening(addr);
     std::thread::spawn(move || {
         if s.write_all(&head).is_err() {
             return;
