@@ -13,7 +13,7 @@ use crate::auth::{self, Key, Seal};
 use crate::datagram::{AckSender, AckSocket, Acked};
 use crate::gate::OutputGate;
 use crate::greet::{greet, refuse_latecomers, Deadline, Greeting, SealedStream};
-use crate::liveness::{Lease, Pulse};
+use crate::liveness::{Awake, Lease, Pulse};
 use crate::wire::{self, Hello, Message, WireError};
 use crate::{ErrorChain, PairConfig, State, Status};
 use replay::Record;
@@ -671,15 +671,17 @@ impl PrimaryLink {
         // Progress, not mere presence: a secondary whose acknowledgements
         // arrive but whose execution stands still for a timeout is lost.
         let (mut seen, mut moved) = (s.peer_position, Instant::now());
+        let mut awake = Awake::new(self.cfg.heartbeat, self.cfg.timeout);
         while s.state == Some(State::Protected) && lag(&s) > self.cfg.max_lag / 2 {
             s = self.shared.cond.wait_timeout(s, self.cfg.heartbeat).unwrap().0;
+            awake.round();
             // Stuck means: it holds log it does not execute. A secondary
             // that has executed all it received waits for the link, which
             // is slow, not dead (the heartbeats say so).
             let holds_more = self.gate.acked() > s.peer_position;
             if s.peer_position != seen || !holds_more {
                 (seen, moved) = (s.peer_position, Instant::now());
-            } else if moved.elapsed() >= self.cfg.stall_timeout() {
+            } else if awake.ran_since(moved) >= self.cfg.stall_timeout() {
                 let why = format!(
                     "its execution has stood at position {seen} for {} ms although it holds the log to {}",
                     moved.elapsed().as_millis(),
@@ -962,7 +964,7 @@ impl Lost {
             let mut told = false;
             let mut epoch = epoch;
             loop {
-                if ctx.pulse.stuck_for(ctx.stall).is_some() {
+                if ctx.pulse.stuck_for(ctx.stall, |t| t.elapsed()).is_some() {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
@@ -1017,14 +1019,29 @@ impl Lost {
 fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, cfg: PairConfig, epoch: u64) {
     let mut missed_at = Instant::now();
     let mut told = false;
+    let mut awake = Awake::new(cfg.heartbeat, cfg.timeout);
     while !ctx.lost.load(Ordering::SeqCst) {
         std::thread::sleep(cfg.heartbeat);
         if ctx.handing.load(Ordering::SeqCst) {
             return;
         }
+        awake.round();
         let silent = heard.silence();
-        if silent >= cfg.timeout {
+        if awake.ran_since(heard.heard_at()) >= cfg.timeout {
             return ctx.peer_lost(format!("no word from it for {} ms", silent.as_millis()));
+        }
+        if silent >= cfg.timeout {
+            // The silence spans a pause of this side: the lease has lapsed
+            // (waiting acks release nothing), but the secondary may still
+            // be there. Ask it; its answer renews the lease.
+            let nonce = heard.probe();
+            let mut w = writer.lock().unwrap();
+            let through = w.through;
+            if let Err(e) = w.write(&[Message::Probe { nonce }], epoch, through) {
+                drop(w);
+                return ctx.peer_lost(format!("the log channel failed: {e}"));
+            }
+            continue;
         }
         if silent >= cfg.heartbeat && missed_at.elapsed() >= cfg.heartbeat {
             missed_at = Instant::now();
@@ -1035,7 +1052,7 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
         }
         // A heartbeat says the run loop is alive: a stuck one (a blocked
         // write, a hung disk) gets none, so the secondary takes over.
-        if let Some(stuck) = ctx.pulse.stuck_for(ctx.stall) {
+        if let Some(stuck) = ctx.pulse.stuck_for(ctx.stall, |t| awake.ran_since(t)) {
             if !told {
                 told = true;
                 note!(
@@ -1063,20 +1080,17 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
 }
 
 /// An acknowledgement from the secondary (on the channel or by datagram):
-/// word from it, and output it releases, unless the lease has lapsed.
-fn acknowledged(ctx: &Lost, lease: &Lease, a: Acked) -> Result<(), Duration> {
-    lease.renew()?;
-    ctx.gate.acknowledge(a.received);
+/// word from it, and output it releases, unless the lease has lapsed (then
+/// it only says how far the secondary has run).
+fn acknowledged(ctx: &Lost, lease: &Lease, a: Acked) {
+    if lease.renew().is_ok() {
+        ctx.gate.acknowledge(a.received);
+    }
     ctx.shared.update(|s| {
         s.peer_position = s.peer_position.max(a.executed);
         s.lag_positions = s.position.saturating_sub(s.peer_position);
         s.lag_ms = s.lag_positions as f64 / 1e6;
     });
-    Ok(())
-}
-
-fn lapsed(silent: Duration) -> String {
-    format!("no word from it for {} ms (its late acknowledgements release nothing)", silent.as_millis())
 }
 
 /// The primary's receiver of acknowledgements by datagram (see
@@ -1092,9 +1106,7 @@ fn datagram_loop(mut socket: AckSocket, ctx: Lost, lease: Arc<Lease>) {
         if over() {
             return;
         }
-        if let Err(silent) = acknowledged(&ctx, &lease, acked) {
-            return ctx.peer_lost(lapsed(silent));
-        }
+        acknowledged(&ctx, &lease, acked);
     }
 }
 
@@ -1115,8 +1127,13 @@ fn ack_loop(
                 return;
             }
             Ok((e, Message::Ack { received, executed })) if e == epoch => {
-                if let Err(silent) = acknowledged(&ctx, &lease, Acked { received, executed }) {
-                    return ctx.peer_lost(lapsed(silent));
+                // Once the lease has lapsed, acks release nothing: the
+                // heartbeat thread probes the secondary, or gives it up.
+                acknowledged(&ctx, &lease, Acked { received, executed });
+            }
+            Ok((e, Message::Probed { nonce })) if e == epoch => {
+                if lease.confirm(nonce) {
+                    note!(ctx.shared, info, "the secondary answered after a pause of this side: still paired");
                 }
             }
             Ok((e, Message::Forward(frame))) if e == epoch => {
@@ -1626,6 +1643,15 @@ impl SecondaryEnd {
                         return;
                     }
                 }
+                Message::Probe { nonce } => {
+                    // The primary paused and asks whether this side is still
+                    // its secondary: it is (going live closes the channel
+                    // first). The answer goes out at once, ahead of the next
+                    // heartbeat.
+                    if let Err(e) = self.send(&Message::Probed { nonce }) {
+                        return self.lose(format!("cannot answer: {e}"));
+                    }
+                }
                 Message::AckTo { port, secret } => {
                     let primary = match self.stream.peer_addr() {
                         Ok(a) => a.ip(),
@@ -1664,13 +1690,18 @@ impl SecondaryEnd {
         let mut last_missed = Instant::now();
         // What this side last said of its network, and when.
         let mut uplink_told: Option<(bool, Instant)> = None;
+        let mut awake = Awake::new(cfg.heartbeat, cfg.timeout);
         while !self.lost.load(Ordering::SeqCst) {
             std::thread::sleep(cfg.heartbeat);
             if self.handing.load(Ordering::SeqCst) {
                 return;
             }
-            let silent = self.heard.lock().unwrap().elapsed();
-            if silent >= cfg.timeout {
+            // After a pause of this side, the primary's word may be waiting
+            // unread: silence counts from the end of the pause.
+            awake.round();
+            let heard = *self.heard.lock().unwrap();
+            let silent = heard.elapsed();
+            if awake.ran_since(heard) >= cfg.timeout {
                 return self.lose(format!("no word from it for {} ms", silent.as_millis()));
             }
             if silent >= cfg.heartbeat && last_missed.elapsed() >= cfg.heartbeat {

@@ -20,8 +20,9 @@ pub const MAGIC: [u8; 4] = *b"LSFT";
 /// 2: the key exchange, and the hello's host, arbiter kind and build.
 /// 3: the release point in marks. 4: the planned switchover, joining a
 /// running primary. 5: the secondary's network state (`Uplink`).
-/// 6: acknowledgements by datagram as well (`AckTo`).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 6: acknowledgements by datagram as well (`AckTo`). 8: a primary that
+/// paused asks whether its secondary is still there (`Probe`, `Probed`).
+pub const PROTOCOL_VERSION: u32 = 8;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -118,6 +119,12 @@ pub enum Message {
     AuthChallenge { nonce: [u8; 32], proof: [u8; 32] },
     /// Primary → secondary: proof that it holds the key.
     AuthProof { proof: [u8; 32] },
+    /// Primary → secondary, after a pause of the primary long enough for
+    /// its lease to lapse: are you still my secondary?
+    Probe { nonce: u64 },
+    /// Secondary → primary: yes (the answer to `Probe { nonce }`); it
+    /// renews the primary's lease.
+    Probed { nonce: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +216,8 @@ impl Message {
             Message::Release => 15,
             Message::Uplink { .. } => 16,
             Message::AckTo { .. } => 17,
+            Message::Probe { .. } => 18,
+            Message::Probed { .. } => 19,
         }
     }
 
@@ -233,9 +242,11 @@ impl Message {
             Message::AuthInit { nonce } => nonce.to_vec(),
             Message::AuthChallenge { nonce, proof } => [nonce.as_slice(), proof.as_slice()].concat(),
             Message::AuthProof { proof } => proof.to_vec(),
-            Message::Handover { at: v } | Message::Switched { epoch: v } | Message::Synced { state_hash: v } => {
-                v.to_le_bytes().to_vec()
-            }
+            Message::Handover { at: v }
+            | Message::Switched { epoch: v }
+            | Message::Synced { state_hash: v }
+            | Message::Probe { nonce: v }
+            | Message::Probed { nonce: v } => v.to_le_bytes().to_vec(),
             Message::Sync(bytes) | Message::Forward(bytes) => bytes.clone(),
             Message::Uplink { up } => vec![*up as u8],
             Message::AckTo { port, secret } => [&port.to_le_bytes()[..], secret].concat(),
@@ -282,6 +293,8 @@ impl Message {
             17 if p.len() == 34 => {
                 Message::AckTo { port: u16::from_le_bytes([p[0], p[1]]), secret: p[2..].try_into().unwrap() }
             }
+            18 if p.len() == 8 => Message::Probe { nonce: u64_at(p, 0)? },
+            19 if p.len() == 8 => Message::Probed { nonce: u64_at(p, 0)? },
             kind => return Err(bad(Malformed::UnknownKind { kind, len: p.len() })),
         })
     }
@@ -404,6 +417,8 @@ mod tests {
             Message::Uplink { up: true },
             Message::Uplink { up: false },
             Message::AckTo { port: 7301, secret: [4; 32] },
+            Message::Probe { nonce: 12 },
+            Message::Probed { nonce: 1 << 50 },
         ]
     }
 

@@ -299,6 +299,45 @@ fn a_hung_secondary_that_resumes_stops_without_going_live() {
     hang_and_resume("secondary", "hangs", 99);
 }
 
+/// Both sides pause together for longer than the silence timeout (both
+/// SIGSTOPped, as when the one machine under a test stalls): neither gives
+/// the other up. The secondary counts silence from the end of its own
+/// pause; the primary's lease lapsed (its waiting acks release nothing),
+/// and the secondary's answer to its probe renews it. The pair goes on at
+/// epoch 1 and the client's writes go on. Without this, the first side to
+/// run again gave the other up and one VM went on unprotected (seen in CI:
+/// "lost the primary: no word from it for 272 ms" while both were busy).
+#[test]
+fn a_pause_of_both_sides_keeps_the_pair_protected() {
+    use nix::sys::signal::{kill, Signal};
+    let _one = serial();
+    let (net, pair, _dir) = start("bothpause", 80, &[]);
+    let client = Client::start(&net);
+    client.advance(30, BOOT, &pair).unwrap();
+    let pid = |c: &std::process::Child| nix::unistd::Pid::from_raw(c.id() as i32);
+    let (primary, secondary) = (pid(&pair.primary), pid(&pair.secondary));
+    for round in 0..2 {
+        kill(primary, Signal::SIGSTOP).unwrap();
+        kill(secondary, Signal::SIGSTOP).unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        // Either side may run first.
+        let order = if round == 0 { [secondary, primary] } else { [primary, secondary] };
+        for p in order {
+            kill(p, Signal::SIGCONT).unwrap();
+        }
+        client.advance(30, Duration::from_secs(60), &pair).unwrap();
+    }
+    let st = status(&net.primary, 9540);
+    assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("protected"), Some(1)), "{st}\n{}", pair.tails());
+    let said = pair.text("secondary.err");
+    assert!(!said.contains("lost the primary"), "{said}");
+    let said = pair.text("primary.err");
+    assert!(!said.contains("lost the secondary"), "{said}");
+    assert_eq!(said.matches("still paired").count(), 2, "{said}");
+    let w = client.finish(&pair).unwrap();
+    eprintln!("{} writes across two pauses of both sides, longest pause {:?}", w.acked, w.max_gap);
+}
+
 /// The guest reboots while paired (typed on the primary's console): both
 /// sides start the next boot from the logged seed, the pair stays
 /// protected, and a kill after the reboot still fails over with nothing
