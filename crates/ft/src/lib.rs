@@ -22,6 +22,7 @@ mod greet;
 pub mod health;
 pub mod link;
 pub mod liveness;
+pub mod urgent;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

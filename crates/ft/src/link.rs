@@ -331,18 +331,18 @@ impl PrimaryLink {
             Ok((socket, port, secret)) => {
                 let _ = writer.lock().unwrap().write(&[Message::AckTo { port, secret }], epoch, through);
                 let (ctx, heard) = (ctx.clone(), heard.clone());
-                std::thread::spawn(move || datagram_loop(socket, ctx, heard));
+                crate::urgent::spawn("ft-acks-udp", move || datagram_loop(socket, ctx, heard));
             }
             Err(e) => tracing::warn!("acknowledgements come on the log channel only (no datagram socket: {e})"),
         }
         {
             let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
-            std::thread::spawn(move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
+            spawn_named("ft-heartbeat", move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
         }
         let (handback, switched) = mpsc::channel();
         {
             let ctx = ctx.clone();
-            std::thread::spawn(move || ack_loop(r, seal_in, ctx, heard, epoch, handback));
+            crate::urgent::spawn("ft-acks", move || ack_loop(r, seal_in, ctx, heard, epoch, handback));
         }
         PrimaryLink {
             shared,
@@ -1320,9 +1320,9 @@ impl SecondaryLink {
         };
         {
             let end = end.clone();
-            std::thread::spawn(move || end.receive_loop(r, seal_in));
+            crate::urgent::spawn("ft-receive", move || end.receive_loop(r, seal_in));
         }
-        std::thread::spawn(move || end.heartbeat_loop(cfg));
+        spawn_named("ft-heartbeat", move || end.heartbeat_loop(cfg));
         SecondaryLink { shared, rx, executed, epoch, peer, arbiter, stream, writer, lost }
     }
 
@@ -1727,6 +1727,12 @@ impl SecondaryEnd {
 /// A secondary that watches its network repeats its state this often (and
 /// says a change at once).
 const UPLINK_EVERY: Duration = Duration::from_secs(1);
+
+/// A thread with a name (in `top -H`, `perf` and panics), for the link's
+/// long-lived threads.
+fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new().name(name.into()).spawn(f).expect("cannot start a thread");
+}
 
 #[cfg(test)]
 mod tests {

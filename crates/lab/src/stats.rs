@@ -55,6 +55,43 @@ fn cpu_secs_of_stat(stat: &str, ticks_per_sec: f64) -> Option<f64> {
     Some((ticks(11)? + ticks(12)?) as f64 / ticks_per_sec)
 }
 
+/// What each thread of a process has had of the host so far, summed over
+/// threads of one name: seconds on a CPU and seconds runnable but waiting
+/// for one (from `/proc/PID/task/*/schedstat`, nanoseconds). Threads that
+/// ended are not counted.
+pub fn thread_times(pid: u32) -> std::io::Result<std::collections::BTreeMap<String, ThreadTime>> {
+    let mut times = std::collections::BTreeMap::<String, ThreadTime>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread may end between the listing and the reads.
+        let (Ok(comm), Ok(sched)) =
+            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("schedstat")))
+        else {
+            continue;
+        };
+        if let Some(t) = thread_time_of_schedstat(&sched) {
+            let slot = times.entry(comm.trim().to_string()).or_default();
+            slot.cpu_secs += t.cpu_secs;
+            slot.wait_secs += t.wait_secs;
+        }
+    }
+    Ok(times)
+}
+
+/// A thread's time on a CPU and waiting for one, in seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ThreadTime {
+    pub cpu_secs: f64,
+    pub wait_secs: f64,
+}
+
+/// `schedstat` is "on-CPU ns, waiting ns, timeslices".
+fn thread_time_of_schedstat(line: &str) -> Option<ThreadTime> {
+    let mut f = line.split_whitespace().map(|w| w.parse::<u64>().ok());
+    let (cpu, wait) = (f.next()??, f.next()??);
+    Some(ThreadTime { cpu_secs: cpu as f64 / 1e9, wait_secs: wait as f64 / 1e9 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +105,17 @@ mod tests {
         // This process's own line parses; a process that does not exist is an error.
         assert!(process_cpu_secs(std::process::id()).unwrap() >= 0.0);
         assert!(process_cpu_secs(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn thread_times_come_from_schedstat() {
+        let t = thread_time_of_schedstat("2500000000 125000000 77\n").unwrap();
+        assert_eq!((t.cpu_secs, t.wait_secs), (2.5, 0.125));
+        assert_eq!(thread_time_of_schedstat("12"), None);
+        // This process has at least its own (test) thread.
+        let mine = thread_times(std::process::id()).unwrap();
+        assert!(!mine.is_empty() && mine.values().all(|t| t.cpu_secs >= 0.0), "{mine:?}");
+        assert!(thread_times(u32::MAX).is_err());
     }
 
     #[test]

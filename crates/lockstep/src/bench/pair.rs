@@ -18,8 +18,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use lab::netns::in_netns;
 use lab::pair::{start_solo, type_line, Client, GuestPaths, Pair};
 use lab::pairnet::PairNet;
-use lab::stats::{median, number_before};
+use lab::stats::{median, number_before, ThreadTime};
 use lab::workload::{Redis, Reply};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const LUA: &str = "local x = 0 for i = 1, 3000000 do x = x + i % 7 end return x";
@@ -29,7 +30,7 @@ const NETWORKS: [&str; 2] = ["learning switch", "mirroring network"];
 /// Typed on the guest's console to start the iperf3 server.
 const IPERF_SERVER: &str = "iperf3 -s -D >/dev/null 2>&1";
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct Figures {
     cpu_secs: f64,
     ops_per_sec: f64,
@@ -48,6 +49,39 @@ struct Figures {
     ping_cpu_us: [f64; 2],
     /// Host CPU time per Gbit the guest received, s: as `ping_cpu_us`.
     bulk_cpu_s_per_gbit: [f64; 2],
+    /// Per PING, µs, by thread name: time on a CPU and time runnable but
+    /// waiting for one; the processes as in `ping_cpu_us`.
+    ping_threads: [BTreeMap<String, ThreadTime>; 2],
+}
+
+/// Each process's threads' times so far (empty for a process that is gone).
+fn thread_times(pids: &[u32]) -> [BTreeMap<String, ThreadTime>; 2] {
+    let mut v: [BTreeMap<String, ThreadTime>; 2] = Default::default();
+    for (slot, pid) in v.iter_mut().zip(pids) {
+        *slot = lab::stats::thread_times(*pid).unwrap_or_default();
+    }
+    v
+}
+
+/// Thread times between two readings, in µs per `per` (threads that
+/// started or ended between them count from or to zero).
+fn thread_times_per(
+    before: &[BTreeMap<String, ThreadTime>; 2],
+    after: [BTreeMap<String, ThreadTime>; 2],
+    per: f64,
+) -> [BTreeMap<String, ThreadTime>; 2] {
+    let mut out: [BTreeMap<String, ThreadTime>; 2] = Default::default();
+    for ((out, before), after) in out.iter_mut().zip(before).zip(&after) {
+        for (name, t) in after {
+            let b = before.get(name).copied().unwrap_or_default();
+            let d = ThreadTime {
+                cpu_secs: (t.cpu_secs - b.cpu_secs).max(0.0) * 1e6 / per,
+                wait_secs: (t.wait_secs - b.wait_secs).max(0.0) * 1e6 / per,
+            };
+            out.insert(name.clone(), d);
+        }
+    }
+    out
 }
 
 /// How long `bulk_in` runs iperf3, seconds.
@@ -141,9 +175,10 @@ fn measure(net: &PairNet, paired: bool, pids: &[u32]) -> Result<Figures> {
         f.cpu_throttled_ms = primary_status(net)?.throttled_ms.saturating_sub(s0.throttled_ms) as f64;
     }
     let before = status()?;
-    let cpu0 = cpu_secs(pids);
+    let (cpu0, threads0) = (cpu_secs(pids), thread_times(pids));
     (f.ops_per_sec, f.median_us, f.p99_us) = in_client(net, client_ping)?;
     f.ping_cpu_us = cpu_per(cpu0, cpu_secs(pids), PINGS as f64 / 1e6);
+    f.ping_threads = thread_times_per(&threads0, thread_times(pids), PINGS as f64);
     if let Some((s0, t0)) = before {
         let s1 = primary_status(net)?;
         f.log_bytes_per_sec = (s1.log_bytes - s0.log_bytes) as f64 / t0.elapsed().as_secs_f64();
@@ -297,6 +332,34 @@ fn print_ratios(engine: rv::Engine, runs: &EngineRuns) {
     );
 }
 
+/// Where each process's host time per PING goes, by thread: on a CPU, and
+/// runnable but waiting for one (a sign of two emulators and their helpers
+/// sharing too few cores).
+fn print_threads(engine: rv::Engine, runs: &EngineRuns) {
+    let columns: [(&[Figures], usize); 3] = [(&runs.solo, 0), (&runs.ft, 0), (&runs.ft, 1)];
+    let mut names: Vec<&String> =
+        columns.iter().flat_map(|(v, side)| v.iter().flat_map(move |f| f.ping_threads[*side].keys())).collect();
+    names.sort();
+    names.dedup();
+    let cell = |v: &[Figures], side: usize, name: &str, of: fn(&ThreadTime) -> f64| {
+        median(&mut v.iter().map(|f| f.ping_threads[side].get(name).map_or(0.0, of)).collect::<Vec<_>>())
+    };
+    println!("engine {}: host time per PING by thread, us on a CPU / us waiting for one (medians):", engine.name());
+    println!("| thread | solo | primary | secondary |");
+    println!("|---|---|---|---|");
+    for name in names {
+        let cells: Vec<(f64, f64)> = columns
+            .iter()
+            .map(|(v, side)| (cell(v, *side, name, |t| t.cpu_secs), cell(v, *side, name, |t| t.wait_secs)))
+            .collect();
+        if cells.iter().all(|(cpu, wait)| *cpu < 1.0 && *wait < 1.0) {
+            continue;
+        }
+        let text: Vec<String> = cells.iter().map(|(cpu, wait)| format!("{cpu:.0} / {wait:.0}")).collect();
+        println!("| {name} | {} |", text.join(" | "));
+    }
+}
+
 /// One feature's cost: the pair with it against the plain pair.
 fn print_cost(title: &str, plain: &[Figures], with: &[Figures]) {
     println!("{title}");
@@ -350,6 +413,7 @@ pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
     }
     for (engine, r) in engines.iter().zip(&runs) {
         print_ratios(*engine, r);
+        print_threads(*engine, r);
     }
     print_cost(
         &format!("the cost of --key (an authenticated channel), engine {}, keyed pair / unkeyed pair:", names[0]),

@@ -142,7 +142,10 @@ impl StdioConsole {
         let mut reader = tap.try_clone()?;
         let tx = self.tx.clone();
         let (wake, wait) = UnixStream::pair()?;
-        let thread = std::thread::spawn(move || {
+        let thread = std::thread::Builder::new().name(format!("tap{nic}-in")).spawn(move || {
+            // The guest's input: the primary logs it and waits for nothing,
+            // but a request's answer waits for it.
+            ft::urgent::run_urgently();
             for frame in earlier {
                 if tx.send(Msg::Frame(nic, frame)).is_err() {
                     return;
@@ -163,7 +166,7 @@ impl StdioConsole {
                     Err(_) => return,
                 }
             }
-        });
+        })?;
         self.taps.push(tap);
         self.tap_readers.push((wake, thread));
         self.tap_errors.push(false);

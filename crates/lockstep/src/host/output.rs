@@ -31,7 +31,7 @@ static WRITER: OnceLock<Writer> = OnceLock::new();
 fn writer() -> &'static Writer {
     WRITER.get_or_init(|| {
         let (tx, rx) = sync_channel::<Out>(QUEUE);
-        std::thread::spawn(move || write_loop(rx));
+        std::thread::Builder::new().name("output".into()).spawn(move || write_loop(rx)).expect("cannot start a thread");
         Writer { tx, dropped: AtomicU64::new(0), warned: AtomicBool::new(false) }
     })
 }
