@@ -1034,8 +1034,10 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
             // The silence spans a pause of this side: the lease has lapsed
             // (waiting acks release nothing), but the secondary may still
             // be there. Ask it; its answer renews the lease.
+            // Not behind a run loop blocked in a write (a secondary that
+            // stopped reading): this thread must stay free to give it up.
+            let Ok(mut w) = writer.try_lock() else { continue };
             let nonce = heard.probe();
-            let mut w = writer.lock().unwrap();
             let through = w.through;
             if let Err(e) = w.write(&[Message::Probe { nonce }], epoch, through) {
                 drop(w);

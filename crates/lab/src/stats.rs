@@ -73,23 +73,26 @@ pub fn thread_times(pid: u32) -> std::io::Result<std::collections::BTreeMap<Stri
             let slot = times.entry(comm.trim().to_string()).or_default();
             slot.cpu_secs += t.cpu_secs;
             slot.wait_secs += t.wait_secs;
+            slot.slices += t.slices;
         }
     }
     Ok(times)
 }
 
-/// A thread's time on a CPU and waiting for one, in seconds.
+/// A thread's time on a CPU and waiting for one, in seconds, and how many
+/// times it was put on a CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ThreadTime {
     pub cpu_secs: f64,
     pub wait_secs: f64,
+    pub slices: f64,
 }
 
 /// `schedstat` is "on-CPU ns, waiting ns, timeslices".
 fn thread_time_of_schedstat(line: &str) -> Option<ThreadTime> {
     let mut f = line.split_whitespace().map(|w| w.parse::<u64>().ok());
-    let (cpu, wait) = (f.next()??, f.next()??);
-    Some(ThreadTime { cpu_secs: cpu as f64 / 1e9, wait_secs: wait as f64 / 1e9 })
+    let (cpu, wait, slices) = (f.next()??, f.next()??, f.next()??);
+    Some(ThreadTime { cpu_secs: cpu as f64 / 1e9, wait_secs: wait as f64 / 1e9, slices: slices as f64 })
 }
 
 #[cfg(test)]
@@ -110,7 +113,7 @@ mod tests {
     #[test]
     fn thread_times_come_from_schedstat() {
         let t = thread_time_of_schedstat("2500000000 125000000 77\n").unwrap();
-        assert_eq!((t.cpu_secs, t.wait_secs), (2.5, 0.125));
+        assert_eq!((t.cpu_secs, t.wait_secs, t.slices), (2.5, 0.125, 77.0));
         assert_eq!(thread_time_of_schedstat("12"), None);
         // This process has at least its own (test) thread.
         let mine = thread_times(std::process::id()).unwrap();

@@ -49,9 +49,11 @@ struct Figures {
     ping_cpu_us: [f64; 2],
     /// Host CPU time per Gbit the guest received, s: as `ping_cpu_us`.
     bulk_cpu_s_per_gbit: [f64; 2],
-    /// Per PING, µs, by thread name: time on a CPU and time runnable but
-    /// waiting for one; the processes as in `ping_cpu_us`.
+    /// Per PING, by thread name: µs on a CPU and µs runnable but waiting
+    /// for one, and times put on a CPU; the processes as in `ping_cpu_us`.
     ping_threads: [BTreeMap<String, ThreadTime>; 2],
+    /// Per Lua loop (the CPU-bound workload), ms, as `ping_threads`.
+    cpu_threads: [BTreeMap<String, ThreadTime>; 2],
 }
 
 /// Each process's threads' times so far (empty for a process that is gone).
@@ -63,20 +65,24 @@ fn thread_times(pids: &[u32]) -> [BTreeMap<String, ThreadTime>; 2] {
     v
 }
 
-/// Thread times between two readings, in µs per `per` (threads that
-/// started or ended between them count from or to zero).
+/// Thread times between two readings, per one of `count` requests or
+/// loops: times in `unit`s of a second (1e6: µs), times put on a CPU as
+/// they are (threads that started or ended between the readings count
+/// from or to zero).
 fn thread_times_per(
     before: &[BTreeMap<String, ThreadTime>; 2],
     after: [BTreeMap<String, ThreadTime>; 2],
-    per: f64,
+    count: f64,
+    unit: f64,
 ) -> [BTreeMap<String, ThreadTime>; 2] {
     let mut out: [BTreeMap<String, ThreadTime>; 2] = Default::default();
     for ((out, before), after) in out.iter_mut().zip(before).zip(&after) {
         for (name, t) in after {
             let b = before.get(name).copied().unwrap_or_default();
             let d = ThreadTime {
-                cpu_secs: (t.cpu_secs - b.cpu_secs).max(0.0) * 1e6 / per,
-                wait_secs: (t.wait_secs - b.wait_secs).max(0.0) * 1e6 / per,
+                cpu_secs: (t.cpu_secs - b.cpu_secs).max(0.0) * unit / count,
+                wait_secs: (t.wait_secs - b.wait_secs).max(0.0) * unit / count,
+                slices: (t.slices - b.slices).max(0.0) / count,
             };
             out.insert(name.clone(), d);
         }
@@ -170,7 +176,9 @@ fn in_client<T: Send + 'static>(net: &PairNet, client: fn(String) -> Result<T, S
 fn measure(net: &PairNet, paired: bool, pids: &[u32]) -> Result<Figures> {
     let status = || if paired { primary_status(net).map(|s| Some((s, Instant::now()))) } else { Ok(None) };
     let before = status()?;
+    let threads0 = thread_times(pids);
     let mut f = Figures { cpu_secs: in_client(net, client_cpu)?, ..Figures::default() };
+    f.cpu_threads = thread_times_per(&threads0, thread_times(pids), 3.0, 1e3);
     if let Some((s0, _)) = &before {
         f.cpu_throttled_ms = primary_status(net)?.throttled_ms.saturating_sub(s0.throttled_ms) as f64;
     }
@@ -178,7 +186,7 @@ fn measure(net: &PairNet, paired: bool, pids: &[u32]) -> Result<Figures> {
     let (cpu0, threads0) = (cpu_secs(pids), thread_times(pids));
     (f.ops_per_sec, f.median_us, f.p99_us) = in_client(net, client_ping)?;
     f.ping_cpu_us = cpu_per(cpu0, cpu_secs(pids), PINGS as f64 / 1e6);
-    f.ping_threads = thread_times_per(&threads0, thread_times(pids), PINGS as f64);
+    f.ping_threads = thread_times_per(&threads0, thread_times(pids), PINGS as f64, 1e6);
     if let Some((s0, t0)) = before {
         let s1 = primary_status(net)?;
         f.log_bytes_per_sec = (s1.log_bytes - s0.log_bytes) as f64 / t0.elapsed().as_secs_f64();
@@ -332,31 +340,43 @@ fn print_ratios(engine: rv::Engine, runs: &EngineRuns) {
     );
 }
 
-/// Where each process's host time per PING goes, by thread: on a CPU, and
-/// runnable but waiting for one (a sign of two emulators and their helpers
-/// sharing too few cores).
+/// Where each process's host time goes, by thread, per `PING` (µs) and per
+/// Lua loop (ms): on a CPU, and runnable but waiting for one (a sign of two
+/// emulators and their helpers sharing too few cores).
 fn print_threads(engine: rv::Engine, runs: &EngineRuns) {
-    let columns: [(&[Figures], usize); 3] = [(&runs.solo, 0), (&runs.ft, 0), (&runs.ft, 1)];
-    let mut names: Vec<&String> =
-        columns.iter().flat_map(|(v, side)| v.iter().flat_map(move |f| f.ping_threads[*side].keys())).collect();
-    names.sort();
-    names.dedup();
-    let cell = |v: &[Figures], side: usize, name: &str, of: fn(&ThreadTime) -> f64| {
-        median(&mut v.iter().map(|f| f.ping_threads[side].get(name).map_or(0.0, of)).collect::<Vec<_>>())
-    };
-    println!("engine {}: host time per PING by thread, us on a CPU / us waiting for one (medians):", engine.name());
-    println!("| thread | solo | primary | secondary |");
-    println!("|---|---|---|---|");
-    for name in names {
-        let cells: Vec<(f64, f64)> = columns
-            .iter()
-            .map(|(v, side)| (cell(v, *side, name, |t| t.cpu_secs), cell(v, *side, name, |t| t.wait_secs)))
-            .collect();
-        if cells.iter().all(|(cpu, wait)| *cpu < 1.0 && *wait < 1.0) {
-            continue;
+    type Of = fn(&Figures, usize) -> &BTreeMap<String, ThreadTime>;
+    let per: [(&str, Of); 2] =
+        [("PING, us", |f, side| &f.ping_threads[side]), ("Lua loop, ms", |f, side| &f.cpu_threads[side])];
+    for (what, of) in per {
+        let columns: [(&[Figures], usize); 3] = [(&runs.solo, 0), (&runs.ft, 0), (&runs.ft, 1)];
+        let mut names: Vec<&String> =
+            columns.iter().flat_map(|(v, side)| v.iter().flat_map(move |f| of(f, *side).keys())).collect();
+        names.sort();
+        names.dedup();
+        let cell = |v: &[Figures], side: usize, name: &str, time: fn(&ThreadTime) -> f64| {
+            median(&mut v.iter().map(|f| of(f, side).get(name).map_or(0.0, time)).collect::<Vec<_>>())
+        };
+        println!(
+            "engine {}: host time per {what}, by thread: on a CPU / waiting for one / times put on a CPU (medians):",
+            engine.name()
+        );
+        println!("| thread | solo | primary | secondary |");
+        println!("|---|---|---|---|");
+        for name in names {
+            let cells: Vec<[f64; 3]> = columns
+                .iter()
+                .map(|(v, side)| {
+                    [|t: &ThreadTime| t.cpu_secs, |t: &ThreadTime| t.wait_secs, |t: &ThreadTime| t.slices]
+                        .map(|of| cell(v, *side, name, of))
+                })
+                .collect();
+            if cells.iter().all(|[cpu, wait, _]| *cpu < 1.0 && *wait < 1.0) {
+                continue;
+            }
+            let text: Vec<String> =
+                cells.iter().map(|[cpu, wait, slices]| format!("{cpu:.0} / {wait:.0} / {slices:.1}")).collect();
+            println!("| {name} | {} |", text.join(" | "));
         }
-        let text: Vec<String> = cells.iter().map(|(cpu, wait)| format!("{cpu:.0} / {wait:.0}")).collect();
-        println!("| {name} | {} |", text.join(" | "));
     }
 }
 
