@@ -299,6 +299,18 @@ fn a_hung_secondary_that_resumes_stops_without_going_live() {
     hang_and_resume("secondary", "hangs", 99);
 }
 
+/// The pair is still at epoch 1, protected, and neither side ever gave the
+/// other up; the primary's status.
+fn assert_still_paired(net: &PairNet, pair: &Pair) -> serde_json::Value {
+    let st = status(&net.primary, 9540);
+    assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("protected"), Some(1)), "{st}\n{}", pair.tails());
+    let said = pair.text("secondary.err");
+    assert!(!said.contains("lost the primary"), "{said}");
+    let said = pair.text("primary.err");
+    assert!(!said.contains("lost the secondary"), "{said}");
+    st
+}
+
 /// Both sides pause together for longer than the silence timeout (both
 /// SIGSTOPped, as when the one machine under a test stalls): neither gives
 /// the other up. The secondary counts silence from the end of its own
@@ -327,12 +339,8 @@ fn a_pause_of_both_sides_keeps_the_pair_protected() {
         }
         client.advance(30, Duration::from_secs(60), &pair).unwrap();
     }
-    let st = status(&net.primary, 9540);
-    assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("protected"), Some(1)), "{st}\n{}", pair.tails());
-    let said = pair.text("secondary.err");
-    assert!(!said.contains("lost the primary"), "{said}");
+    assert_still_paired(&net, &pair);
     let said = pair.text("primary.err");
-    assert!(!said.contains("lost the secondary"), "{said}");
     assert_eq!(said.matches("still paired").count(), 2, "{said}");
     let w = client.finish(&pair).unwrap();
     eprintln!("{} writes across two pauses of both sides, longest pause {:?}", w.acked, w.max_gap);
@@ -1003,12 +1011,7 @@ fn a_bulk_transfer_over_a_1_mbit_log_link_does_not_fail_over() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "iperf3: {text}{}", String::from_utf8_lossy(&out.stderr));
-    let st = status(&net.primary, 9540);
-    assert_eq!((st["state"].as_str(), st["epoch"].as_u64()), (Some("protected"), Some(1)), "{st}\n{}", pair.tails());
-    let said = pair.text("secondary.err");
-    assert!(!said.contains("lost the primary"), "{said}");
-    let said = pair.text("primary.err");
-    assert!(!said.contains("lost the secondary"), "{said}");
+    let st = assert_still_paired(&net, &pair);
     let rate = text.lines().rev().find(|l| l.contains("receiver")).unwrap_or_default().to_string();
     eprintln!("30 s of bulk over a 1 Mbit/s log link: {rate}; {} missed heartbeats", st["missed_heartbeats"]);
 }
