@@ -28,6 +28,12 @@ pub mod wire;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// A thread with a name (in `top -H`, `perf` and panics), for the pair's
+/// long-lived threads.
+pub(crate) fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new().name(name.into()).spawn(f).expect("cannot start a thread");
+}
+
 /// An error and its sources, `a: b: c`, as anyhow's `{:#}` prints it: for
 /// the texts that quote an error (events, a lost peer's reason), since an
 /// error's own message leaves its source out.

@@ -337,7 +337,7 @@ impl PrimaryLink {
         }
         {
             let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
-            spawn_named("ft-heartbeat", move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
+            crate::spawn_named("ft-heartbeat", move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
         }
         let (handback, switched) = mpsc::channel();
         {
@@ -1026,8 +1026,9 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
             return;
         }
         awake.round();
-        let silent = heard.silence();
-        if awake.ran_since(heard.heard_at()) >= cfg.timeout {
+        let heard_at = heard.heard_at();
+        let silent = heard_at.elapsed();
+        if awake.ran_since(heard_at) >= cfg.timeout {
             return ctx.peer_lost(format!("no word from it for {} ms", silent.as_millis()));
         }
         if silent >= cfg.timeout {
@@ -1324,7 +1325,7 @@ impl SecondaryLink {
             let end = end.clone();
             crate::urgent::spawn("ft-receive", move || end.receive_loop(r, seal_in));
         }
-        spawn_named("ft-heartbeat", move || end.heartbeat_loop(cfg));
+        crate::spawn_named("ft-heartbeat", move || end.heartbeat_loop(cfg));
         SecondaryLink { shared, rx, executed, epoch, peer, arbiter, stream, writer, lost }
     }
 
@@ -1729,12 +1730,6 @@ impl SecondaryEnd {
 /// A secondary that watches its network repeats its state this often (and
 /// says a change at once).
 const UPLINK_EVERY: Duration = Duration::from_secs(1);
-
-/// A thread with a name (in `top -H`, `perf` and panics), for the link's
-/// long-lived threads.
-fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) {
-    std::thread::Builder::new().name(name.into()).spawn(f).expect("cannot start a thread");
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! Liveness: the primary's run-loop pulse (a stuck run loop sends no
-//! heartbeats) and its lease on releasing output (nothing leaves after a
-//! silence longer than the timeout, until arbitration is won).
+//! heartbeats), its lease on releasing output (nothing leaves after a
+//! silence longer than the timeout, until arbitration is won or the
+//! secondary answers a probe), and each side's record of its own pauses.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,9 +53,11 @@ pub struct Lease {
     timeout: Duration,
 }
 
+/// The lease has lapsed when the peer was last heard a timeout ago or
+/// more (nothing but a probe's answer moves `heard` on after that), or a
+/// probe went out.
 struct LeaseState {
     heard: Instant,
-    lapsed: bool,
     /// The first probe sent since the lease lapsed: its answer, or a later
     /// probe's, renews the lease.
     probe_from: Option<u64>,
@@ -63,13 +66,8 @@ struct LeaseState {
 
 impl Lease {
     pub fn new(timeout: Duration) -> Lease {
-        let state = LeaseState { heard: Instant::now(), lapsed: false, probe_from: None, next_probe: 1 };
+        let state = LeaseState { heard: Instant::now(), probe_from: None, next_probe: 1 };
         Lease { state: Mutex::new(state), timeout }
-    }
-
-    /// How long the peer has been silent.
-    pub fn silence(&self) -> Duration {
-        self.state.lock().unwrap().heard.elapsed()
     }
 
     /// When the peer was last heard (or the lease renewed).
@@ -82,8 +80,7 @@ impl Lease {
     pub fn renew(&self) -> Result<(), Duration> {
         let mut st = self.state.lock().unwrap();
         let silent = st.heard.elapsed();
-        if st.lapsed || silent >= self.timeout {
-            st.lapsed = true;
+        if st.probe_from.is_some() || silent >= self.timeout {
             return Err(silent);
         }
         st.heard = Instant::now();
@@ -94,7 +91,6 @@ impl Lease {
     /// renews it.
     pub fn probe(&self) -> u64 {
         let mut st = self.state.lock().unwrap();
-        st.lapsed = true;
         let nonce = st.next_probe;
         st.next_probe += 1;
         st.probe_from.get_or_insert(nonce);
@@ -105,10 +101,9 @@ impl Lease {
     /// the probe was sent after the lapse. Whether it did.
     pub fn confirm(&self, nonce: u64) -> bool {
         let mut st = self.state.lock().unwrap();
-        if !st.lapsed || st.probe_from.is_none_or(|from| nonce < from) {
+        if st.probe_from.is_none_or(|from| nonce < from) {
             return false;
         }
-        st.lapsed = false;
         st.probe_from = None;
         st.heard = Instant::now();
         true

@@ -23,13 +23,10 @@ pub fn run_urgently() {
 
 /// Start a named thread that runs urgently (see [`run_urgently`]).
 pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            run_urgently();
-            f()
-        })
-        .expect("cannot start a thread");
+    crate::spawn_named(name, move || {
+        run_urgently();
+        f()
+    });
 }
 
 #[cfg(test)]

@@ -353,8 +353,8 @@ fn print_threads(engine: rv::Engine, runs: &EngineRuns) {
             columns.iter().flat_map(|(v, side)| v.iter().flat_map(move |f| of(f, *side).keys())).collect();
         names.sort();
         names.dedup();
-        let cell = |v: &[Figures], side: usize, name: &str, time: fn(&ThreadTime) -> f64| {
-            median(&mut v.iter().map(|f| of(f, side).get(name).map_or(0.0, time)).collect::<Vec<_>>())
+        let cell = |v: &[Figures], side: usize, name: &str, field: fn(&ThreadTime) -> f64| {
+            median(&mut v.iter().map(|f| of(f, side).get(name).map_or(0.0, field)).collect::<Vec<_>>())
         };
         println!(
             "engine {}: host time per {what}, by thread: on a CPU / waiting for one / times put on a CPU (medians):",
@@ -367,7 +367,7 @@ fn print_threads(engine: rv::Engine, runs: &EngineRuns) {
                 .iter()
                 .map(|(v, side)| {
                     [|t: &ThreadTime| t.cpu_secs, |t: &ThreadTime| t.wait_secs, |t: &ThreadTime| t.slices]
-                        .map(|of| cell(v, *side, name, of))
+                        .map(|field| cell(v, *side, name, field))
                 })
                 .collect();
             if cells.iter().all(|[cpu, wait, _]| *cpu < 1.0 && *wait < 1.0) {
