@@ -13,7 +13,7 @@
 //! Every heartbeat, the secondary also sends its acknowledgement there:
 //!
 //! ```text
-//! "LSAK" | epoch u64 | seq u64 | received u64 | executed u64 | tag [32]
+//! "LSAK" | epoch u64 | seq u64 | received u64 | executed u64 | in_disk u64 | tag [32]
 //! ```
 //!
 //! with an HMAC-SHA256 tag under a key derived from the secret (and, with
@@ -33,7 +33,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 const MAGIC: &[u8; 4] = b"LSAK";
-const SIGNED: usize = 4 + 8 * 4;
+const SIGNED: usize = 4 + 8 * 5;
 const DATAGRAM: usize = SIGNED + 32;
 
 /// The key that tags the datagrams of one channel.
@@ -59,6 +59,8 @@ fn tag(key: &[u8; 32], signed: &[u8]) -> Hmac<Sha256> {
 pub struct Acked {
     pub received: u64,
     pub executed: u64,
+    /// The secondary's run loop is inside a disk operation.
+    pub in_disk: bool,
 }
 
 /// The primary's end: where the datagrams arrive.
@@ -110,11 +112,11 @@ impl AckSocket {
         tag(&self.key, &d[..SIGNED]).verify_slice(&d[SIGNED..]).ok()?;
         let at = |i: usize| u64::from_le_bytes(d[4 + 8 * i..12 + 8 * i].try_into().unwrap());
         let (epoch, seq) = (at(0), at(1));
-        if epoch != self.epoch || seq <= self.last_seq {
+        if epoch != self.epoch || seq <= self.last_seq || at(4) > 1 {
             return None;
         }
         self.last_seq = seq;
-        Some(Acked { received: at(2), executed: at(3) })
+        Some(Acked { received: at(2), executed: at(3), in_disk: at(4) == 1 })
     }
 }
 
@@ -150,7 +152,7 @@ impl AckSender {
         self.seq += 1;
         let mut d = Vec::with_capacity(DATAGRAM);
         d.extend_from_slice(MAGIC);
-        for v in [self.epoch, self.seq, acked.received, acked.executed] {
+        for v in [self.epoch, self.seq, acked.received, acked.executed, acked.in_disk as u64] {
             d.extend_from_slice(&v.to_le_bytes());
         }
         let t: [u8; 32] = tag(&self.key, &d).finalize().into_bytes().into();
@@ -177,10 +179,10 @@ mod tests {
     fn acknowledgements_arrive_in_order_and_only_once() {
         let (mut sock, port, secret, _p, s) = channel(3);
         let mut tx = AckSender::new(s.peer_addr().unwrap().ip(), port, &secret, None, 3).unwrap();
-        tx.send(Acked { received: 10, executed: 7 });
-        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 10, executed: 7 }));
-        tx.send(Acked { received: 12, executed: 9 });
-        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 12, executed: 9 }));
+        tx.send(Acked { received: 10, executed: 7, in_disk: false });
+        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 10, executed: 7, in_disk: false }));
+        tx.send(Acked { received: 12, executed: 9, in_disk: true });
+        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 12, executed: 9, in_disk: true }));
         assert_eq!(sock.receive(Duration::from_millis(50)), None, "nothing more came");
     }
 
@@ -191,7 +193,7 @@ mod tests {
         let good = |tx: &mut AckSender| {
             let d = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             tx.to = d.local_addr().unwrap();
-            tx.send(Acked { received: 5, executed: 5 });
+            tx.send(Acked { received: 5, executed: 5, in_disk: false });
             let mut b = [0u8; 128];
             let n = d.recv(&mut b).unwrap();
             b[..n].to_vec()
@@ -208,7 +210,7 @@ mod tests {
         let mut tx = AckSender::new(primary, port, &secret, None, 3).unwrap();
         let d = good(&mut tx);
         raw.send_to(&d, to).unwrap();
-        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 5, executed: 5 }));
+        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 5, executed: 5, in_disk: false }));
         raw.send_to(&d, to).unwrap();
         raw.send_to(b"LSAK not a datagram", to).unwrap();
         let mut flipped = d.clone();
@@ -229,11 +231,15 @@ mod tests {
         let (mut sock, port, secret) = AckSocket::bind(&p, 1, Some(&s2p_primary)).unwrap();
         let primary = s.peer_addr().unwrap().ip();
         // Someone who read the secret off the channel, without the key.
-        AckSender::new(primary, port, &secret, None, 1).unwrap().send(Acked { received: 1, executed: 1 });
+        AckSender::new(primary, port, &secret, None, 1).unwrap().send(Acked {
+            received: 1,
+            executed: 1,
+            in_disk: false,
+        });
         assert_eq!(sock.receive(Duration::from_millis(100)), None);
         // The secondary, with it.
         let mut tx = AckSender::new(primary, port, &secret, Some(&s2p_secondary), 1).unwrap();
-        tx.send(Acked { received: 2, executed: 2 });
-        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 2, executed: 2 }));
+        tx.send(Acked { received: 2, executed: 2, in_disk: false });
+        assert_eq!(sock.receive(Duration::from_secs(2)), Some(Acked { received: 2, executed: 2, in_disk: false }));
     }
 }

@@ -25,6 +25,7 @@ pub mod liveness;
 pub mod urgent;
 pub mod wire;
 
+pub use liveness::DiskWatch;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -51,8 +52,8 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Timing and limits of a pair.
-#[derive(Clone, Copy, Debug)]
+/// Timing and limits of a pair, and this side's watch on its disk.
+#[derive(Clone, Debug)]
 pub struct PairConfig {
     /// How often each side speaks when it has nothing else to say.
     pub heartbeat: Duration,
@@ -67,6 +68,9 @@ pub struct PairConfig {
     /// acknowledges each mark this long after it arrived, as over a slow
     /// return path, so the primary holds its output that much longer.
     pub ack_delay: Duration,
+    /// Where this side's disk says an operation is under way (see
+    /// [`DiskWatch`]): the same watch for every link of the side.
+    pub disk: DiskWatch,
 }
 
 impl PairConfig {
@@ -80,7 +84,18 @@ impl PairConfig {
     pub fn stall_timeout(&self) -> Duration {
         self.timeout * 4
     }
+
+    /// How long a run loop may stand inside one disk operation before its
+    /// side counts as stuck (at least [`DISK_STALL`]): a flush on a busy
+    /// host is slow, a disk that does not answer for this long is hung.
+    pub fn disk_stall_timeout(&self) -> Duration {
+        self.stall_timeout().max(DISK_STALL)
+    }
 }
+
+/// The least time a disk operation has before its side counts as stuck:
+/// Linux gives a SCSI command 30 s before it calls the disk hung.
+pub const DISK_STALL: Duration = Duration::from_secs(30);
 
 impl Default for PairConfig {
     fn default() -> PairConfig {
@@ -90,6 +105,7 @@ impl Default for PairConfig {
             max_lag: 100_000_000,
             connect_timeout: Duration::from_secs(60),
             ack_delay: Duration::ZERO,
+            disk: DiskWatch::default(),
         }
     }
 }

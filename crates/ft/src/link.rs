@@ -13,7 +13,7 @@ use crate::auth::{self, Key, Seal};
 use crate::datagram::{AckSender, AckSocket, Acked};
 use crate::gate::OutputGate;
 use crate::greet::{greet, refuse_latecomers, Deadline, Greeting, SealedStream};
-use crate::liveness::{Awake, Lease, Pulse};
+use crate::liveness::{Awake, DiskWatch, Lease, Pulse};
 use crate::wire::{self, Hello, Message, WireError};
 use crate::{ErrorChain, PairConfig, State, Status};
 use replay::Record;
@@ -309,7 +309,7 @@ impl PrimaryLink {
         let shared = Shared::new("primary", epoch);
         // A resumed pair starts in step: no lag to throttle for.
         shared.update(|s| (s.position, s.peer_position) = (through, through));
-        let pulse = Arc::new(Pulse::new());
+        let pulse = Arc::new(Pulse::new(&cfg));
         watch_arbiter(arbiter.clone(), shared.clone());
         let heard = Arc::new(Lease::new(cfg.timeout));
         let ctx = Lost {
@@ -322,7 +322,7 @@ impl PrimaryLink {
             forward: Arc::default(),
             owner: owner_name("primary"),
             pulse: pulse.clone(),
-            stall: cfg.stall_timeout(),
+            peer_in_disk: Arc::default(),
         };
         let writer = Arc::new(Mutex::new(LogWriter { stream: w, through, written: Instant::now(), seal: seal_out }));
         // The secondary's heartbeats come by datagram as well: a deep queue
@@ -336,7 +336,7 @@ impl PrimaryLink {
             Err(e) => tracing::warn!("acknowledgements come on the log channel only (no datagram socket: {e})"),
         }
         {
-            let (ctx, heard, writer) = (ctx.clone(), heard.clone(), writer.clone());
+            let (ctx, heard, writer, cfg) = (ctx.clone(), heard.clone(), writer.clone(), cfg.clone());
             crate::spawn_named("ft-heartbeat", move || heartbeat_loop(writer, ctx, heard, cfg, epoch));
         }
         let (handback, switched) = mpsc::channel();
@@ -380,7 +380,7 @@ impl PrimaryLink {
         shared.update(|s| s.state = Some(State::Alone));
         gate.open();
         watch_arbiter(arbiter.clone(), shared.clone());
-        let pulse = Arc::new(Pulse::new());
+        let pulse = Arc::new(Pulse::new(&cfg));
         let lost = Lost {
             shared: shared.clone(),
             arbiter,
@@ -391,7 +391,7 @@ impl PrimaryLink {
             forward: Arc::default(),
             owner: owner_name("primary"),
             pulse: pulse.clone(),
-            stall: cfg.stall_timeout(),
+            peer_in_disk: Arc::default(),
         };
         PrimaryLink {
             shared,
@@ -646,6 +646,16 @@ impl PrimaryLink {
         }
     }
 
+    /// How long the secondary's execution may stand still while it holds
+    /// log: longer while it says its run loop is inside a disk operation.
+    fn peer_stall_timeout(&self) -> Duration {
+        if self.lost.peer_in_disk.load(Ordering::Relaxed) {
+            self.cfg.disk_stall_timeout()
+        } else {
+            self.cfg.stall_timeout()
+        }
+    }
+
     /// Flow control: wait while the secondary's execution lags by more
     /// than `max_lag` (until it catches up to half of that, or the pair
     /// breaks).
@@ -681,7 +691,7 @@ impl PrimaryLink {
             let holds_more = self.gate.acked() > s.peer_position;
             if s.peer_position != seen || !holds_more {
                 (seen, moved) = (s.peer_position, Instant::now());
-            } else if awake.ran_since(moved) >= self.cfg.stall_timeout() {
+            } else if awake.ran_since(moved) >= self.peer_stall_timeout() {
                 let why = format!(
                     "its execution has stood at position {seen} for {} ms although it holds the log to {}",
                     moved.elapsed().as_millis(),
@@ -910,11 +920,13 @@ struct Lost {
     /// Where frames the secondary forwards go (the guest's input).
     forward: Arc<Mutex<Option<ForwardFn>>>,
     owner: String,
-    /// The run loop's pulse, and how long it may be quiet: a primary whose
-    /// run loop is stuck does not claim (it could not run the VM; its
-    /// secondary must win), until the run loop moves again.
+    /// The run loop's pulse: a primary whose run loop is stuck does not
+    /// claim (it could not run the VM; its secondary must win), until the
+    /// run loop moves again.
     pulse: Arc<Pulse>,
-    stall: Duration,
+    /// The secondary's last acknowledgement said its run loop is inside a
+    /// disk operation (its execution may stand still that much longer).
+    peer_in_disk: Arc<AtomicBool>,
 }
 
 impl Lost {
@@ -964,7 +976,7 @@ impl Lost {
             let mut told = false;
             let mut epoch = epoch;
             loop {
-                if ctx.pulse.stuck_for(ctx.stall, |t| t.elapsed()).is_some() {
+                if ctx.pulse.stuck_for(|t| t.elapsed()).is_some() {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
@@ -1025,7 +1037,7 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
         if ctx.handing.load(Ordering::SeqCst) {
             return;
         }
-        awake.round();
+        awake.heartbeat_round();
         let heard_at = heard.heard_at();
         let silent = heard_at.elapsed();
         if awake.ran_since(heard_at) >= cfg.timeout {
@@ -1055,7 +1067,7 @@ fn heartbeat_loop(writer: Arc<Mutex<LogWriter>>, ctx: Lost, heard: Arc<Lease>, c
         }
         // A heartbeat says the run loop is alive: a stuck one (a blocked
         // write, a hung disk) gets none, so the secondary takes over.
-        if let Some(stuck) = ctx.pulse.stuck_for(ctx.stall, |t| awake.ran_since(t)) {
+        if let Some(stuck) = ctx.pulse.stuck_for(|t| awake.ran_since(t)) {
             if !told {
                 told = true;
                 note!(
@@ -1089,6 +1101,7 @@ fn acknowledged(ctx: &Lost, lease: &Lease, a: Acked) {
     if lease.renew().is_ok() {
         ctx.gate.acknowledge(a.received);
     }
+    ctx.peer_in_disk.store(a.in_disk, Ordering::Relaxed);
     ctx.shared.update(|s| {
         s.peer_position = s.peer_position.max(a.executed);
         s.lag_positions = s.position.saturating_sub(s.peer_position);
@@ -1129,10 +1142,10 @@ fn ack_loop(
                 let _ = handback.send((r, seal, new));
                 return;
             }
-            Ok((e, Message::Ack { received, executed })) if e == epoch => {
+            Ok((e, Message::Ack { received, executed, in_disk })) if e == epoch => {
                 // Once the lease has lapsed, acks release nothing: the
                 // heartbeat thread probes the secondary, or gives it up.
-                acknowledged(&ctx, &lease, Acked { received, executed });
+                acknowledged(&ctx, &lease, Acked { received, executed, in_disk });
             }
             Ok((e, Message::Probed { nonce })) if e == epoch => {
                 if lease.confirm(nonce) {
@@ -1317,6 +1330,7 @@ impl SecondaryLink {
             received: Arc::new(AtomicU64::new(received)),
             delayed: Arc::default(),
             ack_delay: cfg.ack_delay,
+            disk: cfg.disk.clone(),
             heard,
             epoch,
             datagrams: Arc::default(),
@@ -1518,6 +1532,9 @@ struct SecondaryEnd {
     /// Marks not yet acknowledged (only with [`PairConfig::ack_delay`]).
     delayed: Arc<Mutex<VecDeque<(Instant, u64)>>>,
     ack_delay: Duration,
+    /// This side's disk: its acknowledgements say when its run loop is
+    /// inside an operation.
+    disk: DiskWatch,
     heard: Arc<Mutex<Instant>>,
     epoch: u64,
     /// Where heartbeats go by datagram as well, once the primary has said.
@@ -1554,12 +1571,13 @@ impl SecondaryEnd {
         }
         drop(delayed);
         let (received, executed) = (self.received.load(Ordering::Relaxed), self.executed.load(Ordering::Relaxed));
+        let in_disk = self.disk.busy();
         if datagram && !self.handing.load(Ordering::SeqCst) {
             if let Some(d) = self.datagrams.lock().unwrap().as_mut() {
-                d.send(Acked { received, executed });
+                d.send(Acked { received, executed, in_disk });
             }
         }
-        self.send(&Message::Ack { received, executed })
+        self.send(&Message::Ack { received, executed, in_disk })
     }
 
     /// Send `msg` to the primary, unless the link is gone or handed over.
@@ -1701,7 +1719,7 @@ impl SecondaryEnd {
             }
             // After a pause of this side, the primary's word may be waiting
             // unread: silence counts from the end of the pause.
-            awake.round();
+            awake.heartbeat_round();
             let heard = *self.heard.lock().unwrap();
             let silent = heard.elapsed();
             if awake.ran_since(heard) >= cfg.timeout {
@@ -1764,7 +1782,7 @@ mod tests {
             join: false,
         };
         let secondary = {
-            let arbiter = arbiter.clone();
+            let (arbiter, cfg) = (arbiter.clone(), cfg.clone());
             std::thread::spawn(move || SecondaryLink::accept(listener, arbiter, cfg, &mut |_| Ok(()), None, &|| false))
         };
         let wire = Wire::default();

@@ -1,23 +1,90 @@
 //! Liveness: the primary's run-loop pulse (a stuck run loop sends no
 //! heartbeats), its lease on releasing output (nothing leaves after a
 //! silence longer than the timeout, until arbitration is won or the
-//! secondary answers a probe), and each side's record of its own pauses.
+//! secondary answers a probe), each side's record of its own pauses, and
+//! its watch on its disk (an operation under way is slow, not hung).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// When the primary's run loop last completed a slice, and whether it is
-/// waiting for input now (a wait is bounded by the run loop itself).
+/// Whether this side's run loop is inside an operation on its disk
+/// replica (a read, a write, a flush) and since when, or when the last
+/// one ended. A flush on a busy host waits for every dirty page of the
+/// file system before it (seen in CI: over a second for the guest's first
+/// flush, right after the test copied the replica), which is slow, not
+/// hung: the liveness checks give a run loop inside one, or a secondary
+/// that says its run loop is ([`crate::PairConfig::disk_stall_timeout`]),
+/// far longer than a run loop that computes. One per side, shared by its
+/// disk, which reports to it ([`DiskWatch::during`]), and by every link
+/// the side has in turn.
+#[derive(Clone, Debug)]
+pub struct DiskWatch(Arc<Mutex<DiskOp>>);
+
+#[derive(Clone, Copy, Debug)]
+struct DiskOp {
+    busy: bool,
+    /// When the operation under way began, or the last one ended.
+    since: Instant,
+}
+
+impl Default for DiskWatch {
+    fn default() -> DiskWatch {
+        DiskWatch(Arc::new(Mutex::new(DiskOp { busy: false, since: Instant::now() })))
+    }
+}
+
+impl DiskWatch {
+    /// Run the disk operation `op`, marked as under way.
+    pub fn during<T>(&self, op: impl FnOnce() -> T) -> T {
+        /// Ends the mark however `op` ends.
+        struct Ends<'a>(&'a DiskWatch);
+        impl Drop for Ends<'_> {
+            fn drop(&mut self) {
+                self.0.mark(false);
+            }
+        }
+        self.mark(true);
+        let _ends = Ends(self);
+        op()
+    }
+
+    fn mark(&self, busy: bool) {
+        *self.0.lock().unwrap() = DiskOp { busy, since: Instant::now() };
+    }
+
+    /// Whether an operation is under way now.
+    pub fn busy(&self) -> bool {
+        self.0.lock().unwrap().busy
+    }
+
+    fn state(&self) -> DiskOp {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// When the primary's run loop last completed a slice, whether it is
+/// waiting for input now (a wait is bounded by the run loop itself), and
+/// how long it may be quiet: `stall` computing, `disk_stall` inside one
+/// disk operation.
 pub(crate) struct Pulse {
     last: Mutex<Instant>,
     waiting: AtomicBool,
+    disk: DiskWatch,
+    stall: Duration,
+    disk_stall: Duration,
 }
 
 impl Pulse {
-    pub(crate) fn new() -> Pulse {
-        Pulse { last: Mutex::new(Instant::now()), waiting: AtomicBool::new(false) }
+    pub(crate) fn new(cfg: &crate::PairConfig) -> Pulse {
+        Pulse {
+            last: Mutex::new(Instant::now()),
+            waiting: AtomicBool::new(false),
+            disk: cfg.disk.clone(),
+            stall: cfg.stall_timeout(),
+            disk_stall: cfg.disk_stall_timeout(),
+        }
     }
 
     pub(crate) fn beat(&self) {
@@ -30,11 +97,16 @@ impl Pulse {
     }
 
     /// How long the run loop has been stuck, if it has been for longer
-    /// than `timeout` of the time this side ran (`ran_since`, see
-    /// [`Awake`]).
-    pub(crate) fn stuck_for(&self, timeout: Duration, ran_since: impl Fn(Instant) -> Duration) -> Option<Duration> {
-        let last = *self.last.lock().unwrap();
-        (!self.waiting.load(Ordering::Relaxed) && ran_since(last) >= timeout).then(|| last.elapsed())
+    /// than it may of the time this side ran (`ran_since`, see [`Awake`]).
+    /// The end of a disk operation counts as a sign of life, as a slice.
+    pub(crate) fn stuck_for(&self, ran_since: impl Fn(Instant) -> Duration) -> Option<Duration> {
+        if self.waiting.load(Ordering::Relaxed) {
+            return None;
+        }
+        let disk = self.disk.state();
+        let last = self.last.lock().unwrap().max(disk.since);
+        let limit = if disk.busy { self.disk_stall } else { self.stall };
+        (ran_since(last) >= limit).then(|| last.elapsed())
     }
 }
 
@@ -141,19 +213,33 @@ impl Awake {
         Awake { period, late: timeout / 2, memory, last_round: now, pauses: VecDeque::new() }
     }
 
-    /// A round of the loop starts.
-    pub(crate) fn round(&mut self) {
+    /// A round of the loop starts; the pause that ended with it, if any.
+    pub(crate) fn round(&mut self) -> Option<Duration> {
         self.round_at(Instant::now())
     }
 
-    fn round_at(&mut self, now: Instant) {
+    fn round_at(&mut self, now: Instant) -> Option<Duration> {
         let gap = now.saturating_duration_since(self.last_round);
         self.last_round = now;
-        if gap >= self.period + self.late {
-            self.pauses.push_back((now, gap - self.period));
+        let pause = (gap >= self.period + self.late).then(|| gap - self.period);
+        if let Some(p) = pause {
+            self.pauses.push_back((now, p));
         }
         while self.pauses.front().is_some_and(|&(end, _)| now.saturating_duration_since(end) > self.memory) {
             self.pauses.pop_front();
+        }
+        pause
+    }
+
+    /// A heartbeat loop's round: as [`Awake::round`], and a pause said on
+    /// the log (a side that stalls should say so; it is also what tells a
+    /// stalled host from a lost peer after the fact).
+    pub(crate) fn heartbeat_round(&mut self) {
+        if let Some(p) = self.round() {
+            tracing::warn!(
+                "this side did not run for {} ms (a stopped process or a stalled host): not counted as the peer's silence",
+                p.as_millis()
+            );
         }
     }
 
@@ -209,13 +295,13 @@ mod tests {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut awake = Awake::starting(t0, ms(25), ms(250));
-        awake.round_at(t0 + ms(25));
+        assert_eq!(awake.round_at(t0 + ms(25)), None);
         // Late, but by less than half the timeout: this side ran.
-        awake.round_at(t0 + ms(170));
+        assert_eq!(awake.round_at(t0 + ms(170)), None);
         assert_eq!(awake.ran_between(t0, t0 + ms(170)), ms(170));
         // A round 700 ms after the last: a pause of 675 ms (less the
         // period it meant to sleep), counted out of whatever it overlaps.
-        awake.round_at(t0 + ms(870));
+        assert_eq!(awake.round_at(t0 + ms(870)), Some(ms(675)));
         assert_eq!(awake.ran_between(t0, t0 + ms(900)), ms(225));
         assert_eq!(awake.ran_between(t0 + ms(500), t0 + ms(900)), ms(30));
         assert_eq!(awake.ran_between(t0 + ms(880), t0 + ms(900)), ms(20));
@@ -239,16 +325,64 @@ mod tests {
         assert_eq!(awake.ran_between(t0, later), t + ms(25) - t0);
     }
 
+    /// A pulse that may be quiet 20 ms computing, 200 ms in a disk
+    /// operation.
+    fn pulse() -> Pulse {
+        let cfg = crate::PairConfig { timeout: Duration::from_millis(5), ..crate::PairConfig::default() };
+        Pulse { disk_stall: Duration::from_millis(200), ..Pulse::new(&cfg) }
+    }
+
     #[test]
     fn a_run_loop_is_stuck_only_for_time_this_side_ran() {
-        let pulse = Pulse::new();
+        let pulse = pulse();
+        assert_eq!(pulse.stall, Duration::from_millis(20));
         std::thread::sleep(Duration::from_millis(30));
         let ms = Duration::from_millis;
-        assert!(pulse.stuck_for(ms(20), |t| t.elapsed()).unwrap() >= ms(30));
+        assert!(pulse.stuck_for(|t| t.elapsed()).unwrap() >= ms(30));
         // Most of that time this side was paused.
-        assert!(pulse.stuck_for(ms(20), |t| t.elapsed().saturating_sub(ms(25))).is_none());
+        assert!(pulse.stuck_for(|t| t.elapsed().saturating_sub(ms(25))).is_none());
         pulse.waiting(true);
         std::thread::sleep(ms(30));
-        assert!(pulse.stuck_for(ms(20), |t| t.elapsed()).is_none());
+        assert!(pulse.stuck_for(|t| t.elapsed()).is_none());
+    }
+
+    #[test]
+    fn a_run_loop_inside_a_disk_operation_has_the_disk_allowance() {
+        let ms = Duration::from_millis;
+        let pulse = pulse();
+        let disk = pulse.disk.clone();
+        assert!(!disk.busy());
+        // A flush that takes longer than the run loop may compute: not
+        // stuck while it lasts, though no slice completed.
+        disk.during(|| {
+            assert!(disk.busy());
+            std::thread::sleep(ms(60));
+            assert!(pulse.stuck_for(|t| t.elapsed()).is_none());
+        });
+        assert!(!disk.busy());
+        // Its end is a sign of life: the allowance for computing starts
+        // over from there.
+        assert!(pulse.stuck_for(|t| t.elapsed()).is_none());
+        std::thread::sleep(ms(30));
+        assert!(pulse.stuck_for(|t| t.elapsed()).is_some());
+        // An operation that never ends is stuck after the disk allowance.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let hung = {
+            let disk = disk.clone();
+            std::thread::spawn(move || disk.during(|| rx.recv()))
+        };
+        while !disk.busy() {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(ms(60));
+        assert!(pulse.stuck_for(|t| t.elapsed()).is_none());
+        std::thread::sleep(ms(180));
+        assert!(pulse.stuck_for(|t| t.elapsed()).unwrap() >= ms(200));
+        // A panic inside an operation still ends it.
+        tx.send(()).unwrap();
+        hung.join().unwrap().unwrap();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| disk.during(|| panic!("disk"))));
+        assert!(caught.is_err());
+        assert!(!disk.busy());
     }
 }

@@ -22,7 +22,9 @@ pub const MAGIC: [u8; 4] = *b"LSFT";
 /// running primary. 5: the secondary's network state (`Uplink`).
 /// 6: acknowledgements by datagram as well (`AckTo`). 8: a primary that
 /// paused asks whether its secondary is still there (`Probe`, `Probed`).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: an acknowledgement says whether the secondary's run loop is inside
+/// a disk operation.
+pub const PROTOCOL_VERSION: u32 = 9;
 /// The largest message accepted (a batch of records is cut well below).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -80,9 +82,10 @@ pub enum Message {
     /// the mark.
     Through { through: u64, released: u64, urgent: bool },
     /// Secondary → primary: the log is received up to (not including)
-    /// `received` and executed up to `executed`; also the secondary's
-    /// heartbeat.
-    Ack { received: u64, executed: u64 },
+    /// `received` and executed up to `executed`, and its run loop is
+    /// inside a disk operation now (`in_disk`: its execution may stand
+    /// still longer); also the secondary's heartbeat.
+    Ack { received: u64, executed: u64, in_disk: bool },
     /// Primary → secondary, a planned switchover: the primary's guest
     /// stopped at `at` (every record before it sent, all output before it
     /// released); the secondary replays to there and takes over, and the
@@ -238,7 +241,9 @@ impl Message {
             Message::Through { through, released, urgent } => {
                 [&through.to_le_bytes()[..], &released.to_le_bytes(), &[*urgent as u8]].concat()
             }
-            Message::Ack { received: a, executed: b } => [a.to_le_bytes(), b.to_le_bytes()].concat(),
+            Message::Ack { received: a, executed: b, in_disk } => {
+                [&a.to_le_bytes()[..], &b.to_le_bytes(), &[*in_disk as u8]].concat()
+            }
             Message::AuthInit { nonce } => nonce.to_vec(),
             Message::AuthChallenge { nonce, proof } => [nonce.as_slice(), proof.as_slice()].concat(),
             Message::AuthProof { proof } => proof.to_vec(),
@@ -277,7 +282,9 @@ impl Message {
             5 if p.len() == 17 && p[16] <= 1 => {
                 Message::Through { through: u64_at(p, 0)?, released: u64_at(p, 8)?, urgent: p[16] == 1 }
             }
-            6 if p.len() == 16 => Message::Ack { received: u64_at(p, 0)?, executed: u64_at(p, 8)? },
+            6 if p.len() == 17 && p[16] <= 1 => {
+                Message::Ack { received: u64_at(p, 0)?, executed: u64_at(p, 8)?, in_disk: p[16] == 1 }
+            }
             7 if p.len() == 32 => Message::AuthInit { nonce: p.try_into().unwrap() },
             8 if p.len() == 64 => {
                 Message::AuthChallenge { nonce: p[..32].try_into().unwrap(), proof: p[32..].try_into().unwrap() }
@@ -407,7 +414,8 @@ mod tests {
             Message::Records(vec![]),
             Message::Through { through: 1 << 40, released: 1 << 39, urgent: false },
             Message::Through { through: 3, released: 2, urgent: true },
-            Message::Ack { received: 3, executed: 2 },
+            Message::Ack { received: 3, executed: 2, in_disk: false },
+            Message::Ack { received: 4, executed: 3, in_disk: true },
             Message::Handover { at: 77 },
             Message::Switched { epoch: 4 },
             Message::Sync(vec![1, 2, 3]),

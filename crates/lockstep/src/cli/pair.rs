@@ -47,6 +47,7 @@ pub(super) fn side(args: PairArgs, side: Side) -> Result<Outcome> {
         } else {
             Duration::ZERO
         },
+        disk: ft::DiskWatch::default(),
     };
     if cfg.timeout <= cfg.heartbeat {
         bail!("--timeout-ms must be longer than --heartbeat-ms");

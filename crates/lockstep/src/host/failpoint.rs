@@ -26,25 +26,64 @@ pub fn file_armed(name: &str) -> bool {
         && std::env::var_os("LOCKSTEP_FAILPOINT_FILE").is_some_and(|f| std::path::Path::new(&f).exists())
 }
 
-/// A disk backend that fails every write with ENOSPC while the failpoint
-/// `disk-full` is armed and its file exists (a replica on a full disk).
-pub struct FillableDisk(pub Box<dyn machine::virtio::blk::BlockBackend>);
+/// A disk backend under the disk failpoints, while armed and their file
+/// exists: `disk-full` fails every write with ENOSPC (a replica on a full
+/// disk); `disk-slow-flush` makes every flush [`SLOW_FLUSH`] longer (a
+/// replica on a disk busy with other writes: an fsync waits for them all).
+pub struct FaultyDisk {
+    pub inner: Box<dyn machine::virtio::blk::BlockBackend>,
+    slow_flushes: u64,
+}
 
-impl machine::virtio::blk::BlockBackend for FillableDisk {
+/// How much longer a flush takes under `disk-slow-flush`: longer than the
+/// default stall timeout plus the silence timeout (1.25 s).
+pub const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(2000);
+
+impl FaultyDisk {
+    /// `inner` under the disk failpoint the environment names, if any.
+    pub fn wrap(inner: Box<dyn machine::virtio::blk::BlockBackend>) -> Box<dyn machine::virtio::blk::BlockBackend> {
+        if named("disk-full") || named("disk-slow-flush") {
+            Box::new(FaultyDisk { inner, slow_flushes: 0 })
+        } else {
+            inner
+        }
+    }
+
+    fn full() -> std::io::Result<()> {
+        match file_armed("disk-full") {
+            true => Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC)),
+            false => Ok(()),
+        }
+    }
+}
+
+impl machine::virtio::blk::BlockBackend for FaultyDisk {
     fn size_bytes(&self) -> u64 {
-        self.0.size_bytes()
+        self.inner.size_bytes()
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
+        self.inner.read_at(buf, offset)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if file_armed("disk-full") {
-            return Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
-        }
-        self.0.write_at(buf, offset)
+        FaultyDisk::full()?;
+        self.inner.write_at(buf, offset)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        if file_armed("disk-slow-flush") {
+            self.slow_flushes += 1;
+            let n = self.slow_flushes;
+            tracing::warn!("failpoint disk-slow-flush: flush {n} takes {} ms longer", SLOW_FLUSH.as_millis());
+            std::thread::sleep(SLOW_FLUSH);
+        }
+        self.inner.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        FaultyDisk::full()?;
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        FaultyDisk::full()?;
+        self.inner.write_zeroes(offset, len)
     }
 }
 

@@ -287,7 +287,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     // The machine exists before the link (its state hash is in the hello):
     // what it draws waits in `draws` until the link takes it.
     let draws = crate::host::entropy::Draws::default();
-    let maker = MachineMaker::new(vm, opts.hash_every);
+    let maker = MachineMaker::new(vm, opts.hash_every).watching_disk(&opts.cfg.disk);
     maker.set_host(Some(HostEntropy::logged(&draws)?));
     // A disk error only this replica saw must not reach the guest: the
     // run stops, and the secondary goes on from the last mark (the maker's
@@ -320,9 +320,10 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     let (gate, console_nic) = attach_output(&mut host, vm, Vec::new())?;
     tracing::info!("primary: waiting for the secondary at {} (arbiter {})", opts.addr, arbiter.describe());
     let stop = host.console.stop_flag();
-    let mut link = PrimaryLink::connect(&opts.addr, hello, arbiter, gate, opts.cfg, opts.key.as_ref(), &|| {
-        stop.load(std::sync::atomic::Ordering::Relaxed)
-    })?;
+    let mut link =
+        PrimaryLink::connect(&opts.addr, hello, arbiter, gate, opts.cfg.clone(), opts.key.as_ref(), &|| {
+            stop.load(std::sync::atomic::Ordering::Relaxed)
+        })?;
     if let Some(t) = &tracker {
         // Paired at boot, the disks compared equal: a generation begins.
         t.begin(changes::boot_generation(&seed), true).context("cannot record the disk generation")?;
@@ -400,7 +401,7 @@ pub fn alone(
             if list.is_empty() { "no address seen yet".to_string() } else { list.join(", ") }
         );
     }
-    let link = PrimaryLink::alone(live.epoch, host.arbiter.clone(), gate, opts.cfg, live.base);
+    let link = PrimaryLink::alone(live.epoch, host.arbiter.clone(), gate, opts.cfg.clone(), live.base);
     let mut log = InputLog::with_draws(link, draws);
     if let Some(seed) = seed {
         log.record(0, Event::Seed(seed));
@@ -426,7 +427,7 @@ pub fn resume(
     m.resync_clock();
     m.stop_on_host_errors(true);
     let (gate, console_nic) = attach_output(host, vm, input)?;
-    let link = PrimaryLink::resume(switched, host.arbiter.clone(), gate, opts.cfg);
+    let link = PrimaryLink::resume(switched, host.arbiter.clone(), gate, opts.cfg.clone());
     if let (Some(tap), Some((name, mac))) = (&host.tap, &vm.net) {
         // The guest's address now lives behind this port: say so at once,
         // so that a switch sends its frames here, not to the old port.
@@ -639,7 +640,7 @@ fn join_step(
             // as it did while this side ran alone.
             m.stop_on_host_errors(true);
             let (gate, _) = new_gate(host, vm)?;
-            let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg, base, base + at);
+            let link = j.joined(host.arbiter.clone(), gate.clone(), opts.cfg.clone(), base, base + at);
             let disk = match sent.disk_delta {
                 Some((chunks, common)) => {
                     format!(

@@ -181,7 +181,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 mine.as_deref().unwrap_or("none")
             ));
         }
-        let maker = MachineMaker::new(&vm, opts.hash_every);
+        let maker = MachineMaker::new(&vm, opts.hash_every).watching_disk(&opts.cfg.disk);
         let mut m = maker.machine(h.seed).map_err(|e| format!("cannot build the machine: {e:#}"))?;
         let mine = m.state_hash();
         if mine != h.state_hash {
@@ -195,7 +195,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
     };
     let stop = console.stop_flag();
     let key = opts.key.clone().map(Arc::new);
-    let paired = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg, &mut check, key, &|| {
+    let paired = SecondaryLink::accept(listener, arbiter.clone(), opts.cfg.clone(), &mut check, key, &|| {
         stop.load(std::sync::atomic::Ordering::Relaxed)
     })?;
     let (link, m, maker, base, through, kept) = match paired {
@@ -216,7 +216,7 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 tracing::warn!("--keep-log: a log kept from a join could not be replayed (no boot); not kept");
             }
             drop(kept);
-            let maker = MachineMaker::new(&vm, opts.hash_every);
+            let maker = MachineMaker::new(&vm, opts.hash_every).watching_disk(&opts.cfg.disk);
             let t = std::time::Instant::now();
             let r = match super::sync::receive_state(&mut j, &vm, &vm_id, &maker) {
                 Ok(r) => r,
@@ -236,7 +236,8 @@ pub fn run(vm: &LinuxVm, opts: &PairOpts) -> Result<Outcome> {
                 }
             );
             let through = r.base + r.at;
-            let link = j.synced(r.state_hash, arbiter.clone(), opts.cfg, through).map_err(anyhow::Error::msg)?;
+            let link =
+                j.synced(r.state_hash, arbiter.clone(), opts.cfg.clone(), through).map_err(anyhow::Error::msg)?;
             (link, r.machine, maker, r.base, through, None)
         }
     };
@@ -316,7 +317,7 @@ pub fn resume(
     late: Vec<Vec<u8>>,
 ) -> Result<Next> {
     let (base, at) = (switched.base, switched.at);
-    let link = SecondaryLink::resume(switched, host.arbiter.clone(), opts.cfg);
+    let link = SecondaryLink::resume(switched, host.arbiter.clone(), opts.cfg.clone());
     replay(vm, opts, host, link, None, Replay { m, maker, base, through: at, late, forward: true })
 }
 

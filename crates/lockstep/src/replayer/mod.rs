@@ -224,16 +224,24 @@ pub struct MachineMaker {
     vm: LinuxVm,
     feed: Rc<RefCell<Feed>>,
     hash_every: Option<u64>,
+    disk_watch: Option<ft::DiskWatch>,
 }
 
 impl MachineMaker {
     pub fn new(vm: &LinuxVm, hash_every: Option<u64>) -> MachineMaker {
-        MachineMaker { vm: vm.clone(), feed: Rc::default(), hash_every }
+        MachineMaker { vm: vm.clone(), feed: Rc::default(), hash_every, disk_watch: None }
+    }
+
+    /// The machines' disks report each operation to `watch` (a side of a
+    /// pair: see [`ft::DiskWatch`]).
+    pub fn watching_disk(mut self, watch: &ft::DiskWatch) -> MachineMaker {
+        self.disk_watch = Some(watch.clone());
+        self
     }
 
     /// The VM, booted from `seed`, drawing entropy from the log.
     pub fn machine(&self, seed: [u8; 32]) -> anyhow::Result<Machine> {
-        let mut m = self.vm.machine(seed, Box::new(LoggedEntropy(self.feed.clone())))?;
+        let mut m = self.vm.machine(seed, Box::new(LoggedEntropy(self.feed.clone())), self.disk_watch.as_ref())?;
         m.hash_every = self.hash_every;
         // A replica's disk error is this host's fault, not the guest's.
         m.stop_on_host_errors(true);

@@ -76,7 +76,7 @@ impl LiveRun<'_> {
             }
             None => HostEntropy::open()?,
         };
-        let mut m = vm.machine(seed, Box::new(entropy))?;
+        let mut m = vm.machine(seed, Box::new(entropy), None)?;
         m.hash_every = self.opts.hash_every;
         m.snapshot_every = self.opts.snapshot_every;
         Ok(m)

@@ -80,8 +80,14 @@ impl LinuxVm {
         Ok(Some(LinuxVm { kernel: g.kernel, initrd: Some(initrd), append, mem, disk, net }))
     }
 
-    /// A machine with this VM's devices, not yet booted.
-    pub fn machine(&self, seed: [u8; 32], entropy: Box<dyn EntropySource>) -> Result<Machine> {
+    /// A machine with this VM's devices, not yet booted; its disk reports
+    /// each operation to `disk_watch` (a pair's liveness checks).
+    pub fn machine(
+        &self,
+        seed: [u8; 32],
+        entropy: Box<dyn EntropySource>,
+        disk_watch: Option<&ft::DiskWatch>,
+    ) -> Result<Machine> {
         let mut m = Machine::new_firmware(self.mem);
         m.rng_seed = Some(seed);
         if let Some((path, read_only)) = &self.disk {
@@ -93,8 +99,9 @@ impl LinuxVm {
                     None => changes::untracked_writer(path)?,
                 }
             }
-            if crate::host::failpoint::named("disk-full") {
-                backend = Box::new(crate::host::failpoint::FillableDisk(backend));
+            backend = crate::host::failpoint::FaultyDisk::wrap(backend);
+            if let Some(watch) = disk_watch {
+                backend = Box::new(WatchedDisk { inner: backend, watch: watch.clone() });
             }
             let blk = machine::virtio::blk::Block::new(backend, *read_only, "lockstep-disk0");
             m.add_virtio(Box::new(blk))?;
@@ -188,5 +195,33 @@ pub fn outcome_of(stop: Stop, signalled: bool, max_insns: Option<u64>) -> Result
         }
         Stop::Limit => bail!("instruction limit of {} reached", max_insns.unwrap_or(0)),
         Stop::Reboot => unreachable!("a reboot boots the guest again; it is not the end of a run"),
+    }
+}
+
+/// A disk whose every operation is marked as under way on a watch while it
+/// runs (the outermost layer: the change tracker's own flushes count).
+struct WatchedDisk {
+    inner: Box<dyn machine::virtio::blk::BlockBackend>,
+    watch: ft::DiskWatch,
+}
+
+impl machine::virtio::blk::BlockBackend for WatchedDisk {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.watch.during(|| self.inner.read_at(buf, offset))
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.watch.during(|| self.inner.write_at(buf, offset))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.watch.during(|| self.inner.flush())
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.watch.during(|| self.inner.discard(offset, len))
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.watch.during(|| self.inner.write_zeroes(offset, len))
     }
 }
