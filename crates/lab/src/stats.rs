@@ -79,6 +79,24 @@ pub fn thread_times(pid: u32) -> std::io::Result<std::collections::BTreeMap<Stri
     Ok(times)
 }
 
+/// Keep every thread of process `pid` on CPU `cpu` (threads it starts
+/// later inherit the mask of the thread that starts them): a benchmark
+/// that models each side of a pair as a host of its own. Threads that end
+/// meanwhile are skipped; call it again once the process has started its
+/// threads, in case one was started from a thread not yet pinned.
+pub fn pin_to_cpu(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).with_context(|| format!("there is no CPU {cpu}"))?;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("no process {pid}"))? {
+        let tid = task?.file_name().to_str().and_then(|t| t.parse::<i32>().ok());
+        if let Some(tid) = tid {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
+        }
+    }
+    Ok(())
+}
+
 /// A thread's time on a CPU and waiting for one, in seconds, and how many
 /// times it was put on a CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -108,6 +126,19 @@ mod tests {
         // This process's own line parses; a process that does not exist is an error.
         assert!(process_cpu_secs(std::process::id()).unwrap() >= 0.0);
         assert!(process_cpu_secs(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn a_pinned_process_runs_on_that_cpu_only() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        pin_to_cpu(child.id(), 0).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(allowed, "0");
+        assert!(pin_to_cpu(child.id(), 0).is_err(), "the process is gone");
+        assert!(pin_to_cpu(std::process::id(), 100_000).is_err());
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub struct BenchArgs {
     /// `bench pair`: how many primary kills to time.
     #[arg(long, default_value_t = 10)]
     kills: usize,
+    /// `bench pair`: in the throughput runs, give each side a CPU of its
+    /// own, as two one-CPU hosts
+    /// would (the solo VM and the primary CPU 0, the secondary CPU 1),
+    /// instead of sharing this machine's CPUs among all their threads.
+    #[arg(long)]
+    core_per_side: bool,
     /// `bench pair` and `bench record`: the engines to compare, side by
     /// side (default: the host's default engine).
     #[arg(long, value_delimiter = ',', value_name = "interp,jit")]
@@ -198,7 +204,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Boot => return boot(&args),
         BenchKind::Devices => return guest::devices(args.reps),
         BenchKind::Record => return guest::record(args.reps, &engines),
-        BenchKind::Pair => return pair::pair(args.reps, args.kills, &engines),
+        BenchKind::Pair => return pair::pair(args.reps, args.kills, &engines, args.core_per_side),
         BenchKind::Protect => return protect::protect(args.reps),
         BenchKind::Reprotect => return reprotect::reprotect(args.fill_mb),
         BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),

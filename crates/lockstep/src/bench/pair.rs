@@ -18,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use lab::netns::in_netns;
 use lab::pair::{start_solo, type_line, Client, GuestPaths, Pair};
 use lab::pairnet::PairNet;
+use lab::stats::pin_to_cpu;
 use lab::stats::{median, number_before, ThreadTime};
 use lab::workload::{Redis, Reply};
 use std::collections::BTreeMap;
@@ -277,12 +278,27 @@ fn start_pair(
     net: &PairNet,
     dir: &std::path::Path,
     flags: &[&str],
+    cpus: Option<Cpus>,
 ) -> Result<Pair> {
     let mut pair = Pair::start(exe, g, net, dir, flags)?;
+    let pin = |pair: &Pair| match cpus {
+        Some(c) => pin_to_cpu(pair.pids()[0], c.primary).and_then(|_| pin_to_cpu(pair.pids()[1], c.secondary)),
+        None => Ok(()),
+    };
+    pin(&pair)?;
     pair.wait_for("primary.err", "the VM is protected", Duration::from_secs(180))?;
     pair.wait_for("primary.out", crate::guest::READY_LINE, Duration::from_secs(180))?;
+    pin(&pair)?;
     type_line(&mut pair.primary, IPERF_SERVER)?;
     Ok(pair)
+}
+
+/// The CPU each process runs on (`bench pair --core-per-side`).
+#[derive(Clone, Copy)]
+struct Cpus {
+    solo: usize,
+    primary: usize,
+    secondary: usize,
 }
 
 /// The figures of one engine: solo and FT runs.
@@ -397,8 +413,12 @@ fn print_cost(title: &str, plain: &[Figures], with: &[Figures]) {
 /// `engines` (at least one): compared side by side (each rep runs solo
 /// and FT with each in turn); the costs of `--key` and of a mirroring network are measured
 /// with the first.
-pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
+pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine], core_per_side: bool) -> Result<()> {
     let (exe, g, dir) = setup("pair")?;
+    let cpus = core_per_side.then_some(Cpus { solo: 0, primary: 0, secondary: 1 });
+    if core_per_side {
+        println!("each side on a CPU of its own (solo and primary: CPU 0; secondary: CPU 1)");
+    }
     let net = PairNet::new("bench", 79)?;
     let key = dir.join("bench.key");
     let _ = std::fs::remove_file(&key);
@@ -411,22 +431,25 @@ pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine]) -> Result<()> {
         for (i, name) in names.iter().enumerate() {
             let flags = ["--engine", *name];
             let mut child = start_solo(&exe, &g, &net, &dir, &flags)?;
+            let pin = |child: &std::process::Child| cpus.map_or(Ok(()), |c| pin_to_cpu(child.id(), c.solo));
+            pin(&child)?;
             wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
+            pin(&child)?;
             type_line(&mut child, IPERF_SERVER)?;
             let f = measure(&net, false, &[child.id()]);
             let _ = child.kill();
             let _ = child.wait();
             runs[i].solo.push(f?);
-            let pair = start_pair(&exe, &g, &net, &dir, &flags)?;
+            let pair = start_pair(&exe, &g, &net, &dir, &flags, cpus)?;
             runs[i].ft.push(measure(&net, true, &pair.pids())?);
             drop(pair);
         }
         let first = ["--engine", names[0]];
-        let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat())?;
+        let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat(), cpus)?;
         keyed.push(measure(&net, true, &pair.pids())?);
         drop(pair);
         net.mirror_guest_frames(true)?;
-        let f = start_pair(&exe, &g, &net, &dir, &first).and_then(|pair| measure(&net, true, &pair.pids()));
+        let f = start_pair(&exe, &g, &net, &dir, &first, cpus).and_then(|pair| measure(&net, true, &pair.pids()));
         net.mirror_guest_frames(false)?;
         mirrored.push(f?);
         eprintln!("bench pair: rep {} of {reps} done", rep + 1);
