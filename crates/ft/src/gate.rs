@@ -2,7 +2,8 @@
 //! has acknowledged the log up to the position where they were produced.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 /// Where released frames go (a tap).
@@ -40,21 +41,29 @@ struct Inner {
     acked: u64,
     /// No secondary to wait for: everything leaves at once.
     open: bool,
-    sinks: Vec<Box<dyn FrameSink>>,
     released: u64,
     hold_us_total: u64,
     hold_us_max: u64,
 }
 
+/// The gate: what is held under one lock, the sinks under another. A
+/// release takes the frames that may leave under the first, takes the
+/// second before it lets the first go (so frames leave in order whoever
+/// releases them), and writes them under the second alone: the run loop
+/// pushing its next frame, or asking what is held, never waits for a
+/// write to the tap.
 pub struct OutputGate {
     inner: Mutex<Inner>,
+    sinks: Mutex<Vec<Box<dyn FrameSink>>>,
+    /// `held.len()` and `acked` as of the last change, for readers that
+    /// take no lock at all (the run loop asks on every poll).
+    held_now: AtomicUsize,
+    acked_now: AtomicU64,
 }
 
 impl Inner {
-    fn emit(&mut self, nic: usize, frame: &[u8], since: Option<Instant>) {
-        if let Some(sink) = self.sinks.get_mut(nic) {
-            sink.send(frame);
-        }
+    /// Count a frame as released (`since`: when it was held).
+    fn count_release(&mut self, since: Option<Instant>) {
         self.released += 1;
         if let Some(t) = since {
             let us = t.elapsed().as_micros() as u64;
@@ -63,14 +72,18 @@ impl Inner {
         }
     }
 
-    fn drain(&mut self) {
+    /// The held frames that may leave now, in order.
+    fn take_releasable(&mut self) -> Vec<Held> {
+        let mut out = Vec::new();
         while let Some(h) = self.held.front() {
             if !self.open && h.position > self.acked {
                 break;
             }
             let h = self.held.pop_front().unwrap();
-            self.emit(h.nic, &h.frame, Some(h.since));
+            self.count_release(Some(h.since));
+            out.push(h);
         }
+        out
     }
 }
 
@@ -82,11 +95,32 @@ impl OutputGate {
                 held: VecDeque::new(),
                 acked: 0,
                 open: false,
-                sinks,
                 released: 0,
                 hold_us_total: 0,
                 hold_us_max: 0,
             }),
+            sinks: Mutex::new(sinks),
+            held_now: AtomicUsize::new(0),
+            acked_now: AtomicU64::new(0),
+        }
+    }
+
+    /// Publish what the lock-free readers see (under the lock).
+    fn publish(&self, g: &Inner) {
+        self.held_now.store(g.held.len(), Ordering::Release);
+        self.acked_now.store(g.acked, Ordering::Release);
+    }
+
+    /// Publish, then write `frames` (taken under `g`) to their sinks,
+    /// holding only the sinks' lock.
+    fn release<'a>(&self, g: MutexGuard<'_, Inner>, frames: impl IntoIterator<Item = (usize, &'a [u8])>) {
+        self.publish(&g);
+        let mut sinks = self.sinks.lock().unwrap();
+        drop(g);
+        for (nic, frame) in frames {
+            if let Some(sink) = sinks.get_mut(nic) {
+                sink.send(frame);
+            }
         }
     }
 
@@ -94,9 +128,11 @@ impl OutputGate {
     pub fn push(&self, position: u64, nic: usize, frame: &[u8]) {
         let mut g = self.inner.lock().unwrap();
         if g.open || (position <= g.acked && g.held.is_empty()) {
-            g.emit(nic, frame, None);
+            g.count_release(None);
+            self.release(g, [(nic, frame)]);
         } else {
             g.held.push_back(Held { position, nic, frame: frame.to_vec(), since: Instant::now() });
+            self.publish(&g);
         }
     }
 
@@ -105,7 +141,12 @@ impl OutputGate {
         let mut g = self.inner.lock().unwrap();
         if position > g.acked {
             g.acked = position;
-            g.drain();
+            let out = g.take_releasable();
+            if out.is_empty() {
+                self.publish(&g);
+            } else {
+                self.release(g, out.iter().map(|h| (h.nic, &h.frame[..])));
+            }
         }
     }
 
@@ -113,7 +154,8 @@ impl OutputGate {
     pub fn open(&self) {
         let mut g = self.inner.lock().unwrap();
         g.open = true;
-        g.drain();
+        let out = g.take_releasable();
+        self.release(g, out.iter().map(|h| (h.nic, &h.frame[..])));
     }
 
     /// Drop what is held without sending it (the side stops).
@@ -121,17 +163,18 @@ impl OutputGate {
         let mut g = self.inner.lock().unwrap();
         let n = g.held.len();
         g.held.clear();
+        self.publish(&g);
         n
     }
 
-    /// Frames waiting.
+    /// Frames waiting (without waiting for a release under way).
     pub fn held(&self) -> usize {
-        self.inner.lock().unwrap().held.len()
+        self.held_now.load(Ordering::Acquire)
     }
 
-    /// The acknowledged position.
+    /// The acknowledged position (as `held`).
     pub fn acked(&self) -> u64 {
-        self.inner.lock().unwrap().acked
+        self.acked_now.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> GateStats {
@@ -182,6 +225,56 @@ mod tests {
         assert_eq!((s.held_now, s.released), (0, 4));
     }
 
+    /// A sink that says when a write has begun, and waits until the test
+    /// lets it end.
+    struct Stalled {
+        entered: std::sync::mpsc::SyncSender<()>,
+        go: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl FrameSink for Stalled {
+        fn send(&mut self, _: &[u8]) {
+            let _ = self.entered.try_send(());
+            let _ = self.go.recv();
+        }
+    }
+
+    #[test]
+    fn readers_do_not_wait_behind_a_release() {
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let (entered, entered_rx) = std::sync::mpsc::sync_channel(1);
+        let gate = std::sync::Arc::new(OutputGate::new(vec![Box::new(Stalled { entered, go: go_rx })]));
+        gate.push(10, 0, b"a");
+        gate.push(20, 0, b"b");
+        assert_eq!((gate.held(), gate.acked()), (2, 0));
+        // The acknowledgement's release writes "a" and stalls in the sink.
+        let releasing = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.acknowledge(15))
+        };
+        entered_rx.recv().unwrap();
+        // The run loop pushes its next frame and asks what is held while
+        // the write is under way: neither waits for it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                gate.push(30, 0, b"c");
+                tx.send((gate.held(), gate.acked())).unwrap()
+            });
+        }
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok((2, 15)));
+        go.send(()).unwrap();
+        releasing.join().unwrap();
+        assert_eq!((gate.held(), gate.acked()), (2, 15));
+        // The rest leaves on the next acknowledgement.
+        go.send(()).unwrap();
+        go.send(()).unwrap();
+        gate.acknowledge(30);
+        assert_eq!(gate.held(), 0);
+        assert_eq!(gate.stats().released, 3);
+    }
+
     #[test]
     fn open_releases_everything_and_discard_drops() {
         let wire = Wire::default();
@@ -218,6 +311,9 @@ mod tests {
                     assert!(u64::from_le_bytes(f[..].try_into().unwrap()) <= acked);
                 }
             }
+            // The lock-free readings are the locked state's.
+            assert_eq!(gate.held() as u64, gate.stats().held_now);
+            assert_eq!(gate.acked(), acked);
         }
         let out: Vec<u64> =
             wire.0.lock().unwrap().iter().map(|f| u64::from_le_bytes(f[..].try_into().unwrap())).collect();
