@@ -124,6 +124,17 @@ impl OutputGate {
         }
     }
 
+    /// Release what `g` lets leave now (publishing either way; the sinks'
+    /// lock only when something leaves).
+    fn release_releasable(&self, mut g: MutexGuard<'_, Inner>) {
+        let out = g.take_releasable();
+        if out.is_empty() {
+            self.publish(&g);
+        } else {
+            self.release(g, out.iter().map(|h| (h.nic, &h.frame[..])));
+        }
+    }
+
     /// A frame produced at `position` on card `nic`.
     pub fn push(&self, position: u64, nic: usize, frame: &[u8]) {
         let mut g = self.inner.lock().unwrap();
@@ -141,12 +152,7 @@ impl OutputGate {
         let mut g = self.inner.lock().unwrap();
         if position > g.acked {
             g.acked = position;
-            let out = g.take_releasable();
-            if out.is_empty() {
-                self.publish(&g);
-            } else {
-                self.release(g, out.iter().map(|h| (h.nic, &h.frame[..])));
-            }
+            self.release_releasable(g);
         }
     }
 
@@ -154,8 +160,7 @@ impl OutputGate {
     pub fn open(&self) {
         let mut g = self.inner.lock().unwrap();
         g.open = true;
-        let out = g.take_releasable();
-        self.release(g, out.iter().map(|h| (h.nic, &h.frame[..])));
+        self.release_releasable(g);
     }
 
     /// Drop what is held without sending it (the side stops).

@@ -1372,13 +1372,7 @@ fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
 #[test]
 fn a_disk_error_on_a_primary_running_alone_reaches_the_guest() {
     let _one = serial();
-    common::require_root_net();
-    let dir = fresh_dir("pair-fulla");
-    let net = PairNet::new("fulla", 67).unwrap();
-    let full = dir.join("full");
-    let env = [("LOCKSTEP_FAILPOINT", "disk-full"), ("LOCKSTEP_FAILPOINT_FILE", full.to_str().unwrap())];
-    let mut pair = Pair::start_with_side_env(&exe(), guest(), &net, &dir, &[], &env, &[]).unwrap();
-    pair.wait_for("primary.out", READY, BOOT).unwrap();
+    let (_net, mut pair, _dir, full) = start_with_failpoint_on("primary", "fulla", 67, "disk-full", &[]);
     pair.secondary.kill().unwrap();
     pair.secondary.wait().unwrap();
     pair.wait_for("primary.err", "won epoch 2: running alone", Duration::from_secs(30)).unwrap();

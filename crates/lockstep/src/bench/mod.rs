@@ -72,9 +72,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10)]
     kills: usize,
     /// `bench pair`: in the throughput runs, give each side a CPU of its
-    /// own, as two one-CPU hosts
-    /// would (the solo VM and the primary CPU 0, the secondary CPU 1),
-    /// instead of sharing this machine's CPUs among all their threads.
+    /// own, as two one-CPU hosts would (the solo VM and the primary CPU 0,
+    /// the secondary CPU 1), instead of sharing this machine's CPUs among
+    /// all their threads.
     #[arg(long)]
     core_per_side: bool,
     /// `bench pair` and `bench record`: the engines to compare, side by

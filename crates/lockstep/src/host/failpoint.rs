@@ -31,7 +31,7 @@ pub fn file_armed(name: &str) -> bool {
 /// disk); `disk-slow-flush` makes every flush [`SLOW_FLUSH`] longer (a
 /// replica on a disk busy with other writes: an fsync waits for them all).
 pub struct FaultyDisk {
-    pub inner: Box<dyn machine::virtio::blk::BlockBackend>,
+    inner: Box<dyn machine::virtio::blk::BlockBackend>,
     slow_flushes: u64,
 }
 
