@@ -682,6 +682,7 @@ impl PrimaryLink {
         // arrive but whose execution stands still for a timeout is lost.
         let (mut seen, mut moved) = (s.peer_position, Instant::now());
         let mut awake = Awake::new(self.cfg.heartbeat, self.cfg.timeout);
+        let mut was_in_disk = false;
         while s.state == Some(State::Protected) && lag(&s) > self.cfg.max_lag / 2 {
             s = self.shared.cond.wait_timeout(s, self.cfg.heartbeat).unwrap().0;
             awake.round();
@@ -689,7 +690,11 @@ impl PrimaryLink {
             // that has executed all it received waits for the link, which
             // is slow, not dead (the heartbeats say so).
             let holds_more = self.gate.acked() > s.peer_position;
-            if s.peer_position != seen || !holds_more {
+            // The end of a disk operation the secondary reported is a sign
+            // of life, as its execution moving is (the next may follow).
+            let in_disk = self.lost.peer_in_disk.load(Ordering::Relaxed);
+            let disk_ended = std::mem::replace(&mut was_in_disk, in_disk) && !in_disk;
+            if s.peer_position != seen || !holds_more || disk_ended {
                 (seen, moved) = (s.peer_position, Instant::now());
             } else if awake.ran_since(moved) >= self.peer_stall_timeout() {
                 let why = format!(
