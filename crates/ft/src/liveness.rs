@@ -64,6 +64,44 @@ impl DiskWatch {
     }
 }
 
+/// What the secondary's acknowledgements say of its disk, as the
+/// primary's flow control reads it: whether the last one said its run loop
+/// is inside a disk operation, and whether any since the last reading did.
+/// The end of an operation is a sign of life (the next may follow at once,
+/// its execution standing still throughout), and an acknowledgement sent
+/// in the short gap between two operations must not hide the first: the
+/// reports are latched until read.
+#[derive(Debug, Default)]
+pub(crate) struct PeerDisk {
+    now: AtomicBool,
+    reported: AtomicBool,
+}
+
+impl PeerDisk {
+    /// An acknowledgement said whether the secondary is inside an operation.
+    pub(crate) fn report(&self, in_disk: bool) {
+        if in_disk {
+            self.reported.store(true, Ordering::Relaxed);
+        }
+        self.now.store(in_disk, Ordering::Relaxed);
+    }
+
+    /// Whether the last acknowledgement said it is inside an operation.
+    pub(crate) fn busy(&self) -> bool {
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// Whether an operation reported since the last call has ended
+    /// (`was_busy`: what the last call found, kept by the reader).
+    pub(crate) fn ended(&self, was_busy: &mut bool) -> bool {
+        let reported = self.reported.swap(false, Ordering::Relaxed);
+        let busy = self.busy();
+        let ended = (*was_busy || reported) && !busy;
+        *was_busy = busy;
+        ended
+    }
+}
+
 /// When the primary's run loop last completed a slice, whether it is
 /// waiting for input now (a wait is bounded by the run loop itself), and
 /// how long it may be quiet: `stall` computing, `disk_stall` inside one
@@ -288,6 +326,32 @@ mod tests {
         assert!(!lease.confirm(second));
         assert!(lease.confirm(third));
         assert_eq!(lease.renew(), Ok(()));
+    }
+
+    #[test]
+    fn the_end_of_a_reported_disk_operation_is_seen_once_even_between_readings() {
+        let disk = PeerDisk::default();
+        let mut was = false;
+        assert!(!disk.ended(&mut was));
+        // Read while inside, then after: ended, once.
+        disk.report(true);
+        assert!(!disk.ended(&mut was) && disk.busy());
+        disk.report(false);
+        assert!(disk.ended(&mut was));
+        assert!(!disk.ended(&mut was));
+        // A whole operation between two readings, the last report saying
+        // "not inside" (the gap before the next one): still ended.
+        disk.report(false);
+        disk.report(true);
+        disk.report(false);
+        assert!(disk.ended(&mut was));
+        assert!(!disk.ended(&mut was));
+        // Back to back: inside at both readings, nothing ended yet.
+        disk.report(true);
+        assert!(!disk.ended(&mut was));
+        disk.report(false);
+        disk.report(true);
+        assert!(!disk.ended(&mut was) && disk.busy());
     }
 
     #[test]
