@@ -77,6 +77,11 @@ pub struct BenchArgs {
     /// all their threads.
     #[arg(long)]
     core_per_side: bool,
+    /// `bench pair`: only the engines' solo and FT runs (no pair with
+    /// `--key`, none on a mirroring network): more reps in the same time
+    /// when the engines' ratios are the question.
+    #[arg(long)]
+    engines_only: bool,
     /// `bench pair` and `bench record`: the engines to compare, side by
     /// side (default: the host's default engine).
     #[arg(long, value_delimiter = ',', value_name = "interp,jit")]
@@ -204,7 +209,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Boot => return boot(&args),
         BenchKind::Devices => return guest::devices(args.reps),
         BenchKind::Record => return guest::record(args.reps, &engines),
-        BenchKind::Pair => return pair::pair(args.reps, args.kills, &engines, args.core_per_side),
+        BenchKind::Pair => {
+            return pair::pair(pair::PairBench {
+                reps: args.reps,
+                kills: args.kills,
+                engines: &engines,
+                core_per_side: args.core_per_side,
+                engines_only: args.engines_only,
+            })
+        }
         BenchKind::Protect => return protect::protect(args.reps),
         BenchKind::Reprotect => return reprotect::reprotect(args.fill_mb),
         BenchKind::Nemesis => return nemesis::nemesis(args.minutes, args.seed),

@@ -5,7 +5,7 @@
 //!   the client: FT/solo throughput.
 //! - Request/response: redis `PING` round trips on one connection:
 //!   FT/solo throughput and the latency the output rule adds.
-//! - Bulk network into the guest: iperf3 from the client for 5 s, FT/solo
+//! - Bulk network into the guest: iperf3 from the client for 10 s, FT/solo
 //!   throughput and the log bandwidth it takes.
 //! - Log bandwidth, backup lag and output hold time from the primary's
 //!   status endpoint.
@@ -24,7 +24,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const LUA: &str = "local x = 0 for i = 1, 3000000 do x = x + i % 7 end return x";
-const PINGS: usize = 3000;
+/// Long enough (about 5 s) that one slow stretch of the host does not
+/// decide a run's figure.
+const PINGS: usize = 10_000;
 /// The two guest networks kills are timed on (see `PairNet::mirror_guest_frames`).
 const NETWORKS: [&str; 2] = ["learning switch", "mirroring network"];
 /// Typed on the guest's console to start the iperf3 server.
@@ -91,7 +93,7 @@ fn thread_times_per(
 }
 
 /// How long `bulk_in` runs iperf3, seconds.
-const BULK_SECS: f64 = 5.0;
+const BULK_SECS: f64 = 10.0;
 
 /// CPU seconds each process has used so far (NaN for a process that is
 /// gone or none: the figure is then NaN, not an error).
@@ -326,7 +328,10 @@ fn print_ratios(engine: rv::Engine, runs: &EngineRuns) {
     println!("| request/response (redis PING), ops/s | {s_ops:.0} | {f_ops:.0} | {:.3} |", f_ops / s_ops);
     println!("| PING latency median, us | {s_med:.0} | {f_med:.0} | +{:.0} us |", f_med - s_med);
     println!("| PING latency p99, us | {s_p99:.0} | {f_p99:.0} | +{:.0} us |", f_p99 - s_p99);
-    println!("| bulk into the guest (iperf3, 5 s), Mbit/s | {s_bulk:.0} | {f_bulk:.0} | {:.3} |", f_bulk / s_bulk);
+    println!(
+        "| bulk into the guest (iperf3, {BULK_SECS} s), Mbit/s | {s_bulk:.0} | {f_bulk:.0} | {:.3} |",
+        f_bulk / s_bulk
+    );
     let (s_ping, f_ping) = (med(solo, |f| f.ping_cpu_us[0]), med(ft, |f| f.ping_cpu_us[0]));
     let (s_gbit, f_gbit) = (med(solo, |f| f.bulk_cpu_s_per_gbit[0]), med(ft, |f| f.bulk_cpu_s_per_gbit[0]));
     println!(
@@ -353,6 +358,48 @@ fn print_ratios(engine: rv::Engine, runs: &EngineRuns) {
         med(ft, |f| f.lag_ms),
         med(ft, |f| f.bulk_log_mbits),
     );
+}
+
+/// The three FT/solo throughput ratios of one rep (the FT run over the
+/// solo run just before it): CPU-bound, request/response, bulk.
+fn rep_ratios(solo: &Figures, ft: &Figures) -> [f64; 3] {
+    [solo.cpu_secs / ft.cpu_secs, ft.ops_per_sec / solo.ops_per_sec, ft.bulk_mbits / solo.bulk_mbits]
+}
+
+const RATIO_NAMES: [&str; 3] = ["CPU-bound", "request/response", "bulk into the guest"];
+
+/// Each rep's FT/solo ratios, per engine, and (with two engines or more)
+/// each rep's difference from the first engine's ratio in that same rep.
+/// How much a ratio moves from rep to rep is what a difference between
+/// engines has to beat: the paired differences show whether it does.
+fn print_rep_ratios(engines: &[rv::Engine], runs: &[EngineRuns]) {
+    let ratios: Vec<Vec<[f64; 3]>> =
+        runs.iter().map(|r| r.solo.iter().zip(&r.ft).map(|(s, f)| rep_ratios(s, f)).collect()).collect();
+    let first = engines[0].name();
+    println!(
+        "FT/solo by rep (each FT run over the solo run just before it), and each engine's difference from {first} in \
+         the same rep:"
+    );
+    println!("| engine | what | by rep | median | min / max |");
+    println!("|---|---|---|---|---|");
+    for (e, engine) in engines.iter().enumerate() {
+        for (k, what) in RATIO_NAMES.iter().enumerate() {
+            let own: Vec<f64> = ratios[e].iter().map(|r| r[k]).collect();
+            let mut rows = vec![(engine.name().to_string(), own.clone(), false)];
+            if e > 0 {
+                let diff = own.iter().zip(&ratios[0]).map(|(a, b)| a - b[k]).collect();
+                rows.push((format!("{} - {first}", engine.name()), diff, true));
+            }
+            for (name, mut v, signed) in rows {
+                let show = |x: f64| if signed { format!("{x:+.3}") } else { format!("{x:.3}") };
+                let by_rep = v.iter().map(|&x| show(x)).collect::<Vec<_>>().join(" ");
+                let min = v.iter().copied().fold(f64::MAX, f64::min);
+                let max = v.iter().copied().fold(f64::MIN, f64::max);
+                let mid = median(&mut v);
+                println!("| {name} | {what} | {by_rep} | {} | {} / {} |", show(mid), show(min), show(max));
+            }
+        }
+    }
 }
 
 /// Where each process's host time goes, by thread, per `PING` (µs) and per
@@ -409,10 +456,23 @@ fn print_cost(title: &str, plain: &[Figures], with: &[Figures]) {
     }
 }
 
-/// `engines` (at least one): compared side by side (each rep runs solo
-/// and FT with each in turn); the costs of `--key` and of a mirroring network are measured
-/// with the first.
-pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine], core_per_side: bool) -> Result<()> {
+/// What `bench pair` measures.
+pub struct PairBench<'a> {
+    pub reps: usize,
+    pub kills: usize,
+    /// At least one: compared side by side (each rep runs solo and FT with
+    /// each in turn); the costs of `--key` and of a mirroring network are
+    /// measured with the first.
+    pub engines: &'a [rv::Engine],
+    /// The solo VM and the primary on CPU 0, the secondary on CPU 1.
+    pub core_per_side: bool,
+    /// Only the engines' solo and FT runs: no pair with `--key`, none on a
+    /// mirroring network (their costs are not measured).
+    pub engines_only: bool,
+}
+
+pub fn pair(b: PairBench) -> Result<()> {
+    let PairBench { reps, kills, engines, core_per_side, engines_only } = b;
     let (exe, g, dir) = setup("pair")?;
     let cpus = core_per_side.then_some(Cpus { solo: 0, primary: 0, secondary: 1 });
     if core_per_side {
@@ -443,34 +503,39 @@ pub fn pair(reps: usize, kills: usize, engines: &[rv::Engine], core_per_side: bo
             runs[i].ft.push(measure(&net, true, &pair.pids())?);
             drop(pair);
         }
-        let first = ["--engine", names[0]];
-        let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat(), cpus)?;
-        keyed.push(measure(&net, true, &pair.pids())?);
-        drop(pair);
-        net.mirror_guest_frames(true)?;
-        let f = start_pair(&exe, &g, &net, &dir, &first, cpus).and_then(|pair| measure(&net, true, &pair.pids()));
-        net.mirror_guest_frames(false)?;
-        mirrored.push(f?);
+        if !engines_only {
+            let first = ["--engine", names[0]];
+            let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat(), cpus)?;
+            keyed.push(measure(&net, true, &pair.pids())?);
+            drop(pair);
+            net.mirror_guest_frames(true)?;
+            let f = start_pair(&exe, &g, &net, &dir, &first, cpus).and_then(|pair| measure(&net, true, &pair.pids()));
+            net.mirror_guest_frames(false)?;
+            mirrored.push(f?);
+        }
         eprintln!("bench pair: rep {} of {reps} done", rep + 1);
     }
     for (engine, r) in engines.iter().zip(&runs) {
         print_ratios(*engine, r);
         print_threads(*engine, r);
     }
-    print_cost(
-        &format!("the cost of --key (an authenticated channel), engine {}, keyed pair / unkeyed pair:", names[0]),
-        &runs[0].ft,
-        &keyed,
-    );
-    print_cost(
-        &format!(
-            "the cost of a mirroring network (the secondary reads every frame for the guest), engine {}, mirrored / \
-             learning:",
-            names[0]
-        ),
-        &runs[0].ft,
-        &mirrored,
-    );
+    print_rep_ratios(engines, &runs);
+    if !engines_only {
+        print_cost(
+            &format!("the cost of --key (an authenticated channel), engine {}, keyed pair / unkeyed pair:", names[0]),
+            &runs[0].ft,
+            &keyed,
+        );
+        print_cost(
+            &format!(
+                "the cost of a mirroring network (the secondary reads every frame for the guest), engine {}, mirrored \
+                 / learning:",
+                names[0]
+            ),
+            &runs[0].ft,
+            &mirrored,
+        );
+    }
     if kills > 0 {
         // Alternating: each kill on a learning network, then one on a
         // mirroring network, with the same delay.
