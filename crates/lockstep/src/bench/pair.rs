@@ -378,26 +378,49 @@ fn print_rep_ratios(engines: &[rv::Engine], runs: &[EngineRuns]) {
     let first = engines[0].name();
     println!(
         "FT/solo by rep (each FT run over the solo run just before it), and each engine's difference from {first} in \
-         the same rep:"
+         the same rep; then what the CPU-bound figure is made of, by rep:"
     );
     println!("| engine | what | by rep | median | min / max |");
     println!("|---|---|---|---|---|");
+    let row = |name: &str, what: &str, mut v: Vec<f64>, signed: bool| {
+        let show = |x: f64| if signed { format!("{x:+.3}") } else { format!("{x:.3}") };
+        let by_rep = v.iter().map(|&x| show(x)).collect::<Vec<_>>().join(" ");
+        let min = v.iter().copied().fold(f64::MAX, f64::min);
+        let max = v.iter().copied().fold(f64::MIN, f64::max);
+        let mid = median(&mut v);
+        println!("| {name} | {what} | {by_rep} | {} | {} / {} |", show(mid), show(min), show(max));
+    };
     for (e, engine) in engines.iter().enumerate() {
+        let name = engine.name();
         for (k, what) in RATIO_NAMES.iter().enumerate() {
             let own: Vec<f64> = ratios[e].iter().map(|r| r[k]).collect();
-            let mut rows = vec![(engine.name().to_string(), own.clone(), false)];
+            let diff: Vec<f64> = own.iter().zip(&ratios[0]).map(|(a, b)| a - b[k]).collect();
+            row(name, what, own, false);
             if e > 0 {
-                let diff = own.iter().zip(&ratios[0]).map(|(a, b)| a - b[k]).collect();
-                rows.push((format!("{} - {first}", engine.name()), diff, true));
+                row(&format!("{name} - {first}"), what, diff, true);
             }
-            for (name, mut v, signed) in rows {
-                let show = |x: f64| if signed { format!("{x:+.3}") } else { format!("{x:.3}") };
-                let by_rep = v.iter().map(|&x| show(x)).collect::<Vec<_>>().join(" ");
-                let min = v.iter().copied().fold(f64::MAX, f64::min);
-                let max = v.iter().copied().fold(f64::MIN, f64::max);
-                let mid = median(&mut v);
-                println!("| {name} | {what} | {by_rep} | {} | {} / {} |", show(mid), show(min), show(max));
-            }
+        }
+    }
+    /// The vCPU thread (named after the process) of each side.
+    fn vcpu(f: &Figures, side: usize) -> f64 {
+        f.cpu_threads[side].get("lockstep").map_or(f64::NAN, |t| t.cpu_secs)
+    }
+    /// A figure of one run: what it is, whether of the FT run (else the
+    /// solo one), and how to read it.
+    type Part = (&'static str, bool, fn(&Figures) -> f64);
+    let parts: [Part; 6] = [
+        ("Lua loop, s", false, |f| f.cpu_secs),
+        ("the vCPU thread on a CPU, ms per loop", false, |f| vcpu(f, 0)),
+        ("Lua loop, s", true, |f| f.cpu_secs),
+        ("the primary waited for the secondary, ms per loop", true, |f| f.cpu_throttled_ms / 3.0),
+        ("the primary's vCPU thread on a CPU, ms per loop", true, |f| vcpu(f, 0)),
+        ("the secondary's vCPU thread on a CPU, ms per loop", true, |f| vcpu(f, 1)),
+    ];
+    for (engine, r) in engines.iter().zip(runs) {
+        for (what, paired, of) in parts {
+            let v = if paired { &r.ft } else { &r.solo };
+            let side = if paired { "FT" } else { "solo" };
+            row(&format!("{} {side}", engine.name()), what, v.iter().map(of).collect(), false);
         }
     }
 }
