@@ -82,6 +82,12 @@ pub struct BenchArgs {
     /// when the engines' ratios are the question.
     #[arg(long)]
     engines_only: bool,
+    /// `bench pair`: per engine, boot one solo VM and one pair and measure
+    /// them in turns for every rep (each rep's ratio then compares
+    /// measurements a few seconds apart), instead of fresh ones per rep;
+    /// only the engines are measured, as with `--engines-only`.
+    #[arg(long)]
+    interleave: bool,
     /// `bench pair` and `bench record`: the engines to compare, side by
     /// side (default: the host's default engine).
     #[arg(long, value_delimiter = ',', value_name = "interp,jit")]
@@ -216,6 +222,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 engines: &engines,
                 core_per_side: args.core_per_side,
                 engines_only: args.engines_only,
+                interleave: args.interleave,
             })
         }
         BenchKind::Protect => return protect::protect(args.reps),

@@ -294,6 +294,30 @@ fn start_pair(
     Ok(pair)
 }
 
+/// Start the solo VM with `flags`, wait until its guest is ready, and
+/// start the guest's iperf3 server.
+fn start_solo_vm(
+    exe: &std::path::Path,
+    g: &GuestPaths,
+    net: &PairNet,
+    dir: &std::path::Path,
+    flags: &[&str],
+    cpus: Option<Cpus>,
+) -> Result<std::process::Child> {
+    let mut child = start_solo(exe, g, net, dir, flags)?;
+    let pin = |child: &std::process::Child| cpus.map_or(Ok(()), |c| pin_to_cpu(child.id(), c.solo));
+    let ready = pin(&child)
+        .and_then(|_| wait_file(dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest"))
+        .and_then(|_| pin(&child))
+        .and_then(|_| type_line(&mut child, IPERF_SERVER));
+    if let Err(e) = ready {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
+}
+
 /// The CPU each process runs on (`bench pair --core-per-side`).
 #[derive(Clone, Copy)]
 struct Cpus {
@@ -361,7 +385,7 @@ fn print_ratios(engine: rv::Engine, runs: &EngineRuns) {
 }
 
 /// The three FT/solo throughput ratios of one rep (the FT run over the
-/// solo run just before it): CPU-bound, request/response, bulk.
+/// solo run next to it in time): CPU-bound, request/response, bulk.
 fn rep_ratios(solo: &Figures, ft: &Figures) -> [f64; 3] {
     [solo.cpu_secs / ft.cpu_secs, ft.ops_per_sec / solo.ops_per_sec, ft.bulk_mbits / solo.bulk_mbits]
 }
@@ -377,7 +401,7 @@ fn print_rep_ratios(engines: &[rv::Engine], runs: &[EngineRuns]) {
         runs.iter().map(|r| r.solo.iter().zip(&r.ft).map(|(s, f)| rep_ratios(s, f)).collect()).collect();
     let first = engines[0].name();
     println!(
-        "FT/solo by rep (each FT run over the solo run just before it), and each engine's difference from {first} in \
+        "FT/solo by rep (each FT run over the solo run next to it in time), and each engine's difference from {first} in \
          the same rep; then what the CPU-bound figure is made of, by rep:"
     );
     println!("| engine | what | by rep | median | min / max |");
@@ -492,10 +516,14 @@ pub struct PairBench<'a> {
     /// Only the engines' solo and FT runs: no pair with `--key`, none on a
     /// mirroring network (their costs are not measured).
     pub engines_only: bool,
+    /// Per engine, one solo VM and one pair for all reps, measured in
+    /// turns, instead of a fresh solo VM and pair for every rep (only the
+    /// engines, as `engines_only`).
+    pub interleave: bool,
 }
 
 pub fn pair(b: PairBench) -> Result<()> {
-    let PairBench { reps, kills, engines, core_per_side, engines_only } = b;
+    let PairBench { reps, kills, engines, core_per_side, engines_only, interleave } = b;
     let (exe, g, dir) = setup("pair")?;
     let cpus = core_per_side.then_some(Cpus { solo: 0, primary: 0, secondary: 1 });
     if core_per_side {
@@ -509,41 +537,65 @@ pub fn pair(b: PairBench) -> Result<()> {
     let names: Vec<&str> = engines.iter().map(|e| e.name()).collect();
     let mut runs: Vec<EngineRuns> = engines.iter().map(|_| EngineRuns::default()).collect();
     let (mut keyed, mut mirrored) = (Vec::new(), Vec::new());
-    for rep in 0..reps {
+    if interleave {
+        // One solo VM and one pair per engine, kept for every rep, on
+        // networks of their own: each rep measures both, in turns (ABBA),
+        // so a slow stretch of the host falls on both.
+        let solo_net = PairNet::new("bsolo", 78)?;
         for (i, name) in names.iter().enumerate() {
             let flags = ["--engine", *name];
-            let mut child = start_solo(&exe, &g, &net, &dir, &flags)?;
-            let pin = |child: &std::process::Child| cpus.map_or(Ok(()), |c| pin_to_cpu(child.id(), c.solo));
-            pin(&child)?;
-            wait_file(&dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest")?;
-            pin(&child)?;
-            type_line(&mut child, IPERF_SERVER)?;
-            let f = measure(&net, false, &[child.id()]);
-            let _ = child.kill();
-            let _ = child.wait();
-            runs[i].solo.push(f?);
-            let pair = start_pair(&exe, &g, &net, &dir, &flags, cpus)?;
-            runs[i].ft.push(measure(&net, true, &pair.pids())?);
-            drop(pair);
+            let mut solo = start_solo_vm(&exe, &g, &solo_net, &dir, &flags, cpus)?;
+            let pair = start_pair(&exe, &g, &net, &dir, &flags, cpus);
+            let measured = pair.and_then(|pair| {
+                for rep in 0..reps {
+                    for paired in if rep % 2 == 0 { [false, true] } else { [true, false] } {
+                        if paired {
+                            runs[i].ft.push(measure(&net, true, &pair.pids())?);
+                        } else {
+                            runs[i].solo.push(measure(&solo_net, false, &[solo.id()])?);
+                        }
+                    }
+                    eprintln!("bench pair: engine {name}, rep {} of {reps} done", rep + 1);
+                }
+                Ok(())
+            });
+            let _ = solo.kill();
+            let _ = solo.wait();
+            measured?;
         }
-        if !engines_only {
-            let first = ["--engine", names[0]];
-            let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat(), cpus)?;
-            keyed.push(measure(&net, true, &pair.pids())?);
-            drop(pair);
-            net.mirror_guest_frames(true)?;
-            let f = start_pair(&exe, &g, &net, &dir, &first, cpus).and_then(|pair| measure(&net, true, &pair.pids()));
-            net.mirror_guest_frames(false)?;
-            mirrored.push(f?);
+    } else {
+        for rep in 0..reps {
+            for (i, name) in names.iter().enumerate() {
+                let flags = ["--engine", *name];
+                let mut child = start_solo_vm(&exe, &g, &net, &dir, &flags, cpus)?;
+                let f = measure(&net, false, &[child.id()]);
+                let _ = child.kill();
+                let _ = child.wait();
+                runs[i].solo.push(f?);
+                let pair = start_pair(&exe, &g, &net, &dir, &flags, cpus)?;
+                runs[i].ft.push(measure(&net, true, &pair.pids())?);
+                drop(pair);
+            }
+            if !engines_only {
+                let first = ["--engine", names[0]];
+                let pair = start_pair(&exe, &g, &net, &dir, &[&first[..], &["--key", key_path]].concat(), cpus)?;
+                keyed.push(measure(&net, true, &pair.pids())?);
+                drop(pair);
+                net.mirror_guest_frames(true)?;
+                let f =
+                    start_pair(&exe, &g, &net, &dir, &first, cpus).and_then(|pair| measure(&net, true, &pair.pids()));
+                net.mirror_guest_frames(false)?;
+                mirrored.push(f?);
+            }
+            eprintln!("bench pair: rep {} of {reps} done", rep + 1);
         }
-        eprintln!("bench pair: rep {} of {reps} done", rep + 1);
     }
     for (engine, r) in engines.iter().zip(&runs) {
         print_ratios(*engine, r);
         print_threads(*engine, r);
     }
     print_rep_ratios(engines, &runs);
-    if !engines_only {
+    if !engines_only && !interleave {
         print_cost(
             &format!("the cost of --key (an authenticated channel), engine {}, keyed pair / unkeyed pair:", names[0]),
             &runs[0].ft,
