@@ -86,6 +86,20 @@ fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process
     }
 }
 
+/// [`wait_exit`] for one side of `pair` ("primary" or "secondary"): if it
+/// does not exit in time, the failure shows both sides' logs.
+fn wait_side_exit(pair: &mut Pair, side: &str, timeout: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        let child = if side == "primary" { &mut pair.primary } else { &mut pair.secondary };
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < timeout, "the {side} did not exit within {timeout:?}: {}", pair.tails());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// After a partition: wait for the side that stops (it lost arbitration);
 /// its role and exit status.
 fn first_to_exit(pair: &mut Pair) -> (&'static str, std::process::ExitStatus) {
@@ -227,15 +241,7 @@ fn a_one_way_cut_still_leaves_exactly_one_side() {
     let client = Client::start(&net);
     client.advance(30, BOOT, &pair).unwrap();
     net.cut_log_one_way().unwrap();
-    // Both sides' logs if it does not stop (seen once in CI, not here).
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = pair.primary.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "the primary did not stop within 30 s: {}", pair.tails());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_side_exit(&mut pair, "primary", Duration::from_secs(30));
     assert_eq!(status.code(), Some(2), "{}", pair.tails());
     let p = pair.text("primary.err");
     assert!(p.contains("lost arbitration: epoch 2 belongs to 'secondary@"), "{p}");
@@ -277,8 +283,7 @@ fn hang_and_resume(hung: &str, tag: &str, net_id: u8) {
     };
     let before = frames_in();
     kill(pid, Signal::SIGCONT).unwrap();
-    let status =
-        wait_exit(if hung == "primary" { &mut pair.primary } else { &mut pair.secondary }, Duration::from_secs(30));
+    let status = wait_side_exit(&mut pair, hung, Duration::from_secs(30));
     // The lease: resumed after the takeover, it let nothing out (the acks
     // that waited in its socket release nothing after the silence).
     assert_eq!(frames_in(), before, "the resumed {hung} sent frames from the guest's MAC: {}", pair.tails());
@@ -1091,7 +1096,7 @@ fn a_primary_lost_between_reboot_and_next_boot_is_booted_by_the_secondary() {
     client.advance(20, BOOT, &pair).unwrap();
     client.finish(&pair).unwrap();
     type_line(&mut pair.primary, "sync; reboot -f").unwrap();
-    let status = wait_exit(&mut pair.primary, Duration::from_secs(60));
+    let status = wait_side_exit(&mut pair, "primary", Duration::from_secs(60));
     assert!(!status.success(), "the failpoint kills the primary");
     pair.wait_for("secondary.err", "going live with the next boot", Duration::from_secs(30)).unwrap();
     let t = Instant::now();
@@ -1222,7 +1227,7 @@ fn a_primary_whose_run_loop_is_stuck_is_failed_over() {
     pair.wait_for("secondary.err", "going live at position", Duration::from_secs(30)).unwrap();
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
     std::fs::remove_file(&stall).unwrap();
-    let status = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    let status = wait_side_exit(&mut pair, "primary", Duration::from_secs(30));
     assert_eq!(status.code(), Some(2));
     let said = pair.text("primary.err");
     assert!(said.contains("the run loop has been stuck for"), "{said}");
@@ -1246,7 +1251,7 @@ fn a_primary_goes_on_alone_when_its_secondary_stops_executing() {
     assert!(pair.text("primary.err").contains("its execution has stood at position"), "{}", pair.tails());
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
     std::fs::remove_file(&stall).unwrap();
-    let status = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    let status = wait_side_exit(&mut pair, "secondary", Duration::from_secs(30));
     assert_eq!(status.code(), Some(2), "{}", pair.tails());
     assert!(!pair.text("secondary.err").contains("going live"), "{}", pair.tails());
     let w = client.finish(&pair).unwrap();
@@ -1305,7 +1310,7 @@ fn a_divergence_is_caught_without_asking_for_hashes() {
     let client = Client::start(&net);
     client.advance(20, BOOT, &pair).unwrap();
     std::fs::write(&flip, b"").unwrap();
-    let status = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    let status = wait_side_exit(&mut pair, "secondary", Duration::from_secs(30));
     assert_eq!(status.code(), Some(2), "{}", pair.tails());
     let said = pair.text("secondary.err");
     assert!(said.contains("replay diverged between positions"), "{said}");
@@ -1351,8 +1356,7 @@ fn a_full_disk_replica_stops_its_side_and_the_other_goes_on() {
         client.advance(20, BOOT, &pair).unwrap();
         // Every acknowledged redis write is on the disk (appendfsync always).
         std::fs::write(&full, b"").unwrap();
-        let child = if failing == "primary" { &mut pair.primary } else { &mut pair.secondary };
-        let status = wait_exit(child, Duration::from_secs(30));
+        let status = wait_side_exit(&mut pair, failing, Duration::from_secs(30));
         assert_eq!(status.code(), Some(2), "{}", pair.tails());
         let said = pair.text(&format!("{failing}.err"));
         assert!(said.contains(&format!("this {failing}'s disk replica failed (disk write")), "{said}");
@@ -1732,8 +1736,7 @@ fn a_kill_during_a_switchover_leaves_one_vm_and_loses_nothing() {
             .args(["switchover", "127.0.0.1:9540", "--timeout", "20"])
             .output()
             .unwrap();
-        let dead = if dies == "primary" { &mut pair.primary } else { &mut pair.secondary };
-        let exit = wait_exit(dead, Duration::from_secs(30));
+        let exit = wait_side_exit(&mut pair, dies, Duration::from_secs(30));
         assert_eq!(exit.code(), None, "the {dies} was to die by SIGKILL ({failpoint}): {}", pair.tails());
         assert!(!asked.status.success(), "the switchover cannot have succeeded");
         client.advance(40, Duration::from_secs(60), &pair).unwrap();
@@ -1818,7 +1821,8 @@ fn a_secondary_restarted_after_a_kill_joins_the_running_primary() {
     // replicas hold the same bytes, every chunk of them (the state hash at
     // the join covers only the chunks the guest wrote since it booted).
     type_line(&mut pair.primary, "sync; poweroff -f").unwrap();
-    let exits = [wait_exit(&mut pair.primary, Duration::from_secs(60)), wait_exit(&mut pair.secondary, BOOT)];
+    let exits =
+        [wait_side_exit(&mut pair, "primary", Duration::from_secs(60)), wait_side_exit(&mut pair, "secondary", BOOT)];
     assert!(exits.iter().all(|e| e.success()), "{exits:?}: {}", pair.tails());
     let (a, b) = (dir.join("primary.img"), dir.join("secondary.img"));
     let differing = lab::pair::differing_chunks(&a, &b, 1 << 20).unwrap();
@@ -1877,7 +1881,7 @@ fn kill_rejoin_kill_keeps_the_vm_and_every_write() {
     // kept doing so once joined: its guest then saw an error A's did not,
     // which a nemesis run caught as a divergence). A goes live.
     std::fs::write(&full, b"").unwrap();
-    let stopped = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    let stopped = wait_side_exit(&mut pair, "secondary", Duration::from_secs(30));
     assert_eq!(stopped.code(), Some(2), "{}", pair.tails());
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
     let w = client.finish(&pair).unwrap();
@@ -1952,7 +1956,7 @@ fn a_kill_during_a_join_leaves_one_vm_and_the_next_join_works() {
     }
     pair.primary.kill().unwrap();
     pair.primary.wait().unwrap();
-    let status = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    let status = wait_side_exit(&mut pair, "secondary", Duration::from_secs(30));
     let said = pair.text("joiner3.err");
     assert!(!status.success(), "{said}");
     assert!(said.contains("joining the running primary") && !said.contains("going live"), "{said}");
@@ -1984,7 +1988,7 @@ fn a_migration_moves_the_running_vm_and_loses_nothing() {
         exec(&ns, exe_path.to_str().unwrap()).args(["migrate", "--to", &to2, "127.0.0.1:9540"]).output().unwrap()
     });
     // The present secondary is let go: it stops, and does not go live.
-    let released = wait_exit(&mut pair.secondary, Duration::from_secs(30));
+    let released = wait_side_exit(&mut pair, "secondary", Duration::from_secs(30));
     let s = pair.text("secondary.err");
     assert!(released.success() && s.contains("released this secondary") && !s.contains("going live"), "{s}");
     client.advance(20, Duration::from_secs(60), &pair).unwrap();
@@ -1993,7 +1997,7 @@ fn a_migration_moves_the_running_vm_and_loses_nothing() {
     let out = migrate.join().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "migrate: {stdout} {stderr}\n{}", pair.tails());
-    let old = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    let old = wait_side_exit(&mut pair, "primary", Duration::from_secs(30));
     let p = pair.text("primary.err");
     assert!(old.success() && p.contains("released after the migration"), "{p}");
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
@@ -2020,7 +2024,7 @@ fn a_primary_killed_as_it_releases_its_secondary_leaves_the_vm_to_it() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "the migration cannot succeed: its primary died");
-    let killed = wait_exit(&mut pair.primary, Duration::from_secs(30));
+    let killed = wait_side_exit(&mut pair, "primary", Duration::from_secs(30));
     assert!(!killed.success(), "{}", pair.tails());
     pair.wait_for("secondary.err", "going live at position", Duration::from_secs(30)).unwrap();
     client.advance(30, Duration::from_secs(60), &pair).unwrap();
