@@ -82,10 +82,11 @@ pub struct BenchArgs {
     /// when the engines' ratios are the question.
     #[arg(long)]
     engines_only: bool,
-    /// `bench pair`: per engine, boot one solo VM and one pair and measure
-    /// them in turns for every rep (each rep's ratio then compares
-    /// measurements a few seconds apart), instead of fresh ones per rep;
-    /// only the engines are measured, as with `--engines-only`.
+    /// `bench pair`: boot every engine's solo VM and pair at once and run
+    /// each workload on all of them in turns every rep (a rep's ratios and
+    /// engine differences then compare measurements seconds apart),
+    /// instead of fresh ones per rep; only the engines are measured, as
+    /// with `--engines-only`.
     #[arg(long)]
     interleave: bool,
     /// `bench pair` and `bench record`: the engines to compare, side by

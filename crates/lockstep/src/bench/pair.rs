@@ -110,6 +110,19 @@ fn cpu_per(before: [f64; 2], after: [f64; 2], per: f64) -> [f64; 2] {
     [(after[0] - before[0]) / per, (after[1] - before[1]) / per]
 }
 
+/// Slow the guest's redis background work (its `serverCron`) from 10 to
+/// 1 run a second. Idle, that work is almost all a booted guest does: it
+/// costs 15-18 % of a host CPU with the interpreter, 5-8 % with the tier,
+/// and 2 % at 1 Hz; `bench pair --interleave` keeps several VMs idle
+/// beside the one it measures.
+fn client_quiet(addr: String) -> Result<(), String> {
+    let mut r = Redis::connect(&addr, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    match r.command(&[b"CONFIG", b"SET", b"hz", b"1"]).map_err(|e| e.to_string())? {
+        Reply::Simple(s) if s == "OK" => Ok(()),
+        other => Err(format!("CONFIG SET hz 1 answered {other:?}")),
+    }
+}
+
 /// The CPU-bound figure: the median of three `EVAL`s of [`LUA`], seconds.
 fn client_cpu(addr: String) -> Result<f64, String> {
     let mut r = Redis::connect(&addr, Duration::from_secs(60)).map_err(|e| e.to_string())?;
@@ -173,37 +186,85 @@ fn in_client<T: Send + 'static>(net: &PairNet, client: fn(String) -> Result<T, S
         .map_err(|e| anyhow!("client: {e}"))
 }
 
-/// The figures of a VM running in `net`, alone or paired; `pids`: the
-/// solo run's process, or the primary's and the secondary's.
-fn measure(net: &PairNet, paired: bool, pids: &[u32]) -> Result<Figures> {
-    let status = || if paired { primary_status(net).map(|s| Some((s, Instant::now()))) } else { Ok(None) };
-    let before = status()?;
-    let threads0 = thread_times(pids);
-    let mut f = Figures { cpu_secs: in_client(net, client_cpu)?, ..Figures::default() };
-    f.cpu_threads = thread_times_per(&threads0, thread_times(pids), 3.0, 1e3);
-    if let Some((s0, _)) = &before {
-        f.cpu_throttled_ms = primary_status(net)?.throttled_ms.saturating_sub(s0.throttled_ms) as f64;
+/// A VM under measurement: its network, whether it is a pair, and its
+/// processes (the solo run's, or the primary's and the secondary's).
+struct Subject<'a> {
+    net: &'a PairNet,
+    paired: bool,
+    pids: Vec<u32>,
+}
+
+impl Subject<'_> {
+    /// The primary's status and when it was read (`None` alone).
+    fn status(&self) -> Result<Option<(ft::Status, Instant)>> {
+        if self.paired {
+            primary_status(self.net).map(|s| Some((s, Instant::now())))
+        } else {
+            Ok(None)
+        }
     }
-    let before = status()?;
-    let (cpu0, threads0) = (cpu_secs(pids), thread_times(pids));
-    (f.ops_per_sec, f.median_us, f.p99_us) = in_client(net, client_ping)?;
-    f.ping_cpu_us = cpu_per(cpu0, cpu_secs(pids), PINGS as f64 / 1e6);
-    f.ping_threads = thread_times_per(&threads0, thread_times(pids), PINGS as f64, 1e6);
+}
+
+/// The phases of a measurement, each filling its part of [`Figures`]; run
+/// one after the other on one VM by [`measure`], or each in turn on all
+/// VMs by `bench pair --interleave`.
+const PHASES: [fn(&Subject, &mut Figures) -> Result<()>; 3] = [measure_cpu, measure_ping, measure_bulk];
+
+/// The CPU-bound workload: [`client_cpu`], the threads' time per loop and
+/// how long flow control held the primary.
+fn measure_cpu(s: &Subject, f: &mut Figures) -> Result<()> {
+    let before = s.status()?;
+    let threads0 = thread_times(&s.pids);
+    f.cpu_secs = in_client(s.net, client_cpu)?;
+    f.cpu_threads = thread_times_per(&threads0, thread_times(&s.pids), 3.0, 1e3);
+    if let Some((s0, _)) = before {
+        f.cpu_throttled_ms = primary_status(s.net)?.throttled_ms.saturating_sub(s0.throttled_ms) as f64;
+    }
+    Ok(())
+}
+
+/// Request/response: [`client_ping`], the host CPU per `PING`, and the
+/// primary's log rate, lag and output hold time.
+fn measure_ping(s: &Subject, f: &mut Figures) -> Result<()> {
+    let before = s.status()?;
+    let (cpu0, threads0) = (cpu_secs(&s.pids), thread_times(&s.pids));
+    (f.ops_per_sec, f.median_us, f.p99_us) = in_client(s.net, client_ping)?;
+    f.ping_cpu_us = cpu_per(cpu0, cpu_secs(&s.pids), PINGS as f64 / 1e6);
+    f.ping_threads = thread_times_per(&threads0, thread_times(&s.pids), PINGS as f64, 1e6);
     if let Some((s0, t0)) = before {
-        let s1 = primary_status(net)?;
+        let s1 = primary_status(s.net)?;
         f.log_bytes_per_sec = (s1.log_bytes - s0.log_bytes) as f64 / t0.elapsed().as_secs_f64();
         f.lag_ms = s1.lag_ms;
         f.hold_us = s1.hold_us_mean;
     }
-    // The server typed on the console a moment ago is up.
-    std::thread::sleep(Duration::from_secs(1));
-    let before = status()?;
-    let cpu0 = cpu_secs(pids);
-    f.bulk_mbits = bulk_in(net)?;
-    f.bulk_cpu_s_per_gbit = cpu_per(cpu0, cpu_secs(pids), f.bulk_mbits * BULK_SECS / 1e3);
+    Ok(())
+}
+
+/// Bulk into the guest: [`bulk_in`], the host CPU per Gbit and the log
+/// bandwidth.
+fn measure_bulk(s: &Subject, f: &mut Figures) -> Result<()> {
+    let before = s.status()?;
+    let cpu0 = cpu_secs(&s.pids);
+    f.bulk_mbits = bulk_in(s.net)?;
+    f.bulk_cpu_s_per_gbit = cpu_per(cpu0, cpu_secs(&s.pids), f.bulk_mbits * BULK_SECS / 1e3);
     if let Some((s0, t0)) = before {
-        let s1 = primary_status(net)?;
+        let s1 = primary_status(s.net)?;
         f.bulk_log_mbits = (s1.log_bytes - s0.log_bytes) as f64 * 8.0 / 1e6 / t0.elapsed().as_secs_f64();
+    }
+    Ok(())
+}
+
+/// The figures of a VM running in `net`, alone or paired; `pids`: the
+/// solo run's process, or the primary's and the secondary's.
+fn measure(net: &PairNet, paired: bool, pids: &[u32]) -> Result<Figures> {
+    let s = Subject { net, paired, pids: pids.to_vec() };
+    let mut f = Figures::default();
+    for (i, phase) in PHASES.iter().enumerate() {
+        if i == 2 {
+            // The iperf3 server typed on the console a moment ago is up.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        phase(&s, &mut f)?;
     }
     Ok(f)
 }
@@ -294,6 +355,22 @@ fn start_pair(
     Ok(pair)
 }
 
+/// A solo VM, killed when dropped.
+struct SoloVm(std::process::Child);
+
+impl SoloVm {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for SoloVm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start the solo VM with `flags`, wait until its guest is ready, and
 /// start the guest's iperf3 server.
 fn start_solo_vm(
@@ -303,19 +380,14 @@ fn start_solo_vm(
     dir: &std::path::Path,
     flags: &[&str],
     cpus: Option<Cpus>,
-) -> Result<std::process::Child> {
-    let mut child = start_solo(exe, g, net, dir, flags)?;
-    let pin = |child: &std::process::Child| cpus.map_or(Ok(()), |c| pin_to_cpu(child.id(), c.solo));
-    let ready = pin(&child)
-        .and_then(|_| wait_file(dir, "solo.out", crate::guest::READY_LINE, &mut child).context("solo guest"))
-        .and_then(|_| pin(&child))
-        .and_then(|_| type_line(&mut child, IPERF_SERVER));
-    if let Err(e) = ready {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
-    Ok(child)
+) -> Result<SoloVm> {
+    let mut vm = SoloVm(start_solo(exe, g, net, dir, flags)?);
+    let pin = |vm: &SoloVm| cpus.map_or(Ok(()), |c| pin_to_cpu(vm.id(), c.solo));
+    pin(&vm)?;
+    wait_file(dir, "solo.out", crate::guest::READY_LINE, &mut vm.0).context("solo guest")?;
+    pin(&vm)?;
+    type_line(&mut vm.0, IPERF_SERVER)?;
+    Ok(vm)
 }
 
 /// The CPU each process runs on (`bench pair --core-per-side`).
@@ -503,6 +575,66 @@ fn print_cost(title: &str, plain: &[Figures], with: &[Figures]) {
     }
 }
 
+/// `bench pair --interleave`: every engine's solo VM and pair booted at
+/// once, each on a network of its own and kept for all reps; each rep runs
+/// every phase on all of them in turn before the next phase, in an order
+/// that reverses every rep. A solo run and its FT run, and one engine's
+/// runs and another's, are then seconds apart, so a slow stretch of the
+/// host falls on all of them alike. What the idle ones cost is kept small
+/// with [`client_quiet`].
+fn interleaved(
+    exe: &std::path::Path,
+    g: &GuestPaths,
+    dir: &std::path::Path,
+    names: &[&str],
+    reps: usize,
+    cpus: Option<Cpus>,
+    runs: &mut [EngineRuns],
+) -> Result<()> {
+    if names.len() > 4 {
+        bail!("bench pair --interleave measures at most 4 engines at once");
+    }
+    let mut nets = Vec::new();
+    for i in 0..names.len() as u8 {
+        nets.push([PairNet::new(&format!("bsolo{i}"), 78 - 2 * i)?, PairNet::new(&format!("bench{i}"), 79 - 2 * i)?]);
+    }
+    let (mut solos, mut pairs) = (Vec::new(), Vec::new());
+    for (name, [solo_net, pair_net]) in names.iter().zip(&nets) {
+        let flags = ["--engine", *name];
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        solos.push(start_solo_vm(exe, g, solo_net, &dir, &flags, cpus)?);
+        pairs.push(start_pair(exe, g, pair_net, &dir, &flags, cpus)?);
+        eprintln!("bench pair: engine {name}: solo VM and pair ready");
+    }
+    // Each engine's solo VM and pair next to each other, every other
+    // engine's the other way round: interp solo, interp FT, jit FT, jit solo.
+    let mut turns: Vec<(usize, bool, Subject)> = Vec::new();
+    for (e, [solo_net, pair_net]) in nets.iter().enumerate() {
+        let solo = (e, false, Subject { net: solo_net, paired: false, pids: vec![solos[e].id()] });
+        let ft = (e, true, Subject { net: pair_net, paired: true, pids: pairs[e].pids().to_vec() });
+        turns.extend(if e % 2 == 0 { [solo, ft] } else { [ft, solo] });
+    }
+    for (_, _, subject) in &turns {
+        in_client(subject.net, client_quiet)?;
+    }
+    for rep in 0..reps {
+        let mut figures: Vec<[Figures; 2]> = names.iter().map(|_| Default::default()).collect();
+        for phase in PHASES {
+            for (e, paired, subject) in &turns {
+                phase(subject, &mut figures[*e][*paired as usize])?;
+            }
+        }
+        for (r, [solo, ft]) in runs.iter_mut().zip(figures) {
+            r.solo.push(solo);
+            r.ft.push(ft);
+        }
+        turns.reverse();
+        eprintln!("bench pair: rep {} of {reps} done", rep + 1);
+    }
+    Ok(())
+}
+
 /// What `bench pair` measures.
 pub struct PairBench<'a> {
     pub reps: usize,
@@ -516,9 +648,10 @@ pub struct PairBench<'a> {
     /// Only the engines' solo and FT runs: no pair with `--key`, none on a
     /// mirroring network (their costs are not measured).
     pub engines_only: bool,
-    /// Per engine, one solo VM and one pair for all reps, measured in
-    /// turns, instead of a fresh solo VM and pair for every rep (only the
-    /// engines, as `engines_only`).
+    /// Every engine's solo VM and pair booted at once and kept for all
+    /// reps, each workload measured on all of them in turns, instead of a
+    /// fresh solo VM and pair for every rep (only the engines, as
+    /// `engines_only`).
     pub interleave: bool,
 }
 
@@ -538,40 +671,14 @@ pub fn pair(b: PairBench) -> Result<()> {
     let mut runs: Vec<EngineRuns> = engines.iter().map(|_| EngineRuns::default()).collect();
     let (mut keyed, mut mirrored) = (Vec::new(), Vec::new());
     if interleave {
-        // One solo VM and one pair per engine, kept for every rep, on
-        // networks of their own: each rep measures both, in turns (ABBA),
-        // so a slow stretch of the host falls on both.
-        let solo_net = PairNet::new("bsolo", 78)?;
-        for (i, name) in names.iter().enumerate() {
-            let flags = ["--engine", *name];
-            let mut solo = start_solo_vm(&exe, &g, &solo_net, &dir, &flags, cpus)?;
-            let pair = start_pair(&exe, &g, &net, &dir, &flags, cpus);
-            let measured = pair.and_then(|pair| {
-                for rep in 0..reps {
-                    for paired in if rep % 2 == 0 { [false, true] } else { [true, false] } {
-                        if paired {
-                            runs[i].ft.push(measure(&net, true, &pair.pids())?);
-                        } else {
-                            runs[i].solo.push(measure(&solo_net, false, &[solo.id()])?);
-                        }
-                    }
-                    eprintln!("bench pair: engine {name}, rep {} of {reps} done", rep + 1);
-                }
-                Ok(())
-            });
-            let _ = solo.kill();
-            let _ = solo.wait();
-            measured?;
-        }
+        interleaved(&exe, &g, &dir, &names, reps, cpus, &mut runs)?;
     } else {
         for rep in 0..reps {
             for (i, name) in names.iter().enumerate() {
                 let flags = ["--engine", *name];
-                let mut child = start_solo_vm(&exe, &g, &net, &dir, &flags, cpus)?;
-                let f = measure(&net, false, &[child.id()]);
-                let _ = child.kill();
-                let _ = child.wait();
-                runs[i].solo.push(f?);
+                let vm = start_solo_vm(&exe, &g, &net, &dir, &flags, cpus)?;
+                runs[i].solo.push(measure(&net, false, &[vm.id()])?);
+                drop(vm);
                 let pair = start_pair(&exe, &g, &net, &dir, &flags, cpus)?;
                 runs[i].ft.push(measure(&net, true, &pair.pids())?);
                 drop(pair);
