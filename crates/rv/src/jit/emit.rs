@@ -21,10 +21,11 @@
 //! line, after the block's code), which handles misses, misalignment,
 //! devices and faults.
 //!
-//! A block ends at the chain: the next pc is looked up in the jump cache as
-//! the dispatcher would, and if its block is translated and fits in the
-//! budget left, the code jumps into that translation past its prologue
-//! (the fixed registers stay; `r14` becomes the new block's pc).
+//! A block ends at the chain (one copy for all, at the region's start): the
+//! next pc is looked up in the jump cache as the dispatcher would, and if
+//! its block is translated and fits in the budget left, the code jumps into
+//! that translation past its prologue (the fixed registers stay; `r14`
+//! becomes the new block's pc).
 
 use super::{Frame, EXIT_CONTINUE};
 use crate::block::{JumpEntry, JUMP_SETS, JUMP_WAYS};
@@ -65,6 +66,7 @@ const F_KEY: i32 = offset_of!(Frame, key) as i32;
 const F_CODE: i32 = offset_of!(Frame, code) as i32;
 const F_CODE_LEN: i32 = offset_of!(Frame, code_len) as i32;
 const F_BODY: i32 = offset_of!(Frame, body_base) as i32;
+const F_CHAIN: i32 = offset_of!(Frame, chain) as i32;
 const JE_BYTES: i32 = size_of::<JumpEntry>() as i32;
 const JE_PC: i32 = offset_of!(JumpEntry, pc) as i32;
 const JE_KEY: i32 = offset_of!(JumpEntry, key) as i32;
@@ -110,9 +112,8 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
     let mut slow = Vec::new();
     let mut fallbacks = 0;
     let top = a.new_dynamic_label();
-    // Every exit jumps to the chain (next pc in rax, ops retired in this
-    // pass in rdx) or to the epilogue (its code in eax).
-    let chain = a.new_dynamic_label();
+    // Every exit jumps to the shared chain (next pc in rax, ops retired in
+    // this pass in rdx) or to the epilogue (its code in eax).
     let epi = a.new_dynamic_label();
     prologue(&mut a);
     debug_assert_eq!(a.offset().0, prologue_len(), "every prologue has the same length");
@@ -140,7 +141,7 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                     ; mov rax, QWORD target
                     ; add rax, r14
                 );
-                dynasm!(a ; mov edx, done ; jmp =>chain);
+                dynasm!(a ; mov edx, done ; jmp QWORD [r12 + F_CHAIN]);
             }
             Jalr => {
                 dynasm!(a
@@ -150,7 +151,7 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                     ; lea rcx, [r14 + next_off]
                     ; mov [rbx + rd], rcx
                 );
-                dynasm!(a ; mov edx, done ; jmp =>chain);
+                dynasm!(a ; mov edx, done ; jmp QWORD [r12 + F_CHAIN]);
             }
             Beq | Bne | Blt | Bge | Bltu | Bgeu => {
                 let skip = a.new_dynamic_label();
@@ -181,11 +182,11 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
                         ; =>out
                         ; mov rax, r14
                         ; mov edx, done
-                        ; jmp =>chain
+                        ; jmp QWORD [r12 + F_CHAIN]
                     );
                 } else {
                     dynasm!(a ; lea rax, [r14 + target]);
-                    dynasm!(a ; mov edx, done ; jmp =>chain);
+                    dynasm!(a ; mov edx, done ; jmp QWORD [r12 + F_CHAIN]);
                 }
                 dynasm!(a ; =>skip);
             }
@@ -343,14 +344,34 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
     }
     // Fell off the end: the next pc follows the last op.
     let last = ops[ops.len() - 1];
-    let (back, way1, found) = (a.new_dynamic_label(), a.new_dynamic_label(), a.new_dynamic_label());
     dynasm!(a
         ; lea rax, [r14 + last.off as i32 + last.len as i32]
         ; mov edx, count
-        // The chain: retire, and go straight into the next block's
-        // translation if the jump cache has it for this pc and context and
-        // the budget holds all of it; otherwise back to the dispatcher.
-        ; =>chain
+        ; jmp QWORD [r12 + F_CHAIN]
+        ; =>epi
+    );
+    epilogue(&mut a);
+    for s in slow {
+        dynasm!(a ; =>s.at);
+        call_fallback(&mut a, ops, s.op, fallback, epi);
+        dynasm!(a ; jmp =>s.back);
+    }
+    (a.finalize().expect("every label of a translation is defined"), fallbacks)
+}
+
+/// The chain every translation's exits jump to (through `Frame::chain`),
+/// with the next pc in `rax` and the ops retired in this pass in `rdx`:
+/// retire, and go straight into the next block's translation if the jump
+/// cache has it for this pc and context and the budget holds all of it;
+/// otherwise back to the dispatcher. One copy for all translations rather
+/// than one each: it runs at the end of every block, and guest code that
+/// runs wide (a kernel's network path) is bound by how many host cache
+/// lines its translations touch.
+pub(super) fn chain() -> Vec<u8> {
+    let mut a = Asm::new(0);
+    let (back, way1, found) = (a.new_dynamic_label(), a.new_dynamic_label(), a.new_dynamic_label());
+    dynasm!(a
+        ; .arch x64
         ; mov [rbx + PC], rax
         ; add [rbx + POS], rdx
         ; sub rbp, rdx
@@ -390,7 +411,15 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
         ; jmp rdx
         ; =>back
         ; mov eax, EXIT_CONTINUE as i32
-        ; =>epi
+    );
+    epilogue(&mut a);
+    a.finalize().expect("every label of the chain is defined")
+}
+
+/// Restore what the prologue saved and return `eax`'s exit code.
+fn epilogue(a: &mut Asm) {
+    dynasm!(a
+        ; .arch x64
         ; add rsp, 8
         ; pop r15
         ; pop r14
@@ -400,12 +429,6 @@ pub(super) fn translate(ops: &[Op], fallback: usize) -> (Vec<u8>, usize) {
         ; pop rbx
         ; ret
     );
-    for s in slow {
-        dynasm!(a ; =>s.at);
-        call_fallback(&mut a, ops, s.op, fallback, epi);
-        dynasm!(a ; jmp =>s.back);
-    }
-    (a.finalize().expect("every label of a translation is defined"), fallbacks)
 }
 
 /// Save the callee-saved registers and load the fixed ones (see the

@@ -65,6 +65,9 @@ pub(crate) struct Frame {
     code: *const u32,
     code_len: u64,
     body_base: u64,
+    /// Where every translation's exits jump: the shared chain
+    /// (`emit::chain`).
+    chain: u64,
     trap: Option<Trap>,
     /// F/D arithmetic in host code (`emit`): the MXCSR it loads before an
     /// op (round to nearest even, every exception masked, no flags: the
@@ -102,8 +105,17 @@ impl Jit {
         if tests::REFUSE_REGION.get() {
             return None;
         }
+        #[cfg(not(test))]
+        let len = REGION_BYTES;
+        #[cfg(test)]
+        let len = match tests::REGION_BYTES_FOR_TESTS.get() {
+            0 => REGION_BYTES,
+            n => n,
+        };
+        let mut region = CodeRegion::new(len)?;
+        region.push(&emit::chain())?;
         Some(Jit {
-            region: CodeRegion::new(REGION_BYTES)?,
+            region,
             prologue: emit::prologue_len(),
             code: Vec::new(),
             heat: Vec::new(),
@@ -120,6 +132,8 @@ impl Jit {
         self.heat.clear();
         self.op_copies.clear();
         self.region.reset();
+        // The same bytes at the same place: the chain's address holds.
+        self.region.push(&emit::chain()).expect("the chain fits in an empty region");
     }
 
     /// The translation of block `block` (ops `ops`), translating it now if
@@ -207,6 +221,7 @@ pub(crate) fn enter<B: Bus>(
         code: jit.code.as_ptr(),
         code_len: jit.code.len() as u64,
         body_base: (jit.region.addr(0) + jit.prologue) as u64 - 1,
+        chain: jit.region.addr(0) as u64,
         trap: None,
         mxcsr: [MXCSR_RNE, 0],
     };

@@ -11,6 +11,9 @@ thread_local! {
     /// Makes `Jit::new` fail as on a host that refuses writable executable
     /// memory (this thread only).
     pub(super) static REFUSE_REGION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// A region of this many bytes instead of `REGION_BYTES`, unless 0
+    /// (this thread only).
+    pub(super) static REGION_BYTES_FOR_TESTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// xorshift64: a fixed, seedable stream for generated programs.
@@ -187,51 +190,74 @@ fn random_insn(rng: &mut Rng, at: usize, len: usize) -> u32 {
     }
 }
 
+/// A generated program (seed `seed`) with loops, loads, stores, branches
+/// and traps, and its trap handler's address.
+fn generated_program(seed: u64) -> (Vec<u32>, u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let len = 400;
+    let mut words: Vec<u32> = Vec::new();
+    words.extend(li64(2, DATA));
+    words.extend(li64(3, DATA + 0x100));
+    words.extend(li64(4, DATA + 0x7f8));
+    words.extend(li64(9, MSTATUS_FS));
+    words.extend(li64(1, 1 << 13));
+    for r in WRITABLE {
+        words.extend(li64(r, rng.next()));
+    }
+    // s0 = the address just before the body, for `jalr`s to the
+    // instruction after themselves.
+    words.push(auipc(8, 0));
+    let start = words.len();
+    let body = len - start - 1;
+    for at in 0..body {
+        words.push(random_insn(&mut rng, at, body));
+    }
+    // Round again, with the registers as they are.
+    words.push(jal(ZERO, -4 * body as i32));
+    // The trap handler steps over the faulting instruction.
+    let handler = BASE + 4 * words.len() as u64;
+    words.extend([csrrs(T2, MEPC, ZERO), addi(T2, T2, 4), csrrw(ZERO, MEPC, T2), MRET]);
+    // Random data for the loads, with every sign bit set now and then.
+    let data = ((DATA - BASE) / 4) as usize;
+    words.resize(data, 0);
+    words.extend((0..0x800 / 4).map(|_| rng.next() as u32));
+    (words, handler)
+}
+
+/// [`compare`] on generated program `seed`, 300 stops, with machine
+/// interrupts enabled (a raised line traps at once).
+fn compare_generated(seed: u64) -> JitStats {
+    let (words, handler) = generated_program(seed);
+    compare(&words, seed, 300, |h| {
+        h.core.csr.mtvec = handler;
+        h.core.csr.mie = IRQ_MTI | IRQ_MEI | IRQ_MSI;
+        h.core.csr.mstatus |= MSTATUS_MIE;
+    })
+}
+
 /// Generated programs with loops, loads, stores, branches and traps: the
 /// same state at every stop, in M-mode and in S-mode under a page table.
 #[test]
 fn generated_programs_give_the_interpreters_state_at_every_stop() {
-    let mut in_jit = 0;
-    for seed in 1..=60u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let len = 400;
-        let mut words: Vec<u32> = Vec::new();
-        words.extend(li64(2, DATA));
-        words.extend(li64(3, DATA + 0x100));
-        words.extend(li64(4, DATA + 0x7f8));
-        words.extend(li64(9, MSTATUS_FS));
-        words.extend(li64(1, 1 << 13));
-        for r in WRITABLE {
-            words.extend(li64(r, rng.next()));
-        }
-        // s0 = the address just before the body, for `jalr`s to the
-        // instruction after themselves.
-        words.push(auipc(8, 0));
-        let start = words.len();
-        let body = len - start - 1;
-        for at in 0..body {
-            words.push(random_insn(&mut rng, at, body));
-        }
-        // Round again, with the registers as they are.
-        words.push(jal(ZERO, -4 * body as i32));
-        // The trap handler steps over the faulting instruction.
-        let handler = BASE + 4 * words.len() as u64;
-        words.extend([csrrs(T2, MEPC, ZERO), addi(T2, T2, 4), csrrw(ZERO, MEPC, T2), MRET]);
-        // Random data for the loads, with every sign bit set now and then.
-        let data = ((DATA - BASE) / 4) as usize;
-        words.resize(data, 0);
-        words.extend((0..0x800 / 4).map(|_| rng.next() as u32));
-        let stats = compare(&words, seed, 300, |h| {
-            h.core.csr.mtvec = handler;
-            // Machine interrupts enabled: a raised line traps at once.
-            h.core.csr.mie = IRQ_MTI | IRQ_MEI | IRQ_MSI;
-            h.core.csr.mstatus |= MSTATUS_MIE;
-        });
-        in_jit += stats.positions;
-    }
+    let in_jit: u64 = (1..=60u64).map(|seed| compare_generated(seed).positions).sum();
     // The comparison means something only if translated code did most of
     // the work (each program runs about 45,000 positions).
     assert!(in_jit > 60 * 25_000, "translated code ran only {in_jit} positions");
+}
+
+/// A region that fills again and again: every time it does, all
+/// translations drop and the shared chain must be back at the region's
+/// start before the next translation chains through it. Same state at
+/// every stop as the interpreter.
+#[test]
+fn translations_go_on_chaining_after_the_region_fills() {
+    REGION_BYTES_FOR_TESTS.set(8 << 10);
+    let stats: Vec<JitStats> = (1..=10u64).map(compare_generated).collect();
+    REGION_BYTES_FOR_TESTS.set(0);
+    let resets: u64 = stats.iter().map(|s| s.region_resets).sum();
+    let in_jit: u64 = stats.iter().map(|s| s.positions).sum();
+    assert!(resets > 10, "the region filled only {resets} times");
+    assert!(in_jit > 10 * 20_000, "translated code ran only {in_jit} positions");
 }
 
 /// Random words as code, in M-mode and then in S-mode under a random
