@@ -205,9 +205,9 @@ impl Subject<'_> {
     }
 }
 
-/// The phases of a measurement, each filling its part of [`Figures`]; run
-/// one after the other on one VM by [`measure`], or each in turn on all
-/// VMs by `bench pair --interleave`.
+/// The phases of a measurement, each filling its part of [`Figures`]: one
+/// after the other on one VM ([`measure`]), or each in turn on all VMs
+/// (`bench pair --interleave`).
 const PHASES: [fn(&Subject, &mut Figures) -> Result<()>; 3] = [measure_cpu, measure_ping, measure_bulk];
 
 /// The CPU-bound workload: [`client_cpu`], the threads' time per loop and
@@ -259,13 +259,11 @@ fn measure_bulk(s: &Subject, f: &mut Figures) -> Result<()> {
 fn measure(net: &PairNet, paired: bool, pids: &[u32]) -> Result<Figures> {
     let s = Subject { net, paired, pids: pids.to_vec() };
     let mut f = Figures::default();
-    for (i, phase) in PHASES.iter().enumerate() {
-        if i == 2 {
-            // The iperf3 server typed on the console a moment ago is up.
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        phase(&s, &mut f)?;
-    }
+    measure_cpu(&s, &mut f)?;
+    measure_ping(&s, &mut f)?;
+    // The iperf3 server typed on the console a moment ago is up.
+    std::thread::sleep(Duration::from_secs(1));
+    measure_bulk(&s, &mut f)?;
     Ok(f)
 }
 

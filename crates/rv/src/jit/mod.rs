@@ -66,7 +66,7 @@ pub(crate) struct Frame {
     code_len: u64,
     body_base: u64,
     /// Where every translation's exits jump: the shared chain
-    /// (`emit::chain`).
+    /// (`emit::chain`), kept at the region's start.
     chain: u64,
     trap: Option<Trap>,
     /// F/D arithmetic in host code (`emit`): the MXCSR it loads before an
@@ -112,10 +112,8 @@ impl Jit {
             0 => REGION_BYTES,
             n => n,
         };
-        let mut region = CodeRegion::new(len)?;
-        region.push(&emit::chain())?;
         Some(Jit {
-            region,
+            region: CodeRegion::new(len, &emit::chain())?,
             prologue: emit::prologue_len(),
             code: Vec::new(),
             heat: Vec::new(),
@@ -132,8 +130,6 @@ impl Jit {
         self.heat.clear();
         self.op_copies.clear();
         self.region.reset();
-        // The same bytes at the same place: the chain's address holds.
-        self.region.push(&emit::chain()).expect("the chain fits in an empty region");
     }
 
     /// The translation of block `block` (ops `ops`), translating it now if

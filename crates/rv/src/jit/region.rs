@@ -1,5 +1,6 @@
 //! The executable region translations live in: one anonymous mapping,
-//! filled from the front, emptied all at once.
+//! filled from the front, emptied all at once except for the code it was
+//! made with (the shared chain), which stays at its start.
 
 /// Translations start on this boundary (a cache line).
 const ALIGN: usize = 64;
@@ -8,6 +9,8 @@ pub(crate) struct CodeRegion {
     base: *mut u8,
     len: usize,
     used: usize,
+    /// Bytes at the start that `reset` keeps (the code `new` was given).
+    kept: usize,
 }
 
 // SAFETY: the region is owned memory like a `Vec<u8>`; nothing in it is
@@ -15,9 +18,11 @@ pub(crate) struct CodeRegion {
 unsafe impl Send for CodeRegion {}
 
 impl CodeRegion {
-    /// Map `len` bytes readable, writable and executable; `None` if the host
-    /// refuses (a kernel or policy that forbids writable code).
-    pub(crate) fn new(len: usize) -> Option<CodeRegion> {
+    /// Map `len` bytes readable, writable and executable, with `kept` at
+    /// offset 0 for as long as the region lives; `None` if the host refuses
+    /// (a kernel or policy that forbids writable code) or `kept` does not
+    /// fit.
+    pub(crate) fn new(len: usize, kept: &[u8]) -> Option<CodeRegion> {
         // SAFETY: an anonymous private mapping at an address of the
         // kernel's choice touches no existing memory.
         let p = unsafe {
@@ -33,7 +38,10 @@ impl CodeRegion {
         if p == libc::MAP_FAILED {
             return None;
         }
-        Some(CodeRegion { base: p as *mut u8, len, used: 0 })
+        let mut region = CodeRegion { base: p as *mut u8, len, used: 0, kept: 0 };
+        region.push(kept)?;
+        region.kept = region.used;
+        Some(region)
     }
 
     /// Copy `code` in; its offset, or `None` when it does not fit.
@@ -53,9 +61,10 @@ impl CodeRegion {
         self.base as usize + off as usize
     }
 
-    /// Forget every translation (their code is overwritten from the front).
+    /// Forget every translation (their code is overwritten from the front,
+    /// after the kept code).
     pub(crate) fn reset(&mut self) {
-        self.used = 0;
+        self.used = self.kept;
     }
 }
 

@@ -246,7 +246,7 @@ fn generated_programs_give_the_interpreters_state_at_every_stop() {
 }
 
 /// A region that fills again and again: every time it does, all
-/// translations drop and the shared chain must be back at the region's
+/// translations drop and the shared chain must still be at the region's
 /// start before the next translation chains through it. Same state at
 /// every stop as the interpreter.
 #[test]
